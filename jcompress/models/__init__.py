@@ -1,0 +1,88 @@
+"""Flax NNX models used by the experiments, and a functional view of any NNX model.
+
+``create(name, input_shape=..., num_classes=..., seed=...)`` builds a model from a
+registry name; ``functional(model)`` splits it into an ``apply`` function and two plain
+dicts (trainable ``params`` and the ``extra`` state such as BatchNorm statistics), which
+is the form every jcompress transform and the train step work on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+from flax import nnx
+
+from jcompress import tree
+from jcompress.models.cnn1d import CNN1D
+from jcompress.models.lenet import LeNet5
+from jcompress.models.mlp import MLP, lenet300
+from jcompress.models.resnet import ResNet
+
+__all__ = ["MLP", "LeNet5", "CNN1D", "ResNet", "create", "functional", "Functional", "NAMES", "merge"]
+
+
+def _mlp(input_shape, num_classes, rngs, widths=(1200, 1200), **kw):
+    return MLP(math.prod(input_shape), tuple(widths), num_classes, rngs=rngs, **kw)
+
+
+_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
+    "lenet300": lambda s, c, rngs, **kw: lenet300(math.prod(s), c, rngs=rngs, **kw),
+    "lenet5": lambda s, c, rngs, **kw: LeNet5(s, c, rngs=rngs, **kw),
+    "mlp": _mlp,
+    "cnn1d": lambda s, c, rngs, **kw: CNN1D(s[0], c, rngs=rngs, **kw),
+    "resnet": lambda s, c, rngs, **kw: ResNet(s, c, rngs=rngs, **kw),
+}
+NAMES = tuple(_REGISTRY)
+
+
+def create(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int = 0, **kwargs: Any) -> nnx.Module:
+    """Build a registered model.
+
+    Args:
+      name: one of ``lenet300``, ``lenet5``, ``mlp`` (``widths=``, ``dropout=``,
+        ``input_dropout=``), ``cnn1d`` (``channels=``), ``resnet`` (``widths=``).
+      input_shape: one example's shape without the batch axis, e.g. ``(28, 28, 1)``.
+      num_classes: number of logits.
+      seed: parameter initialisation seed.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}")
+    return _REGISTRY[name](tuple(int(d) for d in input_shape), int(num_classes), nnx.Rngs(seed), **kwargs)
+
+
+class Functional(NamedTuple):
+    """A model as pure pieces: ``apply(params, extra, x, train=False, key=None) -> (logits, extra)``."""
+
+    apply: Callable
+    params: dict
+    extra: dict
+    graphdef: Any
+
+
+def functional(model: nnx.Module) -> Functional:
+    """Split an NNX model into a pure apply function, its params dict and its extra state.
+
+    ``params`` holds every ``nnx.Param`` as a nested dict (names such as ``fc1/kernel``);
+    ``extra`` holds everything else (BatchNorm statistics). ``apply`` rebuilds the model
+    from the graph definition on each call, so it can be jitted and differentiated with
+    respect to ``params``. Dropout draws from ``key`` when ``train`` is true.
+    """
+    graphdef, p_state, e_state = nnx.split(model, nnx.Param, ...)
+
+    def apply(params, extra, x, train: bool = False, key: jax.Array | None = None):
+        m = nnx.merge(graphdef, tree.from_pure_dict(p_state, params), tree.from_pure_dict(e_state, extra))
+        rngs = nnx.Rngs(dropout=key) if key is not None else None
+        logits = m(x, train=train, rngs=rngs)
+        _, _, new_extra = nnx.split(m, nnx.Param, ...)
+        return logits, nnx.to_pure_dict(new_extra)
+
+    return Functional(apply, nnx.to_pure_dict(p_state), nnx.to_pure_dict(e_state), graphdef)
+
+
+def merge(model: nnx.Module, params: dict, extra: dict | None = None) -> nnx.Module:
+    """A new NNX model with the structure of ``model`` holding ``params`` (and ``extra``)."""
+    graphdef, p_state, e_state = nnx.split(model, nnx.Param, ...)
+    e_state = e_state if extra is None else tree.from_pure_dict(e_state, extra)
+    return nnx.merge(graphdef, tree.from_pure_dict(p_state, params), e_state)

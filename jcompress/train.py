@@ -1,0 +1,205 @@
+"""Training and evaluation: a jitted optax train step, evaluation, and a resumable fit loop.
+
+The train step is a module-level pure function; its dependencies (the model's apply
+function, the optax transformation) are bound with ``functools.partial`` before
+``jax.jit``. State is a :class:`TrainState` NamedTuple of arrays, so it checkpoints with
+orbax and shards like any pytree.
+
+``fit`` checkpoints every epoch (params, extra state, optimizer state, step and RNG
+key). Batches and dropout keys are functions of ``(seed, epoch, step)`` only, so a run
+resumed from a checkpoint continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jcompress import data as data_lib
+from jcompress import parallel
+
+__all__ = ["TrainState", "init_state", "train_step", "evaluate", "fit", "cross_entropy", "FitResult"]
+
+
+class TrainState(NamedTuple):
+    """Everything a training run needs to continue: all leaves are arrays."""
+
+    step: jax.Array
+    params: Any
+    extra: Any
+    opt_state: Any
+    key: jax.Array  # raw uint32 key data, so that it checkpoints as a plain array
+
+
+def init_state(params, extra, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        extra=extra,
+        opt_state=tx.init(params),
+        key=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(state: TrainState, batch, *, apply_fn: Callable, tx: optax.GradientTransformation):
+    """One optimizer step on ``batch = (x, y)``; returns ``(state, {'loss', 'accuracy'})``."""
+    x, y = batch
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+
+    def loss_fn(params):
+        logits, extra = apply_fn(params, state.extra, x, train=True, key=key)
+        return cross_entropy(logits, y), (logits, extra)
+
+    (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+    return TrainState(state.step + 1, params, extra, opt_state, state.key), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _eval_batch(params, extra, x, y, valid, apply_fn):
+    logits, _ = apply_fn(params, extra, x, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, -1) == y) & valid
+    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(correct)
+
+
+def evaluate(apply_fn: Callable, params, extra, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000) -> dict:
+    """Accuracy and mean loss over ``(x, y)`` in eval mode (no dropout, running BN stats).
+
+    The last partial batch is padded and masked, so every batch has the same shape and
+    the function compiles once.
+    """
+    n = len(x)
+    bs = min(batch_size, n)
+    total_loss, total_correct = 0.0, 0
+    for i in range(0, n, bs):
+        xb, yb = x[i : i + bs], y[i : i + bs]
+        valid = np.ones(bs, bool)
+        if len(xb) < bs:
+            pad = bs - len(xb)
+            valid[len(xb) :] = False
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+        loss, correct = _eval_batch(params, extra, xb, yb, valid, apply_fn)
+        total_loss += float(loss)
+        total_correct += int(correct)
+    return {"accuracy": total_correct / n, "loss": total_loss / n}
+
+
+class FitResult(NamedTuple):
+    params: Any
+    extra: Any
+    state: TrainState
+    history: list
+
+
+def fit(
+    apply_fn: Callable,
+    params,
+    extra,
+    dataset: data_lib.Dataset,
+    *,
+    tx: optax.GradientTransformation,
+    epochs: int,
+    batch_size: int = 128,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    meta: dict | None = None,
+    progress: bool = True,
+    eval_every: int = 1,
+    mesh=None,
+    callback: Callable[[TrainState, int], TrainState] | None = None,
+) -> FitResult:
+    """Train for ``epochs`` epochs; checkpoint to ``out_dir`` and resume from it.
+
+    Args:
+      apply_fn: ``apply(params, extra, x, train, key) -> (logits, extra)`` (``models.functional``).
+      params, extra: initial model state (ignored when ``out_dir`` holds a checkpoint).
+      dataset: train and test arrays.
+      tx: the optax transformation (compose masks, schedules, QAT here).
+      epochs, batch_size, seed: the run; batch order and dropout depend on ``seed`` only.
+      out_dir: where ``ckpt/`` (orbax, every epoch) and ``metrics.jsonl`` go; ``None`` for none.
+      meta: JSON metadata saved with each checkpoint (``{'model': config}`` makes it loadable
+        with ``checkpoint.load_model``).
+      mesh: a ``'data'`` mesh for data parallelism (default: all devices when the batch splits
+        evenly over them, else one device).
+      callback: ``callback(state, epoch) -> state`` after each epoch (e.g. to re-prune).
+
+    Returns:
+      ``FitResult(params, extra, state, history)``; ``history`` holds one dict per epoch.
+    """
+    from jcompress.checkpoint import Checkpointer
+
+    if mesh is None:
+        n = len(jax.devices())
+        mesh = parallel.data_mesh(n if batch_size % n == 0 else 1)
+    state = init_state(params, extra, tx, seed=seed)
+    steps_per_epoch = data_lib.num_batches(len(dataset.x_train), batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(dataset.x_train)} examples)")
+    ck = Checkpointer(Path(out_dir) / "ckpt") if out_dir is not None else None
+    history: list = []
+    if ck is not None and ck.latest_step() is not None:
+        restored, saved_meta = ck.restore({"state": state._asdict()})
+        state = TrainState(**restored["state"])
+        history = list(saved_meta.get("history", []))
+    state = parallel.replicate(state, mesh)
+    step_fn = jax.jit(functools.partial(train_step, apply_fn=apply_fn, tx=tx), donate_argnums=0)
+    metrics_path = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None
+    start_step = int(state.step)
+    bar = _progress(epochs * steps_per_epoch, start_step, progress)
+    for epoch in range(start_step // steps_per_epoch, epochs):
+        t0 = time.perf_counter()
+        start = int(state.step) - epoch * steps_per_epoch
+        sums: dict = {}
+        for xb, yb in data_lib.batches(
+            dataset.x_train, dataset.y_train, batch_size=batch_size, seed=seed, epoch=epoch, start=start
+        ):
+            state, m = step_fn(state, parallel.shard_batch((xb, yb), mesh))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+        if callback is not None:
+            state = callback(state, epoch)
+        done = steps_per_epoch - start
+        row = {"epoch": epoch + 1, "step": int(state.step), "seconds": round(time.perf_counter() - t0, 3)}
+        row.update({f"train_{k}": float(v) / max(done, 1) for k, v in sums.items()})
+        if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            ev = evaluate(apply_fn, state.params, state.extra, dataset.x_test, dataset.y_test)
+            row.update({f"test_{k}": v for k, v in ev.items()})
+        history.append(row)
+        bar.set_postfix_str(", ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_loss", "test_acc"))))
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if ck is not None:
+            ck.save(
+                int(state.step),
+                {"state": state._asdict(), "model": {"params": state.params, "extra": state.extra}},
+                {**(meta or {}), "kind": "train", "epoch": epoch + 1, "history": history},
+            )
+    bar.close()
+    if ck is not None:
+        ck.close()
+    return FitResult(state.params, state.extra, state, history)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", leave=False, dynamic_ncols=True)

@@ -148,28 +148,24 @@ def _tfds(spec: str, data_dir: str | None) -> Dataset:
             builder.download_and_prepare()
         splits = {}
         for split in ("train", "test"):
-            ds = builder.as_data_source(split=split)
-            splits[split] = _records_to_arrays(ds, spec)
+            arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+            splits[split] = _to_xy(arrays)
         num_classes = int(builder.info.features["label"].num_classes)
     except Exception as e:  # TFDS raises many types for missing data or no network
         raise RuntimeError(
             f"could not load TFDS dataset {spec!r} (data_dir={data_dir!r}): {type(e).__name__}: {e}. "
-            f"Prepare it on a machine with internet (tfds build {spec}) and pass --data-dir, or use an "
+            f"Prepare it on a machine with internet (tfds build {spec}) and pass its data_dir, or use an "
             f"offline dataset: {', '.join(OFFLINE)}."
         ) from e
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     return Dataset(f"tfds:{spec}", xtr, ytr, xte, yte, num_classes)
 
 
-def _records_to_arrays(source, spec: str) -> tuple[np.ndarray, np.ndarray]:
-    n = len(source)
-    first = source[0]
-    image_key = "image" if "image" in first else next(k for k in first if k != "label")
-    x = np.stack([np.asarray(source[i][image_key]) for i in range(n)])
-    y = np.asarray([source[i]["label"] for i in range(n)], dtype=np.int32)
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    return x.astype(np.float32), y
+def _to_xy(arrays: dict) -> tuple[np.ndarray, np.ndarray]:
+    key = "image" if "image" in arrays else next(k for k in arrays if k != "label")
+    x, y = np.asarray(arrays[key]), np.asarray(arrays["label"], dtype=np.int32)
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    return x, y
 
 
 def num_batches(n: int, batch_size: int) -> int:

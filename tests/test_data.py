@@ -1,0 +1,134 @@
+"""Datasets: shapes and splits, determinism of batching, per-process sharding, TFDS."""
+
+import numpy as np
+import pytest
+
+from jcompress import data
+
+
+@pytest.mark.parametrize(
+    "name, train, test, shape",
+    [("mnist5k", 4000, 1000, (28, 28, 1)), ("digits", 1438, 359, (8, 8, 1)), ("mnist1d", 4000, 1000, (40,))],
+)
+def test_offline_datasets(name, train, test, shape):
+    ds = data.load(name)
+    assert ds.x_train.shape == (train, *shape) and ds.x_test.shape == (test, *shape)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    assert set(np.unique(ds.y_train)) == set(range(10)) and ds.num_classes == 10
+    # train and test are disjoint images
+    tr = {x.tobytes() for x in ds.x_train}
+    assert not any(x.tobytes() in tr for x in ds.x_test[:200])
+
+
+def test_mnist5k_split_is_balanced_and_fixed(mnist5k):
+    assert np.bincount(mnist5k.y_train).tolist() == [400] * 10
+    assert np.bincount(mnist5k.y_test).tolist() == [100] * 10
+    again = data.load("mnist5k")
+    np.testing.assert_array_equal(again.x_test, mnist5k.x_test)
+    assert 0.0 <= mnist5k.x_train.min() and mnist5k.x_train.max() == 1.0
+
+
+def test_mnist1d_matches_generator_and_cache():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    ref = make_dataset(get_dataset_args())
+    ds = data.load("mnist1d")  # second call reads the cache
+    np.testing.assert_allclose(ds.x_train, ref["x"].astype(np.float32))
+    np.testing.assert_array_equal(ds.y_test, ref["y_test"])
+
+
+def test_unknown_dataset_names_offline_ones():
+    with pytest.raises(ValueError, match="mnist5k, digits, mnist1d"):
+        data.load("imagenet")
+
+
+def _all(x, y, **kw):
+    return list(data.batches(x, y, **kw))
+
+
+def test_batches_deterministic_and_epoch_dependent():
+    x = np.arange(100, dtype=np.float32)[:, None]
+    y = np.arange(100, dtype=np.int32)
+    a = _all(x, y, batch_size=10, seed=3, epoch=0, process_index=0, process_count=1)
+    b = _all(x, y, batch_size=10, seed=3, epoch=0, process_index=0, process_count=1)
+    c = _all(x, y, batch_size=10, seed=3, epoch=1, process_index=0, process_count=1)
+    assert len(a) == 10
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(ya, yb)
+    assert any(not np.array_equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
+    # one epoch visits every example exactly once
+    assert sorted(np.concatenate([yb for _, yb in a]).tolist()) == list(range(100))
+
+
+def test_batches_drop_remainder_and_resume_start():
+    x = np.zeros((105, 2), np.float32)
+    y = np.arange(105, dtype=np.int32)
+    full = _all(x, y, batch_size=10, seed=0, epoch=2, process_index=0, process_count=1)
+    assert len(full) == 10
+    tail = _all(x, y, batch_size=10, seed=0, epoch=2, start=7, process_index=0, process_count=1)
+    assert [t[1].tolist() for t in tail] == [f[1].tolist() for f in full[7:]]
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_shards_partition_each_global_batch(count):
+    x = np.zeros((64, 3), np.float32)
+    y = np.arange(64, dtype=np.int32)
+    glob = _all(x, y, batch_size=16, seed=1, epoch=0, process_index=0, process_count=1)
+    shards = [_all(x, y, batch_size=16, seed=1, epoch=0, process_index=i, process_count=count) for i in range(count)]
+    for b, (_, gy) in enumerate(glob):
+        parts = [shards[i][b][1] for i in range(count)]
+        assert all(len(p) == 16 // count for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), gy)
+
+
+def test_batches_bad_arguments():
+    x, y = np.zeros((10, 1), np.float32), np.zeros(10, np.int32)
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        _all(x, y, batch_size=5, seed=0, process_index=0, process_count=2)
+    with pytest.raises(ValueError, match="batch_size=11"):
+        _all(x, y, batch_size=11, seed=0, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="rows"):
+        _all(x, y[:5], batch_size=2, seed=0, process_index=0, process_count=1)
+
+
+def test_tfds_dataset_prepared_on_disk(tmp_path):
+    """A real TFDS dataset (Image features, as tfds:mnist has) is prepared by TFDS itself and
+    read back through data.load('tfds:NAME'), the same path tfds:mnist takes."""
+    import tensorflow_datasets as tfds
+
+    rng = np.random.RandomState(0)
+    images = (rng.rand(30, 12, 12, 1) * 255).astype(np.uint8)
+    labels = np.arange(30) % 3
+
+    class JcompressTinyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {"image": tfds.features.Image(shape=(12, 12, 1)), "label": tfds.features.ClassLabel(num_classes=3)}
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(0, 20), "test": self._generate_examples(20, 30)}
+
+        def _generate_examples(self, a, b):
+            for i in range(a, b):
+                yield i, {"image": images[i], "label": int(labels[i])}
+
+    JcompressTinyImages(data_dir=str(tmp_path)).download_and_prepare()
+    ds = data.load("tfds:jcompress_tiny_images", data_dir=str(tmp_path))
+    assert ds.x_train.shape == (20, 12, 12, 1) and ds.x_test.shape == (10, 12, 12, 1)
+    assert ds.num_classes == 3 and ds.x_train.dtype == np.float32
+    # every image comes back exactly (PNG is lossless), in some order
+    got = {(xi * 255).round().astype(np.uint8).tobytes(): int(yi) for xi, yi in zip(ds.x_train, ds.y_train)}
+    want = {images[i].tobytes(): int(labels[i]) for i in range(20)}
+    assert got == want
+
+
+def test_tfds_missing_dataset_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="offline dataset: mnist5k"):
+        data.load("tfds:no_such_dataset_xyz", data_dir=str(tmp_path))

@@ -76,7 +76,7 @@ def layer_flops(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, int]
         jax.eval_shape(lambda inp: model(inp), x)
     out = {}
     for name, (module, _, yshape) in sink.items():
-        kshape = module.kernel.value.shape
+        kshape = module.kernel.get_value().shape
         positions = int(np.prod(yshape[1:-1])) if len(yshape) > 2 else 1
         out[f"{name}/kernel"] = int(2 * np.prod(kshape) * positions)
     return out

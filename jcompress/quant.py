@@ -1,0 +1,442 @@
+"""Uniform quantization of weights and activations, and post-training quantization (PTQ).
+
+A float tensor ``w`` becomes integer codes ``c`` with a scale ``s`` and an integer zero
+point ``z`` so that ``w ~= (c - z) * s``:
+
+* **symmetric** (the default for weights): ``z = 0``, ``s = max|w| / qmax`` with
+  ``qmax = 2**(bits-1) - 1`` and codes in ``[-qmax, qmax]``. The code ``-2**(bits-1)`` is
+  left unused so that the grid is symmetric around zero; 1-bit symmetric quantization
+  (``qmax = 0``) is therefore rejected.
+* **asymmetric** (min-max affine, the default for activations): the range
+  ``[min(w, 0), max(w, 0)]`` is mapped onto codes ``[0, 2**bits - 1]``. Zero is always
+  inside the range, and the zero point is an integer, so an exact zero (a pruned weight,
+  a ReLU output) stays exactly zero after quantization.
+
+Granularity:
+
+* ``axis=None``: one scale for the whole tensor (per-tensor).
+* ``axis=a``: one scale per index along ``a`` (per-channel; ``-1`` is the output
+  channel of a Dense kernel ``(in, out)`` and of a conv kernel ``(kh, kw, cin, cout)``).
+* ``axis=a, group_size=g``: the tensor is viewed as a matrix ``(K, C)`` with the channel
+  axis moved last (a conv kernel becomes ``(kh*kw*cin, cout)``), and each column is cut
+  into ``K // g`` groups of ``g`` consecutive elements along the reduction axis ``K``,
+  each with its own scale (the GPTQ/AWQ "group size").
+
+Scales and zero points are stored as: ``()`` per-tensor; the shape of ``w`` with every
+axis but ``axis`` set to 1 per-channel (so ``codes * scale`` broadcasts); ``(K // g, C)``
+for groups.
+
+Round-to-nearest keeps every element within ``scale / 2`` of the input. Stochastic
+rounding (``floor(x + u)``, ``u ~ U[0, 1)``) is unbiased on the grid's interior, at the
+price of errors up to one step.
+
+Post-training quantization of a whole model: :func:`calibrate_activations` records the
+input range of every ``nnx.Linear`` / ``nnx.Conv`` over a few calibration batches, and
+:func:`quantized_apply` returns an apply function that runs the model with quantized
+weights and quantized layer inputs (simulated in float: the arithmetic is the
+dequantized one, which is exactly what integer kernels compute up to accumulator
+rounding).
+
+Example:
+  >>> qp = quantize(w, bits=4, axis=-1)          # per-output-channel int4
+  >>> w_hat = dequantize(qp)                    # |w - w_hat| <= qp.scale / 2
+  >>> new_params, aux = quantize_params(params, bits=8, include=r'kernel$', axis=-1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jcompress import tree
+
+__all__ = [
+    "QuantParams",
+    "QuantAux",
+    "ActRange",
+    "code_range",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+    "fake_quant_range",
+    "quantize_params",
+    "weight_quantization",
+]
+
+ROUNDINGS = ("nearest", "stochastic")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scale", "zero_point"],
+    meta_fields=["bits", "symmetric", "axis", "group_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantParams:
+    """A quantized tensor: ``dequantize(qp) == (codes - zero_point) * scale`` (broadcast per group).
+
+    Attributes:
+      codes: int32, the shape of the original tensor; in ``[-qmax, qmax]`` (symmetric) or
+        ``[0, 2**bits - 1]`` (asymmetric), see :func:`code_range`.
+      scale: float32; ``()`` per-tensor, keepdims shape per-channel, ``(K // g, C)`` for groups.
+      zero_point: int32, the shape of ``scale`` (all zero when symmetric).
+      bits, symmetric, axis, group_size: the static hyperparameters (``axis`` is
+        non-negative or ``None``). They are pytree metadata, so a ``QuantParams`` passes
+        through ``jax.jit`` with only the three arrays traced.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array
+    bits: int
+    symmetric: bool
+    axis: int | None
+    group_size: int | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return dequantize(self, dtype=dtype)
+
+
+class QuantAux(NamedTuple):
+    """What :func:`quantize_params` did, keyed by leaf name (selected leaves only).
+
+    Attributes:
+      qparams: ``{name: QuantParams}``, the deployable integer codes, scales and zero points.
+      errors: ``{name: scalar}``, the Frobenius norm ``||w - dequantize(q)||_F`` per leaf.
+    """
+
+    qparams: dict
+    errors: dict
+
+
+class ActRange(NamedTuple):
+    """A calibrated activation range ``[lo, hi]`` (Python floats)."""
+
+    lo: float
+    hi: float
+
+
+# ----------------------------------------------------------------------------------------
+# Hyperparameter checks and the grouped view of a tensor
+# ----------------------------------------------------------------------------------------
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)``: ``(-(2**(bits-1) - 1), 2**(bits-1) - 1)`` symmetric, ``(0, 2**bits - 1)`` otherwise."""
+    _check_bits(bits, symmetric)
+    if symmetric:
+        q = 2 ** (bits - 1) - 1
+        return -q, q
+    return 0, 2**bits - 1
+
+
+def _check_bits(bits: Any, symmetric: bool) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 16:
+        raise ValueError(f"bits={bits!r} must be an integer in 1..16 (8 and 4 are the usual choices).")
+    if symmetric and bits == 1:
+        raise ValueError(
+            "bits=1 with symmetric=True leaves a single code (0); use symmetric=False for 1-bit "
+            "codes {0, 1}, or bits >= 2."
+        )
+
+
+def _check_args(w: jax.Array, bits, symmetric, axis, group_size, rounding, key) -> int | None:
+    """Validate the hyperparameters against ``w``; return ``axis`` made non-negative."""
+    _check_bits(bits, symmetric)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} must be one of {ROUNDINGS}.")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs key=jax.random.key(...).")
+    if axis is not None:
+        if not isinstance(axis, (int, np.integer)) or not -w.ndim <= axis < max(w.ndim, 1):
+            raise ValueError(f"axis={axis!r} is out of range for a tensor of shape {tuple(w.shape)}.")
+        if w.ndim == 0:
+            raise ValueError("axis must be None for a scalar tensor.")
+        axis = int(axis) % w.ndim
+    if group_size is not None:
+        if axis is None:
+            raise ValueError(
+                "group_size needs a channel axis (groups run along the other axes); pass axis=-1 "
+                "for a Dense kernel (in, out) or a conv kernel (kh, kw, cin, cout)."
+            )
+        k = int(np.prod(w.shape)) // w.shape[axis] if w.shape[axis] else 0
+        if not isinstance(group_size, (int, np.integer)) or group_size <= 0 or k % group_size:
+            raise ValueError(
+                f"group_size={group_size!r} must be a positive divisor of the reduction size {k} "
+                f"(the elements per channel of shape {tuple(w.shape)} along axis {axis})."
+            )
+    return axis
+
+
+def _check_values(w: jax.Array, name: str) -> jax.Array:
+    w = tree.as_float_array(w, name)
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"{name} contains NaN or Inf; quantization of non-finite values is undefined.")
+    return w
+
+
+def _grouped(w: jax.Array, axis: int | None, group_size: int | None) -> jax.Array:
+    """``w`` as ``(G, g, C)``: ``C`` channels, ``G`` groups of ``g`` elements per channel."""
+    if axis is None:
+        return w.reshape(1, -1, 1)
+    m = jnp.moveaxis(w, axis, -1)
+    c = m.shape[-1]
+    k = m.size // max(c, 1)
+    g = k if group_size is None else group_size
+    return m.reshape(k // max(g, 1), g, c)
+
+
+def _ungrouped(v: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    if axis is None:
+        return v.reshape(shape)
+    moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
+    return jnp.moveaxis(v.reshape(moved), -1, axis)
+
+
+def _stored_shape(shape: tuple[int, ...], axis: int | None, group_size: int | None, n_groups: int) -> tuple:
+    if axis is None:
+        return ()
+    if group_size is None:
+        return tuple(d if i == axis else 1 for i, d in enumerate(shape))
+    return (n_groups, shape[axis])
+
+
+# ----------------------------------------------------------------------------------------
+# The affine map and the rounding
+# ----------------------------------------------------------------------------------------
+
+
+def _affine(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero point for the range ``[lo, hi]`` (arrays of the same shape).
+
+    A zero range (an all-zero channel) gets scale 0 and zero point 0; the encoder divides
+    by a safe scale of 1 there, so every code is 0 and the dequantized values are exactly 0.
+    """
+    qmin, qmax = code_range(bits, symmetric)
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    if symmetric:
+        scale = jnp.maximum(-lo, hi) / qmax
+        return scale, jnp.zeros(scale.shape, jnp.int32)
+    scale = (hi - lo) / (qmax - qmin)
+    zp = jnp.clip(jnp.round(-lo / _safe(scale)), qmin, qmax).astype(jnp.int32)
+    return scale, zp
+
+
+def _safe(scale: jax.Array) -> jax.Array:
+    return jnp.where(scale > 0, scale, 1.0)
+
+
+def _encode(v, scale, zp, bits, symmetric, rounding, key) -> jax.Array:
+    qmin, qmax = code_range(bits, symmetric)
+    x = v / _safe(scale) + zp
+    if rounding == "stochastic":
+        x = jnp.floor(x + jax.random.uniform(key, x.shape, x.dtype))
+    else:
+        x = jnp.round(x)
+    return jnp.clip(x, qmin, qmax).astype(jnp.int32)
+
+
+def quantize(
+    w: jax.Array,
+    *,
+    bits: int,
+    symmetric: bool = True,
+    axis: int | None = None,
+    group_size: int | None = None,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> QuantParams:
+    """Integer codes, scales and zero points of a float tensor.
+
+    Args:
+      w: float array of any shape (not mutated).
+      bits: code width, 1..16 (2..16 when ``symmetric``).
+      symmetric: symmetric codes with zero point 0 (default), or min-max affine codes.
+      axis: channel axis for per-channel scales; ``None`` for one scale.
+      group_size: elements per group along the reduction axis (needs ``axis``; must
+        divide the number of elements per channel).
+      rounding: ``'nearest'`` (error <= scale / 2) or ``'stochastic'`` (unbiased).
+      key: PRNG key, required for stochastic rounding.
+
+    Returns:
+      :class:`QuantParams` with int32 ``codes`` of ``w.shape``.
+
+    Raises:
+      ValueError: bits outside 1..16 or 1-bit symmetric, a bad axis, a group size that
+        does not divide the reduction size, an unknown rounding, a missing key, NaN/Inf
+        in ``w`` (checked for concrete arrays, not under ``jit``).
+      TypeError: integer or bool ``w``.
+
+    Example:
+      >>> qp = quantize(kernel, bits=4, axis=-1, group_size=64)  # kernel (256, 128)
+      >>> qp.codes.shape, qp.scale.shape
+      ((256, 128), (4, 128))
+    """
+    w = _check_values(w, "w")
+    axis = _check_args(w, bits, symmetric, axis, group_size, rounding, key)
+    v = _grouped(w.astype(jnp.float32), axis, group_size)
+    scale, zp = _affine(v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True), bits, symmetric)
+    codes = _encode(v, scale, zp, bits, symmetric, rounding, key)
+    stored = _stored_shape(w.shape, axis, group_size, v.shape[0])
+    return QuantParams(
+        codes=_ungrouped(codes, w.shape, axis),
+        scale=scale.reshape(stored),
+        zero_point=zp.reshape(stored),
+        bits=int(bits),
+        symmetric=bool(symmetric),
+        axis=axis,
+        group_size=None if group_size is None else int(group_size),
+    )
+
+
+def dequantize(qp: QuantParams, *, dtype=jnp.float32) -> jax.Array:
+    """``(codes - zero_point) * scale`` with each scale broadcast over its group; shape of ``codes``."""
+    v = _grouped(qp.codes, qp.axis, qp.group_size)
+    shape = (v.shape[0], 1, v.shape[2])
+    out = (v - qp.zero_point.reshape(shape)).astype(jnp.float32) * qp.scale.reshape(shape)
+    return _ungrouped(out, qp.codes.shape, qp.axis).astype(dtype)
+
+
+def fake_quant(
+    w: jax.Array,
+    *,
+    bits: int,
+    symmetric: bool = True,
+    axis: int | None = None,
+    group_size: int | None = None,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``dequantize(quantize(w, ...))`` in ``w``'s dtype: the values a quantized model computes with.
+
+    Idempotent for round-to-nearest: ``fake_quant(fake_quant(w)) == fake_quant(w)`` (up to
+    float rounding of the recomputed scale). Arguments as in :func:`quantize`.
+    """
+    qp = quantize(w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size, rounding=rounding, key=key)
+    return dequantize(qp, dtype=jnp.asarray(w).dtype)
+
+
+def fake_quant_range(x: jax.Array, act_range: ActRange, *, bits: int, symmetric: bool = False) -> jax.Array:
+    """Quantize-dequantize ``x`` on the fixed grid of a calibrated range (values outside are clipped).
+
+    Used for activations, whose range comes from calibration rather than from the tensor
+    itself. The range is widened to contain 0 (so that zeros stay exact).
+    """
+    lo = jnp.asarray(act_range[0], jnp.float32)
+    hi = jnp.asarray(act_range[1], jnp.float32)
+    scale, zp = _affine(lo, hi, bits, symmetric)
+    codes = _encode(x.astype(jnp.float32), scale, zp, bits, symmetric, "nearest", None)
+    return ((codes - zp).astype(jnp.float32) * scale).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Whole parameter trees
+# ----------------------------------------------------------------------------------------
+
+
+def quantize_params(
+    params: Any,
+    *,
+    bits: int,
+    include: tree.Selection = None,
+    exclude: tree.Selection = None,
+    symmetric: bool = True,
+    axis: int | None = None,
+    group_size: int | None = None,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> tuple[Any, QuantAux]:
+    """Quantize the selected leaves of a parameter pytree.
+
+    Args:
+      params: nested dict, NNX State or any pytree of float arrays (not mutated).
+      bits, symmetric, axis, group_size, rounding: as in :func:`quantize`, for every selected leaf.
+      include, exclude: selection (see :func:`jcompress.tree.select`); default: Dense and
+        conv kernels.
+      key: for stochastic rounding; leaf ``i`` of the selection uses ``fold_in(key, i)``.
+
+    Returns:
+      ``(new_params, QuantAux)``: ``new_params`` has the structure and dtypes of ``params``
+      with selected leaves replaced by their dequantized values (unselected leaves are the
+      same objects); ``aux.qparams[name]`` holds the integer codes to store.
+
+    Raises:
+      ValueError / TypeError naming the leaf for bad hyperparameters, NaN/Inf or integer leaves.
+
+    Example:
+      >>> new_params, aux = quantize_params(params, bits=4, axis=-1)
+      >>> aux.qparams['fc1/kernel'].codes.dtype
+      dtype('int32')
+    """
+    selected = dict(tree.named_leaves(tree.select(params, include, exclude)))
+    order = [n for n, s in selected.items() if s]
+    qparams, errors = {}, {}
+
+    def one(name: str, w):
+        if not selected[name]:
+            return w
+        k = None if key is None else jax.random.fold_in(key, order.index(name))
+        try:
+            qp = quantize(
+                w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size, rounding=rounding, key=k
+            )
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"leaf {name!r}: {e}") from None
+        w_hat = dequantize(qp, dtype=w.dtype)
+        qparams[name] = qp
+        errors[name] = jnp.linalg.norm((w.astype(jnp.float32) - w_hat.astype(jnp.float32)).ravel())
+        return w_hat
+
+    new_params = tree.map_with_names(one, params)
+    return new_params, QuantAux(qparams, errors)
+
+
+def weight_quantization(
+    *,
+    bits: int,
+    include: tree.Selection = None,
+    exclude: tree.Selection = None,
+    symmetric: bool = True,
+    axis: int | None = None,
+    group_size: int | None = None,
+    rounding: str = "nearest",
+) -> Callable[..., tuple[Any, QuantAux]]:
+    """Factory form of :func:`quantize_params`: ``fn(params, key=None) -> (new_params, QuantAux)``.
+
+    The hyperparameters are checked here, once, so a bad value fails when the pipeline is
+    built rather than when it runs.
+
+    Example:
+      >>> q8 = weight_quantization(bits=8, axis=-1)
+      >>> params8, aux = jax.jit(q8)(params)
+    """
+    code_range(bits, symmetric)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} must be one of {ROUNDINGS}.")
+
+    def fn(params, key: jax.Array | None = None):
+        return quantize_params(
+            params,
+            bits=bits,
+            include=include,
+            exclude=exclude,
+            symmetric=symmetric,
+            axis=axis,
+            group_size=group_size,
+            rounding=rounding,
+            key=key,
+        )
+
+    return fn

@@ -68,6 +68,11 @@ __all__ = [
     "fake_quant_range",
     "quantize_params",
     "weight_quantization",
+    "calibrate_activations",
+    "intercept_layer_inputs",
+    "apply_with_quantizers",
+    "check_act_ranges",
+    "quantized_apply",
 ]
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -440,3 +445,264 @@ def weight_quantization(
         )
 
     return fn
+
+
+# ----------------------------------------------------------------------------------------
+# Activations: intercepting layer inputs, calibration, and a quantized forward pass
+# ----------------------------------------------------------------------------------------
+
+LAYER_TYPES = (nnx.Linear, nnx.Conv)
+
+
+def _layer_names(model: nnx.Module) -> dict[int, str]:
+    """``{id(module): 'path/name'}`` of every ``nnx.Linear`` / ``nnx.Conv`` in ``model``."""
+    return {
+        id(node): "/".join(str(p) for p in path)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, LAYER_TYPES)
+    }
+
+
+@contextlib.contextmanager
+def intercept_layer_inputs(model: nnx.Module, fn: Callable[[str, jax.Array], jax.Array]):
+    """Within the block, every ``nnx.Linear`` / ``nnx.Conv`` of ``model`` sees ``fn(name, x)`` as its input.
+
+    ``name`` is the layer's path in the model (``'fc1'``, ``'blocks/0/conv1'``). Layers of
+    other models are not affected. The classes' ``__call__`` is swapped for the duration
+    of the block (and restored on exit), so use it around a single-threaded call or trace.
+
+    Example:
+      >>> seen = {}
+      >>> with intercept_layer_inputs(model, lambda n, x: seen.setdefault(n, x)):
+      ...     model(x)
+    """
+    names = _layer_names(model)
+    originals = {cls: cls.__call__ for cls in LAYER_TYPES}
+
+    def wrap(orig):
+        def call(self, x, *args, **kwargs):
+            name = names.get(id(self))
+            return orig(self, x if name is None else fn(name, x), *args, **kwargs)
+
+        return call
+
+    try:
+        for cls, orig in originals.items():
+            cls.__call__ = wrap(orig)
+        yield names
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+
+
+def _with_params(model: nnx.Module, params: Any) -> nnx.Module:
+    if params is None:
+        return model
+    graphdef, p_state, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, tree.from_pure_dict(p_state, params), rest)
+
+
+def _calibration_inputs(batches: Iterable) -> Iterable[jax.Array]:
+    for b in batches:
+        yield b[0] if isinstance(b, (tuple, list)) else b
+
+
+def calibrate_activations(
+    model: nnx.Module,
+    params: Any,
+    batches: Iterable,
+    *,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    bits: int = 8,
+    symmetric: bool = False,
+    include: str | list[str] | None = None,
+    max_samples: int = 1 << 20,
+    seed: int = 0,
+) -> dict[str, ActRange]:
+    """Input range of every ``nnx.Linear`` / ``nnx.Conv`` of ``model`` over calibration batches.
+
+    Args:
+      model: an NNX model called as ``model(x)`` (eval mode); not modified.
+      params: the ``nnx.Param`` values to calibrate with (pure dict or State), or ``None``
+        for the model's own (pass the quantized weights to calibrate the quantized model).
+      batches: iterable of input arrays or of ``(x, y)`` tuples.
+      method: ``'minmax'`` (running min and max), ``'percentile'`` (the ``100 - p`` and
+        ``p`` percentiles of all recorded values), or ``'mse'`` (the range ``alpha * [lo, hi]``
+        over 100 values of ``alpha`` in (0, 1] minimising the mean squared error of
+        ``bits``-bit quantization of the recorded values).
+      percentile: ``p`` for the percentile method, in (50, 100].
+      bits, symmetric: the activation quantizer the mse method optimises for.
+      include: regexes over layer names (``'fc1'``); default every layer.
+      max_samples: the percentile and mse methods keep a uniform random subsample of at
+        most this many values per layer (drawn with ``seed``).
+
+    Returns:
+      ``{layer name: ActRange(lo, hi)}``.
+
+    Example:
+      >>> ranges = calibrate_activations(model, None, [x_cal[:500], x_cal[500:1000]], method='percentile')
+      >>> ranges['fc1']
+      ActRange(lo=0.0, hi=1.0)
+    """
+    methods = ("minmax", "percentile", "mse")
+    if method not in methods:
+        raise ValueError(f"method={method!r} must be one of {methods}.")
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile={percentile!r} must be in (50, 100].")
+    code_range(bits, symmetric)
+    model = _with_params(model, params)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def record(state, x):
+        m = nnx.merge(graphdef, state)
+        seen: dict = {}
+        with intercept_layer_inputs(m, lambda n, v: seen.setdefault(n, v)):
+            m(x)
+        if method == "minmax":
+            return {n: (jnp.min(v), jnp.max(v)) for n, v in seen.items()}
+        return {n: v.ravel() for n, v in seen.items()}
+
+    recorded: dict[str, list] = {}
+    for x in _calibration_inputs(batches):
+        for n, v in record(state, jnp.asarray(x)).items():
+            recorded.setdefault(n, []).append(jax.device_get(v))
+    if not recorded:
+        raise ValueError("batches is empty (or the model has no nnx.Linear / nnx.Conv layer); pass calibration inputs.")
+    if include is not None:
+        keep = set(tree.selected_names({n: 0 for n in recorded}, include))
+        recorded = {n: v for n, v in recorded.items() if n in keep}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n, vals in recorded.items():
+        if method == "minmax":
+            out[n] = ActRange(float(min(v[0] for v in vals)), float(max(v[1] for v in vals)))
+            continue
+        v = np.concatenate(vals)
+        if v.size > max_samples:
+            v = rng.choice(v, max_samples, replace=False)
+        if method == "percentile":
+            out[n] = ActRange(float(np.percentile(v, 100.0 - percentile)), float(np.percentile(v, percentile)))
+        else:
+            out[n] = _mse_range(v, bits, symmetric)
+    return out
+
+
+def _mse_range(v: np.ndarray, bits: int, symmetric: bool) -> ActRange:
+    lo, hi = float(v.min()), float(v.max())
+    alphas = jnp.linspace(0.01, 1.0, 100)
+    x = jnp.asarray(v, jnp.float32)
+    errs = jax.lax.map(
+        lambda a: jnp.mean((fake_quant_range(x, (a * lo, a * hi), bits=bits, symmetric=symmetric) - x) ** 2), alphas
+    )
+    a = float(alphas[int(jnp.argmin(errs))])
+    return ActRange(a * lo, a * hi)
+
+
+def apply_with_quantizers(
+    model: nnx.Module,
+    *,
+    weight_fn: Callable[[Any], Any] | None = None,
+    act_fn: Callable[[str, jax.Array], jax.Array] | None = None,
+) -> Callable:
+    """An apply function for ``model`` whose params and layer inputs pass through quantizers.
+
+    Args:
+      model: the NNX model (only its structure is used; params come in at call time).
+      weight_fn: ``params -> params`` applied to the pure-dict params on every call.
+      act_fn: ``(layer name, x) -> x`` applied to the input of every ``nnx.Linear`` /
+        ``nnx.Conv`` (see :func:`intercept_layer_inputs`).
+
+    Returns:
+      ``apply(params, extra, x, train=False, key=None) -> (logits, extra)`` with the
+      signature of ``models.functional(model).apply``, so it works with ``train.fit`` and
+      ``train.evaluate``.
+    """
+    graphdef, p_state, e_state = nnx.split(model, nnx.Param, ...)
+
+    def apply(params, extra, x, train: bool = False, key: jax.Array | None = None):
+        if weight_fn is not None:
+            params = weight_fn(params)
+        m = nnx.merge(graphdef, tree.from_pure_dict(p_state, params), tree.from_pure_dict(e_state, extra))
+        rngs = nnx.Rngs(dropout=key) if key is not None else None
+        ctx = intercept_layer_inputs(m, act_fn) if act_fn is not None else contextlib.nullcontext()
+        with ctx:
+            logits = m(x, train=train, rngs=rngs)
+        _, _, new_extra = nnx.split(m, nnx.Param, ...)
+        return logits, nnx.to_pure_dict(new_extra)
+
+    return apply
+
+
+def check_act_ranges(model: nnx.Module, act_ranges: dict | None, act_bits: int | None, act_symmetric: bool) -> dict:
+    """Validate activation settings against the model's layers; return the ranges as ``ActRange``."""
+    if act_bits is None:
+        if act_ranges:
+            raise ValueError("act_ranges given without act_bits; pass act_bits=8 (say) to quantize activations.")
+        return {}
+    code_range(act_bits, act_symmetric)
+    if not act_ranges:
+        raise ValueError("act_bits needs act_ranges from calibrate_activations(model, params, batches).")
+    layers = set(_layer_names(model).values())
+    unknown = sorted(set(act_ranges) - layers)
+    if unknown:
+        raise ValueError(f"act_ranges names layers {unknown} that the model does not have; its layers are {sorted(layers)}.")
+    out = {}
+    for n, r in act_ranges.items():
+        lo, hi = float(r[0]), float(r[1])
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+            raise ValueError(f"act_ranges[{n!r}] = {tuple(r)} must be finite with lo <= hi.")
+        out[n] = ActRange(lo, hi)
+    return out
+
+
+def quantized_apply(
+    model: nnx.Module,
+    *,
+    bits: int | None = 8,
+    act_bits: int | None = None,
+    act_ranges: dict[str, ActRange] | None = None,
+    symmetric: bool = True,
+    axis: int | None = None,
+    group_size: int | None = None,
+    act_symmetric: bool = False,
+    include: tree.Selection = None,
+    exclude: tree.Selection = None,
+) -> Callable:
+    """Evaluate ``model`` with quantized weights and (optionally) quantized layer inputs.
+
+    The selected weights are fake-quantized with round-to-nearest (exactly the values
+    ``quantize_params`` would store); the input of each layer named in ``act_ranges`` is
+    quantized on the fixed grid of its calibrated range.
+
+    Args:
+      model: the NNX model (its structure; params are passed to the returned function).
+      bits: weight bits, or ``None`` to keep float weights.
+      act_bits: activation bits, or ``None`` for float activations.
+      act_ranges: from :func:`calibrate_activations`; required with ``act_bits``.
+      symmetric, axis, group_size, include, exclude: the weight quantizer, as in
+        :func:`quantize_params`.
+      act_symmetric: symmetric activation grid (default asymmetric, which suits ReLU
+        outputs and [0, 1] pixels).
+
+    Returns:
+      ``apply(params, extra, x, train=False, key=None) -> (logits, extra)``.
+
+    Example:
+      >>> fn = models.functional(model)
+      >>> ranges = calibrate_activations(model, None, [ds.x_train[:1000]])
+      >>> apply8 = quantized_apply(model, bits=8, act_bits=8, act_ranges=ranges, axis=-1)
+      >>> train.evaluate(apply8, fn.params, fn.extra, ds.x_test, ds.y_test)
+    """
+    ranges = check_act_ranges(model, act_ranges, act_bits, act_symmetric)
+    weight_fn = None
+    if bits is not None:
+        wq = weight_quantization(
+            bits=bits, include=include, exclude=exclude, symmetric=symmetric, axis=axis, group_size=group_size
+        )
+        weight_fn = lambda p: wq(p)[0]  # noqa: E731
+    act_fn = None
+    if ranges:
+        act_fn = lambda n, x: fake_quant_range(x, ranges[n], bits=act_bits, symmetric=act_symmetric) if n in ranges else x  # noqa: E731
+    return apply_with_quantizers(model, weight_fn=weight_fn, act_fn=act_fn)

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["data_mesh", "replicate", "shard_batch", "batch_sharding"]
+__all__ = ["data_mesh", "replicate", "shard_batch", "batch_sharding", "initialize_distributed"]
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:
@@ -57,3 +57,31 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(put, batch)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_seconds: int = 30,
+    initialization_timeout: int = 120,
+) -> None:
+    """``jax.distributed.initialize`` with bounded failure detection.
+
+    On CPU it selects gloo collectives (so a multi-process run works over localhost).
+    When a process dies, the coordination service notices its missing heartbeats
+    after ``heartbeat_timeout_seconds`` and terminates every other process with an
+    error naming the dead task, instead of leaving them blocked in a collective.
+    On TPU pods and Slurm clusters all three addresses may be left as ``None``.
+    """
+    # Only CPU collectives read this option; setting it is harmless on GPU and TPU, and
+    # querying the backend here would initialise it too early.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        heartbeat_timeout_seconds=int(heartbeat_timeout_seconds),
+        initialization_timeout=int(initialization_timeout),
+    )

@@ -1,0 +1,469 @@
+"""Low-rank factorisation of weight matrices by truncated SVD, and factorised Dense layers.
+
+A weight matrix ``W`` of shape ``(m, n)`` with singular values ``s_1 >= s_2 >= ...`` is
+replaced by its best rank-``r`` approximation ``W_r = (U_r S_r) V_r^T`` (Eckart-Young);
+the Frobenius error is exactly ``sqrt(sum_{i > r} s_i^2)``. Conv kernels
+``(kh, kw, cin, cout)`` are factorised as the matrix ``(kh*kw*cin, cout)``.
+
+Two levels:
+
+* :func:`svd_truncate` works on a parameter pytree and returns dense leaves of the same
+  shapes holding ``W_r``, plus the factors. It saves nothing by itself; it tells how much
+  accuracy a rank costs.
+* :func:`factorize_dense` does the surgery: each selected ``nnx.Linear`` (``in -> out``)
+  becomes a :class:`FactorizedLinear` (``in -> r`` without bias, then ``r -> out`` with the
+  bias), which really has ``r (in + out)`` instead of ``in * out`` weights and FLOPs.
+
+The rank is chosen per leaf by a fixed ``rank``, by the fraction ``energy`` of the
+singular-value energy ``sum s_i^2`` to keep, or by a parameter ``budget``
+(``r (m + n) <= budget * m * n``). ``method='randomized'`` uses the randomised range
+finder of Halko, Martinsson & Tropp (2011) with oversampling and power iterations,
+which costs ``O(m n (r + p))`` instead of a full SVD.
+
+A factorised model is saved with :func:`save` (orbax, with the model config and the rank
+dict in the metadata) and restored with :func:`load`, which rebuilds the base model from
+its config, redoes the surgery with :func:`rebuild` and restores the weights.
+
+Example:
+  >>> new_params, aux = svd_truncate(params, energy=0.9)
+  >>> aux.ranks
+  {'fc1/kernel': 61, 'fc2/kernel': 40, 'fc3/kernel': 9}
+  >>> small, aux = factorize_dense(model, ranks={'fc1': 64})
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jcompress import tree
+
+__all__ = [
+    "LowRankAux",
+    "FactorizedLinear",
+    "svd_truncate",
+    "choose_rank",
+    "randomized_svd",
+    "factorize_dense",
+    "rebuild",
+    "save",
+    "load",
+    "compare_latency",
+]
+
+METHODS = ("exact", "randomized")
+
+
+class LowRankAux(NamedTuple):
+    """What :func:`svd_truncate` / :func:`factorize_dense` did, keyed by leaf name.
+
+    Attributes:
+      factors: ``{name: (US, V)}`` with ``US`` ``(m, r)`` (left singular vectors times the
+        singular values) and ``V`` ``(r, n)``, so that the matrix view of the leaf is
+        approximated by ``US @ V``.
+      ranks: ``{name: r}`` (Python ints).
+      errors: ``{name: ||W - W_r||_F}`` (scalar arrays).
+      discarded_energy: ``{name: 1 - sum_{i<=r} s_i^2 / ||W||_F^2}`` (scalar arrays).
+    """
+
+    factors: dict
+    ranks: dict
+    errors: dict
+    discarded_energy: dict
+
+
+# ----------------------------------------------------------------------------------------
+# Rank selection and the SVDs
+# ----------------------------------------------------------------------------------------
+
+
+def _check_rule(rank, energy, budget) -> None:
+    given = [n for n, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of rank=, energy=, budget= (got {given or 'none'}).")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0):
+        raise ValueError(f"rank={rank!r} must be a positive integer.")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy={energy!r} must be in (0, 1] (the fraction of sum s_i^2 to keep).")
+    if budget is not None and not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget={budget!r} must be in (0, 1] (the fraction of the leaf's parameters to keep).")
+
+
+def choose_rank(
+    shape: tuple[int, int],
+    s: jax.Array | None = None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+) -> int:
+    """The rank for a matrix of ``shape = (m, n)`` by exactly one rule.
+
+    Args:
+      shape: the matrix shape.
+      s: its singular values (descending); needed for ``energy`` only.
+      rank: a fixed rank, 1..min(m, n).
+      energy: the smallest ``r`` with ``sum_{i<=r} s_i^2 >= energy * sum s_i^2``.
+      budget: the largest ``r`` with ``r (m + n) <= budget * m * n`` (capped at min(m, n)).
+
+    Raises:
+      ValueError: for a rank outside 1..min(m, n), energy outside (0, 1], a budget that
+        leaves no rank, or energy under ``jit`` (the rank would depend on traced values).
+    """
+    _check_rule(rank, energy, budget)
+    m, n = shape
+    full = min(m, n)
+    if rank is not None:
+        if rank > full:
+            raise ValueError(f"rank={rank} exceeds min{tuple(shape)} = {full}.")
+        return int(rank)
+    if budget is not None:
+        r = min(int(np.floor(budget * m * n / (m + n))), full)
+        if r < 1:
+            raise ValueError(
+                f"budget={budget} leaves less than one rank for shape {tuple(shape)} (rank 1 needs "
+                f"budget >= {(m + n) / (m * n):.4g})."
+            )
+        return r
+    if isinstance(s, jax.core.Tracer):
+        raise ValueError("energy= picks a data-dependent rank, which jax.jit cannot trace; call eagerly or pass rank=.")
+    sq = np.asarray(s, np.float64) ** 2
+    total = sq.sum()
+    if total == 0.0:
+        return 1
+    cum = np.cumsum(sq) / total
+    return int(min(np.searchsorted(cum, energy - 1e-12) + 1, full))
+
+
+def randomized_svd(
+    a: jax.Array, k: int, *, key: jax.Array, power_iters: int = 2
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Approximate top-``k`` SVD of ``a`` ``(m, n)`` (Halko et al. 2011, Algorithms 4.4 and 5.1).
+
+    A Gaussian test matrix ``(n, k)`` samples the range of ``a``; ``power_iters`` rounds of
+    re-orthonormalised power iteration sharpen it when the spectrum decays slowly.
+
+    Returns:
+      ``(u (m, k), s (k,), vt (k, n))`` with orthonormal columns of ``u`` / rows of ``vt``.
+    """
+    omega = jax.random.normal(key, (a.shape[1], k), a.dtype)
+    q, _ = jnp.linalg.qr(a @ omega)
+    for _ in range(power_iters):
+        z, _ = jnp.linalg.qr(a.T @ q)
+        q, _ = jnp.linalg.qr(a @ z)
+    ub, s, vt = jnp.linalg.svd(q.T @ a, full_matrices=False)
+    return q @ ub, s, vt
+
+
+def _truncate_matrix(a, *, rank, energy, budget, method, key, oversample, power_iters):
+    """``(a_r, (US, V), r, error, discarded energy fraction)`` for one matrix."""
+    m, n = a.shape
+    if method == "exact":
+        u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+        r = choose_rank((m, n), s, rank=rank, energy=energy, budget=budget)
+    else:
+        r = choose_rank((m, n), None, rank=rank, budget=budget)
+        u, s, vt = randomized_svd(a, min(r + oversample, m, n), key=key, power_iters=power_iters)
+    us, v = u[:, :r] * s[:r], vt[:r]
+    a_r = us @ v
+    total = jnp.sum(jnp.square(a))
+    kept = jnp.sum(jnp.square(s[:r]))
+    discarded = jnp.where(total > 0, jnp.clip(1.0 - kept / jnp.where(total > 0, total, 1.0), 0.0, 1.0), 0.0)
+    return a_r, (us, v), r, jnp.linalg.norm((a - a_r).ravel()), discarded
+
+
+def svd_truncate(
+    params: Any,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    include: tree.Selection = None,
+    exclude: tree.Selection = None,
+    method: str = "exact",
+    key: jax.Array | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+) -> tuple[Any, LowRankAux]:
+    """Replace each selected matrix (or conv kernel) by its rank-``r`` truncated SVD.
+
+    Args:
+      params: nested dict, NNX State or any pytree (not mutated).
+      rank, energy, budget: exactly one rank rule, applied to every selected leaf (see
+        :func:`choose_rank`).
+      include, exclude: selection (default: Dense and conv kernels, ``ndim >= 2``).
+      method: ``'exact'`` (``jnp.linalg.svd``) or ``'randomized'`` (Halko et al.; needs
+        ``key``; not with ``energy``, whose rank is unknown before the SVD).
+      key: PRNG key for ``'randomized'``; leaf ``i`` of the selection uses ``fold_in(key, i)``.
+      oversample, power_iters: extra sample columns and power iterations of the randomised SVD.
+
+    Returns:
+      ``(new_params, LowRankAux)``: ``new_params`` has the structure, shapes and dtypes of
+      ``params``; a selected leaf of shape ``(..., n)`` holds ``W_r`` computed on its matrix
+      view ``(prod(...), n)``, other leaves are unchanged. Jit-able with ``rank`` or ``budget``.
+
+    Raises:
+      ValueError naming the leaf: bad rule values, a rank above min(m, n), a selected leaf
+        with fewer than two dimensions, NaN/Inf; TypeError for integer leaves.
+
+    Example:
+      >>> new_params, aux = svd_truncate(params, rank=32, include=r'fc1/kernel')
+      >>> us, v = aux.factors['fc1/kernel']   # (784, 32), (32, 300)
+    """
+    _check_rule(rank, energy, budget)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} must be one of {METHODS}.")
+    if method == "randomized":
+        if key is None:
+            raise ValueError("method='randomized' needs key=jax.random.key(...).")
+        if energy is not None:
+            raise ValueError("method='randomized' cannot choose a rank by energy; pass rank= or budget=, or method='exact'.")
+        if oversample < 0 or power_iters < 0:
+            raise ValueError(f"oversample={oversample} and power_iters={power_iters} must be >= 0.")
+    tree.check_finite(params)
+    selected = dict(tree.named_leaves(tree.select(params, include, exclude)))
+    order = [n for n, s in selected.items() if s]
+    aux = LowRankAux({}, {}, {}, {})
+
+    def one(name: str, w):
+        if not selected[name]:
+            return w
+        w = tree.as_float_array(w, name)
+        if w.ndim < 2:
+            raise ValueError(f"leaf {name!r} has shape {tuple(w.shape)}; low-rank needs a matrix or a conv kernel.")
+        k = None if key is None else jax.random.fold_in(key, order.index(name))
+        a = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
+        try:
+            a_r, factors, r, err, disc = _truncate_matrix(
+                a,
+                rank=rank,
+                energy=energy,
+                budget=budget,
+                method=method,
+                key=k,
+                oversample=oversample,
+                power_iters=power_iters,
+            )
+        except ValueError as e:
+            raise ValueError(f"leaf {name!r}: {e}") from None
+        aux.factors[name] = factors
+        aux.ranks[name] = r
+        aux.errors[name] = err
+        aux.discarded_energy[name] = disc
+        return a_r.reshape(w.shape).astype(w.dtype)
+
+    return tree.map_with_names(one, params), aux
+
+
+# ----------------------------------------------------------------------------------------
+# Surgery: nnx.Linear -> FactorizedLinear
+# ----------------------------------------------------------------------------------------
+
+
+class FactorizedLinear(nnx.Module):
+    """``x -> v(u(x))``: a Dense layer ``in -> out`` through a rank-``r`` bottleneck.
+
+    ``u`` is an ``nnx.Linear(in, rank, use_bias=False)`` and ``v`` an
+    ``nnx.Linear(rank, out, use_bias=use_bias)``, so the parameters are named
+    ``u/kernel`` ``(in, rank)``, ``v/kernel`` ``(rank, out)`` and ``v/bias`` ``(out,)``:
+    ``rank * (in + out)`` weights instead of ``in * out``. Inputs ``(..., in)``, outputs ``(..., out)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, use_bias: bool = True, rngs: nnx.Rngs):
+        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
+        self.u = nnx.Linear(in_features, rank, use_bias=False, rngs=rngs)
+        self.v = nnx.Linear(rank, out_features, use_bias=use_bias, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.v(self.u(x))
+
+
+def _linear_layers(model: nnx.Module) -> dict[str, nnx.Linear]:
+    return {
+        "/".join(str(p) for p in path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)
+    }
+
+
+def _replace(model: nnx.Module, name: str, new: nnx.Module) -> None:
+    *parents, last = name.split("/")
+    node = model
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    if last.isdigit():
+        node[int(last)] = new
+    else:
+        setattr(node, last, new)
+
+
+def _layer_ranks(layers: dict, ranks, rank_fraction, include, exclude) -> dict[str, int]:
+    if (ranks is None) == (rank_fraction is None):
+        raise ValueError("pass exactly one of ranks={layer: rank} or rank_fraction=.")
+    if ranks is not None:
+        unknown = sorted(set(ranks) - set(layers))
+        if unknown:
+            raise ValueError(f"ranks names {unknown}, which are not nnx.Linear layers; the layers are {sorted(layers)}.")
+        chosen = dict(ranks)
+    else:
+        if not 0.0 < rank_fraction <= 1.0:
+            raise ValueError(f"rank_fraction={rank_fraction!r} must be in (0, 1].")
+        sel = tree.select({n: 0 for n in layers}, include if include is not None else ".*", exclude)
+        chosen = {}
+        for n, picked in tree.named_leaves(sel):
+            if picked:
+                chosen[n] = max(1, int(round(rank_fraction * min(layers[n].kernel.value.shape))))
+    for n, r in chosen.items():
+        k = layers[n].kernel.value.shape
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(k):
+            raise ValueError(f"rank {r!r} for layer {n!r} must be an integer in 1..{min(k)} (kernel {tuple(k)}).")
+    return {n: int(r) for n, r in chosen.items()}
+
+
+def rebuild(model: nnx.Module, ranks: dict[str, int], *, seed: int = 0) -> nnx.Module:
+    """A copy of ``model`` with the named ``nnx.Linear`` layers swapped for fresh :class:`FactorizedLinear`.
+
+    The new layers are randomly initialised (from ``seed``); this gives the structure to
+    restore saved weights into (see :func:`load`). ``model`` is not modified.
+    """
+    layers = _linear_layers(model)
+    ranks = _layer_ranks(layers, ranks, None, None, None)
+    new = nnx.clone(model)
+    rngs = nnx.Rngs(seed)
+    for name, r in ranks.items():
+        k = layers[name].kernel.value.shape
+        _replace(new, name, FactorizedLinear(k[0], k[1], r, use_bias=layers[name].bias is not None, rngs=rngs))
+    return new
+
+
+def factorize_dense(
+    model: nnx.Module,
+    *,
+    ranks: dict[str, int] | None = None,
+    rank_fraction: float | None = None,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+) -> tuple[nnx.Module, LowRankAux]:
+    """Replace ``nnx.Linear`` layers by their rank-``r`` SVD factorisation (model surgery).
+
+    Args:
+      model: an NNX model; not modified.
+      ranks: ``{layer name: r}`` with names as paths in the model (``'fc1'``, ``'blocks/0/mlp'``).
+      rank_fraction: instead of ``ranks``, ``r = round(rank_fraction * min(in, out))`` for
+        every ``nnx.Linear`` matched by ``include`` (regexes over layer names; default all)
+        and not by ``exclude``.
+
+    Returns:
+      ``(new_model, LowRankAux)``: a copy of ``model`` where each chosen layer is a
+      :class:`FactorizedLinear` with ``u/kernel = U_r S_r`` and ``v/kernel = V_r^T`` (and the
+      original bias in ``v``), so its output equals the original layer with its kernel
+      replaced by the exact rank-``r`` truncation. ``aux`` is keyed by ``'<layer>/kernel'``.
+
+    Raises:
+      ValueError: for unknown layer names, ranks outside 1..min(in, out), both or neither
+        of ``ranks`` / ``rank_fraction``.
+
+    Example:
+      >>> small, aux = factorize_dense(model, ranks={'fc1': 32, 'fc2': 32})
+      >>> sum(x.size for x in jax.tree.leaves(nnx.state(small, nnx.Param)))  # fewer weights
+    """
+    layers = _linear_layers(model)
+    chosen = _layer_ranks(layers, ranks, rank_fraction, include, exclude)
+    new = rebuild(model, chosen)
+    new_layers = _linear_layers(new)
+    aux = LowRankAux({}, {}, {}, {})
+    for name, r in chosen.items():
+        kernel = layers[name].kernel.value
+        tree.check_finite({name: kernel}, "model")
+        _, factors, _, err, disc = _truncate_matrix(
+            kernel.astype(jnp.float32),
+            rank=r,
+            energy=None,
+            budget=None,
+            method="exact",
+            key=None,
+            oversample=0,
+            power_iters=0,
+        )
+        u, v = new_layers[name + "/u"], new_layers[name + "/v"]
+        u.kernel.value = factors[0].astype(kernel.dtype)
+        v.kernel.value = factors[1].astype(kernel.dtype)
+        if layers[name].bias is not None:
+            v.bias.value = layers[name].bias.value
+        key = f"{name}/kernel"
+        aux.factors[key], aux.ranks[key], aux.errors[key], aux.discarded_energy[key] = factors, r, err, disc
+    return new, aux
+
+
+# ----------------------------------------------------------------------------------------
+# Saving, loading and timing a factorised model
+# ----------------------------------------------------------------------------------------
+
+
+def save(directory: str | Path, model: nnx.Module, *, config: dict, ranks: dict[str, int], step: int = 0) -> None:
+    """Save a factorised model with orbax: its params/extra plus ``{'model': config, 'lowrank': {'ranks': ranks}}``.
+
+    ``config`` holds the arguments of ``models.create`` for the *base* model (before
+    factorisation); ``ranks`` is the dict given to :func:`factorize_dense` (or ``aux.ranks``
+    with the ``/kernel`` suffixes removed).
+    """
+    from jcompress import checkpoint, models
+
+    fn = models.functional(model)
+    checkpoint.save_model(directory, config, fn.params, fn.extra, step=step, meta={"lowrank": {"ranks": dict(ranks)}})
+
+
+def load(directory: str | Path, step: int | None = None) -> tuple[nnx.Module, dict, dict]:
+    """Rebuild a model saved by :func:`save`: ``models.create(**config)``, :func:`rebuild`, restore.
+
+    Returns:
+      ``(model, config, meta)`` like ``checkpoint.load_model``.
+    """
+    from jcompress import checkpoint, models
+
+    d = Path(directory)
+    if not d.exists():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    ck = checkpoint.Checkpointer(d)
+    try:
+        meta = ck.read_meta(step)
+        if "model" not in meta or "lowrank" not in meta:
+            raise ValueError(f"{d} was not written by jcompress.lowrank.save (no model config or rank dict in its metadata)")
+        config = meta["model"]
+        model = rebuild(models.create(**config), meta["lowrank"]["ranks"])
+        fn = models.functional(model)
+        out, _ = ck.restore({"model": {"params": fn.params, "extra": fn.extra}}, step)
+    finally:
+        ck.close()
+    saved = jax.tree.map(np.asarray, out["model"])
+    return models.merge(model, saved["params"], saved["extra"]), config, meta
+
+
+def compare_latency(
+    dense: nnx.Module, factorized: nnx.Module, x: jax.Array, *, warmup: int = 3, repeats: int = 20
+) -> dict[str, float]:
+    """Median jitted forward time, parameter count and FLOPs of two models on the same input.
+
+    Args:
+      dense, factorized: NNX models (e.g. the input and output of :func:`factorize_dense`).
+      x: a batch ``(N, *input_shape)``.
+
+    Returns:
+      ``{'dense_s', 'factorized_s', 'speedup', 'dense_params', 'factorized_params',
+      'dense_flops', 'factorized_flops'}`` (FLOPs per example from ``report.layer_flops``;
+      times from ``report.measure_latency`` after compilation).
+    """
+    from jcompress import report
+
+    out: dict[str, float] = {}
+    for label, model in (("dense", dense), ("factorized", factorized)):
+        graphdef, state = nnx.split(model)
+        fwd = jax.jit(lambda s, inp, g=graphdef: nnx.merge(g, s)(inp))
+        out[f"{label}_s"] = report.measure_latency(fwd, state, x, warmup=warmup, repeats=repeats)
+        out[f"{label}_params"] = tree.tree_size(nnx.state(model, nnx.Param))
+        out[f"{label}_flops"] = sum(report.layer_flops(model, tuple(x.shape[1:])).values())
+    out["speedup"] = out["dense_s"] / out["factorized_s"]
+    return out

@@ -1,0 +1,65 @@
+"""Sparsity of a params or masks tree: per-layer and total counts, as a dict or a table.
+
+For a params tree an entry counts as pruned when it equals zero; for a bool masks tree
+when it is False. Leaves are named by their slash-joined path.
+
+Example:
+  >>> s = sparsity_summary(pruned_params, selection=r'kernel')
+  >>> s['total']['sparsity'], s['layers']['fc1/kernel']['zeros']
+  >>> print(format_summary(s))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jcompress import tree as jtree
+
+__all__ = ["sparsity_summary", "format_summary"]
+
+
+def _counts(size: int, zeros: int) -> dict:
+    return {
+        "size": size,
+        "zeros": zeros,
+        "nonzeros": size - zeros,
+        "sparsity": zeros / size if size else 0.0,
+        "density": (size - zeros) / size if size else 0.0,
+    }
+
+
+def sparsity_summary(tree: Any, *, selection=None) -> dict:
+    """Per-leaf and total zero counts of a params tree or a bool masks tree.
+
+    Args:
+      tree: params (zeros count as pruned) or bool masks (False counts as pruned); a
+        dict, NNX State or any pytree. Values must be concrete (not traced).
+      selection: leaves to report (any form of ``jcompress.tree.select``'s
+        ``include``); ``None`` reports every leaf.
+
+    Returns:
+      ``{'layers': {name: counts}, 'total': counts}`` where ``counts`` holds the ints
+      ``size``, ``zeros``, ``nonzeros`` and the floats ``sparsity``, ``density``.
+    """
+    leaves = jtree.named_leaves(tree) if selection is None else jtree.iter_selected(tree, selection)
+    layers = {}
+    for name, leaf in leaves:
+        arr = np.asarray(leaf)
+        zeros = int(arr.size - np.count_nonzero(arr))
+        layers[name] = _counts(int(arr.size), zeros)
+    size = sum(c["size"] for c in layers.values())
+    zeros = sum(c["zeros"] for c in layers.values())
+    return {"layers": layers, "total": _counts(size, zeros)}
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of a :func:`sparsity_summary` result (one row per leaf + total)."""
+    rows = [(name, c) for name, c in summary["layers"].items()] + [("total", summary["total"])]
+    width = max(len("layer"), *(len(n) for n, _ in rows))
+    head = f"{'layer':<{width}}  {'size':>12}  {'nonzeros':>12}  {'sparsity':>8}"
+    lines = [head, "-" * len(head)]
+    for name, c in rows:
+        lines.append(f"{name:<{width}}  {c['size']:>12,d}  {c['nonzeros']:>12,d}  {c['sparsity']:>8.2%}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Han et al. 2015, "Learning both Weights and Connections": iterative magnitude pruning
+with retraining on LeNet-300-100 and LeNet-5 (Caffe).
+
+Command: ``jcompress run han2015 [--quick] [--data mnist5k]``
+
+Method, as in the paper: train the dense network; then, for several rounds, prune the
+smallest-magnitude weights of every layer (scores ``|w|``, per-layer exact counts,
+``jcompress.pruning.make_masks`` with the previous masks kept) and retrain at 1/10 of the
+learning rate with the pruned weights held at zero (``jcompress.pruning.keep_masked``).
+The per-layer kept fractions follow a geometric schedule that ends at the paper's
+Tables 2 and 3: 8% / 9% / 26% (LeNet-300-100 fc1/fc2/fc3) and 66% / 12% / 8% / 19%
+(LeNet-5 conv1/conv2/fc1/fc2). Biases are not pruned (the paper counts them; so do we).
+
+Baselines: the dense network after its training epochs, and the same dense network
+trained on for as many epochs at 1/10 of the learning rate as the pruned one was
+retrained ("dense, same budget"), so that the extra training is not mistaken for a
+pruning gain.
+
+Expected result (mnist5k: 4,000 training / 1,000 test images of real MNIST): LeNet-300-100
+12.0x fewer parameters (266,610 -> 22,186) and LeNet-5 12.4x, each with test error no
+worse than its dense baseline (the paper, on full MNIST: 1.64% -> 1.59% and
+0.80% -> 0.77%). Absolute errors are higher here (about 4-5% and 2-3%) because the
+training set is 15x smaller.
+
+Runtime on 2 CPU cores: full about 3-4 minutes (LeNet-5 dominates); ``--quick``
+(LeNet-300-100 only, 2 dense epochs, 2 rounds of 1 epoch) about 10 s.
+
+Writes ``results.json`` (rows: one per pruned layer and one ``total`` per model),
+``results.md``, ``plot.png`` (test error per round; kept fraction per layer against the
+paper) and ``pruned_params.npz`` (the final pruned weights, named ``model/leaf``), from
+which every reported count can be recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import optax
+
+from experiments import common
+from jcompress import pruning, tree
+from jcompress.pruning import optim as pruning_optim
+from jcompress.pruning import scores
+
+__all__ = ["PAPER_KEPT", "PAPER_ERROR", "CONFIG", "run"]
+
+PAPER_KEPT = {
+    "lenet300": {"fc1/kernel": 0.08, "fc2/kernel": 0.09, "fc3/kernel": 0.26},
+    "lenet5": {"conv1/kernel": 0.66, "conv2/kernel": 0.12, "fc1/kernel": 0.08, "fc2/kernel": 0.19},
+}
+PAPER_ERROR = {"lenet300": (0.0164, 0.0159), "lenet5": (0.0080, 0.0077)}
+
+# Kept fractions we prune to. LeNet-5's fc1 goes to 7.5% instead of 8%: with the paper's
+# Table 3 fractions and biases counted, LeNet-5 keeps 36,860 of 431,080 parameters, 11.7x,
+# just short of the 12x of its Table 1; 7.5% gives 34,860 (12.4x).
+TARGET_KEPT = {"lenet300": PAPER_KEPT["lenet300"], "lenet5": {**PAPER_KEPT["lenet5"], "fc1/kernel": 0.075}}
+
+CONFIG = {
+    "full": {
+        "lenet300": dict(epochs=30, rounds=5, retrain_epochs=6, lr=1e-3, batch_size=64),
+        "lenet5": dict(epochs=15, rounds=4, retrain_epochs=4, lr=1e-3, batch_size=64),
+    },
+    "quick": {"lenet300": dict(epochs=2, rounds=2, retrain_epochs=1, lr=1e-3, batch_size=64)},
+}
+
+
+def _prune_and_retrain(net: common.Trained, ds, *, target: dict, rounds: int, retrain_epochs: int, lr: float,
+                       batch_size: int):
+    """Han's loop: ``rounds`` x (magnitude prune to the round's kept fractions, retrain at lr/10)."""
+    params, extra, masks = net.params, net.extra, None
+    history = []
+    for r in range(1, rounds + 1):
+        # Geometric schedule: the kept fraction of each layer shrinks by the same factor per round.
+        sparsity = {name: 1.0 - kept ** (r / rounds) for name, kept in target.items()}
+        masks = pruning.make_masks(
+            scores.magnitude(params), sparsity=sparsity, selection=list(target), existing=masks
+        )
+        params = pruning.apply_masks(params, masks)
+        pruned_acc = common.accuracy(net.apply, params, extra, ds)
+        tx = optax.chain(optax.adam(lr / 10), pruning_optim.keep_masked(masks))
+        res = common.fit(net.apply, params, extra, ds, tx=tx, epochs=retrain_epochs, batch_size=batch_size)
+        # The masks went into the optimizer state (train.fit donates it): read them back from there.
+        params, extra, masks = res.params, res.extra, pruning_optim.find_masks(res.state.opt_state)
+        summary = pruning.sparsity_summary(params)
+        history.append({
+            "round": r,
+            "kept_fraction": summary["total"]["density"],
+            "error_after_pruning": 1.0 - pruned_acc,
+            "error_after_retraining": 1.0 - common.accuracy(net.apply, params, extra, ds),
+        })
+    return params, extra, history
+
+
+def _one_model(name: str, ds, cfg: dict) -> tuple[list, dict, dict]:
+    target = TARGET_KEPT[name]
+    net = common.train_model(name, ds, epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"])
+    budget = cfg["rounds"] * cfg["retrain_epochs"]
+    dense_more = common.fit(
+        net.apply, net.params, net.extra, ds, tx=optax.adam(cfg["lr"] / 10), epochs=budget, batch_size=cfg["batch_size"]
+    )
+    dense_budget_err = 1.0 - common.accuracy(net.apply, dense_more.params, dense_more.extra, ds)
+    params, _, history = _prune_and_retrain(
+        net, ds, target=target, rounds=cfg["rounds"], retrain_epochs=cfg["retrain_epochs"], lr=cfg["lr"],
+        batch_size=cfg["batch_size"],
+    )
+    summary = pruning.sparsity_summary(params)
+    rows = []
+    for layer in target:
+        c = summary["layers"][layer]
+        rows.append({
+            "model": name, "layer": layer, "params": c["size"], "kept": c["nonzeros"], "kept_fraction": c["density"],
+            "paper_kept": PAPER_KEPT[name][layer],
+        })
+    pruned_err = history[-1]["error_after_retraining"]
+    total = summary["total"]
+    rows.append({
+        "model": name, "layer": "total", "params": total["size"], "kept": total["nonzeros"],
+        "kept_fraction": total["density"], "compression": total["size"] / total["nonzeros"],
+        "dense_error": 1.0 - net.accuracy, "dense_same_budget_error": dense_budget_err, "pruned_error": pruned_err,
+        "no_accuracy_loss": bool(pruned_err <= 1.0 - net.accuracy),
+        "paper_error": f"{PAPER_ERROR[name][0]:.2%} -> {PAPER_ERROR[name][1]:.2%}",
+    })
+    saved = {f"{name}/{leaf}": np.asarray(w) for leaf, w in tree.named_leaves(params)}
+    return rows, {"dense_error": 1.0 - net.accuracy, "dense_same_budget_error": dense_budget_err, "rounds": history}, saved
+
+
+def _plot(rows: list, curves: dict):
+    fig, (ax0, ax1) = common.figure(2)
+    for name, c in curves.items():
+        kept = [1.0] + [h["kept_fraction"] for h in c["rounds"]]
+        err = [c["dense_error"]] + [h["error_after_retraining"] for h in c["rounds"]]
+        (line,) = ax0.plot(kept, [100 * e for e in err], "o-", label=f"{name} pruned + retrained")
+        ax0.axhline(100 * c["dense_error"], color=line.get_color(), ls=":", label=f"{name} dense")
+    ax0.set_xscale("log")
+    ax0.invert_xaxis()
+    ax0.set_xlabel("fraction of parameters kept")
+    ax0.set_ylabel("test error (%)")
+    ax0.legend(fontsize=8)
+    layers = [r for r in rows if r["layer"] != "total"]
+    x = np.arange(len(layers))
+    ax1.bar(x - 0.2, [100 * r["kept_fraction"] for r in layers], 0.4, label="measured")
+    ax1.bar(x + 0.2, [100 * r["paper_kept"] for r in layers], 0.4, label="Han et al. 2015")
+    ax1.set_xticks(x, [f"{r['model']}\n{r['layer'].split('/')[0]}" for r in layers], fontsize=8)
+    ax1.set_ylabel("weights kept (%)")
+    ax1.legend(fontsize=8)
+    return fig
+
+
+def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
+    """Prune LeNet-300-100 (and LeNet-5 unless ``quick``) as Han et al.; write the results."""
+    ds = common.load_data(data, default="mnist5k")
+    config = CONFIG["quick" if quick else "full"]
+    rows, curves, saved = [], {}, {}
+    for name, cfg in config.items():
+        r, c, s = _one_model(name, ds, cfg)
+        rows += r
+        curves[name] = c
+        saved.update(s)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".pruned_params.tmp{os.getpid()}.npz"
+    np.savez(tmp, **saved)
+    os.replace(tmp, out / "pruned_params.npz")
+    return common.write_results(
+        out, rows, figure=_plot(rows, curves), name="han2015", data=ds.name, config=config, curves=curves,
+        columns=["model", "layer", "params", "kept", "kept_fraction", "paper_kept", "compression", "dense_error",
+                 "dense_same_budget_error", "pruned_error", "paper_error"],
+        formats={"kept_fraction": "{:.2%}", "paper_kept": "{:.0%}", "compression": "{:.1f}x", "dense_error": "{:.2%}",
+                 "dense_same_budget_error": "{:.2%}", "pruned_error": "{:.2%}"},
+        notes=[f"data: {ds.name} ({len(ds.x_train)} train / {len(ds.x_test)} test images)",
+               "kept/params count every leaf of the model (biases included, never pruned), from the final weights",
+               "retraining: Adam at lr/10 with keep_masked; dense_same_budget_error: the dense model trained as long"],
+    )

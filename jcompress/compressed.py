@@ -1,0 +1,456 @@
+"""Compressed leaf types: what a compressed weight really stores, and its exact size.
+
+Each type is a small pytree-registered dataclass (its arrays are pytree children, its
+shape and hyperparameters static metadata, so it passes through ``jax.jit``) with
+
+* ``dequantize() -> jax.Array``: the dense float weight the model computes with;
+* ``nbits() -> int``: the exact number of bits its payloads take in the compressed file
+  (before each payload is padded to whole bytes);
+* ``encode() -> (fields, payloads)`` / ``decode(fields, payloads)``: the storage format,
+  used by :mod:`jcompress.export`. ``nbits`` is computed from ``encode``, so the report,
+  the file and the forward pass read the same values.
+
+Types:
+
+* :class:`DenseTensor`: a plain array (float32 baseline, biases, norms).
+* :class:`SparseTensor`: Deep Compression's relative index (gaps of ``index_bits`` bits,
+  filler zeros for long runs) plus one float value per entry.
+* :class:`CodebookTensor`: k-means weight sharing; a codebook whose entry 0 is the exact
+  zero and one index per stored weight; dense layout (an index per weight) or sparse
+  layout (relative index, as above); both streams optionally Huffman coded.
+* :class:`QuantizedTensor`: uniform quantization codes (from ``jcompress.quant``),
+  bit-packed in the file, with scales and zero points.
+
+:func:`compress` builds a tree of these from params and the aux results of the
+transforms (``PruneAux`` masks, ``SharingAux`` codebooks, ``QuantAux`` codes).
+
+Example:
+  >>> pruned, paux = magnitude_pruning(sparsity=0.9)(params)
+  >>> shared, saux = kmeans_share(pruned, k=31)
+  >>> ctree = compress(shared, paux, saux)
+  >>> total_bits(ctree) / 8            # bytes of all payloads
+  >>> dequantize_tree(ctree)           # == shared, exactly
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress import bitpack, tree
+from jcompress import huffman as huff
+
+__all__ = [
+    "DenseTensor",
+    "SparseTensor",
+    "CodebookTensor",
+    "QuantizedTensor",
+    "LEAF_TYPES",
+    "is_compressed",
+    "compress",
+    "dequantize_tree",
+    "total_bits",
+    "nonzeros",
+    "default_index_bits",
+]
+
+
+def _dtype_name(x) -> str:
+    return jnp.dtype(jnp.asarray(x).dtype).name
+
+
+def _raw(x, dtype: str) -> tuple[bytes, int]:
+    arr = np.ascontiguousarray(np.asarray(x).astype(jnp.dtype(dtype)).reshape(-1)).view(np.uint8)
+    if arr.dtype.itemsize and np.dtype(jnp.dtype(dtype)).byteorder == ">":
+        raise ValueError(f"big-endian dtype {dtype} is not supported")
+    return arr.tobytes(), arr.size * 8
+
+
+def _from_raw(data: bytes, dtype: str, shape) -> np.ndarray:
+    return np.frombuffer(data, dtype=jnp.dtype(dtype)).reshape(shape).copy()
+
+
+def _stream(values: np.ndarray, alphabet: int, use_huffman: bool, name: str) -> tuple[dict, list]:
+    """Encode an integer stream in ``[0, alphabet)``: Huffman (with its length table) or fixed width."""
+    values = np.asarray(values, np.int64).reshape(-1)
+    if not use_huffman:
+        width = max(1, math.ceil(math.log2(alphabet)))
+        return {f"{name}_width": width}, [(name, bitpack.pack(values, bits=width), values.size * width)]
+    freqs = np.bincount(values, minlength=alphabet) if values.size else np.zeros(alphabet, np.int64)
+    lengths = huff.code_lengths(freqs)
+    used = int(np.flatnonzero(lengths).max()) + 1 if lengths.any() else 0
+    code = huff.canonical(lengths)
+    data, nb = huff.encode(values, code) if values.size else (b"", 0)
+    table = lengths[:used].astype(np.uint8).tobytes()
+    return {}, [(f"{name}_table", table, 8 * len(table)), (name, data, nb)]
+
+
+def _unstream(fields: dict, payloads: dict, name: str, count: int) -> np.ndarray:
+    if f"{name}_width" in fields:
+        return bitpack.unpack(payloads[name], bits=int(fields[f"{name}_width"]), count=count).astype(np.int64)
+    lengths = np.frombuffer(payloads[f"{name}_table"], np.uint8).astype(np.int64)
+    return huff.decode(payloads[name], huff.canonical(lengths), count=count)
+
+
+def _register(cls, data, meta):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+
+class _Leaf:
+    """Shared behaviour: exact size from the encoding."""
+
+    def nbits(self) -> int:
+        """Exact bits of this leaf's payloads in the file (without byte padding)."""
+        return int(sum(nb for _, _, nb in self.encode()[1]))
+
+
+@functools.partial(_register, data=["value"], meta=[])
+class DenseTensor(_Leaf):
+    """An uncompressed array, stored raw in its dtype.
+
+    Attributes:
+      value: any-shape array (float32 for the dense baseline).
+    """
+
+    value: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.value))
+
+    def dequantize(self) -> jax.Array:
+        return jnp.asarray(self.value)
+
+    def encode(self):
+        dtype = _dtype_name(self.value)
+        data, nb = _raw(self.value, dtype)
+        return {"shape": list(self.shape), "dtype": dtype}, [("value", data, nb)]
+
+    @classmethod
+    def decode(cls, fields: dict, payloads: dict) -> "DenseTensor":
+        return cls(_from_raw(payloads["value"], fields["dtype"], tuple(fields["shape"])))
+
+
+def _traced(*xs) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _scatter(gaps, values, shape) -> jax.Array:
+    """Dense array of ``shape`` with ``values`` at the relative-index positions ``gaps``.
+
+    Concrete inputs are placed with numpy (exact, and no per-shape compilation); traced
+    inputs with ``jnp`` so that the leaf can be dequantized inside ``jax.jit``.
+    """
+    n = math.prod(shape)
+    if _traced(gaps, values):
+        pos = jnp.cumsum(jnp.asarray(gaps, jnp.int32) + 1) - 1
+        return jnp.zeros((n,), values.dtype).at[pos].set(values).reshape(shape)
+    values = np.asarray(values)
+    out = np.zeros((n,), values.dtype)
+    out[np.cumsum(np.asarray(gaps, np.int64) + 1) - 1] = values
+    return jnp.asarray(out.reshape(shape))
+
+
+@functools.partial(_register, data=["gaps", "values"], meta=["shape", "index_bits"])
+class SparseTensor(_Leaf):
+    """A pruned tensor in Deep Compression's relative-index format.
+
+    Attributes:
+      gaps: ``(E,)`` int32; zeros skipped before each entry, each ``< 2**index_bits``.
+      values: ``(E,)`` float; the entries' values (0 for filler entries).
+      shape: the dense shape.
+      index_bits: width of a relative index (5 fc, 8 conv in the paper).
+    """
+
+    gaps: Any
+    values: Any
+    shape: tuple
+    index_bits: int
+
+    @classmethod
+    def from_dense(cls, w, *, index_bits: int) -> "SparseTensor":
+        """Store the nonzeros of ``w`` (any shape, float)."""
+        arr = np.asarray(w)
+        nz = arr.reshape(-1) != 0
+        gaps, slots = huff.relative_index(nz.astype(np.int64) * (1 + np.arange(arr.size)), index_bits=index_bits)
+        vals = np.where(slots > 0, arr.reshape(-1)[np.maximum(slots - 1, 0)], 0).astype(arr.dtype)
+        return cls(gaps.astype(np.int32), vals, tuple(arr.shape), int(index_bits))
+
+    def dequantize(self) -> jax.Array:
+        return _scatter(self.gaps, self.values, self.shape)
+
+    def encode(self):
+        dtype = _dtype_name(self.values)
+        data, nb = _raw(self.values, dtype)
+        gaps = np.asarray(self.gaps)
+        fields = {"shape": list(self.shape), "dtype": dtype, "index_bits": self.index_bits, "entries": int(gaps.size)}
+        return fields, [("gaps", bitpack.pack(gaps, bits=self.index_bits), gaps.size * self.index_bits), ("values", data, nb)]
+
+    @classmethod
+    def decode(cls, fields: dict, payloads: dict) -> "SparseTensor":
+        e = int(fields["entries"])
+        gaps = bitpack.unpack(payloads["gaps"], bits=int(fields["index_bits"]), count=e)
+        return cls(gaps, _from_raw(payloads["values"], fields["dtype"], (e,)), tuple(fields["shape"]), int(fields["index_bits"]))
+
+
+@functools.partial(_register, data=["codebook", "codes", "gaps"], meta=["shape", "index_bits", "huffman"])
+class CodebookTensor(_Leaf):
+    """A weight-shared tensor: ``codebook[codes]`` at the stored positions.
+
+    Attributes:
+      codebook: ``(k + 1,)`` float; ``codebook[0] == 0`` (the zero, not stored in the file).
+      codes: ``(E,)`` int32 indices into the codebook, one per stored entry.
+      gaps: ``(E,)`` int32 relative indices (sparse layout) or ``None`` (dense layout:
+        one code per weight in C order, ``E == prod(shape)``).
+      shape: the dense shape.
+      index_bits: relative-index width for the sparse layout, ``None`` for dense.
+      huffman: Huffman-code the ``codes`` and ``gaps`` streams in the file (else fixed
+        width: ``ceil(log2(k + 1))`` bits per code and ``index_bits`` per gap).
+    """
+
+    codebook: Any
+    codes: Any
+    gaps: Any
+    shape: tuple
+    index_bits: int | None
+    huffman: bool
+
+    @classmethod
+    def from_indices(cls, indices, codebook, *, index_bits: int | None, huffman: bool = True) -> "CodebookTensor":
+        """From ``SharingAux`` indices (0 = zero) and a ``(k + 1,)`` codebook with ``codebook[0] == 0``."""
+        idx = np.asarray(indices)
+        cb = np.asarray(codebook)
+        if cb.ndim != 1 or cb.size < 1 or cb[0] != 0:
+            raise ValueError(f"codebook must be 1-D with codebook[0] == 0 (the zero), got {cb[:3]}... of shape {cb.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= cb.size):
+            raise ValueError(f"indices must lie in [0, {cb.size}), got [{idx.min()}, {idx.max()}]")
+        if index_bits is None:
+            return cls(cb, idx.reshape(-1).astype(np.int32), None, tuple(idx.shape), None, bool(huffman))
+        gaps, codes = huff.relative_index(idx.reshape(-1), index_bits=index_bits)
+        return cls(cb, codes.astype(np.int32), gaps.astype(np.int32), tuple(idx.shape), int(index_bits), bool(huffman))
+
+    @property
+    def k(self) -> int:
+        return int(np.shape(self.codebook)[0]) - 1
+
+    def dequantize(self) -> jax.Array:
+        xp = jnp if _traced(self.codebook, self.codes, self.gaps) else np
+        vals = xp.asarray(self.codebook)[xp.asarray(self.codes)]
+        if self.gaps is None:
+            return jnp.asarray(vals.reshape(self.shape))
+        return _scatter(self.gaps, vals, self.shape)
+
+    def encode(self):
+        dtype = _dtype_name(self.codebook)
+        cbytes, cbits = _raw(np.asarray(self.codebook)[1:], dtype)
+        codes = np.asarray(self.codes)
+        fields = {"shape": list(self.shape), "dtype": dtype, "k": self.k, "index_bits": self.index_bits,
+                  "huffman": self.huffman, "entries": int(codes.size)}
+        payloads = [("codebook", cbytes, cbits)]
+        f, p = _stream(codes, self.k + 1, self.huffman, "codes")
+        fields.update(f)
+        payloads += p
+        if self.gaps is not None:
+            f, p = _stream(np.asarray(self.gaps), 1 << self.index_bits, self.huffman, "gaps")
+            fields.update(f)
+            payloads += p
+        return fields, payloads
+
+    @classmethod
+    def decode(cls, fields: dict, payloads: dict) -> "CodebookTensor":
+        e, k = int(fields["entries"]), int(fields["k"])
+        cb = np.concatenate([np.zeros(1, jnp.dtype(fields["dtype"])), _from_raw(payloads["codebook"], fields["dtype"], (k,))])
+        codes = _unstream(fields, payloads, "codes", e).astype(np.int32)
+        if codes.size and codes.max() > k:
+            raise ValueError(f"decoded code {codes.max()} is outside the codebook of {k + 1} entries")
+        gaps = None if fields["index_bits"] is None else _unstream(fields, payloads, "gaps", e).astype(np.int32)
+        return cls(cb, codes, gaps, tuple(fields["shape"]), fields["index_bits"], bool(fields["huffman"]))
+
+
+@functools.partial(
+    _register, data=["codes", "scale", "zero_point"], meta=["bits", "symmetric", "axis", "group_size"]
+)
+class QuantizedTensor(_Leaf):
+    """Uniform quantization codes with their scales (see ``jcompress.quant.QuantParams``).
+
+    Codes are held unpacked (int32) in memory and bit-packed in the file at ``bits``
+    bits each (offset by the lowest code so that they are unsigned). Scales are stored as
+    float32; zero points (int32) only for asymmetric quantization.
+    """
+
+    codes: Any
+    scale: Any
+    zero_point: Any
+    bits: int
+    symmetric: bool
+    axis: int | None
+    group_size: int | None
+
+    @classmethod
+    def from_qparams(cls, qp) -> "QuantizedTensor":
+        return cls(qp.codes, qp.scale, qp.zero_point, qp.bits, qp.symmetric, qp.axis, qp.group_size)
+
+    def to_qparams(self):
+        from jcompress import quant
+
+        return quant.QuantParams(
+            jnp.asarray(self.codes), jnp.asarray(self.scale), jnp.asarray(self.zero_point),
+            self.bits, self.symmetric, self.axis, self.group_size,
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.codes))
+
+    def dequantize(self) -> jax.Array:
+        from jcompress import quant
+
+        return quant.dequantize(self.to_qparams())
+
+    def encode(self):
+        from jcompress import quant
+
+        lo, _ = quant.code_range(self.bits, self.symmetric)
+        codes = np.asarray(self.codes).astype(np.int64) - lo
+        sbytes, sbits = _raw(self.scale, "float32")
+        fields = {"shape": list(self.shape), "bits": self.bits, "symmetric": self.symmetric, "axis": self.axis,
+                  "group_size": self.group_size, "scale_shape": list(np.shape(self.scale)), "offset": lo}
+        payloads = [("codes", bitpack.pack(codes, bits=self.bits), codes.size * self.bits), ("scale", sbytes, sbits)]
+        if not self.symmetric:
+            zbytes, zbits = _raw(self.zero_point, "int32")
+            payloads.append(("zero_point", zbytes, zbits))
+        return fields, payloads
+
+    @classmethod
+    def decode(cls, fields: dict, payloads: dict) -> "QuantizedTensor":
+        shape, sshape = tuple(fields["shape"]), tuple(fields["scale_shape"])
+        codes = bitpack.unpack(payloads["codes"], bits=int(fields["bits"]), count=math.prod(shape))
+        codes = (codes.astype(np.int64) + int(fields["offset"])).astype(np.int32).reshape(shape)
+        scale = _from_raw(payloads["scale"], "float32", sshape)
+        zp = _from_raw(payloads["zero_point"], "int32", sshape) if "zero_point" in payloads else np.zeros(sshape, np.int32)
+        return cls(codes, scale, zp, int(fields["bits"]), bool(fields["symmetric"]), fields["axis"], fields["group_size"])
+
+
+LEAF_TYPES = {c.__name__: c for c in (DenseTensor, SparseTensor, CodebookTensor, QuantizedTensor)}
+
+
+def is_compressed(x) -> bool:
+    """True for an instance of one of the compressed leaf types."""
+    return isinstance(x, tuple(LEAF_TYPES.values()))
+
+
+def default_index_bits(name: str, leaf) -> int:
+    """The paper's relative-index width: 8 bits for conv kernels (ndim > 2), 5 for fc."""
+    return 8 if np.ndim(leaf) > 2 else 5
+
+
+def _index_bits_for(index_bits, name: str, leaf) -> int:
+    if index_bits is None:
+        return default_index_bits(name, leaf)
+    if callable(index_bits):
+        return int(index_bits(name, leaf))
+    if isinstance(index_bits, Mapping):
+        import re
+
+        for pattern, value in index_bits.items():
+            if re.search(pattern, name):
+                return int(value)
+        return default_index_bits(name, leaf)
+    return int(index_bits)
+
+
+def _concrete(x, what: str) -> np.ndarray:
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"compress needs concrete arrays, {what} is traced; call it outside jax.jit")
+    return np.asarray(x)
+
+
+def compress(params, *aux, index_bits=None, huffman: bool = True, sparse: bool = True):
+    """A tree of compressed leaves for ``params``, from the aux results of the transforms.
+
+    Each leaf becomes, in this order of preference: a :class:`CodebookTensor` when a
+    ``SharingAux`` (anything with ``codebooks`` and ``indices``) covers it; a
+    :class:`QuantizedTensor` when a ``QuantAux`` (anything with ``qparams``) covers it; a
+    :class:`SparseTensor` when it holds zeros and is covered by a ``PruneAux`` (anything
+    with ``masks``) or a bool mask tree; otherwise a :class:`DenseTensor`. Codebook leaves
+    use the sparse layout when they hold zeros (and ``sparse`` is true).
+
+    Args:
+      params: parameter pytree (dict or NNX State) with concrete arrays; its values must
+        be exactly those the aux describes (``codebook[indices]`` / ``dequantize(qparams)``
+        / zero where masked), which is checked.
+      *aux: aux results in any order (later ones win for the same leaf and kind).
+      index_bits: relative-index width: ``None`` (paper: conv 8, fc 5), an int, ``{regex:
+        bits}`` or ``(name, leaf) -> bits``.
+      huffman: Huffman-code codebook indices and relative indices.
+      sparse: use the relative-index layout for leaves with zeros.
+
+    Returns:
+      nested dict (the pure-dict structure of ``params``) of compressed leaves.
+
+    Raises:
+      ValueError naming the leaf when the params disagree with an aux.
+    """
+    pure = tree.to_pure_dict(params)
+    groups_of, codebooks, qparams, masks = {}, {}, {}, {}
+    for a in aux:
+        if a is None:
+            continue
+        if hasattr(a, "codebooks") and hasattr(a, "indices"):
+            for g, members in a.indices.items():
+                for name, idx in members.items():
+                    groups_of[name] = (a.codebooks[g], idx)
+        elif hasattr(a, "qparams"):
+            qparams.update(a.qparams)
+        else:
+            m = a.masks if hasattr(a, "masks") else a
+            masks.update({n: v for n, v in tree.named_leaves(tree.to_pure_dict(m))})
+
+    def one(name, w):
+        arr = _concrete(w, f"params/{name}")
+        if name in groups_of:
+            cb, idx = (_concrete(x, f"aux of {name}") for x in groups_of[name])
+            if idx.shape != arr.shape or not np.array_equal(cb[idx], arr):
+                raise ValueError(
+                    f"params/{name} is not codebook[indices] of its SharingAux (shape {arr.shape} vs {idx.shape}); "
+                    "pass the aux that matches these params (after centroid fine-tuning use finetune.sharing_aux(state, aux))"
+                )
+            ib = _index_bits_for(index_bits, name, arr) if sparse and np.any(idx == 0) else None
+            return CodebookTensor.from_indices(idx, cb, index_bits=ib, huffman=huffman)
+        if name in qparams:
+            qt = QuantizedTensor.from_qparams(qparams[name])
+            if not np.array_equal(np.asarray(qt.dequantize()).astype(arr.dtype), arr):
+                raise ValueError(f"params/{name} differs from dequantize(qparams); pass the QuantAux of these params")
+            return qt
+        if name in masks and sparse and arr.ndim > 0:
+            m = _concrete(masks[name], f"masks/{name}")
+            if np.any(arr[~m] != 0):
+                raise ValueError(f"params/{name} has nonzeros where its mask is False; apply the masks first")
+            if not m.all():
+                return SparseTensor.from_dense(arr, index_bits=_index_bits_for(index_bits, name, arr))
+        return DenseTensor(arr)
+
+    return tree.map_with_names(one, pure)
+
+
+def dequantize_tree(ctree):
+    """The dense params (nested dict of jax arrays) of a tree of compressed leaves."""
+    return jax.tree.map(lambda x: x.dequantize(), ctree, is_leaf=is_compressed)
+
+
+def total_bits(ctree) -> int:
+    """Sum of ``nbits()`` over the compressed leaves."""
+    return int(sum(x.nbits() for x in jax.tree.leaves(ctree, is_leaf=is_compressed)))
+
+
+def nonzeros(ctree) -> int:
+    """Nonzero weights over all leaves (after dequantization)."""
+    return int(sum(int(np.count_nonzero(np.asarray(x.dequantize()))) for x in jax.tree.leaves(ctree, is_leaf=is_compressed)))
+

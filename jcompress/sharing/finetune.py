@@ -1,0 +1,152 @@
+"""Centroid fine-tuning for shared weights (Deep Compression, section 3.3).
+
+After k-means sharing every weight of a shared layer is ``codebook[index]``. Training
+keeps the assignment fixed and learns the centroids: the gradient of centroid ``c`` is
+the sum of ``dL/dW`` over the weights assigned to it. :func:`centroid_finetune` wraps an
+optax optimizer so that:
+
+* the weight gradients of each codebook group are summed per cluster (a segment sum
+  over the indices; the zero cluster, index 0, gets no gradient and stays exactly 0);
+* the inner optimizer updates the centroids, which live in this transform's state;
+* the emitted updates move every weight to its new centroid, so after
+  ``optax.apply_updates`` the params equal ``codebook[indices]`` **exactly**, with the
+  codebook read from the state (:func:`sharing_aux`). Exactness: all weights of a
+  cluster hold the same value ``c_old``; the update is ``d = c_new - c_old`` and the
+  state stores ``c_old + d`` as float arithmetic computes it, which is what every weight
+  becomes.
+
+Leaves that are not shared (biases, norms) are trained by the same inner optimizer
+unless ``train_others=False``. Use the transform as the whole optimizer passed to
+``train.fit`` (do not chain transforms after it: they would change the updates).
+
+Example:
+  >>> shared, aux = kmeans_share(params, k=31)
+  >>> tx = centroid_finetune(optax.adam(1e-4), aux)
+  >>> res = train.fit(apply, shared, extra, ds, tx=tx, epochs=2)
+  >>> aux2 = sharing_aux(res.state.opt_state, aux)   # the fine-tuned codebooks
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jcompress import tree
+from jcompress.sharing.kmeans import SharingAux
+
+__all__ = ["CentroidState", "centroid_finetune", "centroid_gradients", "sharing_aux"]
+
+
+class CentroidState(NamedTuple):
+    """State of :func:`centroid_finetune`.
+
+    Attributes:
+      centroids: ``{group: (k + 1,) array}``, the current codebooks (entry 0 is 0).
+      inner_state: the inner optimizer's state over ``{'centroids': ..., 'others': ...}``.
+    """
+
+    centroids: dict
+    inner_state: Any
+
+
+def _shared_names(aux: SharingAux) -> dict[str, str]:
+    return {name: g for g, members in aux.indices.items() for name in members}
+
+
+def centroid_gradients(grads, aux: SharingAux) -> dict:
+    """``{group: (k + 1,) array}``: per-cluster sums of the weight gradients; entry 0 is 0.
+
+    Args:
+      grads: gradient pytree with the params' structure.
+      aux: the ``SharingAux`` whose indices define the clusters.
+    """
+    flat = dict(tree.named_leaves(grads))
+    out = {}
+    for g, members in aux.indices.items():
+        size = aux.codebooks[g].shape[0]
+        total = jnp.zeros((size,), jnp.float32)
+        for name, idx in members.items():
+            total = total + jax.ops.segment_sum(flat[name].reshape(-1).astype(jnp.float32), idx.reshape(-1), num_segments=size)
+        out[g] = total.at[0].set(0.0).astype(aux.codebooks[g].dtype)
+    return out
+
+
+def centroid_finetune(
+    inner: optax.GradientTransformation, aux: SharingAux, *, train_others: bool = True
+) -> optax.GradientTransformation:
+    """Wrap ``inner`` so that it trains the centroids of ``aux`` with the assignment fixed.
+
+    Args:
+      inner: the optimizer for the centroids (and the unshared leaves), e.g. ``optax.adam(1e-4)``.
+      aux: ``SharingAux`` from :func:`jcompress.sharing.kmeans_share`; the params passed
+        to ``init`` must equal ``codebook[indices]`` on its leaves (checked when concrete).
+      train_others: also train the leaves ``aux`` does not cover (else they stay fixed).
+
+    Returns:
+      an optax ``GradientTransformation``; its ``update`` needs ``params``.
+
+    Raises:
+      ValueError: a leaf of ``aux`` missing from the params, a shape mismatch, params not
+        equal to ``codebook[indices]``, or ``update`` called without params.
+    """
+    shared = _shared_names(aux)
+
+    def split(tree_):
+        flat = dict(tree.named_leaves(tree_))
+        return {n: v for n, v in flat.items() if n not in shared} if train_others else {}
+
+    def init(params):
+        flat = dict(tree.named_leaves(params))
+        for name, g in shared.items():
+            if name not in flat:
+                raise ValueError(f"SharingAux names leaf {name!r} which the params do not have; leaves: {sorted(flat)}")
+            idx = aux.indices[g][name]
+            if flat[name].shape != idx.shape:
+                raise ValueError(f"params/{name} has shape {flat[name].shape} but its indices have {idx.shape}")
+            w = flat[name]
+            if not isinstance(w, jax.core.Tracer) and not np.array_equal(np.asarray(aux.codebooks[g])[np.asarray(idx)], np.asarray(w)):
+                raise ValueError(
+                    f"params/{name} is not codebook[indices] of the SharingAux; pass the params that kmeans_share returned"
+                )
+        centroids = dict(aux.codebooks)
+        return CentroidState(centroids, inner.init({"centroids": centroids, "others": split(params)}))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("centroid_finetune needs params in update(grads, state, params)")
+        inner_grads = {"centroids": centroid_gradients(grads, aux), "others": split(grads)}
+        inner_params = {"centroids": state.centroids, "others": split(params)}
+        upd, inner_state = inner.update(inner_grads, state.inner_state, inner_params)
+        deltas, centroids = {}, {}
+        for g, c in state.centroids.items():
+            d = upd["centroids"][g].astype(c.dtype).at[0].set(0)
+            deltas[g] = d
+            centroids[g] = c + d  # exactly what every weight of the cluster becomes
+        others = upd["others"]
+
+        def one(name, gleaf):
+            if name in shared:
+                return deltas[shared[name]][aux.indices[shared[name]][name]]
+            if name in others:
+                return others[name]
+            return jnp.zeros_like(gleaf)
+
+        return tree.map_with_names(one, grads), CentroidState(centroids, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def sharing_aux(state, aux: SharingAux) -> SharingAux:
+    """``aux`` with the codebooks of a :class:`CentroidState` (found inside ``state``).
+
+    ``state`` may be the ``CentroidState`` itself or any optimizer state containing one
+    (e.g. ``train.fit(...).state.opt_state``).
+    """
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, CentroidState)) if isinstance(s, CentroidState)]
+    if not found:
+        raise ValueError("no CentroidState in state; pass the optimizer state of a centroid_finetune transform")
+    return SharingAux(dict(found[0].centroids), aux.indices, aux.inertia)

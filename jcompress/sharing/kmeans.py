@@ -1,0 +1,450 @@
+"""K-means weight sharing (Deep Compression, Han et al. 2016, section 3).
+
+The weights of a layer (or of several layers sharing one codebook) are clustered in one
+dimension into ``k`` centroids; every weight is then replaced by its centroid, so a layer
+is stored as a small codebook plus one ``log2(k)``-bit index per weight.
+
+**Sparsity is preserved.** Exact zeros (pruned weights) take no part in the clustering
+and stay exactly zero. Index 0 is reserved for them: a codebook has ``k + 1`` entries,
+``codebook[0] == 0`` and ``codebook[1:]`` are the ``k`` sorted centroids, so
+``params == codebook[indices]`` holds for every weight, pruned or not. With
+``k = 2**b - 1`` the indices of a pruned layer fit exactly in ``b`` bits.
+
+**Fast 1-D Lloyd.** In one dimension the clusters of sorted centroids are contiguous
+ranges of the sorted data, split at the midpoints between neighbouring centroids. The
+weights are sorted once (``O(n log n)``); each Lloyd iteration then finds the range
+boundaries with ``searchsorted`` of the ``k - 1`` midpoints into the sorted weights and
+the cluster sums from prefix sums, ``O(k log n)`` per iteration instead of ``O(n k)``.
+The iteration stops when the assignment no longer changes (as scikit-learn's Lloyd with
+``tol=0``) or after ``iters`` iterations; the final labels are the nearest centroids.
+An empty cluster takes one of the points farthest from their centre, as in
+scikit-learn (with the linear initialisation the outermost centroids often start empty).
+
+Initialisations (the paper finds linear best): ``'linear'`` (``k`` points evenly spaced
+over ``[min, max]``), ``'density'`` (the data's quantiles at levels ``(j + 0.5) / k``,
+evenly spaced on the CDF), ``'random'`` (Forgy: ``k`` distinct data points, needs a key),
+``'kmeans++'`` (D^2 sampling, needs a key).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress import tree
+
+__all__ = ["INITS", "KMeansResult", "SharingAux", "kmeans_1d", "kmeans_share", "reconstruct"]
+
+INITS = ("linear", "density", "random", "kmeans++")
+
+KSpec = Union[int, Mapping[str, int], Callable[[str, Any], int]]
+
+
+class KMeansResult(NamedTuple):
+    """Result of :func:`kmeans_1d`.
+
+    Attributes:
+      centroids: ``(k,)`` float32, sorted ascending.
+      labels: ``(n,)`` int32 in ``[0, k)`` (nearest centroid); ``-1`` where ``valid`` is false.
+      inertia: scalar float32, sum of squared distances of valid points to their centroid.
+      iterations: scalar int32, Lloyd iterations run.
+      history: ``(iters,)`` float32 inertia of the nearest-centroid assignment after each
+        iteration's update (repeated after convergence) when ``history=True``; else ``None``.
+    """
+
+    centroids: jax.Array
+    labels: jax.Array
+    inertia: jax.Array
+    iterations: jax.Array
+    history: jax.Array | None
+
+
+class SharingAux(NamedTuple):
+    """What :func:`kmeans_share` did; the grouping is encoded in the dict structure.
+
+    Attributes:
+      codebooks: ``{group: (k + 1,) array}``; entry 0 is the exact zero, entries ``1..k``
+        the sorted centroids, in the dtype of the group's leaves.
+      indices: ``{group: {leaf name: int32 array of the leaf's shape}}`` into the group's
+        codebook; 0 marks an exactly-zero (pruned) weight.
+      inertia: ``{group: scalar}`` within-cluster sum of squares of the nonzero weights.
+
+    A group is named after its leaf when the leaf has its own codebook, ``'shared'`` for
+    ``shared=True``, or after the regex that formed it.
+    """
+
+    codebooks: dict
+    indices: dict
+    inertia: dict
+
+
+def _sortable(v: jax.Array) -> jax.Array:
+    """An int32 key with the order of float32 ``v`` (sorting ints is much faster on CPU)."""
+    i = jax.lax.bitcast_convert_type(v, jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _unsortable(i: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.where(i < 0, i ^ 0x7FFFFFFF, i), jnp.float32)
+
+
+def _prefix_sums(v: jax.Array, block: int = 1024) -> jax.Array:
+    """``[0, v0, v0+v1, ...]`` (length n + 1) in float32, summed in blocks to limit round-off."""
+    n = v.shape[0]
+    pad = (-n) % block
+    vb = jnp.pad(v, (0, pad)).reshape(-1, block)
+    inner = jnp.cumsum(vb, axis=1)
+    outer = jnp.concatenate([jnp.zeros((1,), v.dtype), jnp.cumsum(inner[:, -1])[:-1]])
+    full = (inner + outer[:, None]).reshape(-1)[:n]
+    return jnp.concatenate([jnp.zeros((1,), v.dtype), full])
+
+
+def _count(a: jax.Array, q: jax.Array, *, strict: bool) -> jax.Array:
+    """Number of elements of sorted ``a`` that are ``< q`` (strict) or ``<= q``, per query.
+
+    A branch-free binary search of ``floor(log2(len(a))) + 1`` steps in a ``fori_loop``
+    (it compiles several times faster than ``jnp.searchsorted`` nested in the Lloyd loop).
+    """
+    n = a.shape[0]
+    top = max(n.bit_length() - 1, 0)
+
+    def body(i, pos):
+        cand = pos + jnp.left_shift(1, top - i)
+        probe = jnp.take(a, jnp.minimum(cand, n) - 1, mode="clip")
+        ok = (cand <= n) & ((probe < q) if strict else (probe <= q))
+        return jnp.where(ok, cand, pos)
+
+    return jax.lax.fori_loop(0, top + 1, body, jnp.zeros(q.shape, jnp.int32))
+
+
+class _RangeSums(NamedTuple):
+    """Prefix sums of the sorted values, split into an exact integer part and a float rest.
+
+    Each value is ``q * grid + r`` with integer ``q`` (``|q| <= (2**31 - 1) / n``) and a
+    small float rest ``|r| <= grid / 2``. Integer prefix sums wrap modulo 2**32, but their
+    differences over any range are exact because no range sum of ``q`` can overflow; so a
+    cluster's sum is exact up to the (tiny) round-off of summing the rests.
+    """
+
+    q: jax.Array
+    r: jax.Array
+    grid: jax.Array
+
+    @classmethod
+    def build(cls, values: jax.Array) -> "_RangeSums":
+        n = values.shape[0]
+        levels = max((2**31 - 1) // max(n, 1), 1)
+        grid = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(jnp.float32).tiny) / levels
+        q = jnp.round(values / grid).astype(jnp.int32)
+        r = values - q.astype(jnp.float32) * grid
+        q_cs = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q)])
+        return cls(q_cs, _prefix_sums(r), grid)
+
+    def range_sum(self, start: jax.Array, stop: jax.Array) -> jax.Array:
+        dq = self.q[stop] - self.q[start]  # exact despite wrap-around
+        hi = (dq >> 12).astype(jnp.float32) * 4096.0 + (dq & 4095).astype(jnp.float32)
+        return hi * self.grid + (self.r[stop] - self.r[start])
+
+
+def _init_centroids(xs, n_valid, *, k, init, key):
+    """Initial centroids from the sorted valid data ``xs[:n_valid]`` (rest is +inf)."""
+    n = xs.shape[0]
+    last = xs[jnp.maximum(n_valid - 1, 0)]
+    if init == "linear":
+        return jnp.linspace(xs[0], last, k)
+    if init == "density":
+        levels = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
+        pos = jnp.clip(jnp.floor(levels * n_valid).astype(jnp.int32), 0, jnp.maximum(n_valid - 1, 0))
+        return xs[pos]
+    in_range = jnp.arange(n) < n_valid
+    if init == "random":
+        u = jnp.where(in_range, jax.random.uniform(key, (n,)), 2.0)
+        _, pos = jax.lax.top_k(-u, k)
+        return jnp.sort(xs[pos])
+    # kmeans++: first centre uniform, then each next one with probability ~ D(x)^2.
+    finite = jnp.where(in_range, xs, 0.0)
+    keys = jax.random.split(key, k)
+    first = finite[jax.random.randint(keys[0], (), 0, jnp.maximum(n_valid, 1))]
+    cents = jnp.zeros((k,), xs.dtype).at[0].set(first)
+    d2 = jnp.where(in_range, (finite - first) ** 2, 0.0)
+
+    def body(j, carry):
+        cents, d2 = carry
+        cdf = jnp.cumsum(d2)
+        r = jax.random.uniform(keys[j]) * cdf[-1]
+        pos = jnp.clip(jnp.searchsorted(cdf, r, side="right"), 0, jnp.maximum(n_valid - 1, 0))
+        c = finite[pos]
+        return cents.at[j].set(c), jnp.minimum(d2, jnp.where(in_range, (finite - c) ** 2, 0.0))
+
+    cents, _ = jax.lax.fori_loop(1, k, body, (cents, d2))
+    return jnp.sort(cents)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "init", "iters", "history"))
+def _kmeans_core(x, valid, key, init_array, *, k, init, iters, history):
+    """The jitted body of :func:`kmeans_1d` (arguments already checked)."""
+    n = x.shape[0]
+    n_valid = jnp.sum(valid).astype(jnp.int32)
+    xs = _unsortable(jax.lax.sort(_sortable(jnp.where(valid, x, jnp.inf)), is_stable=False))
+    in_range = jnp.arange(n) < n_valid
+    sums = _RangeSums.build(jnp.where(in_range, xs, 0.0))
+    c0 = init_array if init == "array" else _init_centroids(xs, n_valid, k=k, init=init, key=key)
+
+    def bounds(c):
+        mid = (c[1:] + c[:-1]) / 2
+        inner = _count(xs, mid, strict=False)
+        inner = jnp.minimum(inner, n_valid)
+        return jnp.concatenate([jnp.zeros((1,), jnp.int32), inner, n_valid[None]])
+
+    positions = jnp.arange(n)
+
+    def update(c, b):
+        cnt = jnp.diff(b)
+        s = sums.range_sum(b[:-1], b[1:])
+        empty = cnt == 0
+
+        def relocate(args):
+            # As scikit-learn: each empty cluster takes one of the points farthest from
+            # their centre (farthest first), which leaves its old cluster.
+            s, cnt = args
+            labels = jnp.minimum(_count(b[1:], positions, strict=False), k - 1)
+            d = jnp.where(in_range, (xs - c[labels]) ** 2, -1.0)
+            _, far = jax.lax.top_k(d, k)
+            p = far[jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)]
+            xp = jnp.where(empty, xs[p], 0.0)
+            moved = empty.astype(cnt.dtype)
+            s = jnp.where(empty, xp, s) - jnp.zeros_like(s).at[labels[p]].add(xp)
+            cnt = jnp.where(empty, 1, cnt) - jnp.zeros_like(cnt).at[labels[p]].add(moved)
+            return s, cnt
+
+        s, cnt = jax.lax.cond(jnp.any(empty), relocate, lambda a: a, (s, cnt))
+        return jnp.where(cnt > 0, s / jnp.maximum(cnt, 1), c)
+
+    def sorted_inertia(c):
+        c = jnp.sort(c)
+        labels = _count((c[1:] + c[:-1]) / 2, xs, strict=True)
+        d = jnp.where(in_range, xs - c[labels], 0.0)
+        return jnp.sum(d * d)
+
+    def cond(state):
+        _, _, it, done, _ = state
+        return (it < iters) & ~done
+
+    def body(state):
+        c, b_prev, it, _, hist = state
+        c = jnp.sort(c)
+        b = bounds(c)
+        c_new = update(c, b)
+        if history:
+            hist = jnp.where(jnp.arange(iters) >= it, sorted_inertia(c_new), hist)
+        return c_new, b, it + 1, jnp.all(b == b_prev), hist
+
+    hist0 = jnp.zeros((iters if history else 1,), jnp.float32)
+    b0 = jnp.full((k + 1,), -1, jnp.int32)
+    c, _, it, _, hist = jax.lax.while_loop(cond, body, (c0.astype(jnp.float32), b0, jnp.int32(0), jnp.bool_(False), hist0))
+    c = jnp.sort(c)
+    mid = (c[1:] + c[:-1]) / 2
+    labels = _count(mid, x, strict=True)
+    d = jnp.where(valid, x - c[labels], 0.0)
+    inertia = jnp.sum(d * d)
+    labels = jnp.where(valid, labels, -1)
+    return KMeansResult(c, labels, inertia, it, hist if history else None)
+
+
+def kmeans_1d(
+    x: jax.Array,
+    *,
+    k: int,
+    init: str | jax.Array = "linear",
+    iters: int = 300,
+    key: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    history: bool = False,
+) -> KMeansResult:
+    """Lloyd's k-means on the values of ``x`` (any shape, flattened), exact in 1-D.
+
+    Args:
+      x: float array; all of its values are clustered unless ``valid`` says otherwise.
+      k: number of centroids (>= 1).
+      init: ``'linear'``, ``'density'``, ``'random'``, ``'kmeans++'``, or a ``(k,)`` array
+        of initial centroids.
+      iters: maximum Lloyd iterations (>= 1); stops earlier when the assignment is stable.
+      key: PRNG key, required for ``'random'`` and ``'kmeans++'``.
+      valid: optional bool array of ``x``'s shape; only these values are clustered (the
+        others get label -1). ``kmeans_share`` passes ``x != 0``.
+      history: also return the inertia after every iteration (``O(n log k)`` each).
+
+    Returns:
+      :class:`KMeansResult`.
+
+    Raises:
+      ValueError: bad ``k``/``iters``/``init``, a missing key, non-finite values, or (when
+        ``x`` is concrete) ``k`` larger than the number of distinct valid values.
+
+    Example:
+      >>> res = kmeans_1d(w, k=32)               # w: (300, 100) float32
+      >>> w_shared = res.centroids[res.labels].reshape(w.shape)
+    """
+    x = tree.as_float_array(x, "x").reshape(-1).astype(jnp.float32)
+    n = x.shape[0]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = int(k)
+    if not isinstance(iters, (int, np.integer)) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    explicit = not isinstance(init, str)
+    if explicit:
+        init_arr = jnp.asarray(init, jnp.float32).reshape(-1)
+        if init_arr.shape != (k,):
+            raise ValueError(f"init array must have shape ({k},), got {init_arr.shape}")
+    elif init not in INITS:
+        raise ValueError(f"init must be one of {INITS} or a (k,) array, got {init!r}")
+    elif init in ("random", "kmeans++") and key is None:
+        raise ValueError(f"init={init!r} draws random points: pass key=jax.random.key(seed)")
+    if n == 0:
+        raise ValueError("x is empty; nothing to cluster")
+    valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool).reshape(-1)
+    if valid.shape != (n,):
+        raise ValueError(f"valid must have x's size {n}, got {valid.shape}")
+    if not isinstance(x, jax.core.Tracer) and not isinstance(valid, jax.core.Tracer):
+        xv = np.asarray(x)[np.asarray(valid)]
+        if not np.all(np.isfinite(xv)):
+            raise ValueError("x contains NaN or Inf; k-means of non-finite values is undefined")
+        distinct = np.unique(xv).size
+        if k > distinct:
+            raise ValueError(
+                f"k={k} exceeds the number of distinct values to cluster ({distinct}); "
+                f"use k <= {distinct} (zeros are excluded when clustering a pruned layer)"
+            )
+
+    return _kmeans_core(
+        x, valid, key, init_arr if explicit else None,
+        k=k, init="array" if explicit else init, iters=int(iters), history=bool(history),
+    )
+
+
+def _k_for(k: KSpec, name: str, leaf) -> int:
+    if callable(k):
+        return int(k(name, leaf))
+    if isinstance(k, Mapping):
+        for pattern, value in k.items():
+            if re.search(pattern, name):
+                return int(value)
+        raise ValueError(f"k: no pattern in {list(k)} matches leaf {name!r}; add one (e.g. '.*': 31)")
+    return k
+
+
+def _groups(names: list[str], shared) -> list[tuple[str, list[str]]]:
+    if shared is True:
+        return [("shared", list(names))]
+    if shared is False or shared is None:
+        return [(n, [n]) for n in names]
+    patterns = [shared] if isinstance(shared, str) else list(shared)
+    groups: dict[str, list[str]] = {}
+    own: list[tuple[str, list[str]]] = []
+    for n in names:
+        for p in patterns:
+            regexes = [p] if isinstance(p, str) else list(p)
+            if any(re.search(r, n) for r in regexes):
+                groups.setdefault("|".join(regexes), []).append(n)
+                break
+        else:
+            own.append((n, [n]))
+    for p in patterns:
+        label = p if isinstance(p, str) else "|".join(p)
+        if label not in groups:
+            raise ValueError(f"shared: group {label!r} matches no selected leaf; selected leaves are {names}")
+    return list(groups.items()) + own
+
+
+def kmeans_share(
+    params,
+    *,
+    k: KSpec,
+    include: tree.Selection = None,
+    exclude: tree.Selection = None,
+    init: str = "linear",
+    iters: int = 300,
+    key: jax.Array | None = None,
+    shared: bool | str | Sequence[str | Sequence[str]] = False,
+    preserve_zeros: bool = True,
+):
+    """Replace each selected weight by its k-means centroid (weight sharing).
+
+    Args:
+      params: parameter pytree (dict or NNX State); float leaves.
+      k: centroids per codebook for the nonzero weights: an int, ``{regex: k}`` (first
+        match wins), or ``(name, leaf) -> k``. Leaves sharing a codebook must agree.
+        ``k = 2**b - 1`` gives ``b``-bit indices for a pruned layer (index 0 is the zero).
+      include, exclude: leaf selection (default: Dense and conv kernels).
+      init: see :func:`kmeans_1d`.
+      iters: maximum Lloyd iterations.
+      key: PRNG key for ``'random'``/``'kmeans++'`` (folded with the group number).
+      shared: ``False``: one codebook per leaf; ``True``: one for all selected leaves; a
+        list of regexes (or lists of regexes): one codebook per group, leaves matching no
+        group keep their own.
+      preserve_zeros: keep exact zeros at zero and out of the clustering (default).
+
+    Returns:
+      ``(new_params, SharingAux)``: same structure as ``params``; unselected leaves are
+      returned unchanged; each selected leaf equals ``codebook[indices]`` exactly.
+
+    Raises:
+      ValueError: selection matching nothing, bad ``k``, a group whose leaves disagree on
+        ``k`` or dtype, NaN weights, ``k`` above the distinct nonzero values of a group.
+
+    Example:
+      >>> new, aux = kmeans_share(params, k=31, include=r'fc\\d/kernel')
+      >>> aux.codebooks['fc1/kernel'].shape
+      (32,)
+    """
+    tree.check_finite(params)
+    names = tree.selected_names(params, tree.select(params, include, exclude))
+    leaves = dict(tree.named_leaves(params))
+    updates: dict[str, jax.Array] = {}
+    codebooks, indices, inertia = {}, {}, {}
+    plans = []
+    for group, members in _groups(names, shared):
+        arrays = [tree.as_float_array(leaves[m], m) for m in members]
+        ks = {_k_for(k, m, leaves[m]) for m in members}
+        dtypes = {a.dtype for a in arrays}
+        if len(ks) != 1:
+            raise ValueError(f"leaves {members} share codebook {group!r} but get different k {sorted(ks)}")
+        if len(dtypes) != 1:
+            raise ValueError(f"leaves {members} share codebook {group!r} but have dtypes {sorted(map(str, dtypes))}")
+        plans.append((group, members, arrays, ks.pop(), dtypes.pop()))
+    # Every group is padded (with invalid entries) to the longest one, so that all groups
+    # with the same k run the same compiled k-means.
+    length = max(sum(a.size for a in arrays) for _, _, arrays, _, _ in plans)
+    for gi, (group, members, arrays, kg, dtype) in enumerate(plans):
+        flat = jnp.concatenate([a.reshape(-1).astype(jnp.float32) for a in arrays])
+        size = flat.shape[0]
+        valid = flat != 0 if preserve_zeros else jnp.ones((size,), bool)
+        flat = jnp.pad(flat, (0, length - size))
+        valid = jnp.pad(valid, (0, length - size))
+        gkey = None if key is None else jax.random.fold_in(key, gi)
+        try:
+            res = kmeans_1d(flat, k=kg, init=init, iters=iters, key=gkey, valid=valid)
+        except ValueError as e:
+            raise ValueError(f"k-means of {group!r}: {e}") from None
+        codebook = jnp.concatenate([jnp.zeros((1,), jnp.float32), res.centroids]).astype(dtype)
+        idx = res.labels[:size] + 1
+        codebooks[group], inertia[group], indices[group] = codebook, res.inertia, {}
+        start = 0
+        for m, a in zip(members, arrays):
+            li = idx[start : start + a.size].reshape(a.shape)
+            start += a.size
+            indices[group][m] = li
+            updates[m] = codebook[li]
+    return tree.set_by_name(params, updates), SharingAux(codebooks, indices, inertia)
+
+
+def reconstruct(params, aux: SharingAux):
+    """``params`` with every shared leaf set to ``codebook[indices]`` (others unchanged)."""
+    updates = {m: aux.codebooks[g][i] for g, members in aux.indices.items() for m, i in members.items()}
+    return tree.set_by_name(params, updates)

@@ -1,0 +1,51 @@
+"""Knowledge distillation: losses, a jitted data-parallel step, and a resumable driver.
+
+* :mod:`jcompress.distill.losses`: Hinton's soft targets, logit MSE, FitNets hints,
+  attention transfer, parameter distance.
+* :mod:`jcompress.distill.step`: ``distill_step`` (pure), ``make_step`` (jit or
+  shard_map over a ``'data'`` mesh), cached teacher logits, named activations.
+* :mod:`jcompress.distill.run`: ``distill(teacher_dir, student_config, dataset, ...)``
+  with checkpoints and metrics, ``demo_stage``, and the ``jcompress distill`` command.
+"""
+
+from jcompress.distill.losses import (
+    HintonTerms,
+    attention_map,
+    attention_transfer_loss,
+    hint_loss,
+    hinton_loss,
+    init_hint_regressor,
+    kl_divergence,
+    logit_mse,
+    param_distance,
+)
+from jcompress.distill.step import (
+    DistillConfig,
+    DistillState,
+    apply_with_features,
+    distill_step,
+    feature_shapes,
+    init_state,
+    make_step,
+    teacher_logits,
+)
+
+__all__ = [
+    "HintonTerms",
+    "attention_map",
+    "attention_transfer_loss",
+    "hint_loss",
+    "hinton_loss",
+    "init_hint_regressor",
+    "kl_divergence",
+    "logit_mse",
+    "param_distance",
+    "DistillConfig",
+    "DistillState",
+    "apply_with_features",
+    "distill_step",
+    "feature_shapes",
+    "init_state",
+    "make_step",
+    "teacher_logits",
+]

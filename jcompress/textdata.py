@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["sentences", "SPLITS"]
+__all__ = ["SPLITS", "sentences"]
 
 SPLITS = ("calibration", "evaluation")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["BertConfig", "BertEncoder", "BertLayer", "mean_pool", "layer_groups"]
+__all__ = ["BertConfig", "BertEncoder", "BertLayer", "layer_groups", "mean_pool"]
 
 
 class BertConfig(NamedTuple):

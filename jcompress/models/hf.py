@@ -243,14 +243,23 @@ def encode(tokenizer, texts: Sequence[str], *, pad_to_multiple: int = 16) -> tup
 
 
 def embed_texts(model: BertEncoder, tokenizer, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
-    """Unit-norm sentence embeddings ``(len(texts), hidden_size)`` float32, in batches."""
+    """Unit-norm sentence embeddings ``(len(texts), hidden_size)`` float32.
+
+    All texts are tokenized together (padded to one length) and run in batches of exactly
+    ``batch_size`` rows (the last one padded with empty rows that are dropped), so the
+    jitted forward compiles once per call.
+    """
     graphdef, state = nnx.split(model)
     fwd = _jitted_embed(graphdef)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = encode(tokenizer, texts[start : start + batch_size])
-        out.append(np.asarray(fwd(state, ids, mask)))
-    return np.concatenate(out)
+    ids, mask = encode(tokenizer, texts)
+    n = len(texts)
+    rows = -(-n // batch_size) * batch_size
+    ids = np.pad(ids, ((0, rows - n), (0, 0)))
+    mask = np.pad(mask, ((0, rows - n), (0, 0)))
+    out = [
+        np.asarray(fwd(state, ids[i : i + batch_size], mask[i : i + batch_size])) for i in range(0, rows, batch_size)
+    ]
+    return np.concatenate(out)[:n]
 
 
 _EMBED_CACHE: dict = {}

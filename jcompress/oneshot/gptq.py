@@ -47,6 +47,7 @@ __all__ = [
     "check_bits",
     "dequantize",
     "min_max_grid",
+    "quant_params",
     "quantize",
     "quantize_matrix",
     "round_to_grid",
@@ -281,6 +282,27 @@ def rtn(
 
     new_params, extras = calibration.map_layers(params, stats, include, one)
     return new_params, _aux(extras, bits)
+
+
+def quant_params(aux: GPTQAux) -> dict:
+    """``{name: jcompress.quant.QuantParams}`` for the layers of ``aux`` (for
+    ``jcompress.compressed.compress`` / ``jcompress.export``): unsigned codes with an
+    integer zero point, ``axis=1`` (one grid per output unit and group)."""
+    from jcompress import quant
+
+    out = {}
+    for n, codes in aux.codes.items():
+        g = aux.group_size[n]
+        out[n] = quant.QuantParams(
+            codes=jnp.asarray(codes, jnp.int32),
+            scale=jnp.asarray(aux.scale[n], jnp.float32),
+            zero_point=jnp.asarray(aux.zero[n], jnp.int32),
+            bits=aux.bits,
+            symmetric=False,
+            axis=1,
+            group_size=None if g >= codes.shape[0] else g,
+        )
+    return out
 
 
 def storage_bits(aux: GPTQAux) -> dict[str, int]:

@@ -315,9 +315,9 @@ def _layer_ranks(layers: dict, ranks, rank_fraction, include, exclude) -> dict[s
         chosen = {}
         for n, picked in tree.named_leaves(sel):
             if picked:
-                chosen[n] = max(1, int(round(rank_fraction * min(layers[n].kernel.value.shape))))
+                chosen[n] = max(1, int(round(rank_fraction * min(layers[n].kernel.shape))))
     for n, r in chosen.items():
-        k = layers[n].kernel.value.shape
+        k = layers[n].kernel.shape
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(k):
             raise ValueError(f"rank {r!r} for layer {n!r} must be an integer in 1..{min(k)} (kernel {tuple(k)}).")
     return {n: int(r) for n, r in chosen.items()}
@@ -334,7 +334,7 @@ def rebuild(model: nnx.Module, ranks: dict[str, int], *, seed: int = 0) -> nnx.M
     new = nnx.clone(model)
     rngs = nnx.Rngs(seed)
     for name, r in ranks.items():
-        k = layers[name].kernel.value.shape
+        k = layers[name].kernel.shape
         _replace(new, name, FactorizedLinear(k[0], k[1], r, use_bias=layers[name].bias is not None, rngs=rngs))
     return new
 
@@ -376,7 +376,7 @@ def factorize_dense(
     new_layers = _linear_layers(new)
     aux = LowRankAux({}, {}, {}, {})
     for name, r in chosen.items():
-        kernel = layers[name].kernel.value
+        kernel = layers[name].kernel.get_value()
         tree.check_finite({name: kernel}, "model")
         _, factors, _, err, disc = _truncate_matrix(
             kernel.astype(jnp.float32),
@@ -389,10 +389,10 @@ def factorize_dense(
             power_iters=0,
         )
         u, v = new_layers[name + "/u"], new_layers[name + "/v"]
-        u.kernel.value = factors[0].astype(kernel.dtype)
-        v.kernel.value = factors[1].astype(kernel.dtype)
+        u.kernel.set_value(factors[0].astype(kernel.dtype))
+        v.kernel.set_value(factors[1].astype(kernel.dtype))
         if layers[name].bias is not None:
-            v.bias.value = layers[name].bias.value
+            v.bias.set_value(layers[name].bias.get_value())
         key = f"{name}/kernel"
         aux.factors[key], aux.ranks[key], aux.errors[key], aux.discarded_energy[key] = factors, r, err, disc
     return new, aux

@@ -8,12 +8,13 @@ optax optimizer so that:
 * the weight gradients of each codebook group are summed per cluster (a segment sum
   over the indices; the zero cluster, index 0, gets no gradient and stays exactly 0);
 * the inner optimizer updates the centroids, which live in this transform's state;
-* the emitted updates move every weight to its new centroid, so after
+* the emitted updates move every weight of a cluster by the same delta, so after
   ``optax.apply_updates`` the params equal ``codebook[indices]`` **exactly**, with the
-  codebook read from the state (:func:`sharing_aux`). Exactness: all weights of a
-  cluster hold the same value ``c_old``; the update is ``d = c_new - c_old`` and the
-  state stores ``c_old + d`` as float arithmetic computes it, which is what every weight
-  becomes.
+  codebook read back from the params (:func:`sharing_aux`). Exactness: all weights of a
+  cluster hold the same value and receive the same delta, so they stay equal. The
+  centroids the inner optimizer sees are re-read from the params at every step (XLA may
+  fuse the final addition differently in ``apply_updates`` than inside this transform,
+  so a separately stored copy could drift from the params by one rounding).
 
 Leaves that are not shared (biases, norms) are trained by the same inner optimizer
 unless ``train_others=False``. Use the transform as the whole optimizer passed to
@@ -23,7 +24,7 @@ Example:
   >>> shared, aux = kmeans_share(params, k=31)
   >>> tx = centroid_finetune(optax.adam(1e-4), aux)
   >>> res = train.fit(apply, shared, extra, ds, tx=tx, epochs=2)
-  >>> aux2 = sharing_aux(res.state.opt_state, aux)   # the fine-tuned codebooks
+  >>> aux2 = sharing_aux(res.params, aux)   # the fine-tuned codebooks
 """
 
 from __future__ import annotations
@@ -112,20 +113,19 @@ def centroid_finetune(
                 raise ValueError(
                     f"params/{name} is not codebook[indices] of the SharingAux; pass the params that kmeans_share returned"
                 )
-        centroids = dict(aux.codebooks)
+        # copies: a training loop that donates its state must not delete the caller's aux
+        centroids = {g: jnp.array(c, copy=True) for g, c in aux.codebooks.items()}
         return CentroidState(centroids, inner.init({"centroids": centroids, "others": split(params)}))
 
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("centroid_finetune needs params in update(grads, state, params)")
+        current = _read_centroids(params, aux, state.centroids)
         inner_grads = {"centroids": centroid_gradients(grads, aux), "others": split(grads)}
-        inner_params = {"centroids": state.centroids, "others": split(params)}
+        inner_params = {"centroids": current, "others": split(params)}
         upd, inner_state = inner.update(inner_grads, state.inner_state, inner_params)
-        deltas, centroids = {}, {}
-        for g, c in state.centroids.items():
-            d = upd["centroids"][g].astype(c.dtype).at[0].set(0)
-            deltas[g] = d
-            centroids[g] = c + d  # exactly what every weight of the cluster becomes
+        deltas = {g: upd["centroids"][g].astype(c.dtype).at[0].set(0) for g, c in current.items()}
+        centroids = {g: c + deltas[g] for g, c in current.items()}
         others = upd["others"]
 
         def one(name, gleaf):
@@ -140,13 +140,35 @@ def centroid_finetune(
     return optax.GradientTransformation(init, update)
 
 
-def sharing_aux(state, aux: SharingAux) -> SharingAux:
-    """``aux`` with the codebooks of a :class:`CentroidState` (found inside ``state``).
+def _read_centroids(params, aux: SharingAux, fallback: dict) -> dict:
+    """The codebooks as the params hold them: the value of each cluster's weights.
 
-    ``state`` may be the ``CentroidState`` itself or any optimizer state containing one
-    (e.g. ``train.fit(...).state.opt_state``).
+    All weights of a cluster are equal, so their maximum is that value; a cluster with
+    no weights keeps its ``fallback`` value. Entry 0 is the zero.
     """
-    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, CentroidState)) if isinstance(s, CentroidState)]
-    if not found:
-        raise ValueError("no CentroidState in state; pass the optimizer state of a centroid_finetune transform")
-    return SharingAux(dict(found[0].centroids), aux.indices, aux.inertia)
+    flat = dict(tree.named_leaves(params))
+    out = {}
+    for g, members in aux.indices.items():
+        size = fallback[g].shape[0]
+        vals = jnp.concatenate([flat[n].reshape(-1) for n in members])
+        idx = jnp.concatenate([i.reshape(-1) for i in members.values()])
+        top = jax.ops.segment_max(vals, idx, num_segments=size)
+        seen = jax.ops.segment_sum(jnp.ones_like(idx), idx, num_segments=size) > 0
+        out[g] = jnp.where(seen, top, fallback[g]).astype(fallback[g].dtype).at[0].set(0)
+    return out
+
+
+def sharing_aux(params, aux: SharingAux) -> SharingAux:
+    """``aux`` with the codebooks that fine-tuned ``params`` hold (params are ``codebook[indices]``).
+
+    Raises:
+      ValueError: when the weights of a cluster are no longer tied (the params were not
+        trained with :func:`centroid_finetune` as the whole optimizer).
+    """
+    books = _read_centroids(params, aux, aux.codebooks)
+    flat = dict(tree.named_leaves(params))
+    for g, members in aux.indices.items():
+        for name, idx in members.items():
+            if not np.array_equal(np.asarray(books[g])[np.asarray(idx)], np.asarray(flat[name])):
+                raise ValueError(f"params/{name} is not codebook[indices]: its shared weights are no longer tied")
+    return SharingAux(books, aux.indices, aux.inertia)

@@ -151,7 +151,15 @@ class _RangeSums(NamedTuple):
         return hi * self.grid + (self.r[stop] - self.r[start])
 
 
-def _init_centroids(xs, n_valid, *, k, init, key):
+@jax.jit
+def _sort_valid(x, valid):
+    """``(xs, n_valid)``: the valid values sorted ascending, followed by +inf."""
+    xs = _unsortable(jax.lax.sort(_sortable(jnp.where(valid, x, jnp.inf)), is_stable=False))
+    return xs, jnp.sum(valid).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "init"))
+def _init_centroids(xs, n_valid, key, *, k, init):
     """Initial centroids from the sorted valid data ``xs[:n_valid]`` (rest is +inf)."""
     n = xs.shape[0]
     last = xs[jnp.maximum(n_valid - 1, 0)]
@@ -185,15 +193,15 @@ def _init_centroids(xs, n_valid, *, k, init, key):
     return jnp.sort(cents)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "init", "iters", "history"))
-def _kmeans_core(x, valid, key, init_array, *, k, init, iters, history):
-    """The jitted body of :func:`kmeans_1d` (arguments already checked)."""
-    n = x.shape[0]
-    n_valid = jnp.sum(valid).astype(jnp.int32)
-    xs = _unsortable(jax.lax.sort(_sortable(jnp.where(valid, x, jnp.inf)), is_stable=False))
+@functools.partial(jax.jit, static_argnames=("iters", "history"))
+def _lloyd(x, valid, xs, n_valid, c0, *, iters, history):
+    """The Lloyd iterations of :func:`kmeans_1d` from centroids ``c0`` (arguments checked).
+
+    Initialisation is a separate compiled function, so all initialisations share this one.
+    """
+    n, k = x.shape[0], c0.shape[0]
     in_range = jnp.arange(n) < n_valid
     sums = _RangeSums.build(jnp.where(in_range, xs, 0.0))
-    c0 = init_array if init == "array" else _init_centroids(xs, n_valid, k=k, init=init, key=key)
 
     def bounds(c):
         mid = (c[1:] + c[:-1]) / 2
@@ -322,10 +330,9 @@ def kmeans_1d(
                 f"use k <= {distinct} (zeros are excluded when clustering a pruned layer)"
             )
 
-    return _kmeans_core(
-        x, valid, key, init_arr if explicit else None,
-        k=k, init="array" if explicit else init, iters=int(iters), history=bool(history),
-    )
+    xs, n_valid = _sort_valid(x, valid)
+    c0 = init_arr if explicit else _init_centroids(xs, n_valid, key, k=k, init=init)
+    return _lloyd(x, valid, xs, n_valid, c0, iters=int(iters), history=bool(history))
 
 
 def _k_for(k: KSpec, name: str, leaf) -> int:

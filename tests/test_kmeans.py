@@ -1,0 +1,231 @@
+"""k-means weight sharing (jcompress.sharing.kmeans) and centroid fine-tuning (finetune)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jcompress import data, models, train, tree
+from jcompress.sharing import (
+    CentroidState,
+    centroid_finetune,
+    centroid_gradients,
+    kmeans_1d,
+    kmeans_share,
+    reconstruct,
+    sharing_aux,
+)
+
+
+def lloyd_reference(x, init, iters):
+    """Plain O(n k) Lloyd in float64 with scikit-learn's empty-cluster relocation (one empty at most)."""
+    x = np.asarray(x, np.float64)
+    c = np.asarray(init, np.float64).copy()
+    for _ in range(iters):
+        labels = np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
+        new = c.copy()
+        for j in range(len(c)):
+            if np.any(labels == j):
+                new[j] = x[labels == j].mean()
+        if np.array_equal(new, c):
+            break
+        c = new
+    return np.sort(c)
+
+
+def test_kmeans_1d_matches_float64_reference():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, 4000).astype(np.float32)
+    res = kmeans_1d(x, k=8, iters=50)
+    ref = lloyd_reference(x, np.linspace(x.min(), x.max(), 8), 50)
+    np.testing.assert_allclose(np.asarray(res.centroids), ref, atol=2e-6)
+    # labels are the nearest centroids
+    c = np.asarray(res.centroids)
+    np.testing.assert_array_equal(np.asarray(res.labels), np.argmin(np.abs(x[:, None] - c[None]), axis=1))
+    np.testing.assert_allclose(float(res.inertia), ((x - c[np.asarray(res.labels)]) ** 2).sum(), rtol=1e-5)
+    jres = jax.jit(lambda v: kmeans_1d(v, k=8, iters=50))(x)
+    np.testing.assert_array_equal(jres.labels, res.labels)
+    np.testing.assert_allclose(jres.centroids, res.centroids, rtol=1e-6)
+
+
+def test_kmeans_1d_no_worse_than_sklearn_with_empty_clusters():
+    from sklearn.cluster import KMeans
+
+    # heavy tails: with the linear init the outer clusters start empty and are relocated
+    x = (np.random.default_rng(1).standard_normal(4000) ** 3 * 0.05).astype(np.float32)
+    init = np.linspace(x.min(), x.max(), 8)
+    km = KMeans(8, init=init[:, None], n_init=1, max_iter=50, tol=0, algorithm="lloyd").fit(x[:, None].astype(np.float64))
+    res = kmeans_1d(x, k=8, iters=50)
+    c = np.asarray(res.centroids, np.float64)
+    ours = ((x.astype(np.float64) - c[np.asarray(res.labels)]) ** 2).sum()
+    assert ours <= km.inertia_ * (1 + 1e-6)
+    np.testing.assert_allclose(c, np.sort(km.cluster_centers_[:, 0]), rtol=1e-5, atol=1e-7)
+    assert int(res.iterations) == km.n_iter_
+
+
+@pytest.mark.parametrize("init", ["linear", "density", "random", "kmeans++"])
+def test_inertia_never_increases(init):
+    x = (np.random.default_rng(2).standard_normal(4000) ** 3).astype(np.float32)
+    res = kmeans_1d(x, k=8, init=init, iters=50, key=jax.random.key(0), history=True)
+    h = np.asarray(res.history, np.float64)
+    assert h.shape == (50,)
+    assert np.all(np.diff(h) <= 1e-6 * h[0]), np.diff(h).max()
+    assert h[-1] == pytest.approx(float(res.inertia), rel=1e-5)
+
+
+def test_inits():
+    x = np.arange(1, 4001, dtype=np.float32)
+    c0 = np.linspace(1, 4000, 8)
+    lin = kmeans_1d(x, k=8, init="linear", iters=1)
+    np.testing.assert_allclose(np.asarray(lin.centroids), lloyd_reference(x, c0, 1), rtol=1e-6)
+    same = kmeans_1d(x, k=8, init=jnp.asarray(c0, jnp.float32), iters=1)
+    np.testing.assert_array_equal(same.centroids, lin.centroids)
+    # density: the sorted data at CDF levels (j + 0.5) / k, i.e. x[250], x[750], ...
+    dens = kmeans_1d(x, k=8, init="density", iters=1)
+    np.testing.assert_allclose(np.asarray(dens.centroids), lloyd_reference(x, 251 + 500 * np.arange(8), 1), rtol=1e-6)
+    for init in ("random", "kmeans++"):
+        a = kmeans_1d(x, k=8, init=init, iters=1, key=jax.random.key(3))
+        b = kmeans_1d(x, k=8, init=init, iters=1, key=jax.random.key(3))
+        c = kmeans_1d(x, k=8, init=init, iters=1, key=jax.random.key(4))
+        np.testing.assert_array_equal(a.centroids, b.centroids)  # determined by the key
+        assert not np.array_equal(a.centroids, c.centroids)
+
+
+def test_valid_mask_and_errors():
+    x = np.array([0.0, 1.0, 2.0, 0.0, 10.0, 11.0], np.float32)
+    res = kmeans_1d(x, k=2, valid=x != 0)
+    np.testing.assert_array_equal(np.asarray(res.labels), [-1, 0, 0, -1, 1, 1])
+    np.testing.assert_allclose(np.asarray(res.centroids), [1.5, 10.5])
+    with pytest.raises(ValueError, match="exceeds the number of distinct"):
+        kmeans_1d(x, k=5, valid=x != 0)
+    with pytest.raises(ValueError, match="k must be"):
+        kmeans_1d(x, k=0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        kmeans_1d(x, k=2, init="uniform")
+    with pytest.raises(ValueError, match="key"):
+        kmeans_1d(x, k=2, init="random")
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans_1d(np.array([1.0, np.nan, 2.0], np.float32), k=2)
+    with pytest.raises(TypeError, match="floating"):
+        kmeans_1d(np.arange(5), k=2)
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((40, 30)).astype(np.float32)
+    w1[np.abs(w1) < 0.8] = 0.0  # pruned
+    w2 = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
+    return {"fc1": {"kernel": jnp.asarray(w1), "bias": jnp.ones(30)}, "conv": {"kernel": jnp.asarray(w2), "bias": jnp.zeros(8)}}
+
+
+def _check_shared(params, new, aux, k):
+    for g, members in aux.indices.items():
+        cb = np.asarray(aux.codebooks[g])
+        assert cb[0] == 0 and cb.shape == (k + 1,) and np.all(np.diff(cb[1:]) >= 0)
+        for name, idx in members.items():
+            w_old = np.asarray(tree.get_by_name(params, name))
+            w_new = np.asarray(tree.get_by_name(new, name))
+            np.testing.assert_array_equal(w_new, cb[np.asarray(idx)])
+            np.testing.assert_array_equal(w_new == 0, w_old == 0)  # zeros stay zeros, nothing else becomes 0
+            np.testing.assert_array_equal(np.asarray(idx) == 0, w_old == 0)
+
+
+def test_kmeans_share_eager_and_jit_dict():
+    params = _params()
+    new, aux = kmeans_share(params, k=7)
+    assert set(aux.codebooks) == {"fc1/kernel", "conv/kernel"}
+    _check_shared(params, new, aux, 7)
+    assert new["fc1"]["bias"] is params["fc1"]["bias"]
+    for name in ("fc1/kernel", "conv/kernel"):
+        assert len(np.unique(np.asarray(tree.get_by_name(new, name))[np.asarray(tree.get_by_name(params, name)) != 0])) == 7
+    jnew, jaux = jax.jit(lambda p: kmeans_share(p, k=7))(params)
+    chex.assert_trees_all_close(jnew, new)
+    chex.assert_trees_all_equal(jaux.indices, aux.indices)
+    np.testing.assert_array_equal(reconstruct(params, aux)["fc1"]["kernel"], new["fc1"]["kernel"])
+
+
+def test_kmeans_share_nnx_state():
+    model = models.create("lenet300", input_shape=(8, 8, 1), num_classes=10)
+    _, state, _ = nnx.split(model, nnx.Param, ...)
+    new, aux = kmeans_share(state, k=15, include=r"fc[12]/kernel")
+    assert isinstance(new, nnx.State)
+    _check_shared(state, new, aux, 15)
+    jnew, _ = jax.jit(lambda s: kmeans_share(s, k=15, include=r"fc[12]/kernel"))(state)
+    chex.assert_trees_all_close(tree.to_pure_dict(jnew), tree.to_pure_dict(new))
+    np.testing.assert_array_equal(np.asarray(new["fc3"]["kernel"][...]), np.asarray(state["fc3"]["kernel"][...]))
+
+
+def test_shared_codebooks_and_k_per_layer():
+    params = _params()
+    new, aux = kmeans_share(params, k=5, shared=True)
+    assert list(aux.codebooks) == ["shared"] and set(aux.indices["shared"]) == {"fc1/kernel", "conv/kernel"}
+    _check_shared(params, new, aux, 5)
+    values = np.concatenate([np.asarray(new["fc1"]["kernel"]).ravel(), np.asarray(new["conv"]["kernel"]).ravel()])
+    assert len(np.unique(values[values != 0])) == 5
+    new2, aux2 = kmeans_share(params, k={"conv": 3, "fc": 6}, shared=[r"fc\d"])
+    assert set(aux2.codebooks) == {r"fc\d", "conv/kernel"}
+    assert aux2.codebooks["conv/kernel"].shape == (4,) and aux2.codebooks[r"fc\d"].shape == (7,)
+    with pytest.raises(ValueError, match="different k"):
+        kmeans_share(params, k={"conv": 3, "fc": 6}, shared=True)
+    with pytest.raises(ValueError, match="matches no leaf"):
+        kmeans_share(params, k=3, include="nothing")
+    with pytest.raises(ValueError, match="matches no selected leaf"):
+        kmeans_share(params, k=3, shared=["nope"])
+    bad = {"w": {"kernel": jnp.array([[0.0, 1.0], [1.0, 0.0]])}}
+    with pytest.raises(ValueError, match="w/kernel.*distinct"):
+        kmeans_share(bad, k=2)
+
+
+def test_centroid_finetune_hand_computation():
+    w = jnp.array([[0.0, 1.0, 1.0], [3.0, 3.0, 0.0]])
+    params = {"l": {"kernel": w, "bias": jnp.array([0.5, 0.5, 0.5])}}
+    new, aux = kmeans_share(params, k=2)
+    np.testing.assert_array_equal(np.asarray(aux.codebooks["l/kernel"]), [0.0, 1.0, 3.0])
+    grads = {"l": {"kernel": jnp.array([[9.0, 0.1, 0.2], [1.0, -3.0, 7.0]]), "bias": jnp.array([1.0, 2.0, 3.0])}}
+    cg = centroid_gradients(grads, aux)["l/kernel"]
+    np.testing.assert_allclose(np.asarray(cg), [0.0, 0.3, -2.0], rtol=1e-6)  # zero cluster gets no gradient
+    tx = centroid_finetune(optax.sgd(0.5), aux)
+    state = tx.init(new)
+    for step in [lambda u, s, p: tx.update(u, s, p), jax.jit(tx.update)]:
+        upd, s2 = step(grads, state, new)
+        out = optax.apply_updates(new, upd)
+        np.testing.assert_allclose(np.asarray(s2.centroids["l/kernel"]), [0.0, 1.0 - 0.15, 3.0 + 1.0], rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["l"]["kernel"]), [[0.0, 0.85, 0.85], [4.0, 4.0, 0.0]], rtol=1e-6)
+        np.testing.assert_array_equal(sharing_aux(out, aux).codebooks["l/kernel"], s2.centroids["l/kernel"])
+        np.testing.assert_allclose(np.asarray(out["l"]["bias"]), [0.0, -0.5, -1.0])
+    frozen = centroid_finetune(optax.sgd(0.5), aux, train_others=False)
+    upd, _ = frozen.update(grads, frozen.init(new), new)
+    np.testing.assert_array_equal(np.asarray(upd["l"]["bias"]), 0.0)
+    with pytest.raises(ValueError, match="not codebook"):
+        tx.init(params | {"l": {"kernel": w + 0.01, "bias": params["l"]["bias"]}})
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(grads, state)
+
+
+def test_centroid_finetune_keeps_weights_tied_on_digits():
+    ds = data.load("digits")
+    model = models.create("mlp", input_shape=ds.input_shape, num_classes=10, widths=(64, 32))
+    fn = models.functional(model)
+    res = train.fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(3e-3), epochs=6, batch_size=64, progress=False)
+    # prune half of every kernel by magnitude, then share with 7 centroids + the zero
+    pruned = jax.tree.map(lambda w: jnp.where(jnp.abs(w) >= jnp.median(jnp.abs(w)), w, 0.0) if w.ndim == 2 else w, res.params)
+    shared, aux = kmeans_share(pruned, k=7)
+    acc_shared = train.evaluate(fn.apply, shared, res.extra, ds.x_test, ds.y_test)["accuracy"]
+    tx = centroid_finetune(optax.adam(1e-3), aux)
+    ft = train.fit(fn.apply, jax.tree.map(jnp.copy, shared), res.extra, ds, tx=tx, epochs=3, batch_size=64, progress=False)
+    aux2 = sharing_aux(ft.params, aux)
+    assert isinstance(ft.state.opt_state, CentroidState)
+    for g, members in aux2.indices.items():
+        cb = np.asarray(aux2.codebooks[g])
+        assert cb[0] == 0
+        assert not np.array_equal(cb, np.asarray(aux.codebooks[g]))  # the centroids did move
+        for name, idx in members.items():
+            w = np.asarray(tree.get_by_name(ft.params, name))
+            np.testing.assert_array_equal(w, cb[np.asarray(idx)])  # exactly tied
+            np.testing.assert_array_equal(w == 0, np.asarray(tree.get_by_name(pruned, name)) == 0)
+            assert len(np.unique(w)) <= 8
+    acc_ft = train.evaluate(fn.apply, ft.params, res.extra, ds.x_test, ds.y_test)["accuracy"]
+    assert acc_ft >= acc_shared - 0.02 and acc_ft > 0.8

@@ -25,9 +25,7 @@ dict in the metadata) and restored with :func:`load`, which rebuilds the base mo
 its config, redoes the surgery with :func:`rebuild` and restores the weights.
 
 Example:
-  >>> new_params, aux = svd_truncate(params, energy=0.9)
-  >>> aux.ranks
-  {'fc1/kernel': 61, 'fc2/kernel': 40, 'fc3/kernel': 9}
+  >>> new_params, aux = svd_truncate(params, energy=0.9)   # aux.ranks: {'fc1/kernel': r1, ...}
   >>> small, aux = factorize_dense(model, ranks={'fc1': 64})
 """
 
@@ -44,16 +42,16 @@ from flax import nnx
 from jcompress import tree
 
 __all__ = [
-    "LowRankAux",
     "FactorizedLinear",
-    "svd_truncate",
+    "LowRankAux",
     "choose_rank",
-    "randomized_svd",
+    "compare_latency",
     "factorize_dense",
+    "load",
+    "randomized_svd",
     "rebuild",
     "save",
-    "load",
-    "compare_latency",
+    "svd_truncate",
 ]
 
 METHODS = ("exact", "randomized")
@@ -222,7 +220,9 @@ def svd_truncate(
         if key is None:
             raise ValueError("method='randomized' needs key=jax.random.key(...).")
         if energy is not None:
-            raise ValueError("method='randomized' cannot choose a rank by energy; pass rank= or budget=, or method='exact'.")
+            raise ValueError(
+                "method='randomized' cannot choose a rank by energy; pass rank= or budget=, or method='exact'."
+            )
         if oversample < 0 or power_iters < 0:
             raise ValueError(f"oversample={oversample} and power_iters={power_iters} must be >= 0.")
     tree.check_finite(params)
@@ -306,7 +306,9 @@ def _layer_ranks(layers: dict, ranks, rank_fraction, include, exclude) -> dict[s
     if ranks is not None:
         unknown = sorted(set(ranks) - set(layers))
         if unknown:
-            raise ValueError(f"ranks names {unknown}, which are not nnx.Linear layers; the layers are {sorted(layers)}.")
+            raise ValueError(
+                f"ranks names {unknown}, which are not nnx.Linear layers; the layers are {sorted(layers)}."
+            )
         chosen = dict(ranks)
     else:
         if not 0.0 < rank_fraction <= 1.0:
@@ -431,7 +433,9 @@ def load(directory: str | Path, step: int | None = None) -> tuple[nnx.Module, di
     try:
         meta = ck.read_meta(step)
         if "model" not in meta or "lowrank" not in meta:
-            raise ValueError(f"{d} was not written by jcompress.lowrank.save (no model config or rank dict in its metadata)")
+            raise ValueError(
+                f"{d} was not written by jcompress.lowrank.save (no model config or rank dict in its metadata)"
+            )
         config = meta["model"]
         model = rebuild(models.create(**config), meta["lowrank"]["ranks"])
         fn = models.functional(model)

@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from flax import nnx
 
 from jcompress import quant, tree
 
-__all__ = ["ste_fake_quant", "ste_fake_quant_range", "qat_params", "qat_apply"]
+__all__ = ["qat_apply", "qat_params", "ste_fake_quant", "ste_fake_quant_range"]
 
 
 def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
@@ -136,7 +137,9 @@ def qat_apply(
         if not callable(model_or_apply):
             raise TypeError(f"model_or_apply must be an NNX model or an apply function, got {type(model_or_apply)}.")
         if act_bits is not None:
-            raise ValueError("act_bits needs the NNX model (to find its layers); pass the model, not its apply function.")
+            raise ValueError(
+                "act_bits needs the NNX model (to find its layers); pass the model, not its apply function."
+            )
         apply_fn = model_or_apply
 
         def apply(params, extra, x, train: bool = False, key: jax.Array | None = None):

@@ -48,7 +48,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,21 +59,21 @@ from flax import nnx
 from jcompress import tree
 
 __all__ = [
-    "QuantParams",
-    "QuantAux",
     "ActRange",
+    "QuantAux",
+    "QuantParams",
+    "apply_with_quantizers",
+    "calibrate_activations",
+    "check_act_ranges",
     "code_range",
-    "quantize",
     "dequantize",
     "fake_quant",
     "fake_quant_range",
-    "quantize_params",
-    "weight_quantization",
-    "calibrate_activations",
     "intercept_layer_inputs",
-    "apply_with_quantizers",
-    "check_act_ranges",
+    "quantize",
+    "quantize_params",
     "quantized_apply",
+    "weight_quantization",
 ]
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -394,9 +395,7 @@ def quantize_params(
             return w
         k = None if key is None else jax.random.fold_in(key, order.index(name))
         try:
-            qp = quantize(
-                w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size, rounding=rounding, key=k
-            )
+            qp = quantize(w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size, rounding=rounding, key=k)
         except (ValueError, TypeError) as e:
             raise type(e)(f"leaf {name!r}: {e}") from None
         w_hat = dequantize(qp, dtype=w.dtype)
@@ -647,7 +646,9 @@ def check_act_ranges(model: nnx.Module, act_ranges: dict | None, act_bits: int |
     layers = set(_layer_names(model).values())
     unknown = sorted(set(act_ranges) - layers)
     if unknown:
-        raise ValueError(f"act_ranges names layers {unknown} that the model does not have; its layers are {sorted(layers)}.")
+        raise ValueError(
+            f"act_ranges names layers {unknown} that the model does not have; its layers are {sorted(layers)}."
+        )
     out = {}
     for n, r in act_ranges.items():
         lo, hi = float(r[0]), float(r[1])
@@ -701,8 +702,10 @@ def quantized_apply(
         wq = weight_quantization(
             bits=bits, include=include, exclude=exclude, symmetric=symmetric, axis=axis, group_size=group_size
         )
-        weight_fn = lambda p: wq(p)[0]  # noqa: E731
+        weight_fn = lambda p: wq(p)[0]
     act_fn = None
     if ranges:
-        act_fn = lambda n, x: fake_quant_range(x, ranges[n], bits=act_bits, symmetric=act_symmetric) if n in ranges else x  # noqa: E731
+        act_fn = lambda n, x: (
+            fake_quant_range(x, ranges[n], bits=act_bits, symmetric=act_symmetric) if n in ranges else x
+        )
     return apply_with_quantizers(model, weight_fn=weight_fn, act_fn=act_fn)

@@ -95,7 +95,9 @@ def test_randomized_matches_exact_on_low_rank_plus_noise():
     us, v = rnd.factors["big/kernel"]
     np.testing.assert_allclose(us @ v, new["big"]["kernel"], atol=1e-4)
     # without power iterations or oversampling on a slowly decaying spectrum, it is worse but valid
-    _, crude = lowrank.svd_truncate(params, rank=12, method="randomized", key=jax.random.key(5), oversample=0, power_iters=0)
+    _, crude = lowrank.svd_truncate(
+        params, rank=12, method="randomized", key=jax.random.key(5), oversample=0, power_iters=0
+    )
     assert float(crude.errors["big/kernel"]) >= e
 
 
@@ -106,7 +108,7 @@ def test_dict_state_jit_and_no_mutation():
     before = jax.tree.map(np.array, params)
     new, aux = lowrank.svd_truncate(params, rank=8)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, params), before)
-    new_s, aux_s = lowrank.svd_truncate(state, rank=8)
+    new_s, _ = lowrank.svd_truncate(state, rank=8)
     assert isinstance(new_s, nnx.State)
     chex.assert_trees_all_close(nnx.to_pure_dict(new_s), new, atol=1e-6)
     new_j, aux_j = jax.jit(lambda p: lowrank.svd_truncate(p, rank=8))(params)

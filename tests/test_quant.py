@@ -105,7 +105,11 @@ def test_round_to_nearest_error_at_most_half_a_step(seed, bits, symmetric, layou
     axis, group_size = layout
     w = scale * jax.random.normal(jax.random.key(seed), (16, 6)) + (0.0 if symmetric else scale)
     qp = quant.quantize(w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size)
-    step = quant.dequantize(quant.QuantParams(jnp.ones_like(qp.codes), qp.scale, jnp.zeros_like(qp.zero_point), bits, symmetric, qp.axis, group_size))
+    step = quant.dequantize(
+        quant.QuantParams(
+            jnp.ones_like(qp.codes), qp.scale, jnp.zeros_like(qp.zero_point), bits, symmetric, qp.axis, group_size
+        )
+    )
     err = jnp.abs(quant.dequantize(qp) - w)
     assert bool(jnp.all(err <= step / 2 * (1 + 1e-5) + 1e-6 * scale))
     once = quant.fake_quant(w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size)
@@ -205,7 +209,7 @@ def test_quantize_params_dict_state_jit(kw):
         deq = quant.dequantize(qp)
         chex.assert_trees_all_close(tree.get_by_name(new, name), deq)
         np.testing.assert_allclose(float(aux.errors[name]), float(jnp.linalg.norm(w - deq)), rtol=1e-5)
-    new_s, aux_s = quant.quantize_params(state, **kw)
+    new_s, _ = quant.quantize_params(state, **kw)
     assert isinstance(new_s, nnx.State)
     chex.assert_trees_all_equal(nnx.to_pure_dict(new_s), new)
     new_j, aux_j = jax.jit(quant.weight_quantization(**kw))(params)
@@ -258,7 +262,7 @@ def trained():
 
 
 def test_calibration_ranges_match_manual_forward(trained):
-    ds, model, fn, params, _, _ = trained
+    ds, model, _, params, _, _ = trained
     batches = [ds.x_train[:500], (ds.x_train[500:1000], ds.y_train[500:1000])]
     ranges = quant.calibrate_activations(model, None, batches, method="minmax")
     assert sorted(ranges) == ["fc1", "fc2", "fc3"]
@@ -306,7 +310,7 @@ def test_quantized_apply_matches_manual_quantization(trained):
 
 
 def test_ptq_accuracy_int8_and_int4(trained):
-    ds, model, fn, params, extra, acc_float = trained
+    ds, model, _, params, extra, acc_float = trained
     assert acc_float > 0.9
     batches = [ds.x_train[i : i + 500] for i in range(0, 2000, 500)]
     for method in ("minmax", "percentile", "mse"):

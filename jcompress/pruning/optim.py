@@ -305,8 +305,9 @@ def gradual_pruning(
         )
     else:
         schedules_lib.check_sparsity(final_sparsity, "final_sparsity")
-    # The sparsity of every pruning step, as float64 copies of the schedule's float32 values.
-    table = np.asarray(jax.vmap(schedule)(jnp.asarray(steps, jnp.int32)), np.float64)
+    # The sparsity of every pruning step, read once with Python int steps (float64 for
+    # the schedules of this package), so counts are those of kth.pruned_count(schedule(t)).
+    table = np.asarray([float(schedule(t)) for t in steps], np.float64)
     if np.any(~np.isfinite(table)) or np.any(table < 0) or np.any(table >= 1):
         raise ValueError(f"schedule returned sparsities outside [0, 1) at the pruning steps: {table[:8]}")
     structured = pattern == "structured"

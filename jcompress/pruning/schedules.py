@@ -1,9 +1,10 @@
 """Sparsity schedules: the target sparsity as a pure function of the training step.
 
 A schedule is built by a factory that takes the hyperparameters and returns
-``schedule(step) -> sparsity`` (a float32 scalar), the same shape as an optax learning-rate
-schedule. ``step`` may be a Python int or a traced int32 scalar, so schedules work inside
-``jax.jit`` and inside an optax ``update``.
+``schedule(step) -> sparsity``, the same shape as an optax learning-rate schedule. For a
+Python int ``step`` it returns a Python float computed in float64 (the exact value that
+:func:`jcompress.pruning.optim.gradual_pruning` turns into counts); for a traced or array
+``step`` it returns float32, so schedules also work inside ``jax.jit``.
 
 * :func:`cubic`: Zhu & Gupta (2017), "To prune, or not to prune":
   ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3`` for ``t0 <= t <= t0 + n dt``,
@@ -22,7 +23,7 @@ every ``frequency`` steps really has at step ``t``.
 
 Example:
   >>> s = cubic(final_sparsity=0.9, begin_step=0, end_step=1000, frequency=100)
-  >>> float(s(500))   # 0.9 + (0 - 0.9) * (1 - 0.5) ** 3 = 0.7875
+  >>> s(500)   # 0.9 + (0 - 0.9) * (1 - 0.5) ** 3 = 0.7875
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcompress.pruning import kth
 
@@ -47,6 +49,10 @@ def check_sparsity(value: float, name: str) -> float:
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("sparsity=", f"{name}=", 1)) from None
     return float(value)
+
+
+def _is_int(step) -> bool:
+    return isinstance(step, (int, np.integer)) and not isinstance(step, bool)
 
 
 def _check_steps(begin_step: int, end_step: int, frequency: int) -> None:
@@ -98,7 +104,7 @@ def polynomial(
       power: 3 for Zhu & Gupta, 1 for linear.
 
     Returns:
-      ``schedule(step) -> float32 scalar``.
+      ``schedule(step)``: a Python float for a Python int step, else a float32 array.
     """
     s_f = check_sparsity(final_sparsity, "final_sparsity")
     s_i = check_sparsity(initial_sparsity, "initial_sparsity")
@@ -108,6 +114,12 @@ def polynomial(
     span = end_step - begin_step
 
     def schedule(step):
+        if _is_int(step):  # exact float64 arithmetic for a concrete step
+            t = int(step)
+            if t < begin_step:
+                return 0.0
+            last = begin_step + (min(t, end_step) - begin_step) // frequency * frequency
+            return s_f + (s_i - s_f) * (1.0 - ((last - begin_step) / span if span else 1.0)) ** power
         t = jnp.asarray(step, jnp.int32)
         last = begin_step + (jnp.clip(t, begin_step, end_step) - begin_step) // frequency * frequency
         progress = (last - begin_step).astype(jnp.float32) / span if span else jnp.float32(1.0)
@@ -127,11 +139,11 @@ linear.__doc__ = """Sparsity rising linearly from ``initial_sparsity`` to ``fina
 def constant(sparsity: float) -> Schedule:
     """``sparsity`` at every step, from step 0."""
     s = check_sparsity(sparsity, "sparsity")
-    return lambda step: jnp.full((), s, jnp.float32) + 0 * jnp.asarray(step, jnp.float32)
+    return lambda step: s if _is_int(step) else jnp.full(jnp.shape(step), s, jnp.float32)
 
 
 def one_shot(sparsity: float, *, step: int) -> Schedule:
     """0 before ``step``, ``sparsity`` from ``step`` on (prune once, then fine-tune)."""
     s = check_sparsity(sparsity, "sparsity")
     _check_steps(step, step, 1)
-    return lambda t: jnp.where(jnp.asarray(t, jnp.int32) < step, 0.0, s).astype(jnp.float32)
+    return lambda t: (0.0 if t < step else s) if _is_int(t) else jnp.where(jnp.asarray(t) < step, 0.0, s).astype(jnp.float32)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jcompress import textdata
 from jcompress.bench.b4_sparsegpt import reference_sparsegpt
@@ -419,3 +421,38 @@ def test_textdata_splits_are_disjoint_and_deterministic():
     assert all(6 <= len(s.split()) <= 40 and s[-1] in ".!?" for s in calib + held)
     with pytest.raises(ValueError, match="split"):
         textdata.sentences("train")
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    groups=st.sampled_from([2, 5]),  # few shapes: every new shape compiles the eager ops again
+    n_out=st.just(3),
+    sparsity=st.floats(0.0, 0.99),
+    seed=st.integers(0, 10_000),
+)
+def test_smallest_mask_counts_are_exact(groups, n_out, sparsity, seed):
+    n_in = 4 * groups
+    score = np.random.default_rng(seed).normal(size=(n_in, n_out)).astype(np.float32)
+    per_row = np.asarray(wanda.smallest_mask(jnp.asarray(score), sparsity=sparsity))
+    assert np.all((~per_row).sum(axis=0) == round(sparsity * n_in))
+    for c in range(n_out):  # removed entries never outrank kept ones within an output
+        if 0 < per_row[:, c].sum() < n_in:
+            assert score[~per_row[:, c], c].max() <= score[per_row[:, c], c].min()
+    layer = np.asarray(wanda.smallest_mask(jnp.asarray(score), sparsity=sparsity, per_output=False))
+    assert (~layer).sum() == round(sparsity * score.size)
+    nm = np.asarray(wanda.smallest_mask(jnp.asarray(score), n_m=(2, 4))).reshape(groups, 4, n_out)
+    assert np.all(nm.sum(axis=1) == 2)
+    g = score.reshape(groups, 4, n_out)
+    assert np.all(np.where(nm, g, np.inf).min(axis=1) >= np.where(nm, -np.inf, g).max(axis=1))
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 50), cols=st.integers(1, 700), block=st.integers(1, 200), sparsity=st.floats(0.0, 0.99))
+def test_block_counts_sum_to_the_layer_count(rows, cols, block, sparsity):
+    counts = sparsegpt._block_prune_counts(rows, cols, block, sparsity)
+    assert len(counts) == -(-cols // block) and sum(counts) == round(sparsity * rows * cols)
+    widths = [min(block, cols - b0) for b0 in range(0, cols, block)]
+    assert all(0 <= c <= rows * w for c, w in zip(counts, widths, strict=True))

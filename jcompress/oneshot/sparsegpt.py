@@ -24,8 +24,10 @@ the smallest scores are taken over all rows together, as the reference does). N:
 (``n_m=(2, 4)``) means at most ``N`` nonzeros in every ``M`` consecutive inputs of each
 output unit (hardware 2:4 sparsity).
 
-The column loop is ``lax.fori_loop`` inside one ``jax.jit`` per layer shape; the blocks
-are unrolled, so each lazy update multiplies exactly the remaining columns.
+Speed: each block is one jitted function (a ``lax.fori_loop`` over its columns, compiled
+once per block shape however many blocks a layer has), and each lazy update multiplies
+exactly the remaining columns. On a 768 x 3072 layer with 4,096 tokens this runs in
+about 0.4x the time of a plain numpy/scipy implementation (``jcompress.bench.b4_sparsegpt``).
 
 Example:
   >>> stats = calibration.linear_input_stats(model, fwd, batches)

@@ -41,29 +41,44 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from jcompress import report
+from jcompress import report, tree
 
 __all__ = [
-    "OBJECTIVES",
     "DEFAULT_ACCURACY_DROP",
+    "OBJECTIVES",
+    "Advice",
+    "Built",
     "Candidate",
     "Subject",
-    "Built",
-    "Advice",
     "advise",
-    "pareto_front",
-    "violations",
-    "recommend",
-    "summarize",
+    "data_functions",
+    "deep_compression_candidate",
+    "default_candidates",
+    "dense_candidate",
+    "distillation_candidate",
     "format_rows",
-    "register",
+    "lowrank_candidate",
     "main",
+    "pareto_front",
+    "plot",
+    "plot_figure",
+    "pruning_candidate",
+    "quantization_candidate",
+    "recommend",
+    "register",
+    "sharing_candidate",
+    "structured_candidate",
+    "student_config",
+    "summarize",
+    "violations",
+    "write_advice",
 ]
 
 # The accuracy budget assumed when no constraint is given: one percentage point.
@@ -73,7 +88,9 @@ DEFAULT_ACCURACY_DROP = 0.01
 OBJECTIVES = {"accuracy": "max", "bytes": "min", "latency_ms": "min"}
 
 # Families of recipes, and whether they keep the layers and shapes of the model.
-FAMILIES = ("dense", "pruning", "quantization", "sharing", "combination", "lowrank", "distillation", "custom")
+FAMILIES = (
+    "dense", "pruning", "quantization", "sharing", "combination", "structured", "lowrank", "distillation", "custom",
+)
 
 
 class Subject(NamedTuple):
@@ -92,6 +109,7 @@ class Subject(NamedTuple):
         ``None`` when no smaller architecture can be built.
       workdir: a directory where recipes write their files.
       epochs: fine-tuning epochs per stage (short: the advisor compares, it does not polish).
+      input_shape: one example's shape (from ``inputs``), or ``None``.
     """
 
     params: Any
@@ -101,6 +119,7 @@ class Subject(NamedTuple):
     distill_fn: Callable | None
     workdir: Path
     epochs: int
+    input_shape: tuple | None = None
 
 
 class Built(NamedTuple):
@@ -371,6 +390,10 @@ _WHY = {
         "It keeps the architecture and combines techniques whose savings multiply (pruning removes weights, "
         "quantization or sharing shrinks each remaining one, Huffman coding shortens the frequent codes)."
     ),
+    "structured": (
+        "Structured pruning removes whole neurons or filters, so the model that remains is a smaller dense "
+        "model: real size, FLOPs and latency all drop, but the layer widths change."
+    ),
     "lowrank": (
         "Low-rank factorisation changes the layers (each Dense layer becomes two thinner ones), which cuts the "
         "real FLOPs and latency, not only the file."
@@ -415,12 +438,12 @@ def _reason(rows, recommended, closest, constraints, keep_architecture, dense, a
             f"(dense: {dense['latency_ms']:.2f} ms); it meets the latency limit only because the dense model does."
         )
     lat_fail = [r for r in valid if r["keeps_architecture"] and "max_latency_ms" in r["violations"]]
-    if fam in ("distillation", "lowrank") and lat_fail and constraints.get("max_latency_ms") is not None:
+    if fam in ("distillation", "lowrank", "structured") and lat_fail and constraints.get("max_latency_ms") is not None:
         text += (
             " Pruned and quantized models keep the dense shapes and run at dense speed here, so none of them met "
             "the latency limit; only a smaller architecture did."
         )
-    if fam in ("distillation", "lowrank") and keep_architecture is False:
+    if fam in ("distillation", "lowrank", "structured") and keep_architecture is False:
         same = [r for r in valid if r["keeps_architecture"] and r["family"] != "dense" and not r["violations"]]
         if not same:
             text += " No recipe that keeps the architecture met the constraints."
@@ -512,3 +535,673 @@ def summarize(
     dense_out = next(r for r in out if r["name"] == dense["name"])
     reason = _reason(out, recommended, closest, constraints, keep_architecture, dense_out, assumed)
     return Advice(out, front, recommended, reason, closest, constraints)
+
+
+# ----------------------------------------------------------------------------------------
+# Candidate recipes
+# ----------------------------------------------------------------------------------------
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _write(subject: Subject, name: str, ctree) -> tuple[Any, Path]:
+    """Write ``ctree`` with ``jcompress.export`` and read the params back from the file."""
+    from jcompress import export
+
+    path = subject.workdir / f"{_slug(name)}.jcz"
+    export.write(path, ctree, meta={"candidate": name})
+    return export.load_params(path), path
+
+
+def _write_dense(subject: Subject, name: str, params) -> tuple[Any, Path]:
+    from jcompress import export
+
+    path = subject.workdir / f"{_slug(name)}.jcz"
+    export.write_dense(path, params, meta={"candidate": name})
+    return export.load_params(path), path
+
+
+def _finetune(subject: Subject, apply_fn: Callable, params, tx) -> Any:
+    if subject.finetune_fn is None or subject.epochs == 0:
+        return params
+    return subject.finetune_fn(apply_fn, params, tx=tx, epochs=subject.epochs)
+
+
+def _pruned(subject: Subject, sparsity: float, lr: float, score_fn: Callable | None = None, **mask_kw):
+    """Pruning of the kernels by ``score_fn(subject)`` (default magnitude), then a fine-tune keeping the masks."""
+    import optax
+
+    from jcompress.pruning import masks as masks_lib
+    from jcompress.pruning import optim
+
+    if score_fn is None:
+        pruned, aux = jax.jit(masks_lib.magnitude_pruning(sparsity=sparsity, scope="global"))(subject.params)
+    else:
+        kw = {"scope": "global", **mask_kw}
+        prune = jax.jit(lambda p, sc: masks_lib.prune(p, sc, sparsity=sparsity, **kw))
+        pruned, aux = prune(subject.params, score_fn(subject))
+    tx = optax.chain(optax.adam(lr), optim.keep_masked(aux.masks))
+    tuned = _finetune(subject, subject.apply_fn, pruned, tx)
+    return masks_lib.apply_masks(tuned, aux.masks), aux
+
+
+def _share_bits(name: str, leaf) -> int:
+    """Deep Compression's widths: 8-bit codebooks for conv kernels, 5-bit for Dense kernels."""
+    return 8 if np.ndim(leaf) > 2 else 5
+
+
+def _shared(subject: Subject, params, lr: float):
+    """K-means sharing (``2**b - 1`` centroids plus the zero) and centroid fine-tuning."""
+    import functools
+
+    import optax
+
+    from jcompress import pipeline
+    from jcompress.sharing import kmeans
+
+    k = lambda name, leaf: min(2 ** _share_bits(name, leaf) - 1, int(np.count_nonzero(np.asarray(leaf))))
+    stages = [functools.partial(kmeans.kmeans_share, k=k, init="linear")]
+    if subject.finetune_fn is not None and subject.epochs > 0:
+        # pipeline.finetune trains the centroids (assignment fixed) and returns the new codebooks.
+        stages.append(pipeline.finetune(lambda p, wrap: _finetune(subject, subject.apply_fn, p, wrap(optax.adam(lr)))))
+    shared, auxes = pipeline.chain(*stages)(params)
+    return shared, auxes[-1]
+
+
+def dense_candidate() -> Candidate:
+    """The reference: every leaf stored as float32 in the same container."""
+
+    def build(s: Subject) -> Built:
+        params, path = _write_dense(s, "dense float32", s.params)
+        return Built(params, s.apply_fn, path, {})
+
+    return Candidate("dense float32", "dense", True, build)
+
+
+def pruning_candidate(
+    sparsity: float, *, lr: float = 1e-4, score_fn: Callable | None = None, label: str = "prune", **mask_kw
+) -> Candidate:
+    """Global pruning to ``sparsity``, fine-tuned with masks kept, stored sparse (relative indices).
+
+    Args:
+      sparsity: fraction of the kernel weights removed.
+      lr: Adam learning rate of the fine-tune.
+      score_fn: ``score_fn(subject) -> score tree`` (``jcompress.pruning.scores``: Taylor,
+        SNIP, OBD...); default magnitude.
+      label: the name's prefix (``'<label> 90%'``).
+      **mask_kw: passed to ``pruning.masks.prune`` (``selection=``, ``pattern=``, ``scope=``).
+    """
+
+    def build(s: Subject) -> Built:
+        from jcompress import compressed
+
+        params, aux = _pruned(s, sparsity, lr, score_fn, **mask_kw)
+        back, path = _write(s, name, compressed.compress(params, aux))
+        return Built(back, s.apply_fn, path, {"sparsity": sparsity})
+
+    name = f"{label} {sparsity:.0%}"
+    return Candidate(name, "pruning", True, build)
+
+
+def quantization_candidate(bits: int, *, qat: bool = False, lr: float = 1e-4) -> Candidate:
+    """Per-output-channel symmetric ``bits``-bit weights: post-training, or after QAT fine-tuning."""
+
+    def build(s: Subject) -> Built:
+        import optax
+
+        from jcompress import compressed, quant
+        from jcompress import qat as qat_lib
+
+        params = s.params
+        if qat:
+            q_apply = lambda p, x: s.apply_fn(qat_lib.qat_params(p, bits=bits, axis=-1), x)
+            params = _finetune(s, q_apply, params, optax.adam(lr))
+        qparams, aux = jax.jit(quant.weight_quantization(bits=bits, axis=-1))(params)
+        back, path = _write(s, name, compressed.compress(qparams, aux))
+        return Built(back, s.apply_fn, path, {"bits": bits, "qat": qat})
+
+    name = f"int{bits} {'QAT' if qat else 'PTQ'}"
+    return Candidate(name, "quantization", True, build)
+
+
+def sharing_candidate(*, lr: float = 1e-4) -> Candidate:
+    """K-means weight sharing (conv 8 bits, fc 5 bits) with centroid fine-tuning, Huffman-coded indices."""
+
+    def build(s: Subject) -> Built:
+        from jcompress import compressed
+
+        params, aux = _shared(s, s.params, lr)
+        back, path = _write(s, name, compressed.compress(params, aux, huffman=True))
+        return Built(back, s.apply_fn, path, {"bits": "conv 8 / fc 5"})
+
+    name = "k-means sharing"
+    return Candidate(name, "sharing", True, build)
+
+
+def deep_compression_candidate(sparsity: float, *, lr: float = 1e-4) -> Candidate:
+    """Deep Compression: prune + fine-tune, k-means sharing + centroid fine-tune, Huffman coding."""
+
+    def build(s: Subject) -> Built:
+        from jcompress import compressed
+
+        pruned, paux = _pruned(s, sparsity, lr)
+        params, saux = _shared(s, pruned, lr)
+        back, path = _write(s, name, compressed.compress(params, paux, saux, huffman=True))
+        return Built(back, s.apply_fn, path, {"sparsity": sparsity, "bits": "conv 8 / fc 5"})
+
+    name = f"prune {sparsity:.0%} + share + Huffman"
+    return Candidate(name, "combination", True, build)
+
+
+def lowrank_candidate(rank_fraction: float, *, lr: float = 1e-3) -> Candidate:
+    """Truncated-SVD factorisation of the hidden Dense layers (surgery) and a fine-tune; needs the NNX model.
+
+    Each Dense layer but the output one gets rank ``round(rank_fraction * min(in, out))``
+    when that makes it smaller; the layers are new, so the fine-tune uses a full learning rate.
+    """
+
+    def build(s: Subject) -> Built:
+        import optax
+
+        from jcompress import lowrank, models
+
+        if s.model is None or s.input_shape is None:
+            raise ValueError("low-rank factorisation changes the layers: pass the NNX model and inputs= to advise")
+        # Dense layers in call order; the last one produces the logits and keeps its full rank.
+        order = [n[: -len("/kernel")] for n in report.layer_flops(s.model, s.input_shape)]
+        layers = {n: np.shape(tree.get_by_name(s.params, n + "/kernel")) for n in order}
+        dense = [n for n in order if len(layers[n]) == 2][:-1]
+        ranks = {n: max(1, round(rank_fraction * min(layers[n]))) for n in dense}
+        ranks = {n: r for n, r in ranks.items() if r * sum(layers[n]) < layers[n][0] * layers[n][1]}
+        if not ranks:
+            raise ValueError(f"no hidden Dense layer gets smaller at rank fraction {rank_fraction}")
+        small, aux = lowrank.factorize_dense(s.model, ranks=ranks)
+        fn = models.functional(small)
+        apply = lambda p, x: fn.apply(p, fn.extra, x)[0]
+        params = _finetune(s, apply, fn.params, optax.adam(lr))
+        back, path = _write_dense(s, name, params)
+        return Built(back, apply, path, {"ranks": {k: int(v) for k, v in aux.ranks.items()}})
+
+    name = f"SVD rank {rank_fraction:.0%}"
+    return Candidate(name, "lowrank", False, build)
+
+
+def structured_candidate(
+    fraction: float, *, config: dict | None = None, lr: float = 1e-3, score_fn: Callable | None = None,
+    label: str = "remove neurons",
+) -> Candidate:
+    """Structured hard pruning: drop ``fraction`` of the hidden units (surgery), then fine-tune.
+
+    Units of the hidden layers (every removable layer of ``pruning.surgery`` except the
+    output) are ranked by the L2 norm of their kernel column, or by ``score_fn(subject)``
+    (a score tree, e.g. ``scores.unit_scores`` of neuron entropies), and the lowest are
+    removed: the new model is really smaller and faster. Needs the NNX model.
+
+    Args:
+      fraction: fraction of the units of each hidden layer removed, in [0, 1).
+      config: the model's ``models.create`` config (inferred for MLPs; required otherwise).
+      lr, score_fn, label: fine-tune rate, unit scores, name prefix.
+    """
+
+    def build(s: Subject) -> Built:
+        import optax
+
+        from jcompress import models
+        from jcompress.pruning import masks as masks_lib
+        from jcompress.pruning import scores as scores_lib
+        from jcompress.pruning import surgery
+
+        if s.model is None:
+            raise ValueError("structured hard pruning builds a smaller model and needs the NNX model; pass it to advise")
+        layers = [r.layer + "/kernel" for r in surgery.removable_layers(s.model)]
+        scores = scores_lib.magnitude(s.params) if score_fn is None else score_fn(s)
+        masks = masks_lib.make_masks(scores, sparsity=fraction, selection=layers, pattern="structured", norm="l2")
+        small = surgery.hard_prune(s.model, masks, config=config).model
+        fn = models.functional(small)
+        apply = lambda p, x: fn.apply(p, fn.extra, x)[0]
+        params = _finetune(s, apply, fn.params, optax.adam(lr))
+        back, path = _write_dense(s, name, params)
+        return Built(back, apply, path, {"fraction": fraction, "widths": [int(np.shape(tree.get_by_name(params, k))[-1]) for k in layers]})
+
+    name = f"{label} {fraction:.0%}"
+    return Candidate(name, "structured", False, build)
+
+
+def distillation_candidate(width_fraction: float) -> Candidate:
+    """A student with ``width_fraction`` of the hidden widths, trained on the model's soft targets."""
+
+    def build(s: Subject) -> Built:
+        if s.distill_fn is None:
+            raise ValueError("distillation needs distill_fn (a student trainer); pass distill_fn= to advise")
+        params, apply = s.distill_fn(width_fraction)
+        back, path = _write_dense(s, name, params)
+        return Built(back, apply, path, {"width_fraction": width_fraction})
+
+    name = f"distill x{width_fraction:g} widths"
+    return Candidate(name, "distillation", False, build)
+
+
+def default_candidates(*, quick: bool = False, model: bool = True, distill: bool = True) -> list[Candidate]:
+    """The recipes :func:`advise` tries when none are given.
+
+    Args:
+      quick: a short list (dense, prune 90%, int8, prune 90% + sharing + Huffman, the
+        smallest student) for tests and a first look.
+      model: include recipes that need the NNX model (low-rank factorisation).
+      distill: include distillation into smaller students.
+    """
+    if quick:
+        out = [dense_candidate(), pruning_candidate(0.9), quantization_candidate(8), deep_compression_candidate(0.9)]
+        return out + ([distillation_candidate(0.25)] if distill else [])
+    out = [dense_candidate()]
+    out += [pruning_candidate(s) for s in (0.8, 0.9, 0.95)]
+    out += [quantization_candidate(8), quantization_candidate(4), quantization_candidate(4, qat=True)]
+    out.append(sharing_candidate())
+    out += [deep_compression_candidate(s) for s in (0.9, 0.95)]
+    if model:
+        out += [lowrank_candidate(f) for f in (0.5, 0.25)]
+    if distill:
+        out += [distillation_candidate(f) for f in (0.5, 0.25)]
+    return out
+
+
+def _measure(candidate: Candidate, subject: Subject, eval_fn: Callable) -> tuple[dict, Built | None]:
+    """Build one candidate, evaluate it and size its file; a recipe's ValueError becomes an ``error`` row."""
+    row = {"name": candidate.name, "family": candidate.family, "keeps_architecture": candidate.keeps_architecture}
+    t0 = time.perf_counter()
+    try:
+        built = candidate.build(subject)
+    except jax.errors.JaxRuntimeError:
+        raise
+    except ValueError as e:
+        return {**row, "error": f"{type(e).__name__}: {e}"}, None
+    row.update(
+        accuracy=float(eval_fn(built.params, built.apply_fn)),
+        bytes=report.dir_size(built.path),
+        latency_ms=None,
+        seconds=round(time.perf_counter() - t0, 2),
+        detail=built.detail,
+    )
+    return row, built
+
+
+def _latencies(builts: Sequence[Built], inputs, *, repeats: int, rounds: int = 3) -> list[float]:
+    """Milliseconds of each jitted forward pass: the best over ``rounds`` interleaved medians.
+
+    Timing every candidate once, then again, then again, spreads a slow spell of a shared
+    machine over all of them instead of charging it to whichever ran during it.
+    """
+    fns = [jax.jit(b.apply_fn) for b in builts]
+    best = [math.inf] * len(builts)
+    for _ in range(rounds):
+        for i, (fn, b) in enumerate(zip(fns, builts)):
+            best[i] = min(best[i], report.measure_latency(fn, b.params, inputs, warmup=2, repeats=repeats) * 1e3)
+    return best
+
+
+def advise(
+    model_or_params: Any,
+    apply_fn: Callable | None = None,
+    eval_fn: Callable | None = None,
+    *,
+    inputs: Any = None,
+    max_bytes: float | None = None,
+    max_accuracy_drop: float | None = None,
+    max_latency_ms: float | None = None,
+    finetune_fn: Callable | None = None,
+    distill_fn: Callable | None = None,
+    candidates: Sequence[Candidate] | None = None,
+    keep_architecture: bool = False,
+    epochs: int = 1,
+    quick: bool = False,
+    workdir: str | Path | None = None,
+    latency_tolerance: float = 0.1,
+    repeats: int = 20,
+    log: Callable[[str], None] | None = None,
+) -> Advice:
+    """Try compression recipes on a model, keep the Pareto front, recommend one and say why.
+
+    Args:
+      model_or_params: an NNX model, or its parameters (nested dict or NNX State of float
+        arrays). With a model, ``apply_fn`` defaults to its forward pass in eval mode
+        (non-parameter state such as BatchNorm statistics held fixed), and recipes that
+        change the architecture (low-rank factorisation) become available.
+      apply_fn: ``apply_fn(params, x) -> logits``, pure and jittable.
+      eval_fn: ``eval_fn(params, apply_fn) -> accuracy`` in [0, 1] on held-out data (it
+        receives the candidate's apply function, which differs for a smaller architecture).
+      inputs: a batch ``(N, ...)`` for timing the jitted forward pass (e.g. 256 test
+        images); ``None`` skips latency (then ``max_latency_ms`` cannot be used).
+      max_bytes: largest acceptable file, in bytes.
+      max_accuracy_drop: largest acceptable drop of accuracy below the dense model's, as a
+        fraction (0.01 = one percentage point). With no constraint at all, 0.01 is assumed.
+      max_latency_ms: largest acceptable median forward time on ``inputs``.
+      finetune_fn: ``finetune_fn(apply_fn, params, *, tx, epochs) -> params``: trains on the
+        caller's training data with the optax ``tx`` the recipe passes (mask keeping,
+        centroid sharing and QAT are in ``tx`` / ``apply_fn``). ``None``: no fine-tuning.
+      distill_fn: ``distill_fn(width_fraction) -> (params, apply_fn)``: a trained student
+        with that fraction of the hidden widths. ``None``: no distillation candidates.
+      candidates: the recipes (default :func:`default_candidates`); a dense reference is
+        added in front when none of family ``'dense'`` is given.
+      keep_architecture: only recipes that keep the layers and shapes may be recommended
+        (the others are still measured and shown).
+      epochs: fine-tuning epochs per stage (short: 1-2).
+      quick: the short default list of recipes.
+      workdir: where the candidates' files are written (default: a temporary directory,
+        removed afterwards; the rows keep the sizes).
+      latency_tolerance: relative timing difference treated as equal on the Pareto front.
+      repeats: timed forward passes per candidate and round; the latency is the best of three
+        interleaved rounds' medians.
+      log: called with one line per measured candidate (e.g. ``print``).
+
+    Returns:
+      :class:`Advice` (rows, pareto, recommended, reason, closest, constraints).
+
+    Raises:
+      ValueError: bad constraints, a latency constraint without ``inputs``, a missing
+        ``apply_fn``/``eval_fn``, non-finite params, duplicate candidate names.
+
+    Example:
+      >>> advice = advise(model, eval_fn=eval_fn, inputs=x_test[:256], max_bytes=30_000,
+      ...                 finetune_fn=finetune_fn)
+      >>> print(advice.reason)
+    """
+    from flax import nnx
+
+    from jcompress import models
+
+    _check_constraints(max_bytes, max_accuracy_drop, max_latency_ms)
+    if eval_fn is None:
+        raise ValueError("eval_fn is required: eval_fn(params, apply_fn) -> accuracy on held-out data")
+    if max_latency_ms is not None and inputs is None:
+        raise ValueError("max_latency_ms needs inputs= (a batch to time the forward pass on)")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs={epochs!r} must be a non-negative int (fine-tuning epochs per stage)")
+    model = model_or_params if isinstance(model_or_params, nnx.Module) else None
+    if model is not None:
+        fn = models.functional(model)
+        params = fn.params
+        if apply_fn is None:
+            apply_fn = lambda p, x: fn.apply(p, fn.extra, x)[0]
+    else:
+        params = tree.to_pure_dict(model_or_params)
+        if apply_fn is None:
+            raise ValueError("apply_fn is required when params (not an NNX model) are given: apply_fn(params, x) -> logits")
+    tree.check_finite(params)
+    if candidates is None:
+        candidates = default_candidates(quick=quick, model=model is not None, distill=distill_fn is not None)
+    candidates = list(candidates)
+    if not any(c.family == "dense" for c in candidates):
+        candidates.insert(0, dense_candidate())
+    for c in candidates:
+        if c.family not in FAMILIES:
+            raise ValueError(f"candidate {c.name!r} has family {c.family!r}; use one of {FAMILIES}")
+    names = [c.name for c in candidates]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"candidate names must be unique; repeated: {dup}")
+    inputs = None if inputs is None else jax.numpy.asarray(inputs)
+
+    with tempfile.TemporaryDirectory(prefix="jcompress-advise-") as tmp:
+        wd = Path(workdir) if workdir is not None else Path(tmp)
+        wd.mkdir(parents=True, exist_ok=True)
+        shape = None if inputs is None else tuple(inputs.shape[1:])
+        subject = Subject(params, apply_fn, model, finetune_fn, distill_fn, wd, epochs, shape)
+        rows, builts = [], []
+        for c in candidates:
+            row, built = _measure(c, subject, eval_fn)
+            rows.append(row)
+            builts.append(built)
+            if log is not None:
+                log(_log_line(row))
+        if inputs is not None:
+            done = [i for i, b in enumerate(builts) if b is not None]
+            for i, ms in zip(done, _latencies([builts[i] for i in done], inputs, repeats=repeats)):
+                rows[i]["latency_ms"] = ms
+    return summarize(
+        rows, max_bytes=max_bytes, max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms,
+        keep_architecture=keep_architecture, latency_tolerance=latency_tolerance,
+    )  # fmt: skip
+
+
+def _log_line(row: dict) -> str:
+    if row.get("error"):
+        return f"{row['name']}: failed ({row['error']})"
+    return f"{row['name']}: accuracy {row['accuracy']:.4f}, {row['bytes']:,} bytes ({row['seconds']:.1f} s)"
+
+
+# ----------------------------------------------------------------------------------------
+# From a checkpoint and a dataset: the pieces advise() needs, and the command line
+# ----------------------------------------------------------------------------------------
+
+
+def student_config(config: dict, width_fraction: float) -> dict:
+    """The ``models.create`` config of a student with ``width_fraction`` of the model's hidden widths.
+
+    ``lenet300`` and ``mlp`` scale their hidden widths (the student is an ``mlp``),
+    ``lenet5`` its channels and hidden units, ``cnn1d`` its channels, ``resnet`` its
+    widths; every width is at least 1.
+
+    Raises:
+      ValueError: a fraction outside (0, 1], or a model family without widths to scale.
+    """
+    if not 0.0 < width_fraction <= 1.0:
+        raise ValueError(f"width_fraction={width_fraction!r} must be in (0, 1]")
+    scale = lambda ws: [max(1, round(w * width_fraction)) for w in ws]
+    base = {k: v for k, v in config.items() if k not in ("name", "widths", "channels", "hidden", "mids")}
+    name = config["name"]
+    if name == "lenet300":
+        return {**base, "name": "mlp", "widths": scale((300, 100))}
+    if name == "mlp":
+        return {**base, "name": "mlp", "widths": scale(config.get("widths", (1200, 1200)))}
+    if name == "lenet5":
+        return {**base, "name": "lenet5", "channels": scale(config.get("channels", (20, 50))),
+                "hidden": scale([config.get("hidden", 500)])[0]}  # fmt: skip
+    if name == "cnn1d":
+        return {**base, "name": "cnn1d", "channels": scale(config.get("channels", (32, 32, 32)))}
+    if name == "resnet":
+        return {**base, "name": "resnet", "widths": scale(config.get("widths", (16, 32, 64)))}
+    raise ValueError(f"no rule to shrink model {name!r}; distillation candidates need lenet300, mlp, lenet5, cnn1d or resnet")
+
+
+def _copying(tx):
+    """``tx`` whose initial state is a copy of what ``tx.init`` returns.
+
+    ``train.fit`` donates its state to the jitted step; on a one-device mesh the state's
+    leaves are the very arrays a transformation captured (``keep_masked``'s masks,
+    ``centroid_finetune``'s codebooks), which the caller still needs afterwards.
+    """
+    import optax
+
+    return optax.GradientTransformation(lambda p: jax.tree.map(jax.numpy.copy, tx.init(p)), tx.update)
+
+
+def _fit_apply(apply_fn: Callable) -> Callable:
+    """``apply(params, x)`` in the ``train.fit`` signature (no extra state, no dropout)."""
+    return lambda params, extra, x, train=False, key=None: (apply_fn(params, x), extra)
+
+
+def data_functions(model, config: dict, ds, *, batch_size: int = 128, distill_epochs: int = 10, seed: int = 0):
+    """``(apply_fn, eval_fn, finetune_fn, distill_fn, inputs)`` for :func:`advise` from a model and a dataset.
+
+    Args:
+      model: the trained NNX model (e.g. from ``checkpoint.load_model``).
+      config: its ``models.create`` config (for building distillation students).
+      ds: a ``data.Dataset``: the train split fine-tunes and distills, the test split evaluates,
+        and its first 256 test images (fewer if the split is smaller) time the forward pass.
+      batch_size, seed: fine-tuning and distillation batches.
+      distill_epochs: epochs of each student's distillation run.
+    """
+    import jax.numpy as jnp
+
+    from jcompress import models, train
+    from jcompress.distill import run as distill_run
+
+    fn = models.functional(model)
+    apply_fn = lambda p, x: fn.apply(p, fn.extra, x)[0]
+
+    wrapped: dict = {}  # one train.fit-style function per apply, so evaluation compiles once per candidate
+
+    def eval_fn(params, apply):
+        fit_apply = wrapped.setdefault(apply, _fit_apply(apply))
+        return train.evaluate(fit_apply, params, {}, ds.x_test, ds.y_test)["accuracy"]
+
+    def finetune_fn(apply, params, *, tx, epochs):
+        fresh = jax.tree.map(jnp.array, params)  # train.fit donates its state: never hand it the caller's buffers
+        res = train.fit(_fit_apply(apply), fresh, {}, ds, tx=_copying(tx), epochs=epochs, batch_size=batch_size, seed=seed,
+                        progress=False, eval_every=0)  # fmt: skip
+        return res.params
+
+    distill_fn = None
+    try:
+        student_config(config, 0.5)
+    except ValueError:
+        pass
+    else:
+
+        def distill_fn(width_fraction):
+            res = distill_run.distill_model(
+                model, student_config(config, width_fraction), ds, epochs=distill_epochs, batch_size=batch_size,
+                temperature=4.0, alpha=0.9, seed=seed, progress=False,
+            )  # fmt: skip
+            sfn = models.functional(models.create(**res.model_config))
+            extra = res.extra
+            return res.params, lambda p, x: sfn.apply(p, extra, x)[0]
+
+    inputs = ds.x_test[: min(256, len(ds.x_test))]
+    return apply_fn, eval_fn, finetune_fn, distill_fn, inputs
+
+
+def plot_figure(advice: Advice):
+    """A matplotlib figure: accuracy against bytes (log scale) and against latency.
+
+    Pareto rows are blue, the others gray; triangles change the architecture; the
+    recommended row is ringed in red; constraints are red lines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in advice.rows if not r.get("error")]
+    has_lat = all(r.get("latency_ms") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 4.5), squeeze=False)
+    panels = [("bytes", "file size (bytes, log scale)")] + ([("latency_ms", "forward latency (ms)")] if has_lat else [])
+    for ax, (key, label) in zip(axes[0], panels):
+        for r in rows:
+            color = "tab:blue" if r["pareto"] else "tab:gray"
+            ax.scatter(r[key], r["accuracy"], c=color, marker="o" if r["keeps_architecture"] else "^", s=40, zorder=3)
+            ax.annotate(r["name"], (r[key], r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if advice.recommended is not None:
+            r = advice.recommended
+            ax.scatter(r[key], r["accuracy"], s=160, facecolors="none", edgecolors="tab:red", linewidths=2, zorder=4)
+        limit = advice.constraints.get("max_bytes" if key == "bytes" else "max_latency_ms")
+        if limit is not None:
+            ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1)
+        drop = advice.constraints.get("max_accuracy_drop")
+        dense = next(r for r in rows if r["family"] == "dense")
+        if drop is not None:
+            ax.axhline(dense["accuracy"] - drop, color="tab:red", linestyle=":", linewidth=1)
+        if key == "bytes":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title("blue: Pareto front, red ring: recommended; ^ = new architecture", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot(advice: Advice, path: str | Path) -> None:
+    """Save :func:`plot_figure` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(advice)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(advice: Advice) -> str:
+    cols = ["name", "family", "accuracy", "accuracy_drop", "bytes", "ratio", "latency_ms", "speedup", "pareto", "feasible"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in advice.rows:
+        if r.get("error"):
+            lines.append(f"| {r['name']} | {r['family']} | failed: {r['error']} |" + " |" * (len(cols) - 3))
+            continue
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "# Compression advice\n\n" + "\n".join(lines) + f"\n\n{advice.reason}\n"
+
+
+def write_advice(advice: Advice, out: str | Path) -> dict[str, Path]:
+    """Write ``advice.json``, ``advice.md`` and ``plot.png`` under ``out``; return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "advice.json", "md": out / "advice.md", "plot": out / "plot.png"}
+    report.save_json(
+        {
+            "rows": advice.rows,
+            "pareto": [r["name"] for r in advice.pareto],
+            "recommended": advice.recommended["name"] if advice.recommended else None,
+            "closest": advice.closest["name"] if advice.closest else None,
+            "reason": advice.reason,
+            "constraints": advice.constraints,
+        },
+        paths["json"],
+    )
+    paths["md"].write_text(_markdown(advice))
+    plot(advice, paths["plot"])
+    return paths
+
+
+def register(subparsers) -> None:
+    """Add ``jcompress advise`` to the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "advise", help="try compression recipes on a trained model, print the Pareto front and recommend one"
+    )
+    p.add_argument("--model", required=True, help="model checkpoint directory (e.g. the ckpt/ of 'jcompress train --out DIR')")
+    p.add_argument("--data", required=True, help="mnist5k, digits, mnist1d or tfds:NAME (the model's dataset)")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory")
+    p.add_argument("--max-bytes", type=float, default=None, help="largest acceptable file, bytes")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, help="largest accuracy drop, fraction (0.01 = 1 point)")
+    p.add_argument("--max-latency-ms", type=float, default=None, help="largest forward time on 256 test inputs, ms")
+    p.add_argument("--keep-architecture", action="store_true", help="recommend only recipes that keep layers and shapes")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per stage (default 1, quick 1)")
+    p.add_argument("--distill-epochs", type=int, default=None, help="epochs per distilled student (default 10, quick 3)")
+    p.add_argument("--quick", action="store_true", help="a short list of recipes (about a minute on a laptop)")
+    p.add_argument("--out", default="runs/advise", help="output directory: advice.json, advice.md, plot.png")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    """Run ``jcompress advise`` for parsed ``args``; prints the table, the front and the reason."""
+    from jcompress import checkpoint
+    from jcompress import data as data_lib
+
+    model, config, _ = checkpoint.load_model(args.model)
+    ds = data_lib.load(args.data, data_dir=args.data_dir)
+    if tuple(config.get("input_shape", ds.input_shape)) != ds.input_shape or config.get("num_classes") != ds.num_classes:
+        raise ValueError(
+            f"the model in {args.model} takes inputs {tuple(config.get('input_shape', ()))} with "
+            f"{config.get('num_classes')} classes, but {args.data} has {ds.input_shape} and {ds.num_classes}; "
+            "pass the dataset the model was trained on"
+        )
+    distill_epochs = args.distill_epochs if args.distill_epochs is not None else (3 if args.quick else 10)
+    apply_fn, eval_fn, finetune_fn, distill_fn, inputs = data_functions(model, config, ds, distill_epochs=distill_epochs)
+    advice = advise(
+        model, apply_fn, eval_fn, inputs=inputs, max_bytes=args.max_bytes, max_accuracy_drop=args.max_accuracy_drop,
+        max_latency_ms=args.max_latency_ms, finetune_fn=finetune_fn, distill_fn=distill_fn,
+        keep_architecture=args.keep_architecture, epochs=1 if args.epochs is None else args.epochs, quick=args.quick,
+        log=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    paths = write_advice(advice, args.out)
+    print()
+    print(format_rows(advice.rows))
+    print("\nPareto front (* above): " + ", ".join(r["name"] for r in advice.pareto))
+    print(f"\n{advice.reason}")
+    print(f"\nwritten: {paths['json']}, {paths['md']}, {paths['plot']}")
+    return 0

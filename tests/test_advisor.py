@@ -168,3 +168,97 @@ def test_rows_need_one_dense_reference_and_unique_names():
         advisor.summarize(rows + [rows[1]])
     with pytest.raises(ValueError, match="latency was not measured"):
         advisor.summarize([dict(r, latency_ms=None) for r in rows], max_latency_ms=1.0)
+
+
+# ------------------------------------------------------------------------------ advise() on plain params
+
+
+def test_advise_on_plain_params_measures_real_files(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 4)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(64, 16)).astype(np.float32))
+    params = {"fc": {"kernel": jnp.asarray(w), "bias": jnp.zeros(4, jnp.float32)}}
+
+    def apply_fn(p, inputs):
+        return inputs @ p["fc"]["kernel"] + p["fc"]["bias"]
+
+    labels = jnp.argmax(apply_fn(params, x), -1)  # the dense model is right by construction
+
+    def eval_fn(p, apply):
+        return float(jnp.mean(jnp.argmax(apply(p, x), -1) == labels))
+
+    def broken(subject):
+        raise ValueError("this recipe does not apply here")
+
+    cands = [advisor.quantization_candidate(8), advisor.Candidate("broken", "custom", True, broken)]
+    adv = advisor.advise(params, apply_fn, eval_fn, inputs=x, candidates=cands, workdir=tmp_path, repeats=2)
+    by_name = {r["name"]: r for r in adv.rows}
+    assert list(by_name) == ["dense float32", "int8 PTQ", "broken"]  # the dense reference is added first
+    assert by_name["broken"]["error"] == "ValueError: this recipe does not apply here"
+    assert by_name["dense float32"]["accuracy"] == 1.0
+    for name, fname in (("dense float32", "dense_float32.jcz"), ("int8 PTQ", "int8_PTQ.jcz")):
+        assert by_name[name]["bytes"] == (tmp_path / fname).stat().st_size
+        assert by_name[name]["latency_ms"] > 0
+    assert by_name["int8 PTQ"]["bytes"] < by_name["dense float32"]["bytes"]
+    assert "broken" not in [r["name"] for r in adv.pareto]
+    # Eager and jitted apply agree on the int8 params read back from the file.
+    from jcompress import export
+
+    back = export.load_params(tmp_path / "int8_PTQ.jcz")
+    np.testing.assert_allclose(jax.jit(apply_fn)(back, x), apply_fn(back, x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="inputs="):
+        advisor.advise(params, apply_fn, eval_fn, max_latency_ms=1.0, candidates=cands)
+    with pytest.raises(ValueError, match="apply_fn is required"):
+        advisor.advise(params, None, eval_fn)
+    with pytest.raises(ValueError, match="NaN"):
+        advisor.advise({"fc": {"kernel": jnp.full((2, 2), jnp.nan)}}, apply_fn, eval_fn)
+
+
+def test_student_config_scales_widths():
+    assert advisor.student_config({"name": "lenet300", "input_shape": [8, 8, 1], "num_classes": 10}, 0.25) == {
+        "input_shape": [8, 8, 1], "num_classes": 10, "name": "mlp", "widths": [75, 25],
+    }  # fmt: skip
+    assert advisor.student_config({"name": "lenet5"}, 0.5) == {"name": "lenet5", "channels": [10, 25], "hidden": 250}
+    with pytest.raises(ValueError, match="width_fraction"):
+        advisor.student_config({"name": "mlp"}, 0.0)
+    with pytest.raises(ValueError, match="no rule"):
+        advisor.student_config({"name": "bert"}, 0.5)
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def test_cli_advise_end_to_end(tmp_path, capsys):
+    from jcompress import cli
+
+    run = tmp_path / "dense"
+    assert cli.main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "8", "--out", str(run)]) == 0
+    out = tmp_path / "advice"
+    argv = ["advise", "--model", str(run / "ckpt"), "--data", "digits", "--quick", "--epochs", "2",
+            "--distill-epochs", "2", "--max-bytes", "80000", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "advice.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    assert names == [
+        "dense float32", "prune 90%", "int8 PTQ", "prune 90% + share + Huffman", "distill x0.25 widths",
+    ]  # fmt: skip
+    assert not [r for r in res["rows"] if r.get("error")]
+    assert set(res["pareto"]) <= set(names) and res["pareto"]
+    dense = res["rows"][0]
+    assert dense["family"] == "dense" and dense["bytes"] > 80_000  # float32 LeNet-300-100 on 8x8 inputs: 203,846 B
+    if res["recommended"] is not None:
+        rec = next(r for r in res["rows"] if r["name"] == res["recommended"])
+        assert rec["bytes"] <= 80_000 and rec["pareto"] and rec["feasible"]
+        assert res["recommended"] in printed and "Recommended" in res["reason"]
+    else:
+        assert "No candidate meets the constraints" in res["reason"]
+    for r in res["rows"]:
+        assert r["feasible"] == (r["bytes"] <= 80_000)
+    assert "Pareto front" in printed
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "# Compression advice" in (out / "advice.md").read_text()

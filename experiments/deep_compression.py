@@ -1,0 +1,197 @@
+"""Deep Compression (Han, Mao & Dally 2016): pruning + k-means weight sharing + Huffman coding.
+
+Command::
+
+    jcompress run deep_compression [--quick] [--data mnist5k] [--out runs/deep_compression]
+
+What it does, for LeNet-300-100 and LeNet-5 (Caffe variant) on ``mnist5k`` (4,000 train /
+1,000 test real MNIST digits) by default: train the dense model with Adam, then run
+``jcompress.pipeline.deep_compression``: magnitude pruning to the paper's per-layer rates
+(Tables 2-3: LeNet-300-100 keeps 8% / 9% / 26%, LeNet-5 keeps 66% / 12% / 8% / 19%) except
+fc1, which keeps 5% (see ``KEPT``: with 8% the file is 33x smaller, not 40x), a
+fine-tune that keeps the masks (Adam at the training rate, 10 epochs), k-means sharing with
+linear initialisation (conv kernels 8 bits = 255 centroids, fc kernels 5 bits = 31, plus
+the exact zero), a centroid fine-tune, and Huffman coding of the codebook indices and the
+relative sparse indices (conv 8 bits, fc 5 bits). Every stage writes a real file with
+``jcompress.export``; the last row evaluates the params read back from the final file.
+
+Reported per stage (dense, pruned, pruned + fine-tuned, clustered, centroids fine-tuned,
+Huffman): test accuracy, nonzeros, bits per weight, bytes on disk, ratio to the float32
+dense file; per layer (as the paper's Tables 2-3): weights, kept %, codebook bits, index
+bits and stored bits per original weight after Huffman coding.
+
+Expected result (full mode, about 4-6 minutes on 2 CPU cores): both final files at least
+40x smaller than the float32 dense files (the paper: LeNet-300-100 1070 KB -> 27 KB, 40x;
+LeNet-5 1720 KB -> 44 KB, 39x) with test accuracy no lower than the dense model's
+(paper: 1.64% -> 1.58% error and 0.80% -> 0.74%). Absolute accuracy is lower than the
+paper's because mnist5k has 4,000 training images instead of 60,000; run with
+``--data tfds:mnist`` on a machine with internet to compare the absolute numbers.
+Quick mode (LeNet-300-100 only, a 1,000-image training subset, one epoch per stage) takes
+about half a minute and checks only that every stage runs and writes its files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import optax
+
+from experiments import common
+from jcompress import advisor, compressed, pipeline, tree
+
+# The paper's per-layer kept fractions (Deep Compression Tables 2-3 / Han et al. 2015).
+PAPER_KEPT = {
+    "lenet300": {"fc1/kernel": 0.08, "fc2/kernel": 0.09, "fc3/kernel": 0.26},
+    "lenet5": {"conv1/kernel": 0.66, "conv2/kernel": 0.12, "fc1/kernel": 0.08, "fc2/kernel": 0.19},
+}
+PAPER = {
+    "lenet300": {"dense_kb": 1070, "final_kb": 27, "ratio": 40, "error_before": 1.64, "error_after": 1.58},
+    "lenet5": {"dense_kb": 1720, "final_kb": 44, "ratio": 39, "error_before": 0.80, "error_after": 0.74},
+}
+# What this experiment keeps: the paper's rates, except fc1 at 5% instead of 8%. With the
+# paper's 8% the file here is 33x smaller, not 40x: Huffman coding saves about 7% on these
+# weights instead of the paper's 20-30% (after k-means converges the codebook indices are
+# used almost uniformly, about 4.9 of 5 bits of entropy), and the file's JSON header takes
+# about 2.5 KB. fc1 holds 88% (LeNet-300-100) and 93% (LeNet-5) of the weights.
+KEPT = {
+    "lenet300": {**PAPER_KEPT["lenet300"], "fc1/kernel": 0.05},
+    "lenet5": {**PAPER_KEPT["lenet5"], "fc1/kernel": 0.05},
+}
+TARGET_RATIO = 40.0
+LR = 1e-3
+
+
+def _compress_model(name: str, ds, *, quick: bool, out: Path) -> tuple[list[dict], list[dict]]:
+    epochs, ft_epochs, cft_epochs = (1, 1, 1) if quick else (20, 10, 5)
+    net = common.train_model(name, ds, epochs=epochs, lr=LR, batch_size=128)
+    config = {"name": name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
+    apply_fn, eval_fn, finetune, _, _ = advisor.data_functions(net.model, config, ds)
+
+    def evaluate(params):
+        return {"accuracy": eval_fn(params, apply_fn)}
+
+    def finetune_fn(n_epochs):
+        # advisor.data_functions' fine-tune copies its inputs: train.fit donates its state.
+        # Adam at the training rate: at 1/10 of it (the paper's rule, for SGD) 10 epochs on 4,000 images
+        # leave the pruned LeNet-300-100 1.5 points below dense; at the full rate it recovers.
+        return lambda params, wrap: finetune(apply_fn, params, tx=wrap(optax.adam(LR)), epochs=n_epochs)
+
+    sparsity = {n: 1.0 - k for n, k in KEPT[name].items()}
+    result = pipeline.deep_compression(
+        sparsity=sparsity,
+        finetune_fn=finetune_fn(ft_epochs),
+        centroid_finetune_fn=finetune_fn(cft_epochs),
+        eval_fn=evaluate,
+        out_dir=out / name,
+        meta={"model": name, "data": ds.name},
+    )(net.params)
+
+    dense_acc, dense_bytes = result.rows[0]["accuracy"], result.rows[0]["bytes"]
+    stages = []
+    for r in result.rows:
+        stages.append(
+            {
+                "model": name,
+                "stage": r["stage"],
+                "accuracy": r["accuracy"],
+                "nonzeros": r["nonzeros"],
+                "bits_per_weight": r["bits_per_weight"],
+                "bytes": r["bytes"],
+                "ratio": dense_bytes / r["bytes"],
+            }
+        )
+    final = stages[-1]
+    final["target"] = f">= {TARGET_RATIO:g}x and accuracy >= dense ({dense_acc:.4f})"
+    final["met"] = bool(final["ratio"] >= TARGET_RATIO and final["accuracy"] >= dense_acc)
+    final["paper"] = (
+        f"{PAPER[name]['dense_kb']} KB -> {PAPER[name]['final_kb']} KB ({PAPER[name]['ratio']}x), "
+        f"error {PAPER[name]['error_before']}% -> {PAPER[name]['error_after']}%"
+    )
+    return stages, _layer_rows(name, net.params, result)
+
+
+def _layer_rows(name: str, dense_params, result) -> list[dict]:
+    """Per-layer kept %, codebook bits, index bits and stored bits per weight (paper Tables 2-3)."""
+    leaves = dict(tree.named_leaves(result.compressed, is_leaf=compressed.is_compressed))
+    rows = []
+    for layer, paper_kept in PAPER_KEPT[name].items():
+        w = np.asarray(tree.get_by_name(dense_params, layer))
+        stored = np.asarray(tree.get_by_name(result.params, layer))
+        leaf = leaves[layer]
+        bias = leaves[layer.replace("kernel", "bias")]
+        rows.append(
+            {
+                "model": name,
+                "layer": layer.split("/")[0],
+                "weights": int(w.size),
+                "kept": float(np.count_nonzero(stored) / w.size),
+                "target_kept": KEPT[name][layer],
+                "paper_kept": paper_kept,
+                "codebook_bits": math.ceil(math.log2(leaf.k + 1)) if hasattr(leaf, "k") else None,
+                "index_bits": getattr(leaf, "index_bits", None),
+                "bits_per_weight": (leaf.nbits() + bias.nbits()) / (w.size + math.prod(bias.shape)),
+                "bytes": (leaf.nbits() + bias.nbits()) / 8,
+            }
+        )
+    return rows
+
+
+def _plot(stages: list[dict]):
+    fig, (ax_size, ax_acc) = common.figure(2)
+    for name, marker in (("lenet300", "o"), ("lenet5", "s")):
+        rows = [r for r in stages if r["model"] == name]
+        if not rows:
+            continue
+        xs = np.arange(len(rows))
+        ax_size.plot(xs, [r["bytes"] / 1000 for r in rows], marker=marker, label=name)
+        ax_acc.plot(xs, [r["accuracy"] for r in rows], marker=marker, label=name)
+        labels = [r["stage"].replace(" (", "\n(").replace(" + ", "\n+ ") for r in rows]
+    for ax in (ax_size, ax_acc):
+        ax.set_xticks(np.arange(len(labels)))
+        ax.set_xticklabels(labels, fontsize=6)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_size.set_yscale("log")
+    ax_size.set_ylabel("file size (KB, log scale)")
+    ax_size.set_title("Deep Compression: bytes on disk per stage")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_title("accuracy per stage")
+    return fig
+
+
+def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
+    """Run Deep Compression on LeNet-300-100 and LeNet-5; write results.json/.md and plot.png."""
+    out = Path(out)
+    ds = common.load_data(data, default="mnist5k")
+    if quick:
+        n = min(1000, len(ds.x_train))
+        ds = ds._replace(x_train=ds.x_train[:n], y_train=ds.y_train[:n])
+    stages, layers = [], []
+    for name in ("lenet300",) if quick else ("lenet300", "lenet5"):
+        s, layer = _compress_model(name, ds, quick=quick, out=out / "files")
+        stages += s
+        layers += layer
+    notes = [
+        f"data: {ds.name}, {len(ds.x_train)} training and {len(ds.x_test)} test images"
+        + (" (quick mode: one epoch per stage)" if quick else ""),
+        "bytes are the real sizes of the files written with jcompress.export (float32 dense baseline in the same "
+        "container); the last stage's accuracy is measured on the params read back from its file.",
+        "paper (full MNIST): LeNet-300-100 1070 KB -> 27 KB (40x) at 1.64% -> 1.58% error; "
+        "LeNet-5 1720 KB -> 44 KB (39x) at 0.80% -> 0.74% error.",
+    ]
+    result = common.write_results(
+        out, stages, figure=_plot(stages), name="deep_compression",
+        columns=["model", "stage", "accuracy", "nonzeros", "bits_per_weight", "bytes", "ratio", "met"],
+        formats={"accuracy": "{:.4f}", "bits_per_weight": "{:.3f}", "ratio": "{:.1f}x"},
+        notes=notes, layers=layers, paper=PAPER,
+    )  # fmt: skip
+    layer_table = common.markdown_table(
+        layers,
+        ["model", "layer", "weights", "kept", "target_kept", "paper_kept", "codebook_bits", "index_bits", "bits_per_weight", "bytes"],
+        formats={"kept": "{:.1%}", "target_kept": "{:.0%}", "paper_kept": "{:.0%}", "bits_per_weight": "{:.2f}", "bytes": "{:.0f}"},
+    )
+    md = out / "results.md"
+    md.write_text(md.read_text() + "\n## Per layer (as the paper's Tables 2-3)\n\n" + layer_table + "\n")
+    return {"rows": result["rows"], "table": result["table"] + "\n\n" + layer_table}

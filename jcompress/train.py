@@ -148,7 +148,9 @@ def fit(
     if mesh is None:
         n = len(jax.devices())
         mesh = parallel.data_mesh(n if batch_size % n == 0 else 1)
-    state = init_state(params, extra, tx, seed=seed)
+    # The step donates its state; copy once so the caller's arrays (and the NNX model they
+    # came from) stay valid after fit returns.
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), init_state(params, extra, tx, seed=seed))
     steps_per_epoch = data_lib.num_batches(len(dataset.x_train), batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(dataset.x_train)} examples)")

@@ -83,3 +83,10 @@ def test_data_parallel_step_equals_single_device(digits):
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.load_model(tmp_path / "nope")
+
+
+def test_fit_leaves_the_callers_arrays_alive(digits):
+    fn = models.functional(models.create("lenet300", input_shape=digits.input_shape, num_classes=10))
+    before = jax.tree.map(np.asarray, fn.params)
+    train.fit(fn.apply, fn.params, fn.extra, digits, tx=optax.sgd(0.1), epochs=1, batch_size=64, progress=False)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, fn.params), before)  # not deleted, not changed

@@ -12,5 +12,5 @@ def test_b3_quick_fields_and_inertia():
     assert row["target"] == ">= 10" and isinstance(row["met"], bool)
     assert row["ratio"] > 0 and row["n"] == 200_000 and row["k"] == 32
     # same iterations, and the inertia is no worse than scikit-learn's
-    assert row["iterations"] == row["sklearn_iterations"] == row["max_iters"]
+    assert row["iterations"] == row["sklearn_iterations"] <= row["max_iters"]
     assert row["inertia_no_worse"] and row["inertia"] <= row["sklearn_inertia"] * (1 + 1e-6)

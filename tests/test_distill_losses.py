@@ -1,6 +1,5 @@
 """Distillation losses against hand-computed values and the paper's gradient argument."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +70,7 @@ def test_soft_gradient_is_T_times_q_minus_p():
     z = rng.normal(size=(3, 10)).astype(np.float32)
     v = rng.normal(size=(3, 10)).astype(np.float32)
     for T in (1.0, 2.0, 5.0, 20.0):
-        g = jax.grad(lambda a: T**2 * losses.kl_divergence(a, v, temperature=T))(z)
+        g = jax.grad(lambda a, T=T: T**2 * losses.kl_divergence(a, v, temperature=T))(z)
         expected = T * (_np_softmax(z / T) - _np_softmax(v / T)) / 3
         np.testing.assert_allclose(np.asarray(g), expected, atol=1e-6)
 
@@ -125,11 +124,11 @@ def test_kl_is_nonnegative_and_finite(s, t, T):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(temperature=0.0, alpha=0.5), "temperature"),
-        (dict(temperature=-1.0, alpha=0.5), "temperature"),
-        (dict(temperature=float("nan"), alpha=0.5), "temperature"),
-        (dict(temperature=2.0, alpha=1.5), "alpha"),
-        (dict(temperature=2.0, alpha=-0.1), "alpha"),
+        ({"temperature": 0.0, "alpha": 0.5}, "temperature"),
+        ({"temperature": -1.0, "alpha": 0.5}, "temperature"),
+        ({"temperature": float("nan"), "alpha": 0.5}, "temperature"),
+        ({"temperature": 2.0, "alpha": 1.5}, "alpha"),
+        ({"temperature": 2.0, "alpha": -0.1}, "alpha"),
     ],
 )
 def test_hinton_loss_rejects_bad_hyperparameters(kwargs, match):

@@ -8,9 +8,9 @@ from jcompress.distill import multihost
 
 def _assert_same_params(a: dict, b: dict, rel: float = 1e-6) -> None:
     assert sorted(a) == sorted(b)
-    for name in a:
-        scale = max(np.abs(a[name]).max(), np.abs(b[name]).max(), 1e-30)
-        assert np.abs(a[name] - b[name]).max() / scale < rel, name
+    for name, x in a.items():
+        scale = max(np.abs(x).max(), np.abs(b[name]).max(), 1e-30)
+        assert np.abs(x - b[name]).max() / scale < rel, name
 
 
 def test_two_processes_match_one_process():

@@ -51,9 +51,13 @@ def _rel_err(a, b):
 def _run_steps(student, teacher, batch, *, n_devices, tx, config, shard_map=False, steps=3, params=None):
     s_fn, t_fn = models.functional(student), models.functional(teacher)
     mesh = parallel.data_mesh(n_devices)
-    state = parallel.replicate(init_state(_copy(s_fn.params if params is None else params), s_fn.extra, tx, seed=3), mesh)
+    state = parallel.replicate(
+        init_state(_copy(s_fn.params if params is None else params), s_fn.extra, tx, seed=3), mesh
+    )
     t_arrays = parallel.replicate((t_fn.params, t_fn.extra), mesh)
-    step = make_step(student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=tx, config=config, mesh=mesh, shard_map=shard_map)
+    step = make_step(
+        student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=tx, config=config, mesh=mesh, shard_map=shard_map
+    )
     history = []
     for _ in range(steps):
         state, m = step(state, parallel.shard_batch(batch, mesh), *t_arrays)
@@ -101,7 +105,9 @@ def test_params_are_replicated_and_batch_is_sharded(digits):
     s_fn, t_fn = models.functional(_mlp((16,), 1)), models.functional(_mlp((16,), 2))
     mesh = parallel.data_mesh(8)
     state = parallel.replicate(init_state(_copy(s_fn.params), s_fn.extra, optax.sgd(0.1)), mesh)
-    step = make_step(student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=optax.sgd(0.1), config=DistillConfig(), mesh=mesh)
+    step = make_step(
+        student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=optax.sgd(0.1), config=DistillConfig(), mesh=mesh
+    )
     batch = parallel.shard_batch((digits.x_train[:32], digits.y_train[:32]), mesh)
     assert batch[0].sharding.spec == jax.sharding.PartitionSpec("data")
     state, metrics = step(state, batch, t_fn.params, t_fn.extra)
@@ -135,7 +141,9 @@ def test_step_gradient_equals_reference_gradient(digits):
         return (1 - alpha) * ce + alpha * T**2 * kl
 
     loss, grads = jax.value_and_grad(ref_loss)(s_fn.params)
-    chex.assert_trees_all_close(state.params, jax.tree.map(lambda p, g: p - g, s_fn.params, grads), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        state.params, jax.tree.map(lambda p, g: p - g, s_fn.params, grads), rtol=1e-5, atol=1e-6
+    )
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
 
 
@@ -146,7 +154,12 @@ def test_teacher_is_frozen_and_not_in_the_state(digits):
     state = init_state(_copy(s_fn.params), s_fn.extra, tx)
     step = make_step(student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=tx, config=DistillConfig())
     for i in range(3):
-        state, _ = step(state, (digits.x_train[i * 16 : (i + 1) * 16], digits.y_train[i * 16 : (i + 1) * 16]), t_fn.params, t_fn.extra)
+        state, _ = step(
+            state,
+            (digits.x_train[i * 16 : (i + 1) * 16], digits.y_train[i * 16 : (i + 1) * 16]),
+            t_fn.params,
+            t_fn.extra,
+        )
     chex.assert_trees_all_equal(jax.device_get(t_fn.params), before)  # not updated, not donated
     # optimizer state covers the student only
     assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(s_fn.params))
@@ -156,7 +169,9 @@ def test_teacher_is_frozen_and_not_in_the_state(digits):
 def test_cached_teacher_logits_give_the_same_step(digits):
     s_fn, t_fn = models.functional(_mlp((16,), 1)), models.functional(_mlp((32,), 2, dropout=0.5))
     x, y = digits.x_train[:40], digits.y_train[:40]
-    cached = teacher_logits(t_fn.apply, t_fn.params, t_fn.extra, digits.x_train[:97], batch_size=32)  # padded last batch
+    cached = teacher_logits(
+        t_fn.apply, t_fn.params, t_fn.extra, digits.x_train[:97], batch_size=32
+    )  # padded last batch
     assert cached.shape == (97, 10) and cached.dtype == np.float32
     direct, _ = t_fn.apply(t_fn.params, t_fn.extra, digits.x_train[:97])
     np.testing.assert_allclose(cached, np.asarray(direct), rtol=1e-5, atol=1e-6)
@@ -180,7 +195,10 @@ def test_different_architectures_with_hints_attention_and_mse():
         temperature=4.0, alpha=0.5, logit_loss="mse", hints=[("conv2", "conv2")], hint_weight=0.1,
         attention=[("conv1", "conv1")], attention_weight=10.0,
     )  # fmt: skip
-    s_apply, t_apply = apply_with_features(student, ["conv1", "conv2"]), apply_with_features(teacher, ["conv1", "conv2"])
+    s_apply, t_apply = (
+        apply_with_features(student, ["conv1", "conv2"]),
+        apply_with_features(teacher, ["conv1", "conv2"]),
+    )
     s_fn, t_fn = models.functional(student), models.functional(teacher)
     x = jax.random.uniform(jax.random.key(0), (16, *shape))
     y = jnp.arange(16, dtype=jnp.int32) % 10
@@ -210,7 +228,12 @@ def test_param_distance_pulls_a_same_shape_student(digits):
     tx = optax.sgd(0.1)
     config = DistillConfig(temperature=2.0, alpha=0.5, param_weight=1e-3)
     step = make_step(student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=tx, config=config)
-    state, m = step(init_state(_copy(s_fn.params), s_fn.extra, tx), (digits.x_train[:16], digits.y_train[:16]), t_fn.params, t_fn.extra)
+    _state, m = step(
+        init_state(_copy(s_fn.params), s_fn.extra, tx),
+        (digits.x_train[:16], digits.y_train[:16]),
+        t_fn.params,
+        t_fn.extra,
+    )
     expected = float(losses.param_distance(s_fn.params, t_fn.params, weight=1.0))
     assert m["param_loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -221,12 +244,12 @@ def test_param_distance_pulls_a_same_shape_student(digits):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(temperature=0.0), "temperature"),
-        (dict(alpha=2.0), "alpha"),
-        (dict(logit_loss="ce"), "logit_loss"),
-        (dict(hint_weight=1.0), "hint"),
-        (dict(hints=[("a", "b")]), "hint"),
-        (dict(attention_weight=-1.0), "attention_weight"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"alpha": 2.0}, "alpha"),
+        ({"logit_loss": "ce"}, "logit_loss"),
+        ({"hint_weight": 1.0}, "hint"),
+        ({"hints": [("a", "b")]}, "hint"),
+        ({"attention_weight": -1.0}, "attention_weight"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -239,7 +262,7 @@ def test_step_errors(digits):
     tx = optax.sgd(0.1)
     state = init_state(s_fn.params, s_fn.extra, tx)
     x, y = digits.x_train[:8], digits.y_train[:8]
-    kw = dict(teacher_params=None, teacher_extra=None, student_apply=s_fn.apply, tx=tx)
+    kw = {"teacher_params": None, "teacher_extra": None, "student_apply": s_fn.apply, "tx": tx}
     with pytest.raises(ValueError, match="cached teacher logits"):
         distill_step(state, (x, y), teacher_apply=None, config=DistillConfig(), **kw)
     hints = DistillConfig(hints=[("fc1", "fc1")], hint_weight=1.0)
@@ -262,16 +285,18 @@ def teacher_dir(tmp_path_factory, digits):
 
     from jcompress import train
 
-    config = dict(name="mlp", input_shape=[8, 8, 1], num_classes=10, widths=[64], dropout=0.2, seed=5)
+    config = {"name": "mlp", "input_shape": [8, 8, 1], "num_classes": 10, "widths": [64], "dropout": 0.2, "seed": 5}
     fn = models.functional(models.create(**config))
-    fit = train.fit(fn.apply, _copy(fn.params), fn.extra, digits, tx=_optax.adam(3e-3), epochs=5, batch_size=64, progress=False)
+    fit = train.fit(
+        fn.apply, _copy(fn.params), fn.extra, digits, tx=_optax.adam(3e-3), epochs=5, batch_size=64, progress=False
+    )
     d = tmp_path_factory.mktemp("teacher")
     checkpoint.save_model(d, config, fit.params, fit.extra)
     return d
 
 
 def test_distill_resumes_exactly_and_saves_a_loadable_student(teacher_dir, digits, tmp_path):
-    kw = dict(epochs=3, batch_size=64, temperature=4.0, alpha=0.9, lr=3e-3, seed=1, progress=False)
+    kw = {"epochs": 3, "batch_size": 64, "temperature": 4.0, "alpha": 0.9, "lr": 3e-3, "seed": 1, "progress": False}
     student = {"name": "mlp", "widths": [16], "dropout": 0.1}
     full = run.distill(teacher_dir, student, digits, out_dir=tmp_path / "full", **kw)
     part = run.distill(teacher_dir, student, digits, out_dir=tmp_path / "part", **{**kw, "epochs": 1})

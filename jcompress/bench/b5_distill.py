@@ -38,7 +38,7 @@ INPUT_SHAPE = (28, 28, 1)
 def _models():
     from jcompress import models
 
-    make = lambda widths, seed: models.create("mlp", input_shape=INPUT_SHAPE, num_classes=10, widths=widths, seed=seed)  # noqa: E731
+    make = lambda widths, seed: models.create("mlp", input_shape=INPUT_SHAPE, num_classes=10, widths=widths, seed=seed)
     return make(TEACHER_WIDTHS, 0), make(STUDENT_WIDTHS, 1)
 
 
@@ -151,7 +151,9 @@ def _scaling_worker(quick: bool) -> dict:
         state = parallel.replicate(init_state(jax.tree.map(jnp.array, s_fn.params), s_fn.extra, tx), mesh)
         t_arrays = parallel.replicate((t_fn.params, t_fn.extra), mesh)
         batch = parallel.shard_batch((x, y), mesh)
-        step = make_step(student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=tx, config=config, mesh=mesh, donate=False)
+        step = make_step(
+            student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=tx, config=config, mesh=mesh, donate=False
+        )
         seconds = _best_time(step, (state, batch, *t_arrays), rounds=rounds, repeats=repeats)
         new_state, _ = step(state, batch, *t_arrays)
         params = [np.asarray(p) for p in jax.tree.leaves(jax.device_get(new_state.params))]
@@ -160,7 +162,9 @@ def _scaling_worker(quick: bool) -> dict:
     return {
         str(n): {
             "seconds": r["seconds"],
-            "max_rel_diff": max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in zip(ref, r["params"])),
+            "max_rel_diff": max(
+                float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in zip(ref, r["params"])
+            ),
         }
         for n, r in out.items()
     }
@@ -169,7 +173,9 @@ def _scaling_worker(quick: bool) -> dict:
 def _device_scaling(quick: bool) -> list[dict]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     code = f"import json; from jcompress.bench.b5_distill import _scaling_worker; print(json.dumps(_scaling_worker({quick})))"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"device-scaling subprocess failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,6 +19,7 @@ from jcompress.distill.losses import (
     logit_mse,
     param_distance,
 )
+from jcompress.distill.run import DistillResult, demo_stage, distill, distill_model
 from jcompress.distill.step import (
     DistillConfig,
     DistillState,
@@ -31,21 +32,25 @@ from jcompress.distill.step import (
 )
 
 __all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "DistillState",
     "HintonTerms",
+    "apply_with_features",
     "attention_map",
     "attention_transfer_loss",
+    "demo_stage",
+    "distill",
+    "distill_model",
+    "distill_step",
+    "feature_shapes",
     "hint_loss",
     "hinton_loss",
     "init_hint_regressor",
+    "init_state",
     "kl_divergence",
     "logit_mse",
-    "param_distance",
-    "DistillConfig",
-    "DistillState",
-    "apply_with_features",
-    "distill_step",
-    "feature_shapes",
-    "init_state",
     "make_step",
+    "param_distance",
     "teacher_logits",
 ]

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +38,15 @@ from jcompress import tree
 
 __all__ = [
     "HintonTerms",
-    "kl_divergence",
-    "hinton_loss",
-    "logit_mse",
-    "init_hint_regressor",
-    "hint_loss",
-    "regressor_key",
     "attention_map",
     "attention_transfer_loss",
+    "hint_loss",
+    "hinton_loss",
+    "init_hint_regressor",
+    "kl_divergence",
+    "logit_mse",
     "param_distance",
+    "regressor_key",
 ]
 
 
@@ -137,7 +138,9 @@ def hinton_loss(
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels have dtype {labels.dtype}; integer class indices are needed")
     if labels.shape != s.shape[:-1]:
-        raise ValueError(f"labels {labels.shape} must have the shape of the logits without the class axis, {s.shape[:-1]}")
+        raise ValueError(
+            f"labels {labels.shape} must have the shape of the logits without the class axis, {s.shape[:-1]}"
+        )
     hard = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, labels)).astype(jnp.float32)
     soft = (temperature**2) * kl_divergence(s, teacher_logits, temperature=temperature)
     return (1.0 - alpha) * hard + alpha * soft, HintonTerms(hard, soft)
@@ -165,7 +168,9 @@ def _check_hints(hints: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         raise ValueError(f"hints={hints!r} must be a non-empty list of (student_feature, teacher_feature) name pairs")
     keys = [regressor_key(s) for s, _ in pairs]
     if len(set(keys)) != len(keys):
-        raise ValueError(f"hints={hints!r} names a student feature twice; give each student feature one teacher feature")
+        raise ValueError(
+            f"hints={hints!r} names a student feature twice; give each student feature one teacher feature"
+        )
     return pairs
 
 
@@ -241,7 +246,9 @@ def hint_loss(
     for s_name, t_name in _check_hints(hints):
         k = regressor_key(s_name)
         if k not in regressor:
-            raise KeyError(f"regressor has no entry {k!r} for hint {s_name!r} -> {t_name!r}; it has {sorted(regressor)}")
+            raise KeyError(
+                f"regressor has no entry {k!r} for hint {s_name!r} -> {t_name!r}; it has {sorted(regressor)}"
+            )
         s = tree.as_float_array(_feature(student_features, s_name, "student_features"), f"student feature {s_name}")
         t = jax.lax.stop_gradient(_feature(teacher_features, t_name, "teacher_features"))
         w, b = regressor[k]["kernel"], regressor[k]["bias"]

@@ -18,6 +18,7 @@ a timeout, and kills them if they do not finish, so a broken collective never ha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_steps", "launch", "free_port", "worker_main"]
+__all__ = ["free_port", "launch", "run_steps", "worker_main"]
 
 
 def run_steps(
@@ -64,14 +65,22 @@ def run_steps(
     from jcompress.distill.step import DistillConfig, init_state, make_step
 
     ds = data.load("digits")
-    make = lambda widths, s, **kw: models.create("mlp", input_shape=ds.input_shape, num_classes=10, widths=widths, seed=s, **kw)  # noqa: E731
+    make = lambda widths, s, **kw: models.create(
+        "mlp", input_shape=ds.input_shape, num_classes=10, widths=widths, seed=s, **kw
+    )
     s_fn = models.functional(make((16,), seed, dropout=0.2))
     t_fn = models.functional(make((64, 64), seed + 1, dropout=0.5))
     tx = optax.adam(1e-2)
     mesh = parallel.data_mesh(num_devices)
     state = parallel.replicate(init_state(jax.tree.map(jnp.array, s_fn.params), s_fn.extra, tx, seed=seed), mesh)
     teacher = parallel.replicate((t_fn.params, t_fn.extra), mesh)
-    step = make_step(student_apply=s_fn.apply, teacher_apply=t_fn.apply, tx=tx, config=DistillConfig(temperature=4.0, alpha=0.9), mesh=mesh)
+    step = make_step(
+        student_apply=s_fn.apply,
+        teacher_apply=t_fn.apply,
+        tx=tx,
+        config=DistillConfig(temperature=4.0, alpha=0.9),
+        mesh=mesh,
+    )
     batches = data.batches(
         ds.x_train, ds.y_train, batch_size=batch_size, seed=seed, epoch=0,
         process_index=process_index, process_count=process_count,
@@ -91,7 +100,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(*, processes: int = 2, devices: int = 2, steps: int = 3, batch_size: int = 32, seed: int = 0, timeout: float = 120.0) -> list[dict]:
+def launch(
+    *, processes: int = 2, devices: int = 2, steps: int = 3, batch_size: int = 32, seed: int = 0, timeout: float = 120.0
+) -> list[dict]:
     """Run :func:`run_steps` in ``processes`` local processes with ``devices`` CPU devices each.
 
     Args:
@@ -115,21 +126,20 @@ def launch(*, processes: int = 2, devices: int = 2, steps: int = 3, batch_size: 
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "PYTHONUNBUFFERED": "1",
     }
-    with tempfile.TemporaryDirectory(prefix="jcompress-multihost-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="jcompress-multihost-") as tmp, contextlib.ExitStack() as files:
         procs, outs = [], []
         for i in range(processes):
             out = Path(tmp) / f"result{i}.npz"
-            err = open(Path(tmp) / f"stderr{i}.txt", "w")
+            err = files.enter_context(open(Path(tmp) / f"stderr{i}.txt", "w"))
             cmd = [
                 sys.executable, "-m", "jcompress.distill.multihost", "--worker",
                 "--coordinator", f"127.0.0.1:{port}", "--processes", str(processes), "--process-id", str(i),
                 "--steps", str(steps), "--batch-size", str(batch_size), "--seed", str(seed), "--out", str(out),
             ]  # fmt: skip
-            procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
             outs.append(out)
         failed = _wait_all(procs, timeout)
-        for _, err in procs:
-            err.close()
+        files.close()
         if failed:
             tails = [f"process {i}: {why}\n{(Path(tmp) / f'stderr{i}.txt').read_text()[-2000:]}" for i, why in failed]
             raise RuntimeError("multi-process run failed:\n" + "\n".join(tails))
@@ -142,13 +152,13 @@ def _wait_all(procs: list, timeout: float) -> list[tuple[int, str]]:
 
     deadline = time.monotonic() + timeout
     failed = []
-    for i, (p, _) in enumerate(procs):
+    for i, p in enumerate(procs):
         try:
             rc = p.wait(timeout=max(deadline - time.monotonic(), 0.1))
             if rc != 0:
                 failed.append((i, f"exit code {rc}"))
         except subprocess.TimeoutExpired:
-            for q, _ in procs:
+            for q in procs:
                 if q.poll() is None:
                     q.kill()
                     q.wait()
@@ -182,7 +192,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="where a worker writes its result (.npz)")
     args = p.parse_args(argv)
     if not args.worker:
-        results = launch(processes=args.processes, devices=args.devices, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        results = launch(
+            processes=args.processes, devices=args.devices, steps=args.steps, batch_size=args.batch_size, seed=args.seed
+        )
         print(json.dumps([{k: v for k, v in r.items() if k != "params"} for r in results]))
         return 0
     import jax

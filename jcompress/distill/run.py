@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ from jcompress.distill.step import (
     teacher_logits,
 )
 
-__all__ = ["DistillResult", "distill", "distill_model", "demo_stage", "register", "main"]
+__all__ = ["DistillResult", "demo_stage", "distill", "distill_model", "main", "register"]
 
 
 class DistillResult(NamedTuple):
@@ -193,7 +194,9 @@ def distill_model(
         history = list(saved_meta.get("history", []))
     state = parallel.replicate(state, mesh)
     teacher_arrays = parallel.replicate((t_fn.params, t_fn.extra), mesh)
-    step_fn = make_step(student_apply=student_apply, teacher_apply=None if cache else teacher_apply, tx=tx, config=config, mesh=mesh)
+    step_fn = make_step(
+        student_apply=student_apply, teacher_apply=None if cache else teacher_apply, tx=tx, config=config, mesh=mesh
+    )
     cached = teacher_logits(t_fn.apply, t_fn.params, t_fn.extra, ds.x_train) if cache else None
     teacher_eval = train.evaluate(t_fn.apply, t_fn.params, t_fn.extra, ds.x_test, ds.y_test)
     run_meta = {
@@ -304,7 +307,9 @@ def _widths(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--widths expects comma-separated integers such as 800,800, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--widths expects comma-separated integers such as 800,800, got {text!r}"
+        ) from None
     if not widths or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"--widths needs positive integers, got {text!r}")
     return widths
@@ -324,7 +329,9 @@ def register(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft targets in [0, 1]")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="run the teacher in every step instead of caching its logits")
+    p.add_argument(
+        "--no-cache", action="store_true", help="run the teacher in every step instead of caching its logits"
+    )
     p.add_argument("--out", required=True, help="run directory: ckpt/ (orbax) and metrics.jsonl; resumes if present")
     p.set_defaults(func=main)
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +43,12 @@ from jcompress.distill import losses
 __all__ = [
     "DistillConfig",
     "DistillState",
-    "init_state",
+    "apply_with_features",
     "distill_step",
+    "feature_shapes",
+    "init_state",
     "make_step",
     "teacher_logits",
-    "apply_with_features",
-    "feature_shapes",
 ]
 
 
@@ -93,7 +94,10 @@ class DistillConfig:
                 raise ValueError(f"{name}={w!r} must be a finite number >= 0")
         object.__setattr__(self, "hints", tuple(tuple(h) for h in self.hints))
         object.__setattr__(self, "attention", tuple(tuple(h) for h in self.attention))
-        for pairs, weight, what in ((self.hints, self.hint_weight, "hint"), (self.attention, self.attention_weight, "attention")):
+        for pairs, weight, what in (
+            (self.hints, self.hint_weight, "hint"),
+            (self.attention, self.attention_weight, "attention"),
+        ):
             if bool(pairs) != (weight > 0):
                 raise ValueError(
                     f"{what}_weight={weight} with {what} pairs {pairs!r}: give both (a weight > 0 and "
@@ -199,11 +203,15 @@ def distill_step(
         x, y, t_logits = batch
         t_feats: dict = {}
         if config.needs_features:
-            raise ValueError("hints and attention transfer need the teacher's features; pass (x, y) batches, not cached logits")
+            raise ValueError(
+                "hints and attention transfer need the teacher's features; pass (x, y) batches, not cached logits"
+            )
     elif len(batch) == 2:
         x, y = batch
         if teacher_apply is None:
-            raise ValueError("teacher_apply is None but the batch has no cached teacher logits; pass (x, y, teacher_logits)")
+            raise ValueError(
+                "teacher_apply is None but the batch has no cached teacher logits; pass (x, y, teacher_logits)"
+            )
         t_out, _ = teacher_apply(teacher_params, teacher_extra, x, train=False)
         t_logits, t_feats = _split_output(t_out, "teacher_apply", config.needs_features)
     else:
@@ -292,7 +300,12 @@ def make_step(
       >>> state, metrics = step(state, parallel.shard_batch((x, y), mesh), t_params, t_extra)
     """
     bound = functools.partial(
-        _positional_step, student_apply=student_apply, teacher_apply=teacher_apply, tx=tx, config=config, hint_tx=hint_tx
+        _positional_step,
+        student_apply=student_apply,
+        teacher_apply=teacher_apply,
+        tx=tx,
+        config=config,
+        hint_tx=hint_tx,
     )
     donate_argnums = (0,) if donate else ()
     if shard_map:

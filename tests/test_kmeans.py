@@ -156,6 +156,15 @@ def test_kmeans_share_nnx_state():
     jnew, _ = jax.jit(lambda s: kmeans_share(s, k=15, include=r"fc[12]/kernel"))(state)
     chex.assert_trees_all_close(tree.to_pure_dict(jnew), tree.to_pure_dict(new))
     np.testing.assert_array_equal(np.asarray(new["fc3"]["kernel"][...]), np.asarray(state["fc3"]["kernel"][...]))
+    # centroid fine-tuning on the NNX State, eagerly and under jit
+    tx = centroid_finetune(optax.adam(1e-2), aux)
+    grads = jax.tree.map(lambda w: jnp.sin(jnp.arange(w.size, dtype=jnp.float32)).reshape(w.shape), new)
+    for update in (tx.update, jax.jit(tx.update)):
+        upd, _ = update(grads, tx.init(new), new)
+        stepped = optax.apply_updates(new, upd)
+        assert isinstance(stepped, nnx.State)
+        aux2 = sharing_aux(stepped, aux)  # raises unless every cluster is still tied
+        assert not np.array_equal(aux2.codebooks["fc1/kernel"], aux.codebooks["fc1/kernel"])
 
 
 def test_shared_codebooks_and_k_per_layer():

@@ -47,10 +47,13 @@ class CentroidState(NamedTuple):
 
     Attributes:
       centroids: ``{group: (k + 1,) array}``, the current codebooks (entry 0 is 0).
+      indices: ``{group: {leaf: int32 array}}``, the fixed assignment (held in the state,
+        not closed over, so that XLA does not try to constant-fold the cluster sums).
       inner_state: the inner optimizer's state over ``{'centroids': ..., 'others': ...}``.
     """
 
     centroids: dict
+    indices: dict
     inner_state: Any
 
 
@@ -115,13 +118,15 @@ def centroid_finetune(
                 )
         # copies: a training loop that donates its state must not delete the caller's aux
         centroids = {g: jnp.array(c, copy=True) for g, c in aux.codebooks.items()}
-        return CentroidState(centroids, inner.init({"centroids": centroids, "others": split(params)}))
+        indices = jax.tree.map(lambda i: jnp.array(i, jnp.int32, copy=True), aux.indices)
+        return CentroidState(centroids, indices, inner.init({"centroids": centroids, "others": split(params)}))
 
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("centroid_finetune needs params in update(grads, state, params)")
-        current = _read_centroids(params, aux, state.centroids)
-        inner_grads = {"centroids": centroid_gradients(grads, aux), "others": split(grads)}
+        now = SharingAux(state.centroids, state.indices, None)
+        current = _read_centroids(params, now, state.centroids)
+        inner_grads = {"centroids": centroid_gradients(grads, now), "others": split(grads)}
         inner_params = {"centroids": current, "others": split(params)}
         upd, inner_state = inner.update(inner_grads, state.inner_state, inner_params)
         deltas = {g: upd["centroids"][g].astype(c.dtype).at[0].set(0) for g, c in current.items()}
@@ -130,12 +135,12 @@ def centroid_finetune(
 
         def one(name, gleaf):
             if name in shared:
-                return deltas[shared[name]][aux.indices[shared[name]][name]]
+                return deltas[shared[name]][state.indices[shared[name]][name]]
             if name in others:
                 return others[name]
             return jnp.zeros_like(gleaf)
 
-        return tree.map_with_names(one, grads), CentroidState(centroids, inner_state)
+        return tree.map_with_names(one, grads), CentroidState(centroids, state.indices, inner_state)
 
     return optax.GradientTransformation(init, update)
 

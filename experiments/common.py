@@ -23,8 +23,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from jcompress import data as data_lib
@@ -86,16 +84,12 @@ def fit(
     """``train.fit`` without checkpoints, progress bar or per-epoch evaluation.
 
     Experiments train many short runs; checkpoints and per-epoch test passes would cost
-    more than the training. ``params`` and ``extra`` stay valid (``train.fit`` donates
-    the arrays it is given, so it receives copies). ``epochs=0`` returns the inputs.
+    more than the training. ``epochs=0`` returns the inputs unchanged.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if epochs == 0:
         return train.FitResult(params, extra, None, [])
-    # train.fit donates its state to the jitted step, which deletes the caller's arrays;
-    # experiments reuse them (rewinding, baselines), so fit gets copies.
-    params, extra = jax.tree.map(jnp.copy, (params, extra))
     return train.fit(
         apply_fn, params, extra, ds, tx=tx, epochs=epochs, batch_size=batch_size, seed=seed,
         progress=False, eval_every=0,

@@ -3,13 +3,17 @@ with retraining on LeNet-300-100 and LeNet-5 (Caffe).
 
 Command: ``jcompress run han2015 [--quick] [--data mnist5k]``
 
-Method, as in the paper: train the dense network; then, for several rounds, prune the
-smallest-magnitude weights of every layer (scores ``|w|``, per-layer exact counts,
-``jcompress.pruning.make_masks`` with the previous masks kept) and retrain at 1/10 of the
-learning rate with the pruned weights held at zero (``jcompress.pruning.keep_masked``).
-The per-layer kept fractions follow a geometric schedule that ends at the paper's
-Tables 2 and 3: 8% / 9% / 26% (LeNet-300-100 fc1/fc2/fc3) and 66% / 12% / 8% / 19%
-(LeNet-5 conv1/conv2/fc1/fc2). Biases are not pruned (the paper counts them; so do we).
+Method, as in the paper: train the dense network with an L2 penalty on the kernels;
+then, for several rounds, prune the smallest-magnitude weights of every layer (scores
+``|w|``, per-layer exact counts, ``jcompress.pruning.make_masks`` with the previous masks
+kept) and retrain at 1/10 of the learning rate with the pruned weights held at zero
+(``jcompress.pruning.keep_masked``), the last round longer. The per-layer kept fractions
+follow a geometric schedule that ends at the paper's Tables 2 and 3: 8% / 9% / 26%
+(LeNet-300-100 fc1/fc2/fc3) and 66% / 12% / 8% / 19% (LeNet-5 conv1/conv2/fc1/fc2; fc1
+at 7.5%, see ``TARGET_KEPT``). Biases are not pruned (the paper counts them; so do we).
+Optimizer: Adam (lr 1e-3, retraining 1e-4) with L2 1e-4 (``pruning.optim.l2``) instead of
+Caffe's SGD: on 4,000 images, SGD at lr/10 left the last round 0.6-1.3 points short of
+the dense error in our runs, Adam with L2 did not.
 
 Baselines: the dense network after its training epochs, and the same dense network
 trained on for as many epochs at 1/10 of the learning rate as the pruned one was
@@ -36,6 +40,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import matplotlib.ticker
 import numpy as np
 import optax
 
@@ -59,18 +64,30 @@ TARGET_KEPT = {"lenet300": PAPER_KEPT["lenet300"], "lenet5": {**PAPER_KEPT["lene
 
 CONFIG = {
     "full": {
-        "lenet300": dict(epochs=30, rounds=5, retrain_epochs=6, lr=1e-3, batch_size=64),
-        "lenet5": dict(epochs=15, rounds=4, retrain_epochs=4, lr=1e-3, batch_size=64),
+        "lenet300": dict(optimizer="adam", l2=1e-4, epochs=30, rounds=6, retrain_epochs=8, final_epochs=24, lr=1e-3,
+                         batch_size=64),
+        "lenet5": dict(optimizer="adam", l2=1e-4, epochs=15, rounds=5, retrain_epochs=4, final_epochs=12, lr=1e-3,
+                       batch_size=64),
     },
-    "quick": {"lenet300": dict(epochs=2, rounds=2, retrain_epochs=1, lr=1e-3, batch_size=64)},
+    "quick": {
+        "lenet300": dict(optimizer="adam", l2=1e-4, epochs=2, rounds=2, retrain_epochs=1, final_epochs=1, lr=1e-3,
+                         batch_size=64),
+    },
 }
 
 
-def _prune_and_retrain(net: common.Trained, ds, *, target: dict, rounds: int, retrain_epochs: int, lr: float,
-                       batch_size: int):
+def _optimizer(cfg: dict, lr: float) -> optax.GradientTransformation:
+    """Caffe's LeNet solver (SGD, momentum 0.9, L2 on the kernels), or Adam."""
+    if cfg["optimizer"] == "sgd":
+        return optax.chain(pruning_optim.l2(cfg["l2"]), optax.sgd(lr, momentum=0.9))
+    return optax.chain(pruning_optim.l2(cfg["l2"]), optax.adam(lr))
+
+
+def _prune_and_retrain(net: common.Trained, ds, cfg: dict, *, target: dict):
     """Han's loop: ``rounds`` x (magnitude prune to the round's kept fractions, retrain at lr/10)."""
     params, extra, masks = net.params, net.extra, None
     history = []
+    rounds, retrain_epochs, lr = cfg["rounds"], cfg["retrain_epochs"], cfg["lr"]
     for r in range(1, rounds + 1):
         # Geometric schedule: the kept fraction of each layer shrinks by the same factor per round.
         sparsity = {name: 1.0 - kept ** (r / rounds) for name, kept in target.items()}
@@ -79,10 +96,10 @@ def _prune_and_retrain(net: common.Trained, ds, *, target: dict, rounds: int, re
         )
         params = pruning.apply_masks(params, masks)
         pruned_acc = common.accuracy(net.apply, params, extra, ds)
-        tx = optax.chain(optax.adam(lr / 10), pruning_optim.keep_masked(masks))
-        res = common.fit(net.apply, params, extra, ds, tx=tx, epochs=retrain_epochs, batch_size=batch_size)
-        # The masks went into the optimizer state (train.fit donates it): read them back from there.
-        params, extra, masks = res.params, res.extra, pruning_optim.find_masks(res.state.opt_state)
+        tx = optax.chain(_optimizer(cfg, lr / 10), pruning_optim.keep_masked(masks))
+        epochs = cfg["final_epochs"] if r == rounds else retrain_epochs
+        res = common.fit(net.apply, params, extra, ds, tx=tx, epochs=epochs, batch_size=cfg["batch_size"])
+        params, extra = res.params, res.extra
         summary = pruning.sparsity_summary(params)
         history.append({
             "round": r,
@@ -95,16 +112,15 @@ def _prune_and_retrain(net: common.Trained, ds, *, target: dict, rounds: int, re
 
 def _one_model(name: str, ds, cfg: dict) -> tuple[list, dict, dict]:
     target = TARGET_KEPT[name]
-    net = common.train_model(name, ds, epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"])
-    budget = cfg["rounds"] * cfg["retrain_epochs"]
+    net = common.train_model(
+        name, ds, epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], tx=_optimizer(cfg, cfg["lr"])
+    )
+    budget = (cfg["rounds"] - 1) * cfg["retrain_epochs"] + cfg["final_epochs"]
     dense_more = common.fit(
-        net.apply, net.params, net.extra, ds, tx=optax.adam(cfg["lr"] / 10), epochs=budget, batch_size=cfg["batch_size"]
+        net.apply, net.params, net.extra, ds, tx=_optimizer(cfg, cfg["lr"] / 10), epochs=budget, batch_size=cfg["batch_size"]
     )
     dense_budget_err = 1.0 - common.accuracy(net.apply, dense_more.params, dense_more.extra, ds)
-    params, _, history = _prune_and_retrain(
-        net, ds, target=target, rounds=cfg["rounds"], retrain_epochs=cfg["retrain_epochs"], lr=cfg["lr"],
-        batch_size=cfg["batch_size"],
-    )
+    params, _, history = _prune_and_retrain(net, ds, cfg, target=target)
     summary = pruning.sparsity_summary(params)
     rows = []
     for layer in target:
@@ -134,6 +150,8 @@ def _plot(rows: list, curves: dict):
         (line,) = ax0.plot(kept, [100 * e for e in err], "o-", label=f"{name} pruned + retrained")
         ax0.axhline(100 * c["dense_error"], color=line.get_color(), ls=":", label=f"{name} dense")
     ax0.set_xscale("log")
+    ax0.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax0.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax0.invert_xaxis()
     ax0.set_xlabel("fraction of parameters kept")
     ax0.set_ylabel("test error (%)")
@@ -171,5 +189,5 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
                  "dense_same_budget_error": "{:.2%}", "pruned_error": "{:.2%}"},
         notes=[f"data: {ds.name} ({len(ds.x_train)} train / {len(ds.x_test)} test images)",
                "kept/params count every leaf of the model (biases included, never pruned), from the final weights",
-               "retraining: Adam at lr/10 with keep_masked; dense_same_budget_error: the dense model trained as long"],
+               "training: Adam + L2 on kernels; retraining at lr/10 with keep_masked; dense_same_budget_error: the dense model trained as long at lr/10"],
     )

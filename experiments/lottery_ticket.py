@@ -34,6 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import matplotlib.ticker
 import optax
 
 from experiments import common
@@ -56,8 +57,7 @@ def _task(task: str, spec: dict, ds, *, rounds: int, epochs: int) -> tuple[list,
     model, fn = common.build(spec["model"], ds, seed=0, **spec["kwargs"])
 
     def train_masked(params, masks):
-        # keep_masked's state is donated with the optimizer state: give it its own copy.
-        tx = optax.chain(optax.adam(LR), pruning_optim.keep_masked(lottery.snapshot(masks)))
+        tx = optax.chain(optax.adam(LR), pruning_optim.keep_masked(masks))
         return common.fit(fn.apply, params, fn.extra, ds, tx=tx, epochs=epochs, batch_size=BATCH).params
 
     def fresh_params(key):
@@ -106,6 +106,8 @@ def _plot(rows: list):
                 ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], style, label=init)
         ax.axhline(100 * dense, color="gray", lw=0.8, label="dense")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_xaxis()
         ax.set_xlabel("weights remaining (%)")
         ax.set_ylabel("test accuracy (%)")

@@ -349,3 +349,7 @@ def test_demo_stage_row(teacher_dir, digits):
     assert row["compression"] == pytest.approx(row["teacher_params"] / row["params"])
     assert row["gain"] == pytest.approx(row["accuracy"] - row["student_alone_accuracy"])
     assert 0.5 < row["accuracy"] <= 1.0 and 0.5 < row["student_alone_accuracy"] <= 1.0
+    # the returned params are the distilled student's: rebuilt, it has the reported accuracy
+    student = models.merge(models.create(**row["student_config"]), row["student_params"])
+    correct = int(jnp.sum(jnp.argmax(student(digits.x_test), -1) == digits.y_test))
+    assert correct == round(row["accuracy"] * len(digits.y_test))

@@ -266,7 +266,9 @@ def demo_stage(
       One report row: ``stage``, ``student``, ``params``, ``teacher_params``,
       ``compression`` (teacher params / student params), ``teacher_accuracy``,
       ``accuracy`` (distilled), ``student_alone_accuracy``, ``gain`` (distilled minus alone),
-      ``temperature``, ``alpha``, ``epochs``, ``seconds``.
+      ``temperature``, ``alpha``, ``epochs``, ``seconds``; and, not for JSON, the distilled
+      ``student_params`` (nested dict of numpy arrays) with the ``student_config`` that
+      ``models.create(**student_config)`` rebuilds the student from.
 
     Example:
       >>> row = demo_stage(lenet300_model, 'mnist5k', epochs=10)
@@ -300,6 +302,8 @@ def demo_stage(
         "alpha": alpha,
         "epochs": epochs,
         "seconds": round(time.perf_counter() - t0, 2),
+        "student_params": jax.tree.map(np.asarray, jax.device_get(res.params)),
+        "student_config": res.model_config,
     }
 
 

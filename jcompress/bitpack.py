@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pack", "unpack", "to_bits", "from_bits", "packed_size"]
+__all__ = ["from_bits", "pack", "packed_size", "to_bits", "unpack"]
 
 MAX_BITS = 16
 
@@ -100,7 +100,11 @@ def unpack(data, *, bits: int, count: int) -> np.ndarray:
       ValueError: ``bits`` out of range or ``data`` too short for ``count`` codes.
     """
     bits = _check_bits(bits)
-    raw = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.astype(np.uint8).reshape(-1)
+    raw = (
+        np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.astype(np.uint8).reshape(-1)
+    )
     if raw.size < packed_size(count, bits):
-        raise ValueError(f"{raw.size} bytes cannot hold {count} codes of {bits} bits ({packed_size(count, bits)} needed)")
+        raise ValueError(
+            f"{raw.size} bytes cannot hold {count} codes of {bits} bits ({packed_size(count, bits)} needed)"
+        )
     return from_bits(np.unpackbits(raw), bits, int(count)).astype(np.int32)

@@ -37,7 +37,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,17 +48,17 @@ from jcompress import bitpack, tree
 from jcompress import huffman as huff
 
 __all__ = [
-    "DenseTensor",
-    "SparseTensor",
-    "CodebookTensor",
-    "QuantizedTensor",
     "LEAF_TYPES",
-    "is_compressed",
+    "CodebookTensor",
+    "DenseTensor",
+    "QuantizedTensor",
+    "SparseTensor",
     "compress",
-    "dequantize_tree",
-    "total_bits",
-    "nonzeros",
     "default_index_bits",
+    "dequantize_tree",
+    "is_compressed",
+    "nonzeros",
+    "total_bits",
 ]
 
 
@@ -134,7 +135,7 @@ class DenseTensor(_Leaf):
         return {"shape": list(self.shape), "dtype": dtype}, [("value", data, nb)]
 
     @classmethod
-    def decode(cls, fields: dict, payloads: dict) -> "DenseTensor":
+    def decode(cls, fields: dict, payloads: dict) -> DenseTensor:
         return cls(_from_raw(payloads["value"], fields["dtype"], tuple(fields["shape"])))
 
 
@@ -175,7 +176,7 @@ class SparseTensor(_Leaf):
     index_bits: int
 
     @classmethod
-    def from_dense(cls, w, *, index_bits: int) -> "SparseTensor":
+    def from_dense(cls, w, *, index_bits: int) -> SparseTensor:
         """Store the nonzeros of ``w`` (any shape, float)."""
         arr = np.asarray(w)
         nz = arr.reshape(-1) != 0
@@ -191,13 +192,21 @@ class SparseTensor(_Leaf):
         data, nb = _raw(self.values, dtype)
         gaps = np.asarray(self.gaps)
         fields = {"shape": list(self.shape), "dtype": dtype, "index_bits": self.index_bits, "entries": int(gaps.size)}
-        return fields, [("gaps", bitpack.pack(gaps, bits=self.index_bits), gaps.size * self.index_bits), ("values", data, nb)]
+        return fields, [
+            ("gaps", bitpack.pack(gaps, bits=self.index_bits), gaps.size * self.index_bits),
+            ("values", data, nb),
+        ]
 
     @classmethod
-    def decode(cls, fields: dict, payloads: dict) -> "SparseTensor":
+    def decode(cls, fields: dict, payloads: dict) -> SparseTensor:
         e = int(fields["entries"])
         gaps = bitpack.unpack(payloads["gaps"], bits=int(fields["index_bits"]), count=e)
-        return cls(gaps, _from_raw(payloads["values"], fields["dtype"], (e,)), tuple(fields["shape"]), int(fields["index_bits"]))
+        return cls(
+            gaps,
+            _from_raw(payloads["values"], fields["dtype"], (e,)),
+            tuple(fields["shape"]),
+            int(fields["index_bits"]),
+        )
 
 
 @functools.partial(_register, data=["codebook", "codes", "gaps"], meta=["shape", "index_bits", "huffman"])
@@ -223,12 +232,14 @@ class CodebookTensor(_Leaf):
     huffman: bool
 
     @classmethod
-    def from_indices(cls, indices, codebook, *, index_bits: int | None, huffman: bool = True) -> "CodebookTensor":
+    def from_indices(cls, indices, codebook, *, index_bits: int | None, huffman: bool = True) -> CodebookTensor:
         """From ``SharingAux`` indices (0 = zero) and a ``(k + 1,)`` codebook with ``codebook[0] == 0``."""
         idx = np.asarray(indices)
         cb = np.asarray(codebook)
         if cb.ndim != 1 or cb.size < 1 or cb[0] != 0:
-            raise ValueError(f"codebook must be 1-D with codebook[0] == 0 (the zero), got {cb[:3]}... of shape {cb.shape}")
+            raise ValueError(
+                f"codebook must be 1-D with codebook[0] == 0 (the zero), got {cb[:3]}... of shape {cb.shape}"
+            )
         if idx.size and (idx.min() < 0 or idx.max() >= cb.size):
             raise ValueError(f"indices must lie in [0, {cb.size}), got [{idx.min()}, {idx.max()}]")
         if index_bits is None:
@@ -251,8 +262,14 @@ class CodebookTensor(_Leaf):
         dtype = _dtype_name(self.codebook)
         cbytes, cbits = _raw(np.asarray(self.codebook)[1:], dtype)
         codes = np.asarray(self.codes)
-        fields = {"shape": list(self.shape), "dtype": dtype, "k": self.k, "index_bits": self.index_bits,
-                  "huffman": self.huffman, "entries": int(codes.size)}
+        fields = {
+            "shape": list(self.shape),
+            "dtype": dtype,
+            "k": self.k,
+            "index_bits": self.index_bits,
+            "huffman": self.huffman,
+            "entries": int(codes.size),
+        }
         payloads = [("codebook", cbytes, cbits)]
         f, p = _stream(codes, self.k + 1, self.huffman, "codes")
         fields.update(f)
@@ -264,9 +281,11 @@ class CodebookTensor(_Leaf):
         return fields, payloads
 
     @classmethod
-    def decode(cls, fields: dict, payloads: dict) -> "CodebookTensor":
+    def decode(cls, fields: dict, payloads: dict) -> CodebookTensor:
         e, k = int(fields["entries"]), int(fields["k"])
-        cb = np.concatenate([np.zeros(1, jnp.dtype(fields["dtype"])), _from_raw(payloads["codebook"], fields["dtype"], (k,))])
+        cb = np.concatenate(
+            [np.zeros(1, jnp.dtype(fields["dtype"])), _from_raw(payloads["codebook"], fields["dtype"], (k,))]
+        )
         codes = _unstream(fields, payloads, "codes", e).astype(np.int32)
         if codes.size and codes.max() > k:
             raise ValueError(f"decoded code {codes.max()} is outside the codebook of {k + 1} entries")
@@ -274,9 +293,7 @@ class CodebookTensor(_Leaf):
         return cls(cb, codes, gaps, tuple(fields["shape"]), fields["index_bits"], bool(fields["huffman"]))
 
 
-@functools.partial(
-    _register, data=["codes", "scale", "zero_point"], meta=["bits", "symmetric", "axis", "group_size"]
-)
+@functools.partial(_register, data=["codes", "scale", "zero_point"], meta=["bits", "symmetric", "axis", "group_size"])
 class QuantizedTensor(_Leaf):
     """Uniform quantization codes with their scales (see ``jcompress.quant.QuantParams``).
 
@@ -294,15 +311,20 @@ class QuantizedTensor(_Leaf):
     group_size: int | None
 
     @classmethod
-    def from_qparams(cls, qp) -> "QuantizedTensor":
+    def from_qparams(cls, qp) -> QuantizedTensor:
         return cls(qp.codes, qp.scale, qp.zero_point, qp.bits, qp.symmetric, qp.axis, qp.group_size)
 
     def to_qparams(self):
         from jcompress import quant
 
         return quant.QuantParams(
-            jnp.asarray(self.codes), jnp.asarray(self.scale), jnp.asarray(self.zero_point),
-            self.bits, self.symmetric, self.axis, self.group_size,
+            jnp.asarray(self.codes),
+            jnp.asarray(self.scale),
+            jnp.asarray(self.zero_point),
+            self.bits,
+            self.symmetric,
+            self.axis,
+            self.group_size,
         )
 
     @property
@@ -320,8 +342,15 @@ class QuantizedTensor(_Leaf):
         lo, _ = quant.code_range(self.bits, self.symmetric)
         codes = np.asarray(self.codes).astype(np.int64) - lo
         sbytes, sbits = _raw(self.scale, "float32")
-        fields = {"shape": list(self.shape), "bits": self.bits, "symmetric": self.symmetric, "axis": self.axis,
-                  "group_size": self.group_size, "scale_shape": list(np.shape(self.scale)), "offset": lo}
+        fields = {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "axis": self.axis,
+            "group_size": self.group_size,
+            "scale_shape": list(np.shape(self.scale)),
+            "offset": lo,
+        }
         payloads = [("codes", bitpack.pack(codes, bits=self.bits), codes.size * self.bits), ("scale", sbytes, sbits)]
         if not self.symmetric:
             zbytes, zbits = _raw(self.zero_point, "int32")
@@ -329,13 +358,19 @@ class QuantizedTensor(_Leaf):
         return fields, payloads
 
     @classmethod
-    def decode(cls, fields: dict, payloads: dict) -> "QuantizedTensor":
+    def decode(cls, fields: dict, payloads: dict) -> QuantizedTensor:
         shape, sshape = tuple(fields["shape"]), tuple(fields["scale_shape"])
         codes = bitpack.unpack(payloads["codes"], bits=int(fields["bits"]), count=math.prod(shape))
         codes = (codes.astype(np.int64) + int(fields["offset"])).astype(np.int32).reshape(shape)
         scale = _from_raw(payloads["scale"], "float32", sshape)
-        zp = _from_raw(payloads["zero_point"], "int32", sshape) if "zero_point" in payloads else np.zeros(sshape, np.int32)
-        return cls(codes, scale, zp, int(fields["bits"]), bool(fields["symmetric"]), fields["axis"], fields["group_size"])
+        zp = (
+            _from_raw(payloads["zero_point"], "int32", sshape)
+            if "zero_point" in payloads
+            else np.zeros(sshape, np.int32)
+        )
+        return cls(
+            codes, scale, zp, int(fields["bits"]), bool(fields["symmetric"]), fields["axis"], fields["group_size"]
+        )
 
 
 LEAF_TYPES = {c.__name__: c for c in (DenseTensor, SparseTensor, CodebookTensor, QuantizedTensor)}
@@ -399,7 +434,7 @@ def compress(params, *aux, index_bits=None, huffman: bool = True, sparse: bool =
       ValueError naming the leaf when the params disagree with an aux.
     """
     pure = tree.to_pure_dict(params)
-    groups_of, codebooks, qparams, masks = {}, {}, {}, {}
+    groups_of, qparams, masks = {}, {}, {}
     for a in aux:
         if a is None:
             continue
@@ -452,5 +487,6 @@ def total_bits(ctree) -> int:
 
 def nonzeros(ctree) -> int:
     """Nonzero weights over all leaves (after dequantization)."""
-    return int(sum(int(np.count_nonzero(np.asarray(x.dequantize()))) for x in jax.tree.leaves(ctree, is_leaf=is_compressed)))
-
+    return int(
+        sum(int(np.count_nonzero(np.asarray(x.dequantize()))) for x in jax.tree.leaves(ctree, is_leaf=is_compressed))
+    )

@@ -44,7 +44,7 @@ import numpy as np
 
 from jcompress import compressed, tree
 
-__all__ = ["MAGIC", "VERSION", "CompressedFileError", "write", "write_dense", "read", "load_params", "file_size"]
+__all__ = ["MAGIC", "VERSION", "CompressedFileError", "file_size", "load_params", "read", "write", "write_dense"]
 
 MAGIC = b"JCMPRS\r\n"
 VERSION = 1
@@ -83,19 +83,32 @@ def write(path: str | os.PathLike, ctree, *, meta: dict | None = None) -> int:
     for kp, leaf in flat:
         name = tree.path_str(kp)
         if not compressed.is_compressed(leaf):
-            raise TypeError(f"leaf {name!r} is a {type(leaf).__name__}, not a compressed type; build the tree with compress()")
+            raise TypeError(
+                f"leaf {name!r} is a {type(leaf).__name__}, not a compressed type; build the tree with compress()"
+            )
         fields, payloads = leaf.encode()
         entries = []
         for pname, data, nbits in payloads:
-            entries.append({"name": pname, "offset": offset, "length": len(data), "nbits": int(nbits),
-                            "crc32": zlib.crc32(data)})
+            entries.append(
+                {"name": pname, "offset": offset, "length": len(data), "nbits": int(nbits), "crc32": zlib.crc32(data)}
+            )
             chunks.append(data)
             offset += len(data)
-        leaves.append({"path": [_key(k) for k in kp], "name": name, "type": type(leaf).__name__,
-                       "fields": fields, "nbits": int(sum(e["nbits"] for e in entries)), "payloads": entries})
+        leaves.append(
+            {
+                "path": [_key(k) for k in kp],
+                "name": name,
+                "type": type(leaf).__name__,
+                "fields": fields,
+                "nbits": int(sum(e["nbits"] for e in entries)),
+                "payloads": entries,
+            }
+        )
     try:
-        header = json.dumps({"format": "jcompress", "version": VERSION, "meta": meta or {}, "payload_bytes": offset,
-                             "leaves": leaves}, separators=(",", ":")).encode()
+        header = json.dumps(
+            {"format": "jcompress", "version": VERSION, "meta": meta or {}, "payload_bytes": offset, "leaves": leaves},
+            separators=(",", ":"),
+        ).encode()
     except TypeError as e:
         raise TypeError(f"meta must be JSON-serialisable: {e}") from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -39,18 +39,18 @@ import numpy as np
 from jcompress import bitpack
 
 __all__ = [
-    "HuffmanCode",
-    "code_lengths",
-    "canonical",
-    "huffman_code",
-    "encode",
-    "decode",
-    "encoded_bits",
-    "relative_index",
-    "from_relative_index",
-    "BitsReport",
-    "deep_compression_bits",
     "MAX_CODE_LENGTH",
+    "BitsReport",
+    "HuffmanCode",
+    "canonical",
+    "code_lengths",
+    "decode",
+    "deep_compression_bits",
+    "encode",
+    "encoded_bits",
+    "from_relative_index",
+    "huffman_code",
+    "relative_index",
 ]
 
 MAX_CODE_LENGTH = 57  # codes are handled in uint64 windows
@@ -147,7 +147,9 @@ def _check_symbols(symbols, code: HuffmanCode) -> np.ndarray:
     if s.size and (s.min() < 0 or s.max() >= code.lengths.size or np.any(code.lengths[s] == 0)):
         bad = s[(s < 0) | (s >= code.lengths.size)]
         bad = bad if bad.size else s[code.lengths[np.clip(s, 0, code.lengths.size - 1)] == 0]
-        raise ValueError(f"symbol {int(bad[0])} has no code (alphabet of {code.lengths.size}); build the code from these symbols")
+        raise ValueError(
+            f"symbol {int(bad[0])} has no code (alphabet of {code.lengths.size}); build the code from these symbols"
+        )
     return s
 
 
@@ -309,7 +311,16 @@ def deep_compression_bits(codes, *, k: int, index_bits: int, codebook_bits_per_e
         hv, hi = encoded_bits(vf, huffman_code(vf)), encoded_bits(gf, huffman_code(gf))
     table = 8 * ((k + 1) + (1 << index_bits))  # one uint8 code length per symbol, both streams
     return BitsReport(
-        weights=int(flat.size), nonzeros=nonzeros, entries=entries, fillers=entries - nonzeros,
-        value_bits=value_bits, index_bits=int(index_bits), codebook_bits=codebook, fixed_bits=fixed,
-        huffman_value_bits=hv, huffman_index_bits=hi, huffman_bits=hv + hi + codebook, table_bits=table,
+        weights=int(flat.size),
+        nonzeros=nonzeros,
+        entries=entries,
+        fillers=entries - nonzeros,
+        value_bits=value_bits,
+        index_bits=int(index_bits),
+        codebook_bits=codebook,
+        fixed_bits=fixed,
+        huffman_value_bits=hv,
+        huffman_index_bits=hi,
+        huffman_bits=hv + hi + codebook,
+        table_bits=table,
     )

@@ -30,8 +30,9 @@ import functools
 import math
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -41,7 +42,16 @@ from jcompress import compressed, export, tree
 from jcompress.sharing import finetune as sharing_finetune
 from jcompress.sharing.kmeans import SharingAux, kmeans_share
 
-__all__ = ["Stage", "Pipeline", "FinetuneAux", "stage", "finetune", "chain", "DeepCompressionResult", "deep_compression"]
+__all__ = [
+    "DeepCompressionResult",
+    "FinetuneAux",
+    "Pipeline",
+    "Stage",
+    "chain",
+    "deep_compression",
+    "finetune",
+    "stage",
+]
 
 
 class Stage(NamedTuple):
@@ -250,10 +260,12 @@ def deep_compression(
         def k_of(n, leaf):
             return 2 ** _bits_for(bits, n, leaf) - 1
 
-        stages = [stage(magnitude_pruning(sparsity=dict(spars), include=picked), name="pruned")]
+        stages = [stage(jax.jit(magnitude_pruning(sparsity=dict(spars), include=picked)), name="pruned")]
         if finetune_fn is not None:
             stages.append(finetune(finetune_fn, name="pruned + fine-tuned"))
-        stages.append(stage(functools.partial(kmeans_share, k=k_of, include=picked, init=init, iters=iters), name="clustered"))
+        stages.append(
+            stage(functools.partial(kmeans_share, k=k_of, include=picked, init=init, iters=iters), name="clustered")
+        )
         if centroid_finetune_fn is not None or finetune_fn is not None:
             stages.append(finetune(centroid_finetune_fn or finetune_fn, name="centroids fine-tuned"))
         directory = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="jcompress-dc-"))
@@ -290,13 +302,16 @@ def deep_compression(
         final, auxes = chain(*stages)(params, callback=callback)
         ctree = compressed.compress(final, *auxes, index_bits=ib, huffman=True)
         path = directory / "deep_compression.jcz"
-        size = export.write(path, ctree, meta={**(meta or {}), "stage": "huffman", "bits": bits, "index_bits": index_bits})
+        size = export.write(
+            path, ctree, meta={**(meta or {}), "stage": "huffman", "bits": bits, "index_bits": index_bits}
+        )
         loaded = export.load_params(path)
         leaves = dict(tree.named_leaves(ctree, is_leaf=compressed.is_compressed))
         kernel_bits = sum(leaves[n].nbits() for n in names)
         kernel_weights = sum(math.prod(np.shape(tree.get_by_name(params, n))) for n in names)
-        record("huffman (file read back)", loaded, size,
-               {"kernel_bits_per_weight": round(kernel_bits / kernel_weights, 4)})
+        record(
+            "huffman (file read back)", loaded, size, {"kernel_bits_per_weight": round(kernel_bits / kernel_weights, 4)}
+        )
         return DeepCompressionResult(loaded, ctree, rows, auxes, path, dense_path)
 
     return run

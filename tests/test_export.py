@@ -66,7 +66,7 @@ def test_sparse_and_codebook_round_trip(tmp_path_factory, shape, sparsity, index
     loaded = export.load_params(path)
     np.testing.assert_array_equal(np.asarray(loaded["cb_sparse"]), codebook[idx])
     # nbits is exactly the payload bits the header records, and the payloads fit in the file
-    header, blob = _header(path)
+    header, _ = _header(path)
     by_name = {leaf["name"]: leaf for leaf in header["leaves"]}
     for key in ("sparse", "cb_sparse", "cb_dense"):
         assert by_name[key]["nbits"] == ctree[key].nbits() == sum(p["nbits"] for p in by_name[key]["payloads"])
@@ -86,7 +86,7 @@ def test_quantized_round_trip(tmp_path_factory, shape, bits, symmetric, axis, se
     qp = quant.quantize(w, bits=bits, symmetric=symmetric, axis=axis)
     qt = QuantizedTensor.from_qparams(qp)
     np.testing.assert_array_equal(np.asarray(qt.dequantize()), np.asarray(quant.dequantize(qp)))
-    path, back = _round_trip(tmp_path, {"w": qt})
+    _, back = _round_trip(tmp_path, {"w": qt})
     np.testing.assert_array_equal(np.asarray(back["w"].dequantize()), np.asarray(quant.dequantize(qp)))
     np.testing.assert_array_equal(np.asarray(back["w"].codes), np.asarray(qp.codes))
     scale_bits = 32 * int(np.size(qp.scale)) * (1 if symmetric else 2)
@@ -137,7 +137,9 @@ def test_compress_from_transform_aux_and_jit(tmp_path):
 def written(tmp_path):
     w = _sparse((20, 10), 0.7, 1)
     path = tmp_path / "m.jcz"
-    export.write(path, {"a": {"kernel": SparseTensor.from_dense(w, index_bits=5)}, "b": DenseTensor(np.ones(4, np.float32))})
+    export.write(
+        path, {"a": {"kernel": SparseTensor.from_dense(w, index_bits=5)}, "b": DenseTensor(np.ones(4, np.float32))}
+    )
     return path
 
 

@@ -57,7 +57,9 @@ def test_kmeans_1d_no_worse_than_sklearn_with_empty_clusters():
     # heavy tails: with the linear init the outer clusters start empty and are relocated
     x = (np.random.default_rng(1).standard_normal(4000) ** 3 * 0.05).astype(np.float32)
     init = np.linspace(x.min(), x.max(), 8)
-    km = KMeans(8, init=init[:, None], n_init=1, max_iter=50, tol=0, algorithm="lloyd").fit(x[:, None].astype(np.float64))
+    km = KMeans(8, init=init[:, None], n_init=1, max_iter=50, tol=0, algorithm="lloyd").fit(
+        x[:, None].astype(np.float64)
+    )
     res = kmeans_1d(x, k=8, iters=50)
     c = np.asarray(res.centroids, np.float64)
     ours = ((x.astype(np.float64) - c[np.asarray(res.labels)]) ** 2).sum()
@@ -118,7 +120,10 @@ def _params(seed=0):
     w1 = rng.standard_normal((40, 30)).astype(np.float32)
     w1[np.abs(w1) < 0.8] = 0.0  # pruned
     w2 = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
-    return {"fc1": {"kernel": jnp.asarray(w1), "bias": jnp.ones(30)}, "conv": {"kernel": jnp.asarray(w2), "bias": jnp.zeros(8)}}
+    return {
+        "fc1": {"kernel": jnp.asarray(w1), "bias": jnp.ones(30)},
+        "conv": {"kernel": jnp.asarray(w2), "bias": jnp.zeros(8)},
+    }
 
 
 def _check_shared(params, new, aux, k):
@@ -140,7 +145,10 @@ def test_kmeans_share_eager_and_jit_dict():
     _check_shared(params, new, aux, 7)
     assert new["fc1"]["bias"] is params["fc1"]["bias"]
     for name in ("fc1/kernel", "conv/kernel"):
-        assert len(np.unique(np.asarray(tree.get_by_name(new, name))[np.asarray(tree.get_by_name(params, name)) != 0])) == 7
+        assert (
+            len(np.unique(np.asarray(tree.get_by_name(new, name))[np.asarray(tree.get_by_name(params, name)) != 0]))
+            == 7
+        )
     jnew, jaux = jax.jit(lambda p: kmeans_share(p, k=7))(params)
     chex.assert_trees_all_close(jnew, new)
     chex.assert_trees_all_equal(jaux.indices, aux.indices)
@@ -174,7 +182,7 @@ def test_shared_codebooks_and_k_per_layer():
     _check_shared(params, new, aux, 5)
     values = np.concatenate([np.asarray(new["fc1"]["kernel"]).ravel(), np.asarray(new["conv"]["kernel"]).ravel()])
     assert len(np.unique(values[values != 0])) == 5
-    new2, aux2 = kmeans_share(params, k={"conv": 3, "fc": 6}, shared=[r"fc\d"])
+    _, aux2 = kmeans_share(params, k={"conv": 3, "fc": 6}, shared=[r"fc\d"])
     assert set(aux2.codebooks) == {r"fc\d", "conv/kernel"}
     assert aux2.codebooks["conv/kernel"].shape == (4,) and aux2.codebooks[r"fc\d"].shape == (7,)
     with pytest.raises(ValueError, match="different k"):
@@ -220,11 +228,15 @@ def test_centroid_finetune_keeps_weights_tied_on_digits():
     fn = models.functional(model)
     res = train.fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(3e-3), epochs=6, batch_size=64, progress=False)
     # prune half of every kernel by magnitude, then share with 7 centroids + the zero
-    pruned = jax.tree.map(lambda w: jnp.where(jnp.abs(w) >= jnp.median(jnp.abs(w)), w, 0.0) if w.ndim == 2 else w, res.params)
+    pruned = jax.tree.map(
+        lambda w: jnp.where(jnp.abs(w) >= jnp.median(jnp.abs(w)), w, 0.0) if w.ndim == 2 else w, res.params
+    )
     shared, aux = kmeans_share(pruned, k=7)
     acc_shared = train.evaluate(fn.apply, shared, res.extra, ds.x_test, ds.y_test)["accuracy"]
     tx = centroid_finetune(optax.adam(1e-3), aux)
-    ft = train.fit(fn.apply, jax.tree.map(jnp.copy, shared), res.extra, ds, tx=tx, epochs=3, batch_size=64, progress=False)
+    ft = train.fit(
+        fn.apply, jax.tree.map(jnp.copy, shared), res.extra, ds, tx=tx, epochs=3, batch_size=64, progress=False
+    )
     aux2 = sharing_aux(ft.params, aux)
     assert isinstance(ft.state.opt_state, CentroidState)
     for g, members in aux2.indices.items():

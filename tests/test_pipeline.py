@@ -94,20 +94,40 @@ def test_deep_compression_on_digits(tmp_path):
     res = train.fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(3e-3), epochs=5, batch_size=64, progress=False)
 
     def train_fn(params, wrap):
-        return train.fit(fn.apply, params, res.extra, ds, tx=wrap(optax.adam(1e-3)), epochs=1, batch_size=64, progress=False).params
+        return train.fit(
+            fn.apply, params, res.extra, ds, tx=wrap(optax.adam(1e-3)), epochs=1, batch_size=64, progress=False
+        ).params
 
     def eval_fn(params):
         return train.evaluate(fn.apply, params, res.extra, ds.x_test, ds.y_test)
 
-    run = pipeline.deep_compression(sparsity=0.75, bits={"fc": 4}, index_bits={"fc": 4}, finetune_fn=train_fn,
-                                    eval_fn=eval_fn, out_dir=tmp_path, meta={"model": "mlp"})
+    run = pipeline.deep_compression(
+        sparsity=0.75,
+        bits={"fc": 4},
+        index_bits={"fc": 4},
+        finetune_fn=train_fn,
+        eval_fn=eval_fn,
+        out_dir=tmp_path,
+        meta={"model": "mlp"},
+    )
     out = run(res.params)
     stages = [r["stage"] for r in out.rows]
-    assert stages == ["dense (float32)", "pruned", "pruned + fine-tuned", "clustered (fixed-width)",
-                      "centroids fine-tuned (fixed-width)", "huffman (file read back)"]
-    files = {"dense (float32)": "dense.jcz", "pruned": "pruned.jcz", "pruned + fine-tuned": "pruned_fine-tuned.jcz",
-             "clustered (fixed-width)": "clustered.jcz", "centroids fine-tuned (fixed-width)": "centroids_fine-tuned.jcz",
-             "huffman (file read back)": "deep_compression.jcz"}
+    assert stages == [
+        "dense (float32)",
+        "pruned",
+        "pruned + fine-tuned",
+        "clustered (fixed-width)",
+        "centroids fine-tuned (fixed-width)",
+        "huffman (file read back)",
+    ]
+    files = {
+        "dense (float32)": "dense.jcz",
+        "pruned": "pruned.jcz",
+        "pruned + fine-tuned": "pruned_fine-tuned.jcz",
+        "clustered (fixed-width)": "clustered.jcz",
+        "centroids fine-tuned (fixed-width)": "centroids_fine-tuned.jcz",
+        "huffman (file read back)": "deep_compression.jcz",
+    }
     n_params = tree.tree_size(res.params)
     for r in out.rows:
         assert r["bytes"] == os.path.getsize(tmp_path / files[r["stage"]])  # real file sizes

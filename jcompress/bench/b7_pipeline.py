@@ -29,7 +29,9 @@ def run(quick: bool) -> list[dict]:
     model = models.create("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes, seed=0)
     fn = models.functional(model)
     t0 = time.perf_counter()
-    res = train.fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(1e-3), epochs=epochs, batch_size=128, progress=False)
+    res = train.fit(
+        fn.apply, fn.params, fn.extra, ds, tx=optax.adam(1e-3), epochs=epochs, batch_size=128, progress=False
+    )
     train_s = time.perf_counter() - t0
 
     def train_fn(params, wrap):

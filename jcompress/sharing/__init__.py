@@ -5,13 +5,13 @@ from jcompress.sharing.kmeans import INITS, KMeansResult, SharingAux, kmeans_1d,
 
 __all__ = [
     "INITS",
+    "CentroidState",
     "KMeansResult",
     "SharingAux",
+    "centroid_finetune",
+    "centroid_gradients",
     "kmeans_1d",
     "kmeans_share",
     "reconstruct",
-    "CentroidState",
-    "centroid_finetune",
-    "centroid_gradients",
     "sharing_aux",
 ]

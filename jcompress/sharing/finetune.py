@@ -74,7 +74,9 @@ def centroid_gradients(grads, aux: SharingAux) -> dict:
         size = aux.codebooks[g].shape[0]
         total = jnp.zeros((size,), jnp.float32)
         for name, idx in members.items():
-            total = total + jax.ops.segment_sum(flat[name].reshape(-1).astype(jnp.float32), idx.reshape(-1), num_segments=size)
+            total = total + jax.ops.segment_sum(
+                flat[name].reshape(-1).astype(jnp.float32), idx.reshape(-1), num_segments=size
+            )
         out[g] = total.at[0].set(0.0).astype(aux.codebooks[g].dtype)
     return out
 
@@ -112,7 +114,9 @@ def centroid_finetune(
             if flat[name].shape != idx.shape:
                 raise ValueError(f"params/{name} has shape {flat[name].shape} but its indices have {idx.shape}")
             w = flat[name]
-            if not isinstance(w, jax.core.Tracer) and not np.array_equal(np.asarray(aux.codebooks[g])[np.asarray(idx)], np.asarray(w)):
+            if not isinstance(w, jax.core.Tracer) and not np.array_equal(
+                np.asarray(aux.codebooks[g])[np.asarray(idx)], np.asarray(w)
+            ):
                 raise ValueError(
                     f"params/{name} is not codebook[indices] of the SharingAux; pass the params that kmeans_share returned"
                 )

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ __all__ = ["INITS", "KMeansResult", "SharingAux", "kmeans_1d", "kmeans_share", "
 
 INITS = ("linear", "density", "random", "kmeans++")
 
-KSpec = Union[int, Mapping[str, int], Callable[[str, Any], int]]
+KSpec = int | Mapping[str, int] | Callable[[str, Any], int]
 
 
 class KMeansResult(NamedTuple):
@@ -136,7 +137,7 @@ class _RangeSums(NamedTuple):
     grid: jax.Array
 
     @classmethod
-    def build(cls, values: jax.Array) -> "_RangeSums":
+    def build(cls, values: jax.Array) -> _RangeSums:
         n = values.shape[0]
         levels = max((2**31 - 1) // max(n, 1), 1)
         grid = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(jnp.float32).tiny) / levels
@@ -254,7 +255,9 @@ def _lloyd(x, valid, xs, n_valid, c0, *, iters, history):
 
     hist0 = jnp.zeros((iters if history else 1,), jnp.float32)
     b0 = jnp.full((k + 1,), -1, jnp.int32)
-    c, _, it, _, hist = jax.lax.while_loop(cond, body, (c0.astype(jnp.float32), b0, jnp.int32(0), jnp.bool_(False), hist0))
+    c, _, it, _, hist = jax.lax.while_loop(
+        cond, body, (c0.astype(jnp.float32), b0, jnp.int32(0), jnp.bool_(False), hist0)
+    )
     c = jnp.sort(c)
     mid = (c[1:] + c[:-1]) / 2
     labels = _count(mid, x, strict=True)

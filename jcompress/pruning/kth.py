@@ -17,6 +17,7 @@ counting instead (a radix/histogram selection on the float32 bit patterns):
    the data settles it. If the counts show the answer outside the interval the search
    restarts from the whole key range, which takes two more passes: always exact.
 
+Inputs of up to 65,536 elements (single layers, samples) are simply sorted.
 Each pass streams the data once and scatters into a histogram, in cache-sized chunks,
 so the work is linear. With arrays sharded over devices each device counts its own
 shard and only the bucket counts are summed across devices (an all-reduce); the
@@ -32,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -58,6 +60,7 @@ _NBUCKETS = 1 << _BITS
 _OFFSET = np.uint32(0x80000000)
 _KEY_MIN = 0x00800000  # key of -inf (the smallest non-NaN float)
 _KEY_MAX = 0xFF800000  # key of +inf
+_SORT_BELOW = 1 << 16  # inputs up to this size are simply sorted
 _SAMPLE_ABOVE = 1 << 22  # inputs with at least this many elements bracket the answer from a sample
 _SAMPLE_STRIDE = 64
 
@@ -184,6 +187,7 @@ def _sample(x: jax.Array, stride: int) -> jax.Array:
     return x[tuple(index)]
 
 
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
 def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> jax.Array:
     """Exact k-th largest :func:`float_to_key` key (1-indexed) over all elements.
 
@@ -208,6 +212,10 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
       uint32 scalar key; :func:`key_to_float` gives the value.
     """
     n = sum(int(np.prod(v.shape)) for v in values)
+    if n <= _SORT_BELOW and chunk and not any(_is_sharded(v) for v in values):
+        # A small sort beats a 2**21-bucket histogram (but would gather sharded arrays).
+        keys = jnp.concatenate([float_to_key(v).reshape(-1) for v in values])
+        return jnp.sort(keys)[n - k]
     full = (jnp.uint32(_KEY_MIN), jnp.uint32(_KEY_MAX))
     if n >= _SAMPLE_ABOVE:
         sample = [_sample(v, _SAMPLE_STRIDE) for v in values]
@@ -268,6 +276,11 @@ def _float_leaves(values: Sequence[jax.Array], arg: str) -> list[jax.Array]:
     return out
 
 
+def _chunk_for(values: Sequence[jax.Array], chunk: int | None) -> int | None:
+    """No chunking when any leaf is spread over devices (it would be gathered)."""
+    return None if any(_is_sharded(v) for v in values) else chunk
+
+
 def kth_largest(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> jax.Array:
     """Exact k-th largest value (1-indexed, counting repeats) over several float arrays.
 
@@ -288,7 +301,7 @@ def kth_largest(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 <<
     """
     values = _float_leaves(values, "values")
     k = _check_k(k, sum(int(np.prod(v.shape)) for v in values))
-    return key_to_float(kth_largest_key(values, k, chunk=chunk))
+    return key_to_float(kth_largest_key(values, k, chunk=_chunk_for(values, chunk)))
 
 
 def keep_top_masks(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> list[jax.Array]:
@@ -311,7 +324,11 @@ def keep_top_masks(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1
     total = sum(int(np.prod(v.shape)) for v in values)
     if k == 0:
         return [jnp.zeros(v.shape, bool) for v in values]
-    k = _check_k(k, total)
+    return _keep_top(values, _check_k(k, total), chunk=_chunk_for(values, chunk))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+def _keep_top(values: list[jax.Array], k: int, chunk: int | None) -> list[jax.Array]:
     keys = [float_to_key(v) for v in values]
     t = kth_largest_key(values, k, chunk=chunk)
     above = [x > t for x in keys]

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, NamedTuple
 
@@ -292,33 +293,43 @@ def make_masks(
         jtree.check_same_structure(scores, existing, "scores", "existing")
         old = dict(jtree.named_leaves(existing))
         sel = {k: jnp.where(jnp.asarray(old[k], bool), v, -jnp.inf) for k, v in sel.items()}
-    names = list(sel)
-
     if pattern == "nm":
         if scope == "global" or distribution == "erk":
             raise ValueError("pattern='nm' fixes the sparsity of every group; use scope='layer', distribution='uniform'")
         if sparsity is not None and abs(_check_sparsity(sparsity, "sparsity") - (1 - n / m)) > 1e-9:
             raise ValueError(f"sparsity={sparsity} contradicts n:m={n}:{m} (which prunes {1 - n / m}); pass sparsity=None")
-        ax = -2 if axis is None else axis
-        new = {k: nm_masks(v, n=n, m=m, axis=ax, name=f"scores/{k}") for k, v in sel.items()}
-    else:
-        if sparsity is None:
-            raise ValueError(f"sparsity is required for pattern={pattern!r}")
-        unit_axis = -1 if axis is None else axis
-        if pattern == "unstructured":
-            units = sel
-        elif pattern == "structured":
-            units = {k: _units(v, unit_axis, norm, f"scores/{k}") for k, v in sel.items()}
-        else:
-            units = {k: _blocks(v, block, f"scores/{k}") for k, v in sel.items()}
-        keep_units = _keep_units(units, sparsity, scope, distribution, sel)
-        if pattern == "unstructured":
-            new = keep_units
-        elif pattern == "structured":
-            new = {k: _expand_units(keep_units[k], sel[k].shape, unit_axis) for k in names}
-        else:
-            new = {k: _expand_blocks(keep_units[k], sel[k].shape, block) for k in names}
+    elif sparsity is None:
+        raise ValueError(f"sparsity is required for pattern={pattern!r}")
+    if isinstance(sparsity, Mapping):
+        sparsity = tuple(sorted(_per_layer_sparsity(sparsity, list(sel)).items()))
+    plan = (pattern, n, m, axis, tuple(block), norm, scope, distribution, sparsity)
+    new = _masks_of(sel, plan=plan)
     return jtree.map_with_names(lambda k, x: new[k] if k in new else jnp.ones(jnp.shape(x), bool), scores)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _masks_of(sel: dict, plan: tuple) -> dict:
+    """Masks of the selected score arrays; ``plan`` holds the static hyperparameters."""
+    pattern, n, m, axis, block, norm, scope, distribution, sparsity = plan
+    if isinstance(sparsity, tuple):
+        sparsity = dict(sparsity)
+    names = list(sel)
+    if pattern == "nm":
+        ax = -2 if axis is None else axis
+        return {k: nm_masks(v, n=n, m=m, axis=ax, name=f"scores/{k}") for k, v in sel.items()}
+    unit_axis = -1 if axis is None else axis
+    if pattern == "unstructured":
+        units = sel
+    elif pattern == "structured":
+        units = {k: _units(v, unit_axis, norm, f"scores/{k}") for k, v in sel.items()}
+    else:
+        units = {k: _blocks(v, block, f"scores/{k}") for k, v in sel.items()}
+    keep_units = _keep_units(units, sparsity, scope, distribution, sel)
+    if pattern == "unstructured":
+        return keep_units
+    if pattern == "structured":
+        return {k: _expand_units(keep_units[k], sel[k].shape, unit_axis) for k in names}
+    return {k: _expand_blocks(keep_units[k], sel[k].shape, block) for k in names}
 
 
 def _keep_units(units: dict, sparsity, scope: str, distribution: str, sel: dict) -> dict:
@@ -367,6 +378,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     return jtree.map_with_names(one, params, masks)
 
 
+@functools.partial(jax.jit, static_argnames=("pattern", "block", "axis", "norm"))
 def _thresholds(masks_sel: dict, sel: dict, pattern: str, block, axis, norm) -> dict:
     out = {}
     for k, v in sel.items():
@@ -413,7 +425,7 @@ def prune(
     )
     sel = _selected_scores(scores, selection)
     msel = dict(jtree.named_leaves(masks))
-    thresholds = _thresholds({k: msel[k] for k in sel}, sel, pattern, block, axis, norm)
+    thresholds = _thresholds({k: msel[k] for k in sel}, sel, pattern=pattern, block=tuple(block), axis=axis, norm=norm)
     return apply_masks(params, masks), PruneAux(masks, scores, thresholds)
 
 

@@ -1,0 +1,359 @@
+"""Masks with exact counts, the radix-select threshold, and sparsity summaries."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jcompress import models, tree
+from jcompress.pruning import kth, masks, scores, summary
+from jcompress.pruning.masks import apply_masks, erk_densities, magnitude_pruning, make_masks, prune
+
+
+def _zeros(m):
+    return int(np.size(m) - np.count_nonzero(np.asarray(m)))
+
+
+def _ref_keep(values, n_keep):
+    """Reference: keep the last n_keep of a stable ascending argsort of the concatenation."""
+    flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in values])
+    keep = np.zeros(flat.size, bool)
+    if n_keep:
+        keep[np.argsort(flat, kind="stable")[flat.size - n_keep :]] = True
+    out, i = [], 0
+    for v in values:
+        out.append(keep[i : i + np.size(v)].reshape(np.shape(v)))
+        i += np.size(v)
+    return out
+
+
+def _tied_scores(rng, shapes):
+    """Scores with many ties (small integers), to exercise the tie rule."""
+    return {f"l{i}": {"kernel": jnp.asarray(rng.integers(0, 5, size=s).astype(np.float32))} for i, s in enumerate(shapes)}
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model = models.create("lenet5", input_shape=(16, 16, 1), num_classes=10)  # small: fast tests
+    _, state = nnx.split(model, nnx.Param)
+    return state, tree.to_pure_dict(state)
+
+
+# ----------------------------------------------------------------------------- kth
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: [r.standard_normal((37, 5)), r.standard_normal(11)],
+        lambda r: [np.array([3.0, 1.0, 2.0, 2.0, -0.0, 0.0, -np.inf, np.inf])],
+        lambda r: [np.zeros(100)],
+        lambda r: [r.integers(-3, 3, size=(300, 300))],  # heavy ties, histogram path
+        lambda r: [r.standard_normal(5000) * 1e-40],  # denormals
+        lambda r: [r.standard_normal((700, 300)), np.abs(r.standard_normal(2**20)) ** 3],
+        lambda r: [np.sort(r.standard_normal(2**22 + 5))],  # sorted: a biased sample, restart path
+    ],
+)
+def test_kth_largest_equals_np_partition(make):
+    vals = [np.asarray(v, np.float32) for v in make(np.random.default_rng(0))]
+    flat = np.concatenate([v.ravel() for v in vals])
+    n = flat.size
+    f = jax.jit(kth.kth_largest, static_argnums=1)
+    ks = {1, 2, n // 3 + 1, n // 2, n - 1, n} if n < 2**16 else {3, n // 2, n - 1}
+    for k in sorted(ks):
+        got = f([jnp.asarray(v) for v in vals], k)
+        want = np.partition(flat, n - k)[n - k]
+        assert got == want, (k, got, want)
+
+
+def test_float_key_orders_like_floats_and_round_trips():
+    x = np.array([-np.inf, -3.5, -1e-40, -0.0, 0.0, 1e-45, 1e-38, 2.0, np.inf], np.float32)
+    keys = np.asarray(kth.float_to_key(jnp.asarray(x)))
+    assert np.all(np.diff(keys.astype(np.int64)) >= 0)
+    assert keys[3] == keys[4]  # -0.0 and +0.0 tie
+    np.testing.assert_array_equal(np.asarray(kth.key_to_float(jnp.asarray(keys)))[[0, 1, 2, 5, 6, 7, 8]], x[[0, 1, 2, 5, 6, 7, 8]])
+
+
+@pytest.mark.parametrize("shapes", [[(50, 7), (13,)], [(300, 300), (1000,)]])
+def test_keep_top_masks_matches_stable_argsort(shapes):
+    rng = np.random.default_rng(1)
+    vals = [rng.integers(0, 7, size=s).astype(np.float32) for s in shapes]
+    n = sum(v.size for v in vals)
+    for k in [0, 1, n // 2 + 3, n]:
+        got = kth.keep_top_masks([jnp.asarray(v) for v in vals], k)
+        for g, w in zip(got, _ref_keep(vals, k)):
+            np.testing.assert_array_equal(np.asarray(g), w)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("n_rows", [256, 8192])  # full-range start / sample-bracket start
+def test_sharded_threshold_never_gathers_weights(axis_type, n_rows):
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+    rng = np.random.default_rng(2)
+    leaves = [rng.standard_normal((n_rows, 512)).astype(np.float32), rng.standard_normal((512, 256)).astype(np.float32)]
+    specs = [P("d", None), P(None, "d")]
+    sharded = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(leaves, specs)]
+    n = sum(x.size for x in leaves)
+    k = n // 3
+    fn = jax.jit(lambda ls: kth.kth_largest([jnp.abs(x) for x in ls], k, chunk=None))
+    hlo = fn.lower(sharded).compile().as_text()
+    assert "all-gather" not in hlo
+    assert "all-reduce" in hlo  # the bucket counts are summed across devices
+    flat = np.abs(np.concatenate([x.ravel() for x in leaves]))
+    assert fn(sharded) == np.partition(flat, n - k)[n - k]
+
+
+def test_global_threshold_and_masks(lenet):
+    _, params = lenet
+    t = kth.global_threshold(params, sparsity=0.8)
+    m = kth.global_magnitude_masks(params, sparsity=0.8)
+    kernels = [np.abs(np.asarray(x)) for _, x in tree.iter_selected(params)]
+    total = sum(x.size for x in kernels)
+    flat = np.concatenate([x.ravel() for x in kernels])
+    k = total - kth.pruned_count(0.8, total)
+    assert t == np.partition(flat, total - k)[total - k]
+    kept = sum(int(np.sum(x)) for _, x in tree.iter_selected(m))
+    assert kept == k
+    assert all(bool(np.all(x)) for n, x in tree.named_leaves(m) if n.endswith("bias"))
+
+
+def test_kth_bad_input():
+    with pytest.raises(ValueError, match="outside"):
+        kth.kth_largest([jnp.ones(4)], 5)
+    with pytest.raises(TypeError, match="floating"):
+        kth.kth_largest([jnp.ones(4, jnp.int32)], 1)
+    with pytest.raises(ValueError, match="sparsity"):
+        kth.global_threshold({"w": {"kernel": jnp.ones((2, 2))}}, sparsity=1.0)
+
+
+# ----------------------------------------------------------------------------- exact counts
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shapes=st.lists(st.sampled_from([(1, 7), (8, 6), (13, 5), (40, 24)]), min_size=1, max_size=3),
+    sparsity=st.floats(0.0, 0.99),
+    scope=st.sampled_from(["layer", "global"]),
+    seed=st.integers(0, 2**16),
+)
+def test_unstructured_exact_and_equal_to_reference(shapes, sparsity, scope, seed):
+    s = _tied_scores(np.random.default_rng(seed), shapes)
+    m = make_masks(s, sparsity=sparsity, scope=scope, selection="kernel")
+    got = [np.asarray(x) for _, x in tree.named_leaves(m)]
+    vals = [np.asarray(x) for _, x in tree.named_leaves(s)]
+    if scope == "layer":
+        for g, v in zip(got, vals):
+            assert _zeros(g) == kth.pruned_count(sparsity, v.size)
+            np.testing.assert_array_equal(g, _ref_keep([v], v.size - kth.pruned_count(sparsity, v.size))[0])
+    else:
+        total = sum(v.size for v in vals)
+        assert sum(_zeros(g) for g in got) == kth.pruned_count(sparsity, total)
+        for g, w in zip(got, _ref_keep(vals, total - kth.pruned_count(sparsity, total))):
+            np.testing.assert_array_equal(g, w)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    rows=st.sampled_from([1, 3]),
+    cols=st.sampled_from([2, 5]),
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8)]),
+    axis=st.sampled_from([0, 1]),
+    seed=st.integers(0, 2**16),
+)
+def test_nm_every_group_has_exactly_m_minus_n_zeros(rows, cols, nm, axis, seed):
+    n, m = nm
+    shape = [rows, cols]
+    shape[axis] *= m
+    s = _tied_scores(np.random.default_rng(seed), [tuple(shape)])
+    mask = np.asarray(make_masks(s, sparsity=None, pattern="nm", n=n, m=m, axis=axis, selection="kernel")["l0"]["kernel"])
+    groups = np.moveaxis(mask, axis, -1).reshape(-1, m)
+    assert np.all(groups.sum(axis=1) == n)
+    # within a group the kept scores are the n largest (ties: higher index kept)
+    vals = np.moveaxis(np.asarray(s["l0"]["kernel"]), axis, -1).reshape(-1, m)
+    for g, v in zip(groups, vals):
+        np.testing.assert_array_equal(g, _ref_keep([v], n)[0])
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shape=st.sampled_from([(8, 6), (3, 3, 4, 10), (12, 5)]),
+    sparsity=st.floats(0.0, 0.95),
+    norm=st.sampled_from(["l1", "l2"]),
+    seed=st.integers(0, 2**16),
+)
+def test_structured_removes_whole_units(shape, sparsity, norm, seed):
+    s = _tied_scores(np.random.default_rng(seed), [shape])
+    mask = np.asarray(make_masks(s, sparsity=sparsity, pattern="structured", norm=norm, selection="kernel")["l0"]["kernel"])
+    units = mask.reshape(-1, shape[-1])
+    per_unit = units.all(axis=0)
+    assert np.all(per_unit | ~units.any(axis=0))  # each unit all kept or all pruned
+    assert int((~per_unit).sum()) == kth.pruned_count(sparsity, shape[-1])
+    # the pruned units are those with the lowest aggregated scores
+    v = np.abs(np.asarray(s["l0"]["kernel"]).reshape(-1, shape[-1]))
+    agg = v.sum(0) if norm == "l1" else np.sqrt((v**2).sum(0))
+    np.testing.assert_array_equal(per_unit, _ref_keep([agg.astype(np.float32)], shape[-1] - kth.pruned_count(sparsity, shape[-1]))[0])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_block_pattern_exact_blocks(scope):
+    rng = np.random.default_rng(3)
+    s = {"a": {"kernel": jnp.asarray(rng.random((8, 12), np.float32))}, "b": {"kernel": jnp.asarray(rng.random((2, 2, 4, 6), np.float32))}}
+    m = make_masks(s, sparsity=0.5, pattern="block", block=(2, 3), scope=scope)
+    total_blocks = 0
+    pruned_blocks = 0
+    for _, mask in tree.named_leaves(m):
+        mat = np.asarray(mask).reshape(-1, np.shape(mask)[-1])
+        blocks = mat.reshape(mat.shape[0] // 2, 2, mat.shape[1] // 3, 3)
+        assert np.all(blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3)))
+        total_blocks += blocks.shape[0] * blocks.shape[2]
+        pruned_blocks += int((~blocks.any(axis=(1, 3))).sum())
+        if scope == "layer":
+            assert int((~blocks.any(axis=(1, 3))).sum()) == kth.pruned_count(0.5, blocks.shape[0] * blocks.shape[2])
+    assert pruned_blocks == kth.pruned_count(0.5, total_blocks) or scope == "layer"
+
+
+def test_erk_total_exact_and_proportional():
+    shapes = {"conv": (3, 3, 16, 32), "fc1": (800, 500), "fc2": (500, 10)}
+    keep = erk_densities(shapes, sparsity=0.9)
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    assert sum(keep.values()) == total - kth.pruned_count(0.9, total)
+    dens = {n: keep[n] / np.prod(s) for n, s in shapes.items()}
+    raw = {n: sum(s) / np.prod(s) for n, s in shapes.items()}
+    free = [n for n in shapes if dens[n] < 1]
+    ratios = [dens[n] / raw[n] for n in free]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-3)  # same epsilon for non-dense layers
+    assert dens["fc2"] > dens["fc1"]  # small layers are kept denser
+    m = make_masks({n: {"kernel": jnp.ones(s)} for n, s in shapes.items()}, sparsity=0.9, distribution="erk")
+    assert {n.split("/")[0]: int(np.sum(x)) for n, x in tree.named_leaves(m)} == keep
+
+
+def test_sparsity_dict_per_layer(lenet):
+    _, params = lenet
+    names = tree.selected_names(params)
+    want = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
+    m = make_masks(scores.magnitude(params), sparsity=want)
+    for n, x in tree.named_leaves(m):
+        if n in want:
+            assert _zeros(x) == kth.pruned_count(want[n], x.size)
+    with pytest.raises(ValueError, match="missing"):
+        make_masks(scores.magnitude(params), sparsity={names[0]: 0.5})
+
+
+def test_existing_masks_stay_pruned(lenet):
+    _, params = lenet
+    rnd = scores.random(params, key=jax.random.key(0))
+    first = make_masks(rnd, sparsity=0.5)
+    second = make_masks(scores.random(params, key=jax.random.key(1)), sparsity=0.7, existing=first)
+    for (_, a), (_, b) in zip(tree.named_leaves(first), tree.named_leaves(second)):
+        assert not np.any(np.asarray(b) & ~np.asarray(a))
+
+
+# ----------------------------------------------------------------------------- jit, NNX, determinism
+
+_CONFIGS = [
+    dict(sparsity=0.8),
+    dict(sparsity=0.8, scope="global"),
+    dict(sparsity=0.9, distribution="erk"),
+    dict(sparsity=None, pattern="nm", n=2, m=4, include=["conv2/kernel", "fc2/kernel"]),  # m divides their input axis
+    dict(sparsity=0.5, pattern="block", block=(5, 2)),
+    dict(sparsity=0.5, pattern="structured", norm="l2"),
+]
+
+
+@pytest.mark.parametrize("config", _CONFIGS)
+def test_jit_state_dict_and_determinism_agree(lenet, config):
+    state, params = lenet
+    fn = magnitude_pruning(**config)
+    new, aux = fn(params)
+    new_j, aux_j = jax.jit(fn)(params)
+    new_s, aux_s = fn(state)
+    assert isinstance(new_s, nnx.State)
+    chex.assert_trees_all_equal(aux.masks, aux_j.masks)
+    chex.assert_trees_all_equal(aux.masks, tree.to_pure_dict(aux_s.masks))
+    chex.assert_trees_all_equal(new, new_j)
+    chex.assert_trees_all_equal(new, tree.to_pure_dict(new_s))
+    chex.assert_trees_all_equal(aux.masks, fn(params)[1].masks)  # deterministic
+    # pruned entries are exactly zero, kept entries untouched, biases untouched
+    for n, w in tree.named_leaves(params):
+        m = np.asarray(tree.get_by_name(aux.masks, n))
+        got = np.asarray(tree.get_by_name(new, n))
+        np.testing.assert_array_equal(got, np.where(m, np.asarray(w), 0))
+        if n.endswith("bias"):
+            assert m.all()
+    assert set(aux.thresholds) == set(tree.selected_names(params, config.get("include")))
+
+
+def test_thresholds_separate_kept_from_pruned(lenet):
+    _, params = lenet
+    new, aux = prune(params, scores.magnitude(params), sparsity=0.7)
+    for n, t in aux.thresholds.items():
+        w = np.abs(np.asarray(tree.get_by_name(params, n)))
+        m = np.asarray(tree.get_by_name(aux.masks, n))
+        assert np.min(w[m]) == t and np.all(w[~m] <= t)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs(lenet):
+    _, params = lenet
+    s = scores.magnitude(params)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="sparsity"):
+            make_masks(s, sparsity=bad)
+    with pytest.raises(TypeError, match="sparsity"):
+        make_masks(s, sparsity="0.5")
+    with pytest.raises(ValueError, match="does not divide"):
+        make_masks({"w": {"kernel": jnp.ones((6, 4))}}, sparsity=None, pattern="nm", n=2, m=4, axis=0)
+    with pytest.raises(ValueError, match="contradicts"):
+        make_masks(s, sparsity=0.3, pattern="nm")
+    with pytest.raises(ValueError, match="does not tile"):
+        make_masks({"w": {"kernel": jnp.ones((6, 4))}}, sparsity=0.5, pattern="block", block=(4, 4))
+    with pytest.raises(ValueError, match="matches no leaf"):
+        make_masks(s, sparsity=0.5, selection=r"nothing_here")
+    with pytest.raises(ValueError, match="scope"):
+        make_masks(s, sparsity=0.5, scope="model")
+    with pytest.raises(ValueError, match="global"):
+        make_masks(s, sparsity=0.5, scope="global", distribution="erk")
+    with pytest.raises(TypeError, match="floating"):
+        make_masks({"w": {"kernel": jnp.ones((4, 4), jnp.int32)}}, sparsity=0.5)
+    with pytest.raises(TypeError, match="params/w/kernel"):
+        magnitude_pruning(sparsity=0.5)({"w": {"kernel": jnp.ones((4, 4), jnp.int32)}})
+    with pytest.raises(ValueError, match="NaN"):
+        make_masks({"w": {"kernel": jnp.full((4, 4), jnp.nan)}}, sparsity=0.5)
+    m = make_masks(s, sparsity=0.5)
+    with pytest.raises(ValueError, match="structure"):
+        apply_masks(params, {"fc1": m["fc1"]})
+    bad_shape = jax.tree.map(lambda x: x[..., :1], m)
+    with pytest.raises(ValueError, match="shape"):
+        apply_masks(params, bad_shape)
+    with pytest.raises(ValueError, match="bool"):
+        apply_masks(params, jax.tree.map(lambda x: x.astype(jnp.float32), m))
+    with pytest.raises(ValueError, match="existing"):
+        make_masks(s, sparsity=0.5, existing={"fc1": m["fc1"]})
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def test_summary_counts_and_table(lenet):
+    _, params = lenet
+    new, aux = magnitude_pruning(sparsity=0.75)(params)
+    sm = summary.sparsity_summary(aux.masks, selection="kernel")
+    sp = summary.sparsity_summary(new, selection="kernel")
+    for n, c in sm["layers"].items():
+        assert c["zeros"] == kth.pruned_count(0.75, c["size"])
+        assert sp["layers"][n]["zeros"] >= c["zeros"]  # a kept weight may itself be 0
+    assert sm["total"]["size"] == sum(c["size"] for c in sm["layers"].values())
+    table = summary.format_summary(sm)
+    assert "total" in table and re.search(r"fc1/kernel\s+[\d,]+\s+[\d,]+\s+75\.00%", table)
+    full = summary.sparsity_summary(aux.masks)
+    assert full["layers"]["fc1/bias"]["zeros"] == 0

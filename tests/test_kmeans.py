@@ -226,7 +226,7 @@ def test_centroid_finetune_keeps_weights_tied_on_digits():
     ds = data.load("digits")
     model = models.create("mlp", input_shape=ds.input_shape, num_classes=10, widths=(64, 32))
     fn = models.functional(model)
-    res = train.fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(3e-3), epochs=6, batch_size=64, progress=False)
+    res = train.fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(3e-3), epochs=4, batch_size=64, progress=False)
     # prune half of every kernel by magnitude, then share with 7 centroids + the zero
     pruned = jax.tree.map(
         lambda w: jnp.where(jnp.abs(w) >= jnp.median(jnp.abs(w)), w, 0.0) if w.ndim == 2 else w, res.params

@@ -94,17 +94,6 @@ def _unsortable(i: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.where(i < 0, i ^ 0x7FFFFFFF, i), jnp.float32)
 
 
-def _prefix_sums(v: jax.Array, block: int = 1024) -> jax.Array:
-    """``[0, v0, v0+v1, ...]`` (length n + 1) in float32, summed in blocks to limit round-off."""
-    n = v.shape[0]
-    pad = (-n) % block
-    vb = jnp.pad(v, (0, pad)).reshape(-1, block)
-    inner = jnp.cumsum(vb, axis=1)
-    outer = jnp.concatenate([jnp.zeros((1,), v.dtype), jnp.cumsum(inner[:, -1])[:-1]])
-    full = (inner + outer[:, None]).reshape(-1)[:n]
-    return jnp.concatenate([jnp.zeros((1,), v.dtype), full])
-
-
 def _count(a: jax.Array, q: jax.Array, *, strict: bool) -> jax.Array:
     """Number of elements of sorted ``a`` that are ``< q`` (strict) or ``<= q``, per query.
 
@@ -144,7 +133,8 @@ class _RangeSums(NamedTuple):
         q = jnp.round(values / grid).astype(jnp.int32)
         r = values - q.astype(jnp.float32) * grid
         q_cs = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q)])
-        return cls(q_cs, _prefix_sums(r), grid)
+        r_cs = jnp.concatenate([jnp.zeros((1,), r.dtype), jnp.cumsum(r)])  # |r| <= grid / 2: tiny sums
+        return cls(q_cs, r_cs, grid)
 
     def range_sum(self, start: jax.Array, stop: jax.Array) -> jax.Array:
         dq = self.q[stop] - self.q[start]  # exact despite wrap-around

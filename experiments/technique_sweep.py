@@ -23,12 +23,19 @@ and the latency column shows it; only structured pruning, SVD and distillation a
 faster. One table, one scatter plot (accuracy against bytes and against latency; the
 Pareto front marked).
 
-Expected result (full mode, about 3-4 minutes on 2 CPU cores): pruning at 90% and the
-combinations keep accuracy within about a point of the dense model at 5-30x smaller
-files; prune + sharing + Huffman is the smallest file; int8 costs nothing and int4 PTQ a
-little; only structured pruning, SVD and the distilled student lower the latency.
-Quick mode (1,000 training images, one epoch per stage, fewer repeats) takes under a
-minute and checks that every technique runs.
+Expected result (full mode, about 8 minutes of wall time on 2 busy CPU cores, measured
+on mnist5k; dense 93.9%, 1,068 KB, 1.6 ms): magnitude pruning at 90% keeps accuracy
+(94.0%, 7.8x, stored as float32 values with 5-bit relative indices); Taylor and SNIP at
+90% with one global threshold lose 9 points (their scores are not comparable across
+layers; SNIP ranks exactly as Taylor on the same batch), OBD 5; L2 structured removal of
+half the neurons keeps accuracy at 2.1x smaller and 2.1x faster, entropy-ranked removal
+loses 5 points; SVD at rank 25% 93.5%, 2.9x smaller, 2.4x faster; k-means sharing 93.9%
+at 6.8x; int8 94.0% at 3.9x; int4 PTQ 93.8% at 7.7x (QAT at Adam 1e-3 for 2 epochs did
+worse, 92.7%); the 4x narrower distilled student 91.6%, 4.3x smaller and 3.7x faster;
+prune + int8 94.0% at 19.8x; prune + sharing + Huffman 93.8% at 30x, the smallest file.
+Masked and quantized models all run at dense speed (within timing noise).
+Quick mode (1,000 training images, one epoch per stage, fewer repeats) needs about 70 s
+of CPU and checks that every technique runs.
 """
 
 from __future__ import annotations
@@ -119,7 +126,7 @@ def _prune_int8_candidate() -> advisor.Candidate:
 
     def build(s: advisor.Subject) -> advisor.Built:
         pruned, paux = jax.jit(masks_lib.magnitude_pruning(sparsity=SPARSITY, scope="global"))(s.params)
-        tx = optax.chain(optax.adam(LR / 10), optim.keep_masked(paux.masks))
+        tx = optax.chain(optax.adam(LR), optim.keep_masked(paux.masks))
         tuned = masks_lib.apply_masks(s.finetune_fn(s.apply_fn, pruned, tx=tx, epochs=s.epochs), paux.masks)
         qparams, qaux = jax.jit(quant.weight_quantization(bits=8))(tuned)
         path = s.workdir / "prune_int8.jcz"
@@ -143,18 +150,18 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
     )
     candidates = [
         advisor.dense_candidate(),
-        advisor.pruning_candidate(SPARSITY, lr=LR / 10, label="magnitude prune"),
+        advisor.pruning_candidate(SPARSITY, lr=LR, label="magnitude prune"),
         *_score_candidates(ds),
         _entropy_candidate(net.model, ds),
         advisor.structured_candidate(0.5, label="L2: remove neurons"),
         advisor.lowrank_candidate(0.25),
-        advisor.sharing_candidate(lr=LR / 10),
+        advisor.sharing_candidate(lr=LR),
         advisor.quantization_candidate(8),
         advisor.quantization_candidate(4),
-        advisor.quantization_candidate(4, qat=True, lr=LR / 10),
+        advisor.quantization_candidate(4, qat=True, lr=LR),
         advisor.distillation_candidate(0.25),
         _prune_int8_candidate(),
-        advisor.deep_compression_candidate(SPARSITY, lr=LR / 10),
+        advisor.deep_compression_candidate(SPARSITY, lr=LR),
     ]
     advice = advisor.advise(
         net.model, apply_fn, eval_fn, inputs=inputs, finetune_fn=finetune_fn, distill_fn=distill_fn,

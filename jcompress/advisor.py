@@ -621,7 +621,7 @@ def dense_candidate() -> Candidate:
 
 
 def pruning_candidate(
-    sparsity: float, *, lr: float = 1e-4, score_fn: Callable | None = None, label: str = "prune", **mask_kw
+    sparsity: float, *, lr: float = 1e-3, score_fn: Callable | None = None, label: str = "prune", **mask_kw
 ) -> Candidate:
     """Global pruning to ``sparsity``, fine-tuned with masks kept, stored sparse (relative indices).
 
@@ -645,7 +645,7 @@ def pruning_candidate(
     return Candidate(name, "pruning", True, build)
 
 
-def quantization_candidate(bits: int, *, qat: bool = False, lr: float = 1e-4) -> Candidate:
+def quantization_candidate(bits: int, *, qat: bool = False, lr: float = 1e-3) -> Candidate:
     """Per-output-channel symmetric ``bits``-bit weights: post-training, or after QAT fine-tuning."""
 
     def build(s: Subject) -> Built:
@@ -666,7 +666,7 @@ def quantization_candidate(bits: int, *, qat: bool = False, lr: float = 1e-4) ->
     return Candidate(name, "quantization", True, build)
 
 
-def sharing_candidate(*, lr: float = 1e-4) -> Candidate:
+def sharing_candidate(*, lr: float = 1e-3) -> Candidate:
     """K-means weight sharing (conv 8 bits, fc 5 bits) with centroid fine-tuning, Huffman-coded indices."""
 
     def build(s: Subject) -> Built:
@@ -680,7 +680,7 @@ def sharing_candidate(*, lr: float = 1e-4) -> Candidate:
     return Candidate(name, "sharing", True, build)
 
 
-def deep_compression_candidate(sparsity: float, *, lr: float = 1e-4) -> Candidate:
+def deep_compression_candidate(sparsity: float, *, lr: float = 1e-3) -> Candidate:
     """Deep Compression: prune + fine-tune, k-means sharing + centroid fine-tune, Huffman coding."""
 
     def build(s: Subject) -> Built:
@@ -886,7 +886,9 @@ def advise(
         added in front when none of family ``'dense'`` is given.
       keep_architecture: only recipes that keep the layers and shapes may be recommended
         (the others are still measured and shown).
-      epochs: fine-tuning epochs per stage (short: 1-2).
+      epochs: fine-tuning epochs per stage (short: 1-2). The recipes fine-tune with Adam at
+        1e-3: with so few steps, 1/10 of the training rate (Han et al.'s rule for SGD) left
+        a LeNet-300-100 pruned to 8% on mnist5k 1.5 points below dense, the full rate none.
       quick: the short default list of recipes.
       workdir: where the candidates' files are written (default: a temporary directory,
         removed afterwards; the rows keep the sizes).

@@ -191,7 +191,7 @@ def test_other_schedules():
 # ----------------------------------------------------------------------------- Zhu-Gupta
 
 
-GP = dict(final_sparsity=0.85, initial_sparsity=0.05, begin_step=3, end_step=15, frequency=4)
+GP = {"final_sparsity": 0.85, "initial_sparsity": 0.05, "begin_step": 3, "end_step": 15, "frequency": 4}
 
 
 def _run_gradual(params, steps, jit):
@@ -239,6 +239,7 @@ def test_gradual_pruning_global_scope_counts():
     step = _stepper(tx, True)
     sched = schedules.cubic(final_sparsity=0.6, begin_step=0, end_step=4, frequency=2)
     total = 64 * 32 + 32 * 16 + 16 * 10
+    prev = None
     for t in range(6):
         before = params
         params, state = step(params, state, jax.tree.map(jnp.zeros_like, params))
@@ -256,10 +257,12 @@ def test_soft_filter_pruning_lets_filters_regrow():
     tx = optax.chain(optax.sgd(1.0), optim.soft_filter_pruning(sparsity=0.25, frequency=3, end_step=9))
     state = tx.init(params)
     step = _stepper(tx, True)
-    zero_cols = lambda w: np.flatnonzero(np.all(w == 0, axis=0))  # noqa: E731
+    zero_cols = lambda w: np.flatnonzero(np.all(w == 0, axis=0))
 
     def push_zero_filters(p):  # a gradient that grows every all-zero filter by 1 per step
-        return jax.tree.map(lambda w: -1.0 * (jnp.all(w == 0, axis=0, keepdims=True) & (w.ndim == 2)) * jnp.ones_like(w), p)
+        return jax.tree.map(
+            lambda w: -1.0 * (jnp.all(w == 0, axis=0, keepdims=True) & (w.ndim == 2)) * jnp.ones_like(w), p
+        )
 
     seen = []
     for t in range(13):
@@ -284,7 +287,9 @@ def test_gradual_pruning_rejects_bad_arguments():
     with pytest.raises(ValueError, match="scope"):
         optim.gradual_pruning(final_sparsity=0.5, begin_step=0, end_step=10, frequency=5, scope="model")
     with pytest.raises(ValueError, match="structured"):
-        optim.gradual_pruning(final_sparsity=0.5, begin_step=0, end_step=10, frequency=5, scope="global", pattern="structured")
+        optim.gradual_pruning(
+            final_sparsity=0.5, begin_step=0, end_step=10, frequency=5, scope="global", pattern="structured"
+        )
     tx = optim.gradual_pruning(final_sparsity=0.5, begin_step=0, end_step=10, frequency=5)
     params = _params("dict")
     with pytest.raises(ValueError, match="params"):
@@ -301,7 +306,7 @@ def _rigl_reference(w, g, mask, frac):
     """Numpy RigL step on one leaf: drop the k smallest |w| among active, grow the top-k |g| among the rest."""
     w, g, mask = (np.asarray(a).ravel() for a in (w, g, mask))
     n_active = int(mask.sum())
-    k = int(math.floor(frac * n_active))
+    k = math.floor(frac * n_active)
     active = np.flatnonzero(mask)
     dropped = active[np.argsort(np.abs(w[active]), kind="stable")[:k]]
     remaining = mask.copy()
@@ -314,13 +319,14 @@ def _rigl_reference(w, g, mask, frac):
 
 
 @pytest.mark.parametrize(
-    "kind, jit, method", [("dict", True, "rigl"), ("state", True, "rigl"), ("state", True, "set"), ("dict", False, "set")]
+    "kind, jit, method",
+    [("dict", True, "rigl"), ("state", True, "rigl"), ("state", True, "set"), ("dict", False, "set")],
 )
 def test_dynamic_sparse_training_keeps_counts_and_rewires(kind, jit, method):
     params = _noise(_params(kind), 7)
     masks = masks_lib.make_masks(scores.random(params, key=jax.random.key(1)), sparsity=0.8, distribution="erk")
     params = masks_lib.apply_masks(params, masks)
-    common = dict(masks=masks, delta_t=3, end_step=12, drop_fraction=0.5)
+    common = {"masks": masks, "delta_t": 3, "end_step": 12, "drop_fraction": 0.5}
     if method == "rigl":
         tx = dynamic.rigl(optax.adam(1e-2), **common)
     else:
@@ -335,8 +341,8 @@ def test_dynamic_sparse_training_keeps_counts_and_rewires(kind, jit, method):
         params, state = step(params, state, grads)
         new_masks, p = _flat(optim.find_masks(state)), _flat(params)
         mu = _flat(state.inner_state[0].mu)
-        for n in counts:
-            assert int(new_masks[n].sum()) == counts[n], (t, n)  # exactly constant per layer
+        for n, count in counts.items():
+            assert int(new_masks[n].sum()) == count, (t, n)  # exactly constant per layer
             assert np.all(p[n][~new_masks[n]] == 0.0), (t, n)  # inactive (incl. dropped) weights are 0
             assert np.all(mu[n][~new_masks[n]] == 0.0), (t, n)  # their Adam moments too
             grown = new_masks[n] & ~old_masks[n]
@@ -355,7 +361,7 @@ def test_dynamic_sparse_training_keeps_counts_and_rewires(kind, jit, method):
 
 
 def test_update_fraction_is_cosine_decay():
-    f = lambda t: float(dynamic.update_fraction(t, drop_fraction=0.3, end_step=100))  # noqa: E731
+    f = lambda t: float(dynamic.update_fraction(t, drop_fraction=0.3, end_step=100))
     assert f(0) == pytest.approx(0.3)
     assert f(50) == pytest.approx(0.15)
     assert f(100) == 0.0 and f(150) == 0.0
@@ -414,7 +420,7 @@ def test_find_ticket_rounds_rewinding_and_controls():
             return out, jax.tree.map(lambda p: p + 1.0, params)
         return out
 
-    history_eval = lambda p, m: {"nonzeros": int(sum(np.count_nonzero(x) for x in jax.tree.leaves(p)))}  # noqa: E731
+    history_eval = lambda p, m: {"nonzeros": int(sum(np.count_nonzero(x) for x in jax.tree.leaves(p)))}
     res = lottery.find_ticket(
         train_fn, init, rounds=3, rate=0.2, output_rate=0.1, output_layer="fc3/kernel", eval_fn=history_eval
     )
@@ -436,7 +442,9 @@ def test_find_ticket_rounds_rewinding_and_controls():
     for n, m in _flat(res.masks).items():
         assert int(_flat(rnd)[n].sum()) == int(m.sum())
     assert not np.array_equal(_flat(rnd)["fc1/kernel"], _flat(res.masks)["fc1/kernel"])
-    re = lottery.random_reinit(lambda k: _noise(init, int(jax.random.randint(k, (), 0, 1000))), res.masks, key=jax.random.key(4))
+    re = lottery.random_reinit(
+        lambda k: _noise(init, int(jax.random.randint(k, (), 0, 1000))), res.masks, key=jax.random.key(4)
+    )
     for n, m in _flat(res.masks).items():
         assert np.all(_flat(re)[n][~m] == 0.0)
     with pytest.raises(ValueError, match="output_layer"):
@@ -449,7 +457,17 @@ def test_snapshot_survives_donation(digits):
     fn = models.functional(_model())
     snap = lottery.snapshot(fn.params)
     cb = lottery.snapshot_callback(epoch=1)
-    res = train.fit(fn.apply, fn.params, fn.extra, digits, tx=optax.sgd(0.1), epochs=2, batch_size=64, progress=False, callback=cb.callback)
+    res = train.fit(
+        fn.apply,
+        fn.params,
+        fn.extra,
+        digits,
+        tx=optax.sgd(0.1),
+        epochs=2,
+        batch_size=64,
+        progress=False,
+        callback=cb.callback,
+    )
     after_epoch1 = cb.get()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(snap))
     assert not np.array_equal(_flat(after_epoch1)["fc1/kernel"], _flat(snap)["fc1/kernel"])
@@ -475,7 +493,9 @@ def test_iterative_pruning_undoes_bad_steps():
         seen.append(s)
         return {"accuracy": 0.9 if s <= 0.45 else 0.5}
 
-    res = iterative.iterative_pruning(params, eval_fn=eval_fn, target_sparsity=0.8, step=0.2, tolerance=0.01, min_step=0.04)
+    res = iterative.iterative_pruning(
+        params, eval_fn=eval_fn, target_sparsity=0.8, step=0.2, tolerance=0.01, min_step=0.04
+    )
     tried = [(round(h["sparsity"], 6), h["accepted"]) for h in res.history]
     # 0.2 ok, 0.4 ok, 0.6 undone (step 0.1), 0.5 undone (step 0.05), 0.45 ok, 0.5 undone (step 0.025 < min)
     assert tried == [(0.2, True), (0.4, True), (0.6, False), (0.5, False), (0.45, True), (0.5, False)]
@@ -483,7 +503,6 @@ def test_iterative_pruning_undoes_bad_steps():
     assert _sparsity(res.params) == pytest.approx(0.45, abs=0.01)
     for n, m in _flat(res.masks).items():
         assert np.all(_flat(res.params)[n][~m] == 0.0)
-
 
 
 def test_iterative_pruning_with_finetuning_keeps_masks():
@@ -494,7 +513,9 @@ def test_iterative_pruning_with_finetuning_keeps_masks():
         calls.append(masks)
         return jax.tree.map(lambda x: x + 0.01, p)  # would un-prune; the loop re-applies the masks
 
-    res2 = iterative.iterative_pruning(params, eval_fn=lambda p: 1.0, target_sparsity=0.5, step=0.25, finetune_fn=finetune)
+    res2 = iterative.iterative_pruning(
+        params, eval_fn=lambda p: 1.0, target_sparsity=0.5, step=0.25, finetune_fn=finetune
+    )
     assert res2.reached_target and len(calls) == 2 and res2.sparsity == 0.5
     for n, m in _flat(res2.masks).items():
         assert np.all(_flat(res2.params)[n][~m] == 0.0)

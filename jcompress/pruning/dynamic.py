@@ -171,8 +171,15 @@ def rigl(
       >>> tx = rigl(optax.sgd(0.1, momentum=0.9), masks=masks, delta_t=100, end_step=30000)
     """
     return _dynamic(
-        inner, masks, delta_t=delta_t, end_step=end_step, drop_fraction=drop_fraction,
-        include=include, exclude=exclude, grow="gradient", key=None,
+        inner,
+        masks,
+        delta_t=delta_t,
+        end_step=end_step,
+        drop_fraction=drop_fraction,
+        include=include,
+        exclude=exclude,
+        grow="gradient",
+        key=None,
     )
 
 
@@ -199,7 +206,13 @@ def sparse_evolutionary(
     if key is None or not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
         raise TypeError("key must be a typed PRNG key from jax.random.key(seed)")
     return _dynamic(
-        inner, masks, delta_t=delta_t, end_step=end_step, drop_fraction=drop_fraction,
-        include=include, exclude=exclude, grow="random", key=key,
+        inner,
+        masks,
+        delta_t=delta_t,
+        end_step=end_step,
+        drop_fraction=drop_fraction,
+        include=include,
+        exclude=exclude,
+        grow="random",
+        key=key,
     )
-

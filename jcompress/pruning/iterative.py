@@ -21,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +66,7 @@ def _metric(value: Any, key: str) -> float:
             raise ValueError(f"eval_fn returned a dict without {key!r} (keys: {sorted(value)}); pass metric=")
         value = value[key]
     out = float(value)
-    if out != out:
+    if math.isnan(out):
         raise ValueError("eval_fn returned NaN")
     return out
 
@@ -139,7 +141,14 @@ def iterative_pruning(
         value = _metric(eval_fn(candidate), metric)
         accepted = baseline - value <= tolerance
         history.append(
-            {"attempt": attempt, "sparsity": trial, "step": step, "metric": value, "drop": baseline - value, "accepted": accepted}
+            {
+                "attempt": attempt,
+                "sparsity": trial,
+                "step": step,
+                "metric": value,
+                "drop": baseline - value,
+                "accepted": accepted,
+            }
         )
         attempt += 1
         if accepted:

@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +36,14 @@ from jcompress.pruning.optim import as_mask_tree
 from jcompress.pruning.schedules import check_sparsity
 
 __all__ = [
-    "snapshot",
-    "snapshot_callback",
-    "prune_round",
-    "rewind",
-    "random_reinit",
-    "random_masks_like",
     "TicketResult",
     "find_ticket",
+    "prune_round",
+    "random_masks_like",
+    "random_reinit",
+    "rewind",
+    "snapshot",
+    "snapshot_callback",
 ]
 
 PyTree = Any
@@ -252,7 +253,13 @@ def find_ticket(
         if r == rounds:
             break
         masks = prune_round(
-            trained, masks, rate=rate, output_rate=output_rate, output_layer=output_layer, include=include, exclude=exclude
+            trained,
+            masks,
+            rate=rate,
+            output_rate=output_rate,
+            output_layer=output_layer,
+            include=include,
+            exclude=exclude,
         )
         start = rewind(rewind_to, masks)
     return TicketResult(trained, masks, rewind(rewind_to, masks), rewind_to, history)

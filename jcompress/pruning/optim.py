@@ -36,7 +36,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,16 +49,16 @@ from jcompress import tree as jtree
 from jcompress.pruning import schedules as schedules_lib
 
 __all__ = [
+    "GradualPruningState",
     "KeepMaskedState",
+    "as_mask_tree",
+    "find_masks",
+    "gradual_pruning",
+    "keep_largest",
     "keep_masked",
     "l1",
     "l2",
-    "GradualPruningState",
-    "gradual_pruning",
     "soft_filter_pruning",
-    "find_masks",
-    "keep_largest",
-    "as_mask_tree",
 ]
 
 PyTree = Any
@@ -96,7 +97,7 @@ def as_mask_tree(params: PyTree, masks: PyTree, arg: str = "masks") -> PyTree:
       ValueError: names differ (listing them), a mask is not bool or has the wrong shape.
     """
     jtree.check_same_structure(params, masks, "params", arg)
-    shapes = dict((n, jnp.shape(x)) for n, x in jtree.named_leaves(params))
+    shapes = {n: jnp.shape(x) for n, x in jtree.named_leaves(params)}
     for name, m in jtree.named_leaves(masks):
         dtype = getattr(m, "dtype", None)
         if dtype is None or jnp.dtype(dtype) != jnp.bool_:

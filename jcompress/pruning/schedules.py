@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ import numpy as np
 
 from jcompress.pruning import kth
 
-__all__ = ["Schedule", "polynomial", "cubic", "linear", "constant", "one_shot", "pruning_steps", "check_sparsity"]
+__all__ = ["Schedule", "check_sparsity", "constant", "cubic", "linear", "one_shot", "polynomial", "pruning_steps"]
 
 Schedule = Callable[[int | jax.Array], jax.Array]
 
@@ -146,4 +146,6 @@ def one_shot(sparsity: float, *, step: int) -> Schedule:
     """0 before ``step``, ``sparsity`` from ``step`` on (prune once, then fine-tune)."""
     s = check_sparsity(sparsity, "sparsity")
     _check_steps(step, step, 1)
-    return lambda t: (0.0 if t < step else s) if _is_int(t) else jnp.where(jnp.asarray(t) < step, 0.0, s).astype(jnp.float32)
+    return lambda t: (
+        (0.0 if t < step else s) if _is_int(t) else jnp.where(jnp.asarray(t) < step, 0.0, s).astype(jnp.float32)
+    )

@@ -1,0 +1,98 @@
+"""Bad input at every public entry point gets an exception that names the argument or
+leaf and says what to do, never a silent wrong result or a bare XLA trace.
+
+Each case is ``(kind, call, exception type, regex the message must match)``; the kinds
+are counted in TESTING.md (``python scripts/testing_report.py``).
+"""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcompress import compressed, data, export, lowrank, models, quant, sharing, tree
+from jcompress.pruning import masks as pmasks
+from jcompress.pruning import scores as pscores
+
+W = {"fc1": {"kernel": jnp.ones((8, 6)) * jnp.arange(48.0).reshape(8, 6), "bias": jnp.zeros(6)}}
+NAN = {"fc1": {"kernel": jnp.full((4, 4), jnp.nan), "bias": jnp.zeros(4)}}
+EMPTY = {"fc1": {"kernel": jnp.zeros((0, 4)), "bias": jnp.zeros(4)}}
+INTS = {"fc1": {"kernel": jnp.arange(16).reshape(4, 4), "bias": jnp.zeros(4)}}
+
+
+def _mag(params, **kw):
+    return pmasks.magnitude_pruning(**kw)(params)
+
+
+def _corrupt_file(tmp_path):
+    path = tmp_path / "m.jcz"
+    export.write_dense(path, W)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return export.read(path)
+
+
+def _truncated_file(tmp_path):
+    path = tmp_path / "m.jcz"
+    export.write_dense(path, W)
+    path.write_bytes(path.read_bytes()[:-10])
+    return export.read(path)
+
+
+def _wrong_magic(tmp_path):
+    path = tmp_path / "m.jcz"
+    path.write_bytes(b"PK\x03\x04 not a jcompress file at all")
+    return export.read(path)
+
+
+CASES = [
+    # kind, id, call(tmp_path), exception, message regex
+    ("sparsity out of range", "sparsity=1.0", lambda t: _mag(W, sparsity=1.0), ValueError, r"sparsity"),
+    ("sparsity out of range", "sparsity=-0.1", lambda t: _mag(W, sparsity=-0.1), ValueError, r"sparsity"),
+    ("sparsity out of range", "per-layer sparsity 1.5", lambda t: _mag(W, sparsity={"fc1/kernel": 1.5}), ValueError, r"fc1/kernel|sparsity"),
+    ("N:M invalid", "M does not divide axis", lambda t: pmasks.make_masks(pscores.magnitude(W), sparsity=0.5, pattern="nm", n=2, m=5), ValueError, r"5|divid"),
+    ("N:M invalid", "N > M", lambda t: pmasks.make_masks(pscores.magnitude(W), sparsity=0.5, pattern="nm", n=4, m=2), ValueError, r"n|N"),
+    ("bits out of range", "bits=0", lambda t: quant.quantize(W["fc1"]["kernel"], bits=0), ValueError, r"bits"),
+    ("bits out of range", "bits=17", lambda t: quant.quantize(W["fc1"]["kernel"], bits=17), ValueError, r"bits"),
+    ("bits out of range", "quantize_params bits=40", lambda t: quant.quantize_params(W, bits=40), ValueError, r"bits"),
+    ("group size invalid", "group_size does not divide", lambda t: quant.quantize(W["fc1"]["kernel"], bits=4, axis=1, group_size=3), ValueError, r"group_size"),
+    ("rank invalid", "rank=0", lambda t: lowrank.svd_truncate(W, rank=0), ValueError, r"rank"),
+    ("rank invalid", "rank above min(dims)", lambda t: lowrank.svd_truncate(W, rank=7), ValueError, r"rank|fc1/kernel"),
+    ("rank invalid", "energy=1.5", lambda t: lowrank.svd_truncate(W, energy=1.5), ValueError, r"energy"),
+    ("k too large", "k > distinct weights", lambda t: sharing.kmeans_share(W, k=200), ValueError, r"k|distinct|fc1/kernel"),
+    ("k too large", "k=0", lambda t: sharing.kmeans_share(W, k=0), ValueError, r"k"),
+    ("NaN or Inf in params", "magnitude pruning", lambda t: _mag(NAN, sparsity=0.5), ValueError, r"fc1/kernel.*(NaN|Inf)|(NaN|Inf).*fc1/kernel"),
+    ("NaN or Inf in params", "quantization", lambda t: quant.quantize_params(NAN, bits=8), ValueError, r"fc1/kernel"),
+    ("NaN or Inf in params", "k-means", lambda t: sharing.kmeans_share(NAN, k=4), ValueError, r"fc1/kernel|NaN"),
+    ("NaN or Inf in params", "svd", lambda t: lowrank.svd_truncate(NAN, rank=1), ValueError, r"fc1/kernel|NaN"),
+    ("mask tree mismatch", "apply_masks", lambda t: pmasks.apply_masks(W, {"fc2": {"kernel": jnp.ones((8, 6), bool)}}), ValueError, r"fc1/kernel|fc2/kernel|structure"),
+    ("mask tree mismatch", "mask shape", lambda t: pmasks.apply_masks(W, {"fc1": {"kernel": jnp.ones((6, 8), bool), "bias": jnp.ones(6, bool)}}), ValueError, r"fc1/kernel|shape"),
+    ("selection matches nothing", "pruning", lambda t: _mag(W, sparsity=0.5, include=r"^conv"), ValueError, r"matches no leaf"),
+    ("selection matches nothing", "quantization", lambda t: quant.quantize_params(W, bits=8, include=r"^conv"), ValueError, r"matches no leaf"),
+    ("selection matches nothing", "k-means", lambda t: sharing.kmeans_share(W, k=4, include=r"^conv"), ValueError, r"matches no leaf"),
+    ("selection matches nothing", "svd", lambda t: lowrank.svd_truncate(W, rank=1, include=r"^conv"), ValueError, r"matches no leaf"),
+    ("selection matches nothing", "bad regex", lambda t: tree.select(W, "fc1["), ValueError, r"does not compile"),
+    ("empty arrays", "pruning", lambda t: _mag(EMPTY, sparsity=0.5), ValueError, r"fc1/kernel|empty"),
+    ("empty arrays", "quantization", lambda t: quant.quantize_params(EMPTY, bits=8), ValueError, r"fc1/kernel|empty"),
+    ("integer dtype", "quantize", lambda t: quant.quantize(jnp.arange(8), bits=4), TypeError, r"dtype|float"),
+    ("integer dtype", "pruning", lambda t: _mag(INTS, sparsity=0.5), TypeError, r"fc1/kernel|dtype|float"),
+    ("integer dtype", "k-means", lambda t: sharing.kmeans_share(INTS, k=2), TypeError, r"fc1/kernel|dtype|float"),
+    ("corrupt or wrong file", "flipped byte", _corrupt_file, export.CompressedFileError, r"m\.jcz"),
+    ("corrupt or wrong file", "truncated", _truncated_file, export.CompressedFileError, r"m\.jcz"),
+    ("corrupt or wrong file", "wrong magic", _wrong_magic, export.CompressedFileError, r"m\.jcz"),
+    ("corrupt or wrong file", "missing checkpoint", lambda t: __import__("jcompress").checkpoint.load_model(t / "none"), FileNotFoundError, r"does not exist"),
+    ("unknown name", "dataset", lambda t: data.load("cifar100"), ValueError, r"mnist5k, digits, mnist1d"),
+    ("unknown name", "model", lambda t: models.create("vgg16", input_shape=(28, 28, 1), num_classes=10), ValueError, r"lenet300"),
+    ("shape mismatch", "compress with a wrong aux", lambda t: compressed.compress(W, pmasks.PruneAux(masks={"fc1": {"kernel": jnp.zeros((8, 6), bool), "bias": jnp.ones(6, bool)}}, scores=None, thresholds=None)), ValueError, r"fc1/kernel"),
+]
+
+
+@pytest.mark.parametrize("kind, case, call, exc, pattern", CASES, ids=[f"{k}: {c}" for k, c, *_ in CASES])
+def test_bad_input(kind, case, call, exc, pattern, tmp_path):
+    with pytest.raises(exc) as info:
+        call(tmp_path)
+    message = str(info.value)
+    assert re.search(pattern, message), f"{kind} / {case}: message does not say what is wrong: {message!r}"
+    assert "Traceback" not in message and len(message) < 2000

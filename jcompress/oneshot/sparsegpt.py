@@ -100,15 +100,20 @@ def inverse_hessian_factor(h: jax.Array, *, damp: float) -> tuple[jax.Array, jax
     Returns:
       ``U`` ``(in, in)`` upper triangular with ``U^T U = (H + damp * mean(diag H) I)^-1``
       (``H_ii`` of dead inputs set to 1 first) and ``dead`` ``(in,)`` bool.
+
+    One Cholesky factorisation and one triangular inverse: with ``J`` the order-reversing
+    permutation and ``J H J = L L^T``, ``H^-1 = J L^-T L^-1 J``, so ``U = J L^-1 J`` (upper
+    triangular, positive diagonal) satisfies ``U^T U = H^-1``, with no need to form
+    ``H^-1`` and factor it again.
     """
     h = h.astype(jnp.float32)
     diag = jnp.diag(h)
     dead = diag == 0
     h = h + jnp.diag(dead.astype(h.dtype))
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
-    chol = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(h.shape[0], dtype=h.dtype))
-    return jnp.linalg.cholesky(hinv).T, dead
+    chol = jnp.linalg.cholesky(h[::-1, ::-1])
+    chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(h.shape[0], dtype=h.dtype), lower=True)
+    return chol_inv[::-1, ::-1], dead
 
 
 def _block_prune_counts(rows: int, cols: int, block: int, sparsity: float) -> tuple[int, ...]:
@@ -165,31 +170,36 @@ def _lazy_update(w, w1, err1, u_rows, *, b0):
 
 @functools.partial(jax.jit, static_argnames=("n_m", "maxq"))
 def _solve_block(w1, u1, scale1, zero1, count, *, n_m, maxq):
-    """Mask selection and column-by-column OBS updates inside one block: ``(w1, pruned1, err1)``."""
+    """Mask selection and column-by-column OBS updates inside one block: ``(w1, pruned1, err1)``.
+
+    The loop runs on the transposed block (one weight column per row of the array), so
+    every column it reads or writes is contiguous in memory.
+    """
     d = jnp.diag(u1)
     score = w1**2 / d[None, :] ** 2  # unstructured: the block's `count` smallest scores, over all rows
     rank = jnp.argsort(jnp.argsort(score.ravel())).reshape(w1.shape)
-    pruned1 = rank < count
+    pruned_t = (rank < count).T
 
-    def nm_mask(i, w1, pruned1):
+    def nm_mask(i, w_t, pruned_t):
         n, m = n_m
-        group = lax.dynamic_slice_in_dim(w1, i, m, axis=1) ** 2 / lax.dynamic_slice_in_dim(d, i, m) ** 2
-        rank = jnp.argsort(jnp.argsort(group, axis=1), axis=1)
-        return lax.dynamic_update_slice_in_dim(pruned1, rank < m - n, i, axis=1)
+        group = lax.dynamic_slice_in_dim(w_t, i, m) ** 2 / lax.dynamic_slice_in_dim(d, i, m)[:, None] ** 2
+        rank = jnp.argsort(jnp.argsort(group, axis=0), axis=0)
+        return lax.dynamic_update_slice_in_dim(pruned_t, rank < m - n, i, axis=0)
 
     def column(i, carry):
-        w1, pruned1, err1 = carry
+        w_t, pruned_t, err_t = carry
         if n_m is not None:
-            pruned1 = lax.cond(i % n_m[1] == 0, nm_mask, lambda i, w1, p: p, i, w1, pruned1)
-        col = w1[:, i]
-        q = col if maxq is None else _round_to_grid(col, scale1[:, i], zero1[:, i], maxq)
-        q = jnp.where(pruned1[:, i], 0.0, q)
+            pruned_t = lax.cond(i % n_m[1] == 0, nm_mask, lambda i, w, p: p, i, w_t, pruned_t)
+        col = w_t[i]
+        q = col if maxq is None else _round_to_grid(col, scale_t[i], zero_t[i], maxq)
+        q = jnp.where(pruned_t[i], 0.0, q)
         e = (col - q) / d[i]
-        w1 = w1 - e[:, None] * u1[i][None, :]  # U is upper triangular: columns < i are untouched
-        w1 = w1.at[:, i].set(q)
-        return w1, pruned1, err1.at[:, i].set(e)
+        w_t = w_t - u1[i][:, None] * e[None, :]  # U is upper triangular: columns < i are untouched
+        return w_t.at[i].set(q), pruned_t, err_t.at[i].set(e)
 
-    return lax.fori_loop(0, w1.shape[1], column, (w1, pruned1, jnp.zeros_like(w1)))
+    scale_t, zero_t = scale1.T, zero1.T
+    w_t, pruned_t, err_t = lax.fori_loop(0, w1.shape[1], column, (w1.T, pruned_t, jnp.zeros_like(w1.T)))
+    return w_t.T, pruned_t.T, err_t.T
 
 
 def prune_matrix(

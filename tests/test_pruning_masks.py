@@ -14,7 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jcompress import models, tree
-from jcompress.pruning import kth, masks, scores, summary
+from jcompress.pruning import kth, scores, summary
 from jcompress.pruning.masks import apply_masks, erk_densities, magnitude_pruning, make_masks, prune
 
 
@@ -37,7 +37,9 @@ def _ref_keep(values, n_keep):
 
 def _tied_scores(rng, shapes):
     """Scores with many ties (small integers), to exercise the tie rule."""
-    return {f"l{i}": {"kernel": jnp.asarray(rng.integers(0, 5, size=s).astype(np.float32))} for i, s in enumerate(shapes)}
+    return {
+        f"l{i}": {"kernel": jnp.asarray(rng.integers(0, 5, size=s).astype(np.float32))} for i, s in enumerate(shapes)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,9 @@ def test_float_key_orders_like_floats_and_round_trips():
     keys = np.asarray(kth.float_to_key(jnp.asarray(x)))
     assert np.all(np.diff(keys.astype(np.int64)) >= 0)
     assert keys[3] == keys[4]  # -0.0 and +0.0 tie
-    np.testing.assert_array_equal(np.asarray(kth.key_to_float(jnp.asarray(keys)))[[0, 1, 2, 5, 6, 7, 8]], x[[0, 1, 2, 5, 6, 7, 8]])
+    np.testing.assert_array_equal(
+        np.asarray(kth.key_to_float(jnp.asarray(keys)))[[0, 1, 2, 5, 6, 7, 8]], x[[0, 1, 2, 5, 6, 7, 8]]
+    )
 
 
 @pytest.mark.parametrize("shapes", [[(50, 7), (13,)], [(300, 300), (1000,)]])
@@ -173,7 +177,9 @@ def test_nm_every_group_has_exactly_m_minus_n_zeros(rows, cols, nm, axis, seed):
     shape = [rows, cols]
     shape[axis] *= m
     s = _tied_scores(np.random.default_rng(seed), [tuple(shape)])
-    mask = np.asarray(make_masks(s, sparsity=None, pattern="nm", n=n, m=m, axis=axis, selection="kernel")["l0"]["kernel"])
+    mask = np.asarray(
+        make_masks(s, sparsity=None, pattern="nm", n=n, m=m, axis=axis, selection="kernel")["l0"]["kernel"]
+    )
     groups = np.moveaxis(mask, axis, -1).reshape(-1, m)
     assert np.all(groups.sum(axis=1) == n)
     # within a group the kept scores are the n largest (ties: higher index kept)
@@ -191,7 +197,9 @@ def test_nm_every_group_has_exactly_m_minus_n_zeros(rows, cols, nm, axis, seed):
 )
 def test_structured_removes_whole_units(shape, sparsity, norm, seed):
     s = _tied_scores(np.random.default_rng(seed), [shape])
-    mask = np.asarray(make_masks(s, sparsity=sparsity, pattern="structured", norm=norm, selection="kernel")["l0"]["kernel"])
+    mask = np.asarray(
+        make_masks(s, sparsity=sparsity, pattern="structured", norm=norm, selection="kernel")["l0"]["kernel"]
+    )
     units = mask.reshape(-1, shape[-1])
     per_unit = units.all(axis=0)
     assert np.all(per_unit | ~units.any(axis=0))  # each unit all kept or all pruned
@@ -199,13 +207,18 @@ def test_structured_removes_whole_units(shape, sparsity, norm, seed):
     # the pruned units are those with the lowest aggregated scores
     v = np.abs(np.asarray(s["l0"]["kernel"]).reshape(-1, shape[-1]))
     agg = v.sum(0) if norm == "l1" else np.sqrt((v**2).sum(0))
-    np.testing.assert_array_equal(per_unit, _ref_keep([agg.astype(np.float32)], shape[-1] - kth.pruned_count(sparsity, shape[-1]))[0])
+    np.testing.assert_array_equal(
+        per_unit, _ref_keep([agg.astype(np.float32)], shape[-1] - kth.pruned_count(sparsity, shape[-1]))[0]
+    )
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_block_pattern_exact_blocks(scope):
     rng = np.random.default_rng(3)
-    s = {"a": {"kernel": jnp.asarray(rng.random((8, 12), np.float32))}, "b": {"kernel": jnp.asarray(rng.random((2, 2, 4, 6), np.float32))}}
+    s = {
+        "a": {"kernel": jnp.asarray(rng.random((8, 12), np.float32))},
+        "b": {"kernel": jnp.asarray(rng.random((2, 2, 4, 6), np.float32))},
+    }
     m = make_masks(s, sparsity=0.5, pattern="block", block=(2, 3), scope=scope)
     total_blocks = 0
     pruned_blocks = 0
@@ -259,12 +272,18 @@ def test_existing_masks_stay_pruned(lenet):
 # ----------------------------------------------------------------------------- jit, NNX, determinism
 
 _CONFIGS = [
-    dict(sparsity=0.8),
-    dict(sparsity=0.8, scope="global"),
-    dict(sparsity=0.9, distribution="erk"),
-    dict(sparsity=None, pattern="nm", n=2, m=4, include=["conv2/kernel", "fc2/kernel"]),  # m divides their input axis
-    dict(sparsity=0.5, pattern="block", block=(5, 2)),
-    dict(sparsity=0.5, pattern="structured", norm="l2"),
+    {"sparsity": 0.8},
+    {"sparsity": 0.8, "scope": "global"},
+    {"sparsity": 0.9, "distribution": "erk"},
+    {
+        "sparsity": None,
+        "pattern": "nm",
+        "n": 2,
+        "m": 4,
+        "include": ["conv2/kernel", "fc2/kernel"],
+    },  # m divides their input axis
+    {"sparsity": 0.5, "pattern": "block", "block": (5, 2)},
+    {"sparsity": 0.5, "pattern": "structured", "norm": "l2"},
 ]
 
 
@@ -293,7 +312,7 @@ def test_jit_state_dict_and_determinism_agree(lenet, config):
 
 def test_thresholds_separate_kept_from_pruned(lenet):
     _, params = lenet
-    new, aux = prune(params, scores.magnitude(params), sparsity=0.7)
+    _, aux = prune(params, scores.magnitude(params), sparsity=0.7)
     for n, t in aux.thresholds.items():
         w = np.abs(np.asarray(tree.get_by_name(params, n)))
         m = np.asarray(tree.get_by_name(aux.masks, n))

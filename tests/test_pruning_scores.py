@@ -149,7 +149,8 @@ def test_neuron_entropy_values_and_unit_scores():
     rng = np.random.default_rng(0)
     n = 4096
     acts = np.stack(
-        [np.zeros(n), rng.uniform(0, 1, n), np.where(rng.uniform(size=n) < 0.5, 0.0, 1.0), rng.standard_normal(n)], axis=1
+        [np.zeros(n), rng.uniform(0, 1, n), np.where(rng.uniform(size=n) < 0.5, 0.0, 1.0), rng.standard_normal(n)],
+        axis=1,
     ).astype(np.float32)
     ent = scores.neuron_entropy([jnp.asarray(acts)], bins=16)[0]
     assert float(ent[0]) == 0.0  # constant neuron carries no information

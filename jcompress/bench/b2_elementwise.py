@@ -130,7 +130,7 @@ def run(quick: bool) -> list[dict]:
     t_plain = _best(lambda: jax.block_until_ready(plain_jit(fresh, masks_j)))
     t_copy = min(t_copy, _best(lambda: np.copyto(dst, src)))
     bw_copy = 2 * src.nbytes / t_copy
-    frac = lambda t: moved / t / bw_copy  # noqa: E731
+    frac = lambda t: moved / t / bw_copy
     size = f"{src.nbytes / 2**20:.0f} MB"
     common = {"bytes_counted": moved, "seconds_numpy_copy": t_copy, "numpy_copy_gb_s": bw_copy / 1e9}
     return [

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +46,13 @@ from jcompress import tree as jtree
 
 __all__ = [
     "float_to_key",
+    "global_magnitude_masks",
+    "global_threshold",
+    "keep_top_masks",
     "key_to_float",
+    "kth_largest",
     "kth_largest_key",
     "pruned_count",
-    "kth_largest",
-    "keep_top_masks",
-    "global_threshold",
-    "global_magnitude_masks",
 ]
 
 _BITS = 21  # log2 of the number of buckets per pass
@@ -145,7 +145,7 @@ def _counts(values: Sequence[jax.Array], below, above, shift, chunk: int | None)
             rows = flat[: n_chunks * chunk].reshape(n_chunks, chunk)
             ones = jnp.ones((chunk,), jnp.int32)
 
-            def step(h, row):
+            def step(h, row, ones=ones):
                 return _count_into(h, _bucket_index(row, below, above, shift), ones), None
 
             hist, _ = lax.scan(step, hist, rows)
@@ -269,7 +269,9 @@ def _float_leaves(values: Sequence[jax.Array], arg: str) -> list[jax.Array]:
     for i, v in enumerate(values):
         v = jnp.asarray(v)
         if not jnp.issubdtype(v.dtype, jnp.floating):
-            raise TypeError(f"{arg}[{i}] has dtype {v.dtype}; a floating dtype is needed (cast with .astype(jnp.float32)).")
+            raise TypeError(
+                f"{arg}[{i}] has dtype {v.dtype}; a floating dtype is needed (cast with .astype(jnp.float32))."
+            )
         out.append(v)
     if not out:
         raise ValueError(f"{arg} is empty; pass at least one array")
@@ -368,7 +370,7 @@ def pruned_count(sparsity: float, size: int) -> int:
         raise TypeError(f"sparsity={sparsity!r} must be a Python float in [0, 1)")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity={sparsity!r} is outside [0, 1); it is the fraction of weights set to zero")
-    return int(math.floor(float(sparsity) * size + 0.5))
+    return math.floor(float(sparsity) * size + 0.5)
 
 
 def _keep_count(sparsity: float, total: int) -> int:

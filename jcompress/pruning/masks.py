@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +48,12 @@ from jcompress.pruning import scores as scores_lib
 
 __all__ = [
     "PruneAux",
-    "make_masks",
     "apply_masks",
-    "prune",
-    "magnitude_pruning",
     "erk_densities",
+    "magnitude_pruning",
+    "make_masks",
     "nm_masks",
+    "prune",
 ]
 
 PyTree = Any
@@ -144,7 +145,7 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], *, sparsity: float) -> 
             break
         dense.add(max(over, key=lambda n: raw[n]))
     want = {n: float(sizes[n]) if n in dense else eps * raw[n] * sizes[n] for n in sizes}
-    keep = {n: min(sizes[n], int(math.floor(want[n]))) for n in sizes}
+    keep = {n: min(sizes[n], math.floor(want[n])) for n in sizes}
     short = keep_total - sum(keep.values())
     order = sorted(sizes, key=lambda n: (-(want[n] - keep[n]), n))
     while short > 0:  # largest remainder first, skipping full layers
@@ -173,9 +174,7 @@ def nm_masks(score: jax.Array, *, n: int, m: int, axis: int = -2, name: str = "s
     score = jnp.asarray(score)
     axis = _axis(axis, score.ndim, name)
     if score.shape[axis] % m:
-        raise ValueError(
-            f"{name}: m={m} does not divide axis {axis} of shape {score.shape}; choose another axis= or m"
-        )
+        raise ValueError(f"{name}: m={m} does not divide axis {axis} of shape {score.shape}; choose another axis= or m")
     moved = jnp.moveaxis(score, axis, -1)
     grouped = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
     si, sj = grouped[..., :, None], grouped[..., None, :]
@@ -287,7 +286,9 @@ def make_masks(
     if pattern not in _PATTERNS:
         raise ValueError(f"pattern={pattern!r} must be one of {_PATTERNS}")
     if scope == "global" and (distribution != "uniform" or isinstance(sparsity, Mapping)):
-        raise ValueError("scope='global' sets per-layer sparsities itself: use distribution='uniform' and a float sparsity")
+        raise ValueError(
+            "scope='global' sets per-layer sparsities itself: use distribution='uniform' and a float sparsity"
+        )
     sel = _selected_scores(scores, selection)
     if existing is not None:
         jtree.check_same_structure(scores, existing, "scores", "existing")
@@ -295,9 +296,13 @@ def make_masks(
         sel = {k: jnp.where(jnp.asarray(old[k], bool), v, -jnp.inf) for k, v in sel.items()}
     if pattern == "nm":
         if scope == "global" or distribution == "erk":
-            raise ValueError("pattern='nm' fixes the sparsity of every group; use scope='layer', distribution='uniform'")
+            raise ValueError(
+                "pattern='nm' fixes the sparsity of every group; use scope='layer', distribution='uniform'"
+            )
         if sparsity is not None and abs(_check_sparsity(sparsity, "sparsity") - (1 - n / m)) > 1e-9:
-            raise ValueError(f"sparsity={sparsity} contradicts n:m={n}:{m} (which prunes {1 - n / m}); pass sparsity=None")
+            raise ValueError(
+                f"sparsity={sparsity} contradicts n:m={n}:{m} (which prunes {1 - n / m}); pass sparsity=None"
+            )
     elif sparsity is None:
         raise ValueError(f"sparsity is required for pattern={pattern!r}")
     if isinstance(sparsity, Mapping):
@@ -345,7 +350,7 @@ def _keep_units(units: dict, sparsity, scope: str, distribution: str, sel: dict)
         # ERK gives entries kept per kernel; units and blocks keep the same fraction.
         shapes = {k: tuple(sel[k].shape) for k in names}
         entry_keep = erk_densities(shapes, sparsity=_check_sparsity(sparsity, "sparsity"))
-        keep_n = {k: int(math.floor(entry_keep[k] * sizes[k] / max(1, int(np.prod(shapes[k]))) + 0.5)) for k in names}
+        keep_n = {k: math.floor(entry_keep[k] * sizes[k] / max(1, int(np.prod(shapes[k]))) + 0.5) for k in names}
     else:
         per = _per_layer_sparsity(sparsity, names)
         keep_n = {k: sizes[k] - kth.pruned_count(per[k], sizes[k]) for k in names}
@@ -420,8 +425,18 @@ def prune(
     """
     jtree.check_same_structure(params, scores, "params", "scores")
     masks = make_masks(
-        scores, sparsity=sparsity, selection=selection, scope=scope, distribution=distribution,
-        pattern=pattern, n=n, m=m, axis=axis, block=block, norm=norm, existing=existing,
+        scores,
+        sparsity=sparsity,
+        selection=selection,
+        scope=scope,
+        distribution=distribution,
+        pattern=pattern,
+        n=n,
+        m=m,
+        axis=axis,
+        block=block,
+        norm=norm,
+        existing=existing,
     )
     sel = _selected_scores(scores, selection)
     msel = dict(jtree.named_leaves(masks))
@@ -461,8 +476,18 @@ def magnitude_pruning(
     def fn(params: PyTree) -> tuple[PyTree, PruneAux]:
         selection = jtree.select(params, include, exclude)
         return prune(
-            params, scores_lib.magnitude(params, selection=selection), sparsity=sparsity, selection=selection,
-            scope=scope, distribution=distribution, pattern=pattern, n=n, m=m, axis=axis, block=block, norm=norm,
+            params,
+            scores_lib.magnitude(params, selection=selection),
+            sparsity=sparsity,
+            selection=selection,
+            scope=scope,
+            distribution=distribution,
+            pattern=pattern,
+            n=n,
+            m=m,
+            axis=axis,
+            block=block,
+            norm=norm,
         )
 
     return fn

@@ -27,7 +27,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,17 +37,17 @@ import optax
 from jcompress import tree as jtree
 
 __all__ = [
-    "magnitude",
-    "random",
-    "taylor",
-    "snip",
-    "obd",
-    "fisher_diagonal",
-    "hutchinson_diagonal",
     "GradSquaredState",
+    "fisher_diagonal",
     "grad_squared_accumulator",
     "grad_squared_mean",
+    "hutchinson_diagonal",
+    "magnitude",
     "neuron_entropy",
+    "obd",
+    "random",
+    "snip",
+    "taylor",
     "unit_scores",
 ]
 
@@ -194,7 +195,7 @@ def hutchinson_diagonal(
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} must be a positive int")
     leaves, treedef = jax.tree.flatten(params)
-    for (name, leaf) in jtree.named_leaves(params):
+    for name, leaf in jtree.named_leaves(params):
         jtree.as_float_array(leaf, f"params/{name}")
     grad_fn = jax.grad(lambda p: loss_fn(p, batch))
 
@@ -314,7 +315,9 @@ def unit_scores(params: PyTree, per_unit: Mapping[str, jax.Array], *, axis: int 
         ax = axis % len(shape)
         u = jnp.asarray(per_unit[name], jnp.float32)
         if u.shape != (shape[ax],):
-            raise ValueError(f"per_unit[{name!r}] has shape {u.shape}; kernel {shape} needs ({shape[ax]},) along axis {axis}")
+            raise ValueError(
+                f"per_unit[{name!r}] has shape {u.shape}; kernel {shape} needs ({shape[ax]},) along axis {axis}"
+            )
         view = [1] * len(shape)
         view[ax] = shape[ax]
         return jnp.broadcast_to(u.reshape(view), shape)

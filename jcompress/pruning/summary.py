@@ -17,7 +17,7 @@ import numpy as np
 
 from jcompress import tree as jtree
 
-__all__ = ["sparsity_summary", "format_summary"]
+__all__ = ["format_summary", "sparsity_summary"]
 
 
 def _counts(size: int, zeros: int) -> dict:

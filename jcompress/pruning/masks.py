@@ -92,6 +92,8 @@ def _selected_scores(scores: PyTree, selection) -> dict[str, jax.Array]:
     out = {}
     for name, leaf in jtree.iter_selected(scores, selection):
         arr = jtree.as_float_array(leaf, f"scores/{name}")
+        if arr.size == 0:
+            raise ValueError(f"{name} is empty (shape {arr.shape}); there is nothing to prune. Exclude it from the selection.")
         if not isinstance(arr, jax.core.Tracer) and bool(jnp.any(jnp.isnan(arr))):
             raise ValueError(f"scores/{name} contains NaN; scores must be comparable numbers")
         out[name] = arr

@@ -21,9 +21,9 @@ dense file; per layer (as the paper's Tables 2-3): weights, kept %, codebook bit
 bits and stored bits per original weight after Huffman coding.
 
 Expected result (full mode, about 15 minutes of wall time on 2 busy CPU cores; measured on
-mnist5k): LeNet-300-100 1,068 KB -> 25.1 KB (42.5x) at 94.4% test accuracy against 93.9%
-dense; LeNet-5 1,726 KB -> about 43 KB (40x) at about 97.1% against 97.0% dense (with
-10 fine-tune epochs instead of 20: 42.5x at 93.7% and 40.2x at 97.1%). The paper: 40x at
+mnist5k, 10 minutes): LeNet-300-100 1,068 KB -> 25.1 KB (42.5x) at 94.4% test accuracy
+against 93.9% dense; LeNet-5 1,726 KB -> 42.8 KB (40.3x) at 97.3% against 97.0% dense
+(with 10 fine-tune epochs instead of 20: 42.5x at 93.7% and 40.2x at 97.1%). The paper: 40x at
 1.64% -> 1.58% error and 39x at 0.80% -> 0.74%. Huffman coding saves 7-8% here, not the
 paper's 20-30%. Absolute accuracy is lower than the paper's because mnist5k has 4,000
 training images instead of 60,000; run with ``--data tfds:mnist`` on a machine with

@@ -22,12 +22,16 @@ top-1 agreement, top-5 overlap); plus the mean per-layer reconstruction error
 ``jcompress.compressed`` (sparse: relative indices + float32 values; quantized: packed
 codes + scales + zero points), as ``jcompress.export`` writes them.
 
-Expected runtime: full about 5-10 minutes on 2 CPU cores; quick (2 transformer layers,
-32 calibration and 64 evaluation sentences, 5 methods) under a minute.
+Expected runtime: full about 15 minutes of CPU on 2 cores (48 minutes wall were measured
+on a machine shared with other jobs, load ~16); quick (2 transformer layers, 32
+calibration and 64 evaluation sentences, 5 methods) about 1 minute of CPU.
 
 Expected result (the papers' ordering): at 50% SparseGPT and Wanda keep cosine
 similarity far closer to 1 than magnitude pruning, and the gap widens at 2:4; GPTQ beats
-RTN at 4 and especially 3 bits, while at 8 bits both are near-lossless.
+RTN at 4 and especially 3 bits, while at 8 bits both are near-lossless. Measured (full):
+mean cosine to dense at 50% magnitude 0.707, Wanda 0.864, SparseGPT 0.933; at 2:4
+0.593 / 0.730 / 0.887; RTN vs GPTQ at 8 bits 0.9997 / 0.9999, 4 bits 0.929 / 0.979,
+3 bits 0.729 / 0.897 (top-1 retrieval agreement follows the same order).
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """Datasets: shapes and splits, determinism of batching, per-process sharding, TFDS."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -91,11 +97,16 @@ def test_batches_bad_arguments():
         _all(x, y[:5], batch_size=2, seed=0, process_index=0, process_count=1)
 
 
-def test_tfds_dataset_prepared_on_disk(tmp_path):
-    """A real TFDS dataset (Image features, as tfds:mnist has) is prepared by TFDS itself and
-    read back through data.load('tfds:NAME'), the same path tfds:mnist takes."""
+# TensorFlow (which TFDS needs for images) must not load into the test process next to
+# jaxlib: the TFDS tests run their body in a subprocess.
+TFDS_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
     import tensorflow_datasets as tfds
+    from jcompress import data
 
+    data_dir = sys.argv[1]
     rng = np.random.RandomState(0)
     images = (rng.rand(30, 12, 12, 1) * 255).astype(np.uint8)
     labels = np.arange(30) % 3
@@ -119,16 +130,34 @@ def test_tfds_dataset_prepared_on_disk(tmp_path):
             for i in range(a, b):
                 yield i, {"image": images[i], "label": int(labels[i])}
 
-    JcompressTinyImages(data_dir=str(tmp_path)).download_and_prepare()
-    ds = data.load("tfds:jcompress_tiny_images", data_dir=str(tmp_path))
-    assert ds.x_train.shape == (20, 12, 12, 1) and ds.x_test.shape == (10, 12, 12, 1)
-    assert ds.num_classes == 3 and ds.x_train.dtype == np.float32
-    # every image comes back exactly (PNG is lossless), in some order
+    JcompressTinyImages(data_dir=data_dir).download_and_prepare()
+    ds = data.load("tfds:jcompress_tiny_images", data_dir=data_dir)
     got = {(xi * 255).round().astype(np.uint8).tobytes(): int(yi) for xi, yi in zip(ds.x_train, ds.y_train)}
     want = {images[i].tobytes(): int(labels[i]) for i in range(20)}
-    assert got == want
+    try:
+        data.load("tfds:no_such_dataset_xyz", data_dir=data_dir)
+        missing = "no error"
+    except RuntimeError as e:
+        missing = str(e)
+    print(json.dumps({
+        "train_shape": list(ds.x_train.shape), "test_shape": list(ds.x_test.shape),
+        "num_classes": ds.num_classes, "dtype": str(ds.x_train.dtype), "images_equal": got == want,
+        "missing_error": missing,
+    }))
+    """
+)
 
 
-def test_tfds_missing_dataset_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="offline dataset: mnist5k"):
-        data.load("tfds:no_such_dataset_xyz", data_dir=str(tmp_path))
+def test_tfds_dataset_prepared_on_disk(tmp_path):
+    """A real TFDS dataset (Image features, as tfds:mnist has) is prepared by TFDS itself and
+    read back through data.load('tfds:NAME'), the same path tfds:mnist takes; a dataset that
+    is neither prepared nor reachable gets an error naming the offline datasets."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-c", TFDS_CHILD, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["train_shape"] == [20, 12, 12, 1] and out["test_shape"] == [10, 12, 12, 1]
+    assert out["num_classes"] == 3 and out["dtype"] == "float32"
+    assert out["images_equal"]  # every image comes back exactly (PNG is lossless), with its label
+    assert "offline dataset: mnist5k" in out["missing_error"]

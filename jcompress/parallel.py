@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["data_mesh", "replicate", "shard_batch", "batch_sharding", "initialize_distributed"]
+__all__ = ["data_mesh", "default_mesh", "replicate", "shard_batch", "batch_sharding", "initialize_distributed"]
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:
@@ -25,6 +25,21 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are visible")
     return Mesh(np.array(devices[:n]), ("data",))
+
+
+def default_mesh(global_batch_size: int) -> Mesh:
+    """The mesh training uses when none is given.
+
+    Every device when each process's share of the batch splits evenly over its local
+    devices, else one device. A single process on the CPU backend uses one device: forced
+    host devices (``--xla_force_host_platform_device_count``) share the same cores and
+    exist to test sharded code, not to speed it up, so they are used only when asked for
+    with an explicit mesh.
+    """
+    if jax.process_count() == 1 and jax.default_backend() == "cpu":
+        return data_mesh(1)
+    per_process = global_batch_size // jax.process_count()
+    return data_mesh(None if per_process % jax.local_device_count() == 0 else 1)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -136,8 +136,8 @@ def fit(
       out_dir: where ``ckpt/`` (orbax, every epoch) and ``metrics.jsonl`` go; ``None`` for none.
       meta: JSON metadata saved with each checkpoint (``{'model': config}`` makes it loadable
         with ``checkpoint.load_model``).
-      mesh: a ``'data'`` mesh for data parallelism (default: all devices when the batch splits
-        evenly over them, else one device).
+      mesh: a ``'data'`` mesh for data parallelism (default: ``parallel.default_mesh``, all
+        accelerator devices when the batch splits evenly over them).
       callback: ``callback(state, epoch) -> state`` after each epoch (e.g. to re-prune).
 
     Returns:
@@ -146,8 +146,7 @@ def fit(
     from jcompress.checkpoint import Checkpointer
 
     if mesh is None:
-        n = len(jax.devices())
-        mesh = parallel.data_mesh(n if batch_size % n == 0 else 1)
+        mesh = parallel.default_mesh(batch_size)
     # The step donates its state; copy once so the caller's arrays (and the NNX model they
     # came from) stay valid after fit returns.
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), init_state(params, extra, tx, seed=seed))

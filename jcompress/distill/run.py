@@ -159,8 +159,7 @@ def distill_model(
         ``temperature`` and ``alpha``.
       tx: the student's optax transformation (default ``optax.adam(lr)``); also trains the
         hint regressors.
-      mesh: a ``'data'`` mesh (default: all devices when the per-process batch splits
-        evenly over them, else one device).
+      mesh: a ``'data'`` mesh (default: ``parallel.default_mesh(batch_size)``).
       cache_teacher: compute the teacher's logits on the training set once and feed them
         with each batch (not possible with hints or attention, which need its activations).
       Other arguments as in :func:`distill`.
@@ -178,8 +177,7 @@ def distill_model(
     student_apply, teacher_apply = _apply_fns(teacher, student, config)
     cache = cache_teacher and not config.needs_features
     if mesh is None:
-        n = len(jax.devices())
-        mesh = parallel.data_mesh(n if (batch_size // jax.process_count()) % jax.local_device_count() == 0 else 1)
+        mesh = parallel.default_mesh(batch_size)
 
     hint_params = _hint_params(teacher, student, config, ds.input_shape, seed)
     state = init_state(jax.tree.map(jnp.array, s_fn.params), s_fn.extra, tx, seed=seed, hint_params=hint_params)

@@ -107,7 +107,6 @@ def main() -> int:
 
     lines += ["## Property-based tests (hypothesis)", "", "| test | random examples | outcome |", "|---|---|---|"]
     for name, outcome in sorted(res.items()):
-        key = name.replace(".", "/", name.count(".") - 0)
         n = next((v for k, v in examples.items() if k.endswith(name.split("::", 1)[1])), None)
         if n is not None:
             lines.append(f"| `{name}` | {n} | {outcome} |")

@@ -73,23 +73,27 @@ def print_rows(rows: list[dict]) -> None:
         )
 
 
-def plot_rows(rows: list[dict], path: Path) -> None:
+def plot_rows(rows: list[dict], path: Path, *, pipeline_stages: int | None = None) -> None:
+    """Accuracy vs file size, one numbered point per stage (legend), the pipeline's path joined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     xs = [r["bytes"] / 1024 for r in rows]
     ys = [100 * r["accuracy"] for r in rows]
-    ax.plot(xs, ys, "o-")
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(r["stage"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    n = len(rows) if pipeline_stages is None else pipeline_stages
+    ax.plot(xs[:n], ys[:n], "-", color="0.7", zorder=1)
+    for i, (r, x, y) in enumerate(zip(rows, xs, ys), start=1):
+        ax.scatter([x], [y], s=40, zorder=2, label=f"{i}. {r['stage']} ({r['ratio']:.1f}x)")
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("file size (KiB, log scale)")
+    ax.set_xlabel("file size on disk (KiB, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("jcompress demo: LeNet-300-100 on mnist5k")
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -147,7 +151,7 @@ def main(out: Path, epochs: int | None = None) -> int:
     print_rows(rows)
     seconds = round(time.perf_counter() - t0, 1)
     report.save_json({"model": config, "data": ds.name, "rows": rows, "seconds": seconds}, out / "report.json")
-    plot_rows(rows, out / "report.png")
+    plot_rows(rows, out / "report.png", pipeline_stages=len(dc.rows))
     print(f"\nwrote {out / 'report.json'} and {out / 'report.png'} in {seconds:.0f} s")
     return 0
 

@@ -47,6 +47,28 @@ def _wrong_magic(tmp_path):
     return export.read(path)
 
 
+def _corrupt_checkpoint(tmp_path):
+    from jcompress import checkpoint
+
+    model = models.create("lenet300", input_shape=(28, 28, 1), num_classes=10)
+    fn = models.functional(model)
+    config = dict(name="lenet300", input_shape=[28, 28, 1], num_classes=10)
+    checkpoint.save_model(tmp_path / "ck", config, fn.params, fn.extra)
+    files = sorted(p for p in (tmp_path / "ck").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    for f in files:  # overwrite every data file of the checkpoint with garbage
+        f.write_bytes(b"\x00garbage" * 100)
+    return checkpoint.load_model(tmp_path / "ck")
+
+
+def _wrong_checkpoint(tmp_path):
+    from jcompress import checkpoint
+
+    small = models.functional(models.create("mlp", input_shape=(4,), num_classes=2, widths=[3]))
+    checkpoint.save_model(tmp_path / "ck", dict(name="lenet300", input_shape=[28, 28, 1], num_classes=10),
+                          small.params, small.extra)  # fmt: skip
+    return checkpoint.load_model(tmp_path / "ck")
+
+
 CASES = [
     # kind, id, call(tmp_path), exception, message regex
     ("sparsity out of range", "sparsity=1.0", lambda t: _mag(W, sparsity=1.0), ValueError, r"sparsity"),
@@ -83,6 +105,8 @@ CASES = [
     ("corrupt or wrong file", "truncated", _truncated_file, export.CompressedFileError, r"m\.jcz"),
     ("corrupt or wrong file", "wrong magic", _wrong_magic, export.CompressedFileError, r"m\.jcz"),
     ("corrupt or wrong file", "missing checkpoint", lambda t: __import__("jcompress").checkpoint.load_model(t / "none"), FileNotFoundError, r"does not exist"),
+    ("corrupt or wrong file", "corrupt checkpoint", _corrupt_checkpoint, ValueError, r"could not be restored|corrupt"),
+    ("corrupt or wrong file", "checkpoint of another model", _wrong_checkpoint, ValueError, r"could not be restored|different model"),
     ("unknown name", "dataset", lambda t: data.load("cifar100"), ValueError, r"mnist5k, digits, mnist1d"),
     ("unknown name", "model", lambda t: models.create("vgg16", input_shape=(28, 28, 1), num_classes=10), ValueError, r"lenet300"),
     ("shape mismatch", "compress with a wrong aux", lambda t: compressed.compress(W, pmasks.PruneAux(masks={"fc1": {"kernel": jnp.zeros((8, 6), bool), "bias": jnp.ones(6, bool)}}, scores=None, thresholds=None)), ValueError, r"fc1/kernel"),

@@ -1,7 +1,6 @@
 """The command line: train, demo (the main job), and clear errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,6 @@ are counted in TESTING.md (``python scripts/testing_report.py``).
 import re
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jcompress import compressed, data, export, lowrank, models, quant, sharing, tree

@@ -26,8 +26,8 @@ output unit (hardware 2:4 sparsity).
 
 Speed: each block is one jitted function (a ``lax.fori_loop`` over its columns, compiled
 once per block shape however many blocks a layer has), and each lazy update multiplies
-exactly the remaining columns. On a 768 x 3072 layer with 4,096 tokens this runs in
-about 0.4x the time of a plain numpy/scipy implementation (``jcompress.bench.b4_sparsegpt``).
+exactly the remaining columns. Its speed against a plain numpy/scipy implementation of the
+same algorithm is measured by ``jcompress.bench.b4_sparsegpt`` (see BENCHMARKS.md).
 
 Example:
   >>> stats = calibration.linear_input_stats(model, fwd, batches)

@@ -39,9 +39,10 @@ def run_pytest(files: list[str], xml: Path) -> str:
 
 
 def outcomes(xml: Path) -> dict[str, str]:
+    """``{'tests/test_x.py::test_name[id]': 'passed' | 'FAILED' | 'skipped'}``."""
     result = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
-        name = f"{case.get('classname')}::{case.get('name')}"
+        name = f"{case.get('classname').replace('.', '/')}.py::{case.get('name')}"
         if case.find("failure") is not None or case.find("error") is not None:
             result[name] = "FAILED"
         elif case.find("skipped") is not None:
@@ -57,7 +58,7 @@ def hypothesis_examples(log: str) -> dict[str, int]:
         m = re.match(r"^(tests/\S+::\S+):\s*$", line.strip())
         if m:
             current = m.group(1)
-        m = re.search(r"(\d+) passing examples?, (\d+) failing", line)
+        m = re.search(r"(\d+) passing(?: examples?)?, (\d+) failing", line)
         if m and current:
             counts[current] = counts.get(current, 0) + int(m.group(1)) + int(m.group(2))
     return counts
@@ -96,9 +97,8 @@ def main() -> int:
 
     lines += ["## Injected faults", "", "| fault | test | outcome |", "|---|---|---|"]
     for f, what in FAULT_TESTS.items():
-        mod = f.replace("/", ".").removesuffix(".py")
         for name, outcome in sorted(res.items()):
-            if name.startswith(mod + "::"):
+            if name.startswith(f + "::"):
                 lines.append(f"| {what} | `{name.split('::', 1)[1]}` | {outcome} |")
     lines += ["", "What the fault tests require: the killed run restarts from the last complete checkpoint "
               "and ends bit-identical to an uninterrupted run; the surviving process of a distributed run "
@@ -107,9 +107,8 @@ def main() -> int:
 
     lines += ["## Property-based tests (hypothesis)", "", "| test | random examples | outcome |", "|---|---|---|"]
     for name, outcome in sorted(res.items()):
-        n = next((v for k, v in examples.items() if k.endswith(name.split("::", 1)[1])), None)
-        if n is not None:
-            lines.append(f"| `{name}` | {n} | {outcome} |")
+        if name in examples:
+            lines.append(f"| `{name}` | {examples[name]} | {outcome} |")
     failed = [n for n, o in res.items() if o == "FAILED"]
     lines += ["", f"Totals: {len(res)} tests run, {len(failed)} failed, "
               f"{sum(1 for o in res.values() if o == 'skipped')} skipped.", ""]  # fmt: skip

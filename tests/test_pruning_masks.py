@@ -97,6 +97,38 @@ def test_keep_top_masks_matches_stable_argsort(shapes):
             np.testing.assert_array_equal(np.asarray(g), w)
 
 
+def _stable_rank(x, axis):
+    return np.argsort(np.argsort(x, axis=axis, kind="stable"), axis=axis, kind="stable")
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_smallest_mask_equals_stable_argsort_rank(axis):
+    rng = np.random.default_rng(4)
+    ties = rng.integers(0, 5, size=(37, 11)).astype(np.float32)  # many ties: the lower index goes first
+    spread = rng.standard_normal((37, 11)).astype(np.float32)
+    spread[0, :3] = [-np.inf, np.inf, -0.0]
+    for x in (ties, spread):
+        n = x.size if axis is None else x.shape[axis]
+        rank = _stable_rank(x.ravel(), 0).reshape(x.shape) if axis is None else _stable_rank(x, axis)
+        for count in sorted({0, 1, n // 2, n - 1, n}):
+            got = np.asarray(kth.smallest_mask(jnp.asarray(x), count, axis=axis))
+            np.testing.assert_array_equal(got, rank < count)
+
+
+def test_smallest_mask_traced_count_compiles_once():
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((64, 48)).astype(np.float32))
+    traces = []
+
+    @jax.jit
+    def f(x, count):
+        traces.append(1)
+        return kth.smallest_mask(x, count)
+
+    for count in (0, 7, 1000, 3072):
+        assert int(jnp.sum(f(x, count))) == count
+    assert len(traces) == 1
+
+
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 @pytest.mark.parametrize("n_rows", [256, 8192])  # full-range start / sample-bracket start
 def test_sharded_threshold_never_gathers_weights(axis_type, n_rows):

@@ -25,8 +25,10 @@ the smallest scores are taken over all rows together, as the reference does). N:
 output unit (hardware 2:4 sparsity).
 
 Speed: each block is one jitted function (a ``lax.fori_loop`` over its columns, compiled
-once per block shape however many blocks a layer has), and each lazy update multiplies
-exactly the remaining columns. Its speed against a plain numpy/scipy implementation of the
+once per block shape however many blocks a layer has), its mask is found by bisection on
+the scores' bits (:func:`jcompress.pruning.kth.smallest_mask`; an XLA sort of the block's
+~100k scores on CPU cost more than all of the block's OBS updates), and each lazy update
+multiplies exactly the remaining columns. Its speed against a plain numpy/scipy implementation of the
 same algorithm is measured by ``jcompress.bench.b4_sparsegpt`` (see BENCHMARKS.md).
 
 Example:
@@ -47,6 +49,7 @@ from jax import lax
 
 from jcompress import tree
 from jcompress.oneshot import calibration
+from jcompress.pruning import kth
 
 __all__ = [
     "SparseGPTAux",
@@ -177,14 +180,12 @@ def _solve_block(w1, u1, scale1, zero1, count, *, n_m, maxq):
     """
     d = jnp.diag(u1)
     score = w1**2 / d[None, :] ** 2  # unstructured: the block's `count` smallest scores, over all rows
-    rank = jnp.argsort(jnp.argsort(score.ravel())).reshape(w1.shape)
-    pruned_t = (rank < count).T
+    pruned_t = kth.smallest_mask(score, count).T
 
     def nm_mask(i, w_t, pruned_t):
         n, m = n_m
         group = lax.dynamic_slice_in_dim(w_t, i, m) ** 2 / lax.dynamic_slice_in_dim(d, i, m)[:, None] ** 2
-        rank = jnp.argsort(jnp.argsort(group, axis=0), axis=0)
-        return lax.dynamic_update_slice_in_dim(pruned_t, rank < m - n, i, axis=0)
+        return lax.dynamic_update_slice_in_dim(pruned_t, kth.smallest_mask(group, m - n, axis=0), i, axis=0)
 
     def column(i, carry):
         w_t, pruned_t, err_t = carry

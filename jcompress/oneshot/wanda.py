@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jcompress import tree
 from jcompress.oneshot import calibration
 from jcompress.oneshot.sparsegpt import check_sparsity_args
+from jcompress.pruning import kth
 
 __all__ = ["WandaAux", "magnitude", "prune", "smallest_mask", "wanda_scores"]
 
@@ -59,7 +60,7 @@ def smallest_mask(
       per_output: compare within each output unit (Wanda) or across the layer.
 
     Returns:
-      bool ``(in, out)``; ties are broken by position (stable sort).
+      bool ``(in, out)``; ties are broken by position (the lower index is removed first, as a stable sort would).
     """
     check_sparsity_args(sparsity, n_m)
     n_in, n_out = score.shape
@@ -68,15 +69,10 @@ def smallest_mask(
         if n_in % m:
             raise ValueError(f"{n_in} inputs are not a multiple of M={m}; N:M groups need whole groups")
         groups = score.reshape(n_in // m, m, n_out)
-        rank = jnp.argsort(jnp.argsort(groups, axis=1, stable=True), axis=1, stable=True)
-        return (rank >= m - n).reshape(n_in, n_out)
+        return ~kth.smallest_mask(groups, m - n, axis=1).reshape(n_in, n_out)
     if per_output:
-        k = round(float(sparsity) * n_in)
-        rank = jnp.argsort(jnp.argsort(score, axis=0, stable=True), axis=0, stable=True)
-        return rank >= k
-    k = round(float(sparsity) * score.size)
-    order = jnp.argsort(score.ravel(), stable=True)
-    return jnp.ones(score.size, bool).at[order[:k]].set(False).reshape(score.shape)
+        return ~kth.smallest_mask(score, round(float(sparsity) * n_in), axis=0)
+    return ~kth.smallest_mask(score, round(float(sparsity) * score.size))
 
 
 def wanda_scores(kernel: jax.Array, h: jax.Array) -> jax.Array:

@@ -248,6 +248,8 @@ def deep_compression(
     def ib(name, leaf):
         return _bits_for(index_bits, name, leaf)
 
+    pruners: dict = {}
+
     def run(params) -> DeepCompressionResult:
         params = tree.to_pure_dict(params)
         names = tree.selected_names(params, tree.select(params, include, exclude))
@@ -260,7 +262,10 @@ def deep_compression(
         def k_of(n, leaf):
             return 2 ** _bits_for(bits, n, leaf) - 1
 
-        stages = [stage(jax.jit(magnitude_pruning(sparsity=dict(spars), include=picked)), name="pruned")]
+        plan = (tuple(names), tuple(sorted(spars.items())))
+        if plan not in pruners:  # one compiled pruning function per layer set, reused by later calls
+            pruners[plan] = jax.jit(magnitude_pruning(sparsity=dict(spars), include=picked))
+        stages = [stage(pruners[plan], name="pruned")]
         if finetune_fn is not None:
             stages.append(finetune(finetune_fn, name="pruned + fine-tuned"))
         stages.append(

@@ -1,7 +1,8 @@
 """``python -m jcompress.bench [--quick] [--json FILE] [--only b1_threshold,...]``
 
 Runs every benchmark module ``jcompress/bench/b*.py`` in order. Each module's
-``run(quick)`` returns rows with at least ``name``, ``ratio``, ``target`` and ``met``;
+``run(quick)`` returns rows with at least ``name``, ``ratio``, ``target`` and ``met``
+(``None`` for a figure that is reported without a target);
 every ratio is measured side by side in the same run against its baseline. Prints a
 table and, with ``--json``, writes the rows (plus the machine description).
 """
@@ -36,7 +37,9 @@ def machine() -> dict:
 
 
 def modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench_pkg.__path__) if m.name[:1] == "b" and m.name[1:2].isdigit())
+    return sorted(
+        m.name for m in pkgutil.iter_modules(bench_pkg.__path__) if m.name[:1] == "b" and m.name[1:2].isdigit()
+    )
 
 
 def main(args=None) -> int:
@@ -60,7 +63,8 @@ def main(args=None) -> int:
         out = module.run(quick=bool(args.quick))
         for r in out:
             r.setdefault("module", name)
-            print(f"{r['name']:<58} ratio {r['ratio']:>9.3f}  target {r['target']:<8} {'met' if r.get('met') else 'NOT met'}", flush=True)
+            verdict = "" if r.get("met") is None else ("met" if r["met"] else "NOT met")
+            print(f"{r['name']:<58} ratio {r['ratio']:>9.3f}  target {r['target']:<8} {verdict}", flush=True)
         rows.extend(out)
         print(f"  ({name}: {time.perf_counter() - t0:.1f} s)", flush=True)
     if args.json:

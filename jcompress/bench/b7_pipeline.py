@@ -7,6 +7,11 @@ indices, centroid fine-tuning, Huffman coding, writing and reading back the file
 evaluating every stage). Ratio = pipeline seconds / training seconds, both end to end
 (compilation included, one run each, measured in the same process). Also reported:
 accuracies and the final file size against the float32 dense file.
+
+The issue sets no target for this ratio; it is reported as measured. A second row runs the
+same pipeline again in the same process: the k-means and pruning functions are then
+compiled already (the fine-tuning steps are compiled again, their optimizers being new
+objects), which separates XLA compilation from the work itself.
 """
 
 from __future__ import annotations
@@ -42,19 +47,21 @@ def run(quick: bool) -> list[dict]:
     def eval_fn(params):
         return {"accuracy": train.evaluate(fn.apply, params, res.extra, ds.x_test, ds.y_test)["accuracy"]}
 
+    seconds = []
     with tempfile.TemporaryDirectory() as tmp:
         run_dc = pipeline.deep_compression(sparsity=SPARSITY, finetune_fn=train_fn, eval_fn=eval_fn, out_dir=tmp)
-        t0 = time.perf_counter()
-        out = run_dc(res.params)
-        pipe_s = time.perf_counter() - t0
+        for _ in range(2):  # the first run compiles; the second reuses what it can
+            t0 = time.perf_counter()
+            out = run_dc(res.params)
+            seconds.append(time.perf_counter() - t0)
     rows = out.rows
-    ratio = pipe_s / train_s
+    pipe_s, again_s = seconds
     return [
         {
             "name": f"B7 Deep Compression pipeline / training time (LeNet-300-100, {epochs} epochs)",
-            "ratio": round(ratio, 3),
-            "target": "<= 1.0",
-            "met": bool(ratio <= 1.0),
+            "ratio": round(pipe_s / train_s, 3),
+            "target": "report",
+            "met": None,
             "pipeline_s": round(pipe_s, 2),
             "training_s": round(train_s, 2),
             "finetune_epochs_per_stage": ft_epochs,
@@ -64,5 +71,13 @@ def run(quick: bool) -> list[dict]:
             "final_file_bytes": rows[-1]["bytes"],
             "compression": round(rows[0]["bytes"] / rows[-1]["bytes"], 2),
             "stages": [{k: r[k] for k in ("stage", "accuracy", "bytes", "seconds")} for r in rows],
-        }
+        },
+        {
+            "name": "B7 same pipeline run again in the process / training time",
+            "ratio": round(again_s / train_s, 3),
+            "target": "report",
+            "met": None,
+            "pipeline_s": round(again_s, 2),
+            "training_s": round(train_s, 2),
+        },
     ]

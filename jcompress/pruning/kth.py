@@ -17,7 +17,9 @@ counting instead (a radix/histogram selection on the float32 bit patterns):
    the data settles it. If the counts show the answer outside the interval the search
    restarts from the whole key range, which takes two more passes: always exact.
 
-Inputs of up to 65,536 elements (single layers, samples) are simply sorted.
+Inputs of up to 65,536 elements (single layers, samples) are simply sorted, and masks of
+up to 262,144 elements come from :func:`smallest_mask` (a bisection on the keys, which
+compiles faster and runs as fast at that size).
 Each pass streams the data once and scatters into a histogram, in cache-sized chunks,
 so the work is linear. With arrays sharded over devices each device counts its own
 shard and only the bucket counts are summed across devices (an all-reduce); the
@@ -62,6 +64,7 @@ _OFFSET = np.uint32(0x80000000)
 _KEY_MIN = 0x00800000  # key of -inf (the smallest non-NaN float)
 _KEY_MAX = 0xFF800000  # key of +inf
 _SORT_BELOW = 1 << 16  # inputs up to this size are simply sorted
+_BISECT_BELOW = 1 << 18  # masks of inputs up to this size come from smallest_mask
 _SAMPLE_ABOVE = 1 << 22  # inputs with at least this many elements bracket the answer from a sample
 _SAMPLE_STRIDE = 64
 
@@ -332,6 +335,12 @@ def keep_top_masks(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))
 def _keep_top(values: list[jax.Array], k: int, chunk: int | None) -> list[jax.Array]:
+    sizes = [math.prod(v.shape) for v in values]
+    if sum(sizes) <= _BISECT_BELOW and not any(_is_sharded(v) for v in values):
+        # Small inputs (single layers): bisection compiles faster and runs as fast.
+        flat = jnp.concatenate([jnp.ravel(v).astype(jnp.float32) for v in values])
+        keep = ~smallest_mask(flat, sum(sizes) - k)
+        return [part.reshape(v.shape) for part, v in zip(jnp.split(keep, np.cumsum(sizes)[:-1]), values)]
     keys = [float_to_key(v) for v in values]
     t = kth_largest_key(values, k, chunk=chunk)
     above = [x > t for x in keys]

@@ -6,7 +6,7 @@ function, the optax transformation) are bound with ``functools.partial`` before
 orbax and shards like any pytree.
 
 ``fit`` checkpoints every epoch (params, extra state, optimizer state, step and RNG
-key). Batches and dropout keys are functions of ``(seed, epoch, step)`` only, so a run
+key); its loop, :func:`epoch_loop`, also drives the distillation trainer. Batches and dropout keys are functions of ``(seed, epoch, step)`` only, so a run
 resumed from a checkpoint continues exactly as an uninterrupted run would.
 """
 
@@ -26,7 +26,7 @@ import optax
 from jcompress import data as data_lib
 from jcompress import parallel
 
-__all__ = ["TrainState", "init_state", "train_step", "evaluate", "fit", "cross_entropy", "FitResult"]
+__all__ = ["FitResult", "TrainState", "cross_entropy", "epoch_loop", "evaluate", "fit", "init_state", "train_step"]
 
 
 class TrainState(NamedTuple):
@@ -143,13 +143,71 @@ def fit(
     Returns:
       ``FitResult(params, extra, state, history)``; ``history`` holds one dict per epoch.
     """
-    from jcompress.checkpoint import Checkpointer
-
     if mesh is None:
         mesh = parallel.default_mesh(batch_size)
     # The step donates its state; copy once so the caller's arrays (and the NNX model they
     # came from) stay valid after fit returns.
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), init_state(params, extra, tx, seed=seed))
+    step_fn = jax.jit(functools.partial(train_step, apply_fn=apply_fn, tx=tx), donate_argnums=0)
+
+    def evaluate_state(state):
+        return evaluate(apply_fn, state.params, state.extra, dataset.x_test, dataset.y_test)
+
+    state, history = epoch_loop(
+        state,
+        lambda state, batch: step_fn(state, parallel.shard_batch(batch, mesh)),
+        dataset,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        mesh=mesh,
+        out_dir=out_dir,
+        meta={**(meta or {}), "kind": "train"},
+        progress=progress,
+        evaluate_fn=evaluate_state,
+        eval_every=eval_every,
+        callback=callback,
+    )
+    return FitResult(state.params, state.extra, state, history)
+
+
+def epoch_loop(
+    state,
+    step_fn: Callable,
+    dataset: data_lib.Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    mesh,
+    out_dir: str | Path | None,
+    meta: dict,
+    progress: bool,
+    evaluate_fn: Callable[[Any], dict],
+    eval_every: int = 1,
+    callback: Callable | None = None,
+    batch_fn: Callable | None = None,
+):
+    """The resumable epoch loop shared by :func:`fit` and the distillation driver.
+
+    Restores the latest checkpoint in ``out_dir/ckpt`` (the state's NamedTuple type and
+    the history), then for each remaining epoch: runs ``step_fn(state, batch) -> (state,
+    metrics)`` over the epoch's batches (from ``(seed, epoch)``, resumed mid-epoch at
+    ``state.step``), applies ``callback(state, epoch)``, evaluates with
+    ``evaluate_fn(state)`` every ``eval_every`` epochs and at the last, appends a row to
+    ``out_dir/metrics.jsonl`` (process 0 only) and saves a checkpoint with ``meta``.
+
+    Args:
+      state: a NamedTuple of arrays with ``step``, ``params`` and ``extra`` fields.
+      batch_fn: ``batch_fn(x, index) -> batch`` from the batch's inputs and example
+        indices; default ``(x, y_train[index])``.
+      Other arguments as in :func:`fit`.
+
+    Returns:
+      ``(state, history)``.
+    """
+    from jcompress.checkpoint import Checkpointer
+
     steps_per_epoch = data_lib.num_batches(len(dataset.x_train), batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(dataset.x_train)} examples)")
@@ -157,21 +215,26 @@ def fit(
     history: list = []
     if ck is not None and ck.latest_step() is not None:
         restored, saved_meta = ck.restore({"state": state._asdict()})
-        state = TrainState(**restored["state"])
+        state = type(state)(**restored["state"])
         history = list(saved_meta.get("history", []))
     state = parallel.replicate(state, mesh)
-    step_fn = jax.jit(functools.partial(train_step, apply_fn=apply_fn, tx=tx), donate_argnums=0)
+    if batch_fn is None:
+
+        def batch_fn(x, index):
+            return x, dataset.y_train[index]
+
     metrics_path = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None
     start_step = int(state.step)
+    index = np.arange(len(dataset.x_train))
     bar = _progress(epochs * steps_per_epoch, start_step, progress)
     for epoch in range(start_step // steps_per_epoch, epochs):
         t0 = time.perf_counter()
         start = int(state.step) - epoch * steps_per_epoch
         sums: dict = {}
-        for xb, yb in data_lib.batches(
-            dataset.x_train, dataset.y_train, batch_size=batch_size, seed=seed, epoch=epoch, start=start
+        for xb, ib in data_lib.batches(
+            dataset.x_train, index, batch_size=batch_size, seed=seed, epoch=epoch, start=start
         ):
-            state, m = step_fn(state, parallel.shard_batch((xb, yb), mesh))
+            state, m = step_fn(state, batch_fn(xb, ib))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
@@ -181,23 +244,24 @@ def fit(
         row = {"epoch": epoch + 1, "step": int(state.step), "seconds": round(time.perf_counter() - t0, 3)}
         row.update({f"train_{k}": float(v) / max(done, 1) for k, v in sums.items()})
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            ev = evaluate(apply_fn, state.params, state.extra, dataset.x_test, dataset.y_test)
-            row.update({f"test_{k}": v for k, v in ev.items()})
+            row.update({f"test_{k}": v for k, v in evaluate_fn(state).items()})
         history.append(row)
-        bar.set_postfix_str(", ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_loss", "test_acc"))))
-        if metrics_path is not None:
+        bar.set_postfix_str(
+            ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_loss", "test_acc")))
+        )
+        if metrics_path is not None and jax.process_index() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if ck is not None:
             ck.save(
                 int(state.step),
                 {"state": state._asdict(), "model": {"params": state.params, "extra": state.extra}},
-                {**(meta or {}), "kind": "train", "epoch": epoch + 1, "history": history},
+                {**meta, "epoch": epoch + 1, "history": history},
             )
     bar.close()
     if ck is not None:
         ck.close()
-    return FitResult(state.params, state.extra, state, history)
+    return state, history
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -181,16 +181,6 @@ def distill_model(
 
     hint_params = _hint_params(teacher, student, config, ds.input_shape, seed)
     state = init_state(jax.tree.map(jnp.array, s_fn.params), s_fn.extra, tx, seed=seed, hint_params=hint_params)
-    steps_per_epoch = data_lib.num_batches(len(ds.x_train), batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(ds.x_train)} examples)")
-    ck = checkpoint.Checkpointer(Path(out_dir) / "ckpt") if out_dir is not None else None
-    history: list = []
-    if ck is not None and ck.latest_step() is not None:
-        restored, saved_meta = ck.restore({"state": state._asdict()})
-        state = DistillState(**restored["state"])
-        history = list(saved_meta.get("history", []))
-    state = parallel.replicate(state, mesh)
     teacher_arrays = parallel.replicate((t_fn.params, t_fn.extra), mesh)
     step_fn = make_step(
         student_apply=student_apply, teacher_apply=None if cache else teacher_apply, tx=tx, config=config, mesh=mesh
@@ -205,39 +195,27 @@ def distill_model(
         "distill": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
         "teacher_test_accuracy": teacher_eval["accuracy"],
     }
-    metrics_path = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None
-    start_step = int(state.step)
-    bar = train._progress(epochs * steps_per_epoch, start_step, progress)
-    index = np.arange(len(ds.x_train))
-    for epoch in range(start_step // steps_per_epoch, epochs):
-        t0 = time.perf_counter()
-        start = int(state.step) - epoch * steps_per_epoch
-        sums: dict = {}
-        for xb, ib in data_lib.batches(ds.x_train, index, batch_size=batch_size, seed=seed, epoch=epoch, start=start):
-            batch = (xb, ds.y_train[ib]) if cached is None else (xb, ds.y_train[ib], cached[ib])
-            state, m = step_fn(state, parallel.shard_batch(batch, mesh), *teacher_arrays)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.update(1)
-        done = steps_per_epoch - start
-        row = {"epoch": epoch + 1, "step": int(state.step), "seconds": round(time.perf_counter() - t0, 3)}
-        row.update({f"train_{k}": float(v) / max(done, 1) for k, v in sums.items()})
-        ev = train.evaluate(s_fn.apply, state.params, state.extra, ds.x_test, ds.y_test)
-        row.update({f"test_{k}": v for k, v in ev.items()})
-        history.append(row)
-        bar.set_postfix_str(f"loss={row.get('train_loss', 0.0):.4f}, test_acc={row['test_accuracy']:.4f}")
-        if metrics_path is not None and jax.process_index() == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if ck is not None:
-            ck.save(
-                int(state.step),
-                {"state": state._asdict(), "model": {"params": state.params, "extra": state.extra}},
-                {**run_meta, "epoch": epoch + 1, "history": history},
-            )
-    bar.close()
-    if ck is not None:
-        ck.close()
+
+    def batch_fn(x, index):
+        return (x, ds.y_train[index]) if cached is None else (x, ds.y_train[index], cached[index])
+
+    def evaluate_state(state):
+        return train.evaluate(s_fn.apply, state.params, state.extra, ds.x_test, ds.y_test)
+
+    state, history = train.epoch_loop(
+        state,
+        lambda state, batch: step_fn(state, parallel.shard_batch(batch, mesh), *teacher_arrays),
+        ds,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        mesh=mesh,
+        out_dir=out_dir,
+        meta=run_meta,
+        progress=progress,
+        evaluate_fn=evaluate_state,
+        batch_fn=batch_fn,
+    )
     return DistillResult(state.params, state.extra, state, history, s_config, teacher_eval["accuracy"])
 
 

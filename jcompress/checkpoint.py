@@ -83,8 +83,16 @@ def save_model(directory: str | Path, config: dict, params: Any, extra: Any, *, 
     ck.close()
 
 
-def load_model(directory: str | Path, step: int | None = None):
+def load_model(directory: str | Path, step: int | None = None, *, build=None):
     """Rebuild the NNX model saved by :func:`save_model` or by ``train.fit``.
+
+    Args:
+      directory: the checkpoint directory.
+      step: the step to load (default: the latest).
+      build: ``build(meta) -> nnx.Module`` making the model to restore into, for models
+        that are not ``models.create(**meta['model'])`` as such (e.g. factorised ones,
+        ``jcompress.lowrank.load``); it may raise ValueError when the metadata lacks
+        what it needs.
 
     Returns:
       ``(model, config, meta)``: the NNX model holding the saved params and extra state,
@@ -101,7 +109,7 @@ def load_model(directory: str | Path, step: int | None = None):
         if "model" not in meta:
             raise ValueError(f"{d} holds no model config; it was not written by jcompress save_model or fit")
         config = meta["model"]
-        model = models.create(**config)
+        model = models.create(**config) if build is None else build(meta)
         fn = models.functional(model)
         out, _ = ck.restore({"model": {"params": fn.params, "extra": fn.extra}}, step)
     finally:

@@ -426,24 +426,12 @@ def load(directory: str | Path, step: int | None = None) -> tuple[nnx.Module, di
     """
     from jcompress import checkpoint, models
 
-    d = Path(directory)
-    if not d.exists():
-        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
-    ck = checkpoint.Checkpointer(d)
-    try:
-        meta = ck.read_meta(step)
-        if "model" not in meta or "lowrank" not in meta:
-            raise ValueError(
-                f"{d} was not written by jcompress.lowrank.save (no model config or rank dict in its metadata)"
-            )
-        config = meta["model"]
-        model = rebuild(models.create(**config), meta["lowrank"]["ranks"])
-        fn = models.functional(model)
-        out, _ = ck.restore({"model": {"params": fn.params, "extra": fn.extra}}, step)
-    finally:
-        ck.close()
-    saved = jax.tree.map(np.asarray, out["model"])
-    return models.merge(model, saved["params"], saved["extra"]), config, meta
+    def build(meta):
+        if "lowrank" not in meta:
+            raise ValueError(f"{directory} was not written by jcompress.lowrank.save (no rank dict in its metadata)")
+        return rebuild(models.create(**meta["model"]), meta["lowrank"]["ranks"])
+
+    return checkpoint.load_model(directory, step, build=build)
 
 
 def compare_latency(

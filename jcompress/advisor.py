@@ -1007,18 +1007,6 @@ def student_config(config: dict, width_fraction: float) -> dict:
     raise ValueError(f"no rule to shrink model {name!r}; distillation candidates need lenet300, mlp, lenet5, cnn1d or resnet")
 
 
-def _copying(tx):
-    """``tx`` whose initial state is a copy of what ``tx.init`` returns.
-
-    ``train.fit`` donates its state to the jitted step; on a one-device mesh the state's
-    leaves are the very arrays a transformation captured (``keep_masked``'s masks,
-    ``centroid_finetune``'s codebooks), which the caller still needs afterwards.
-    """
-    import optax
-
-    return optax.GradientTransformation(lambda p: jax.tree.map(jax.numpy.copy, tx.init(p)), tx.update)
-
-
 def _fit_apply(apply_fn: Callable) -> Callable:
     """``apply(params, x)`` in the ``train.fit`` signature (no extra state, no dropout)."""
     return lambda params, extra, x, train=False, key=None: (apply_fn(params, x), extra)
@@ -1035,8 +1023,6 @@ def data_functions(model, config: dict, ds, *, batch_size: int = 128, distill_ep
       batch_size, seed: fine-tuning and distillation batches.
       distill_epochs: epochs of each student's distillation run.
     """
-    import jax.numpy as jnp
-
     from jcompress import models, train
     from jcompress.distill import run as distill_run
 
@@ -1050,8 +1036,7 @@ def data_functions(model, config: dict, ds, *, batch_size: int = 128, distill_ep
         return train.evaluate(fit_apply, params, {}, ds.x_test, ds.y_test)["accuracy"]
 
     def finetune_fn(apply, params, *, tx, epochs):
-        fresh = jax.tree.map(jnp.array, params)  # train.fit donates its state: never hand it the caller's buffers
-        res = train.fit(_fit_apply(apply), fresh, {}, ds, tx=_copying(tx), epochs=epochs, batch_size=batch_size, seed=seed,
+        res = train.fit(_fit_apply(apply), params, {}, ds, tx=tx, epochs=epochs, batch_size=batch_size, seed=seed,
                         progress=False, eval_every=0)  # fmt: skip
         return res.params
 

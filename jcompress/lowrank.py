@@ -12,7 +12,9 @@ Two levels:
   accuracy a rank costs.
 * :func:`factorize_dense` does the surgery: each selected ``nnx.Linear`` (``in -> out``)
   becomes a :class:`FactorizedLinear` (``in -> r`` without bias, then ``r -> out`` with the
-  bias), which really has ``r (in + out)`` instead of ``in * out`` weights and FLOPs.
+  bias), which really has ``r (in + out)`` instead of ``in * out`` weights and FLOPs; each
+  selected ``nnx.Conv`` becomes a :class:`FactorizedConv` (the same ``kh x kw`` conv with
+  ``r`` output channels, then a 1x1 conv ``r -> cout``).
 
 The rank is chosen per leaf by a fixed ``rank``, by the fraction ``energy`` of the
 singular-value energy ``sum s_i^2`` to keep, or by a parameter ``budget``
@@ -42,6 +44,7 @@ from flax import nnx
 from jcompress import tree
 
 __all__ = [
+    "FactorizedConv",
     "FactorizedLinear",
     "LowRankAux",
     "choose_rank",
@@ -283,10 +286,51 @@ class FactorizedLinear(nnx.Module):
         return self.v(self.u(x))
 
 
-def _linear_layers(model: nnx.Module) -> dict[str, nnx.Linear]:
+class FactorizedConv(nnx.Module):
+    """``x -> v(u(x))``: a convolution ``cin -> cout`` through ``rank`` channels.
+
+    ``u`` is an ``nnx.Conv(cin, rank)`` with the original kernel size, strides, padding and
+    dilations and no bias; ``v`` a 1x1 ``nnx.Conv(rank, cout)`` with the bias. Its output
+    equals the original convolution with the kernel ``(kh, kw, cin, cout)`` replaced by
+    ``reshape(U V)``, where ``U V`` factors the matrix ``(kh*kw*cin, cout)``:
+    ``rank * (kh*kw*cin + cout)`` weights instead of ``kh*kw*cin*cout``.
+    """
+
+    def __init__(self, conv: nnx.Conv, rank: int, *, rngs: nnx.Rngs):
+        self.rank = int(rank)
+        self.u = nnx.Conv(
+            conv.in_features,
+            rank,
+            conv.kernel_size,
+            conv.strides,
+            padding=conv.padding,
+            input_dilation=conv.input_dilation,
+            kernel_dilation=conv.kernel_dilation,
+            use_bias=False,
+            rngs=rngs,
+        )
+        ones = (1,) * len(conv.kernel_size)
+        self.v = nnx.Conv(rank, conv.out_features, ones, padding="VALID", use_bias=conv.use_bias, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.v(self.u(x))
+
+
+def _layers(model: nnx.Module) -> dict[str, nnx.Linear | nnx.Conv]:
+    """The factorisable layers by path: every ``nnx.Linear``, and every ``nnx.Conv`` without
+    groups or a kernel mask (a grouped kernel is not one matrix)."""
     return {
-        "/".join(str(p) for p in path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)
+        "/".join(str(p) for p in path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Linear)
+        or (isinstance(node, nnx.Conv) and node.feature_group_count == 1 and node.mask is None)
     }
+
+
+def _matrix_shape(layer) -> tuple[int, int]:
+    """The kernel as the matrix that is factorised: ``(fan_in, out)``."""
+    k = layer.kernel.shape
+    return int(np.prod(k[:-1])), int(k[-1])
 
 
 def _replace(model: nnx.Module, name: str, new: nnx.Module) -> None:
@@ -307,7 +351,7 @@ def _layer_ranks(layers: dict, ranks, rank_fraction, include, exclude) -> dict[s
         unknown = sorted(set(ranks) - set(layers))
         if unknown:
             raise ValueError(
-                f"ranks names {unknown}, which are not nnx.Linear layers; the layers are {sorted(layers)}."
+                f"ranks names {unknown}, which are not nnx.Linear or nnx.Conv layers; the layers are {sorted(layers)}."
             )
         chosen = dict(ranks)
     else:
@@ -317,27 +361,35 @@ def _layer_ranks(layers: dict, ranks, rank_fraction, include, exclude) -> dict[s
         chosen = {}
         for n, picked in tree.named_leaves(sel):
             if picked:
-                chosen[n] = max(1, int(round(rank_fraction * min(layers[n].kernel.shape))))
+                chosen[n] = max(1, round(rank_fraction * min(_matrix_shape(layers[n]))))
     for n, r in chosen.items():
-        k = layers[n].kernel.shape
+        k = _matrix_shape(layers[n])
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(k):
-            raise ValueError(f"rank {r!r} for layer {n!r} must be an integer in 1..{min(k)} (kernel {tuple(k)}).")
+            raise ValueError(
+                f"rank {r!r} for layer {n!r} must be an integer in 1..{min(k)} (kernel as a {k[0]}x{k[1]} matrix)."
+            )
     return {n: int(r) for n, r in chosen.items()}
 
 
 def rebuild(model: nnx.Module, ranks: dict[str, int], *, seed: int = 0) -> nnx.Module:
-    """A copy of ``model`` with the named ``nnx.Linear`` layers swapped for fresh :class:`FactorizedLinear`.
+    """A copy of ``model`` with the named layers swapped for fresh factorised ones.
 
-    The new layers are randomly initialised (from ``seed``); this gives the structure to
-    restore saved weights into (see :func:`load`). ``model`` is not modified.
+    ``nnx.Linear`` layers become :class:`FactorizedLinear`, ``nnx.Conv`` layers
+    :class:`FactorizedConv`. The new layers are randomly initialised (from ``seed``); this
+    gives the structure to restore saved weights into (see :func:`load`). ``model`` is not
+    modified.
     """
-    layers = _linear_layers(model)
+    layers = _layers(model)
     ranks = _layer_ranks(layers, ranks, None, None, None)
     new = nnx.clone(model)
     rngs = nnx.Rngs(seed)
     for name, r in ranks.items():
-        k = layers[name].kernel.shape
-        _replace(new, name, FactorizedLinear(k[0], k[1], r, use_bias=layers[name].bias is not None, rngs=rngs))
+        layer = layers[name]
+        if isinstance(layer, nnx.Conv):
+            _replace(new, name, FactorizedConv(layer, r, rngs=rngs))
+        else:
+            k = layer.kernel.shape
+            _replace(new, name, FactorizedLinear(k[0], k[1], r, use_bias=layer.bias is not None, rngs=rngs))
     return new
 
 
@@ -349,20 +401,22 @@ def factorize_dense(
     include: str | list[str] | None = None,
     exclude: str | list[str] | None = None,
 ) -> tuple[nnx.Module, LowRankAux]:
-    """Replace ``nnx.Linear`` layers by their rank-``r`` SVD factorisation (model surgery).
+    """Replace Dense and conv layers by their rank-``r`` SVD factorisation (model surgery).
 
     Args:
       model: an NNX model; not modified.
       ranks: ``{layer name: r}`` with names as paths in the model (``'fc1'``, ``'blocks/0/mlp'``).
       rank_fraction: instead of ``ranks``, ``r = round(rank_fraction * min(in, out))`` for
-        every ``nnx.Linear`` matched by ``include`` (regexes over layer names; default all)
-        and not by ``exclude``.
+        every ``nnx.Linear`` and ``nnx.Conv`` matched by ``include`` (regexes over layer
+        names; default all) and not by ``exclude``; for a conv ``in = kh*kw*cin``.
 
     Returns:
-      ``(new_model, LowRankAux)``: a copy of ``model`` where each chosen layer is a
-      :class:`FactorizedLinear` with ``u/kernel = U_r S_r`` and ``v/kernel = V_r^T`` (and the
-      original bias in ``v``), so its output equals the original layer with its kernel
-      replaced by the exact rank-``r`` truncation. ``aux`` is keyed by ``'<layer>/kernel'``.
+      ``(new_model, LowRankAux)``: a copy of ``model`` where each chosen ``nnx.Linear`` is
+      a :class:`FactorizedLinear` with ``u/kernel = U_r S_r`` and ``v/kernel = V_r^T`` (and
+      the original bias in ``v``), and each ``nnx.Conv`` a :class:`FactorizedConv` with the
+      same factors reshaped to a ``kh x kw`` conv and a 1x1 conv; each output equals the
+      original layer with its kernel replaced by the exact rank-``r`` truncation. ``aux``
+      is keyed by ``'<layer>/kernel'``.
 
     Raises:
       ValueError: for unknown layer names, ranks outside 1..min(in, out), both or neither
@@ -372,16 +426,16 @@ def factorize_dense(
       >>> small, aux = factorize_dense(model, ranks={'fc1': 32, 'fc2': 32})
       >>> sum(x.size for x in jax.tree.leaves(nnx.state(small, nnx.Param)))  # fewer weights
     """
-    layers = _linear_layers(model)
+    layers = _layers(model)
     chosen = _layer_ranks(layers, ranks, rank_fraction, include, exclude)
     new = rebuild(model, chosen)
-    new_layers = _linear_layers(new)
+    new_layers = _layers(new)
     aux = LowRankAux({}, {}, {}, {})
     for name, r in chosen.items():
         kernel = layers[name].kernel.get_value()
         tree.check_finite({name: kernel}, "model")
         _, factors, _, err, disc = _truncate_matrix(
-            kernel.astype(jnp.float32),
+            kernel.reshape(_matrix_shape(layers[name])).astype(jnp.float32),
             rank=r,
             energy=None,
             budget=None,
@@ -391,8 +445,8 @@ def factorize_dense(
             power_iters=0,
         )
         u, v = new_layers[name + "/u"], new_layers[name + "/v"]
-        u.kernel.set_value(factors[0].astype(kernel.dtype))
-        v.kernel.set_value(factors[1].astype(kernel.dtype))
+        u.kernel.set_value(factors[0].reshape(u.kernel.shape).astype(kernel.dtype))
+        v.kernel.set_value(factors[1].reshape(v.kernel.shape).astype(kernel.dtype))
         if layers[name].bias is not None:
             v.bias.set_value(layers[name].bias.get_value())
         key = f"{name}/kernel"

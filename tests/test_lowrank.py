@@ -186,6 +186,57 @@ def test_factorize_dense_equals_truncated_model():
     assert grads["fc1"]["u"]["kernel"].shape == (784, 20)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "input_shape", "ranks"),
+    [
+        ("lenet5", {}, (28, 28, 1), {"conv1": 3, "conv2": 7}),  # VALID padding, biases
+        ("cnn1d", {}, (40, 1), {"conv2": 4}),  # 1-D, strided, explicit padding
+        (
+            "resnet",
+            {"widths": (8, 16)},
+            (12, 12, 3),
+            {"blocks/1/conv1": 5, "blocks/1/proj": 3},
+        ),  # SAME, stride 2, no bias
+    ],
+)
+def test_factorize_conv_equals_truncated_kernel(name, kwargs, input_shape, ranks):
+    model = models.create(name, input_shape=input_shape, num_classes=10, seed=0, **kwargs)
+    fn = models.functional(model)
+    small, aux = lowrank.factorize_dense(model, ranks=ranks)
+    truncated = fn.params
+    for layer, r in ranks.items():
+        kernel = np.asarray(tree.get_by_name(fn.params, f"{layer}/kernel"))
+        m = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
+        u, sv, vt = np.linalg.svd(m, full_matrices=False)
+        want = ((u[:, :r] * sv[:r]) @ vt[:r]).reshape(kernel.shape).astype(np.float32)
+        truncated = tree.set_by_name(truncated, {f"{layer}/kernel": jnp.asarray(want)})
+        np.testing.assert_allclose(aux.errors[f"{layer}/kernel"], np.sqrt(np.sum(sv[r:] ** 2)), rtol=1e-4)
+        node = small
+        for part in layer.split("/"):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        assert isinstance(node, lowrank.FactorizedConv)
+        assert node.u.kernel.shape == (*kernel.shape[:-1], r)
+        assert node.v.kernel.shape == (*(1,) * (kernel.ndim - 2), r, kernel.shape[-1])
+    x = jax.random.uniform(jax.random.key(0), (4, *input_shape))
+    ref = models.merge(model, truncated, fn.extra)
+    np.testing.assert_allclose(small(x), ref(x), atol=2e-5, rtol=1e-4)
+    flops_before, flops_after = report.layer_flops(model, input_shape), report.layer_flops(small, input_shape)
+    for layer, r in ranks.items():
+        k = tree.get_by_name(fn.params, f"{layer}/kernel").shape
+        fan_in = int(np.prod(k[:-1]))
+        ratio = (flops_after[f"{layer}/u/kernel"] + flops_after[f"{layer}/v/kernel"]) / flops_before[f"{layer}/kernel"]
+        np.testing.assert_allclose(ratio, r * (fan_in + k[-1]) / (fan_in * k[-1]), rtol=1e-6)
+
+
+def test_factorized_conv_save_load(tmp_path):
+    config = {"name": "lenet5", "input_shape": [28, 28, 1], "num_classes": 10}
+    small, _ = lowrank.factorize_dense(models.create(**config), ranks={"conv2": 5, "fc1": 16})
+    lowrank.save(tmp_path / "ck", small, config=config, ranks={"conv2": 5, "fc1": 16})
+    loaded, _, _ = lowrank.load(tmp_path / "ck")
+    x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
+    np.testing.assert_array_equal(loaded(x), small(x))
+
+
 def test_rank_fraction_selection_and_errors():
     model = models.create("mlp", input_shape=(64,), num_classes=10, widths=(40, 20))
     small, aux = lowrank.factorize_dense(model, rank_fraction=0.25, exclude="fc3")

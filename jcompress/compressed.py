@@ -19,7 +19,9 @@ Types:
   zero and one index per stored weight; dense layout (an index per weight) or sparse
   layout (relative index, as above); both streams optionally Huffman coded.
 * :class:`QuantizedTensor`: uniform quantization codes (from ``jcompress.quant``),
-  bit-packed in the file, with scales and zero points.
+  bit-packed in the file, with scales and zero points; dense layout (a code per weight)
+  or, for pruned weights, sparse layout (relative index, as above, and a code per entry;
+  the weights left out are those whose code is the code of zero).
 
 :func:`compress` builds a tree of these from params and the aux results of the
 transforms (``PruneAux`` masks, ``SharingAux`` codebooks, ``QuantAux`` codes).
@@ -143,18 +145,21 @@ def _traced(*xs) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _scatter(gaps, values, shape) -> jax.Array:
+def _scatter(gaps, values, shape, fill=0) -> jax.Array:
     """Dense array of ``shape`` with ``values`` at the relative-index positions ``gaps``.
 
-    Concrete inputs are placed with numpy (exact, and no per-shape compilation); traced
-    inputs with ``jnp`` so that the leaf can be dequantized inside ``jax.jit``.
+    Positions without an entry hold ``fill`` (a scalar or an array that broadcasts to
+    ``shape``). Concrete inputs are placed with numpy (exact, and no per-shape
+    compilation); traced inputs with ``jnp`` so that the leaf can be dequantized inside
+    ``jax.jit``.
     """
     n = math.prod(shape)
-    if _traced(gaps, values):
+    if _traced(gaps, values, fill):
         pos = jnp.cumsum(jnp.asarray(gaps, jnp.int32) + 1) - 1
-        return jnp.zeros((n,), values.dtype).at[pos].set(values).reshape(shape)
+        base = jnp.broadcast_to(jnp.asarray(fill, values.dtype), shape).reshape(n)
+        return base.at[pos].set(values).reshape(shape)
     values = np.asarray(values)
-    out = np.zeros((n,), values.dtype)
+    out = np.array(np.broadcast_to(fill, shape), values.dtype).reshape(n)
     out[np.cumsum(np.asarray(gaps, np.int64) + 1) - 1] = values
     return jnp.asarray(out.reshape(shape))
 
@@ -293,32 +298,91 @@ class CodebookTensor(_Leaf):
         return cls(cb, codes, gaps, tuple(fields["shape"]), fields["index_bits"], bool(fields["huffman"]))
 
 
-@functools.partial(_register, data=["codes", "scale", "zero_point"], meta=["bits", "symmetric", "axis", "group_size"])
+def _zero_codes(zero_point, shape, axis, group_size, xp):
+    """The code of a zero weight at each position: ``zero_point`` spread over its group.
+
+    Returns an array that broadcasts to ``shape`` (``zero_point`` itself per tensor and
+    per channel; for groups, ``(K // g, C)`` repeated over the ``g`` rows of each group
+    and laid out as the weight, as in ``jcompress.quant``).
+    """
+    zp = xp.asarray(zero_point)
+    if group_size is None:
+        return zp
+    moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
+    return xp.moveaxis(xp.repeat(zp, group_size, axis=0).reshape(moved), -1, axis)
+
+
+@functools.partial(
+    _register,
+    data=["codes", "scale", "zero_point", "gaps"],
+    meta=["shape", "bits", "symmetric", "axis", "group_size", "index_bits"],
+)
 class QuantizedTensor(_Leaf):
     """Uniform quantization codes with their scales (see ``jcompress.quant.QuantParams``).
 
-    Codes are held unpacked (int32) in memory and bit-packed in the file at ``bits``
-    bits each (offset by the lowest code so that they are unsigned). Scales are stored as
-    float32; zero points (int32) only for asymmetric quantization.
+    Dense layout: one code per weight. Sparse layout (for pruned weights): Deep
+    Compression's relative index over the weights whose code is not the code of zero
+    (``zero_point`` of their channel or group, 0 when symmetric), and one code per entry;
+    filler entries hold the zero code of their position, so they and all positions
+    without an entry dequantize to exactly 0. Codes are held unpacked (int32) in memory
+    and bit-packed in the file at ``bits`` bits each (offset by the lowest code so that
+    they are unsigned), gaps at ``index_bits`` bits each. Scales are stored as float32;
+    zero points (int32) only for asymmetric quantization.
+
+    Attributes:
+      codes: int32; ``shape`` (dense layout) or ``(E,)``, one per entry (sparse layout).
+      scale, zero_point: as in ``QuantParams``.
+      gaps: ``(E,)`` int32 relative indices (sparse layout) or ``None`` (dense layout).
+      shape: the dense shape.
+      bits, symmetric, axis, group_size: as in ``QuantParams``.
+      index_bits: relative-index width for the sparse layout, ``None`` for dense.
     """
 
     codes: Any
     scale: Any
     zero_point: Any
+    gaps: Any
+    shape: tuple
     bits: int
     symmetric: bool
     axis: int | None
     group_size: int | None
+    index_bits: int | None
 
     @classmethod
-    def from_qparams(cls, qp) -> QuantizedTensor:
-        return cls(qp.codes, qp.scale, qp.zero_point, qp.bits, qp.symmetric, qp.axis, qp.group_size)
+    def from_qparams(cls, qp, *, index_bits: int | None = None) -> QuantizedTensor:
+        """From ``QuantParams``: dense layout, or sparse with relative indices of ``index_bits`` bits.
+
+        Args:
+          qp: the ``QuantParams`` (concrete arrays for the sparse layout).
+          index_bits: ``None`` for the dense layout, else the relative-index width.
+
+        Returns:
+          a :class:`QuantizedTensor` whose ``dequantize()`` equals ``quant.dequantize(qp)`` bit for bit.
+        """
+        meta = (qp.bits, qp.symmetric, qp.axis, qp.group_size)
+        if index_bits is None:
+            return cls(qp.codes, qp.scale, qp.zero_point, None, tuple(np.shape(qp.codes)), *meta, None)
+        codes, zp = np.asarray(qp.codes), np.asarray(qp.zero_point)
+        zero = np.broadcast_to(_zero_codes(zp, codes.shape, qp.axis, qp.group_size, np), codes.shape)
+        gaps, _ = huff.relative_index((codes != zero).astype(np.int64), index_bits=index_bits)
+        kept = codes.reshape(-1)[np.cumsum(gaps + 1) - 1]  # a filler's position holds the zero code
+        return cls(kept.astype(np.int32), qp.scale, zp, gaps.astype(np.int32), codes.shape, *meta, int(index_bits))
+
+    def dense_codes(self) -> jax.Array:
+        """The codes of all weights (``shape``), the zero codes filled in for the sparse layout."""
+        if self.gaps is None:
+            return jnp.asarray(self.codes)
+        xp = jnp if _traced(self.codes, self.zero_point, self.gaps) else np
+        zero = _zero_codes(self.zero_point, self.shape, self.axis, self.group_size, xp)
+        return _scatter(self.gaps, self.codes, self.shape, fill=zero)
 
     def to_qparams(self):
+        """The ``QuantParams`` (dense codes in either layout)."""
         from jcompress import quant
 
         return quant.QuantParams(
-            jnp.asarray(self.codes),
+            self.dense_codes(),
             jnp.asarray(self.scale),
             jnp.asarray(self.zero_point),
             self.bits,
@@ -326,10 +390,6 @@ class QuantizedTensor(_Leaf):
             self.axis,
             self.group_size,
         )
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(np.shape(self.codes))
 
     def dequantize(self) -> jax.Array:
         from jcompress import quant
@@ -351,7 +411,12 @@ class QuantizedTensor(_Leaf):
             "scale_shape": list(np.shape(self.scale)),
             "offset": lo,
         }
-        payloads = [("codes", bitpack.pack(codes, bits=self.bits), codes.size * self.bits), ("scale", sbytes, sbits)]
+        payloads = [("codes", bitpack.pack(codes, bits=self.bits), codes.size * self.bits)]
+        if self.gaps is not None:  # the dense layout's fields and payloads are as before it (old files load)
+            gaps = np.asarray(self.gaps)
+            fields.update(index_bits=self.index_bits, entries=int(gaps.size))
+            payloads.append(("gaps", bitpack.pack(gaps, bits=self.index_bits), gaps.size * self.index_bits))
+        payloads.append(("scale", sbytes, sbits))
         if not self.symmetric:
             zbytes, zbits = _raw(self.zero_point, "int32")
             payloads.append(("zero_point", zbytes, zbits))
@@ -360,17 +425,25 @@ class QuantizedTensor(_Leaf):
     @classmethod
     def decode(cls, fields: dict, payloads: dict) -> QuantizedTensor:
         shape, sshape = tuple(fields["shape"]), tuple(fields["scale_shape"])
-        codes = bitpack.unpack(payloads["codes"], bits=int(fields["bits"]), count=math.prod(shape))
-        codes = (codes.astype(np.int64) + int(fields["offset"])).astype(np.int32).reshape(shape)
+        ib = fields.get("index_bits")  # absent in the dense layout
+        count = math.prod(shape) if ib is None else int(fields["entries"])
+        codes = bitpack.unpack(payloads["codes"], bits=int(fields["bits"]), count=count)
+        codes = (codes.astype(np.int64) + int(fields["offset"])).astype(np.int32)
+        gaps = None
+        if ib is None:
+            codes = codes.reshape(shape)
+        else:
+            gaps = bitpack.unpack(payloads["gaps"], bits=int(ib), count=count).astype(np.int32)
+            if int(np.sum(gaps.astype(np.int64) + 1)) > math.prod(shape):
+                raise ValueError(f"the relative index runs past the {math.prod(shape)} weights of shape {shape}")
         scale = _from_raw(payloads["scale"], "float32", sshape)
         zp = (
             _from_raw(payloads["zero_point"], "int32", sshape)
             if "zero_point" in payloads
             else np.zeros(sshape, np.int32)
         )
-        return cls(
-            codes, scale, zp, int(fields["bits"]), bool(fields["symmetric"]), fields["axis"], fields["group_size"]
-        )
+        meta = (int(fields["bits"]), bool(fields["symmetric"]), fields["axis"], fields["group_size"])
+        return cls(codes, scale, zp, gaps, shape, *meta, None if ib is None else int(ib))
 
 
 LEAF_TYPES = {c.__name__: c for c in (DenseTensor, SparseTensor, CodebookTensor, QuantizedTensor)}
@@ -415,7 +488,9 @@ def compress(params, *aux, index_bits=None, huffman: bool = True, sparse: bool =
     :class:`QuantizedTensor` when a ``QuantAux`` (anything with ``qparams``) covers it; a
     :class:`SparseTensor` when it holds zeros and is covered by a ``PruneAux`` (anything
     with ``masks``) or a bool mask tree; otherwise a :class:`DenseTensor`. Codebook leaves
-    use the sparse layout when they hold zeros (and ``sparse`` is true).
+    use the sparse layout when they hold zeros (and ``sparse`` is true); quantized leaves
+    when they hold zeros, ``sparse`` is true and it takes fewer bits than the dense layout
+    (a pruned layer does, with or without its mask passed; a layer with few zeros stays dense).
 
     Args:
       params: parameter pytree (dict or NNX State) with concrete arrays; its values must
@@ -425,7 +500,8 @@ def compress(params, *aux, index_bits=None, huffman: bool = True, sparse: bool =
       index_bits: relative-index width: ``None`` (paper: conv 8, fc 5), an int, ``{regex:
         bits}`` or ``(name, leaf) -> bits``.
       huffman: Huffman-code codebook indices and relative indices.
-      sparse: use the relative-index layout for leaves with zeros.
+      sparse: use the relative-index layout for leaves with zeros (for quantized leaves,
+        only where it is smaller).
 
     Returns:
       nested dict (the pure-dict structure of ``params``) of compressed leaves.
@@ -463,6 +539,10 @@ def compress(params, *aux, index_bits=None, huffman: bool = True, sparse: bool =
             qt = QuantizedTensor.from_qparams(qparams[name])
             if not np.array_equal(np.asarray(qt.dequantize()).astype(arr.dtype), arr):
                 raise ValueError(f"params/{name} differs from dequantize(qparams); pass the QuantAux of these params")
+            if sparse and np.any(arr == 0):
+                ib = _index_bits_for(index_bits, name, arr)
+                st = QuantizedTensor.from_qparams(qparams[name], index_bits=ib)
+                return st if st.nbits() < qt.nbits() else qt  # a dense layer never gets bigger
             return qt
         if name in masks and sparse and arr.ndim > 0:
             m = _concrete(masks[name], f"masks/{name}")

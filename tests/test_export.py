@@ -4,6 +4,7 @@ import json
 import math
 import os
 import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,24 @@ def _round_trip(tmp_path, ctree):
 
 def _header(path):
     blob = path.read_bytes()
-    hlen = struct.unpack_from("<Q", blob, 12)[0]
-    return json.loads(blob[24 : 24 + hlen]), blob
+    version, hlen = struct.unpack_from("<IQ", blob, 8)
+    raw = blob[24 : 24 + hlen]
+    return json.loads(zlib.decompress(raw) if version == 2 else raw), blob
+
+
+def test_header_is_deflated_and_version_1_files_still_read(tmp_path):
+    ctree = {"fc": {"kernel": SparseTensor.from_dense(_sparse((30, 20), 0.8, 3), index_bits=5)}}
+    path, back = _round_trip(tmp_path, ctree)
+    header, blob = _header(path)
+    version, hlen = struct.unpack_from("<IQ", blob, 8)
+    plain = json.dumps(header, separators=(",", ":")).encode()
+    assert version == export.VERSION == 2 and hlen < len(plain)
+    # The same file in format version 1 (plain JSON header) reads to the same leaves.
+    old = blob[:8] + struct.pack("<IQI", 1, len(plain), zlib.crc32(plain)) + plain + blob[24 + hlen :]
+    (tmp_path / "v1.jcz").write_bytes(old)
+    v1, meta = export.read(tmp_path / "v1.jcz")
+    assert meta == {"note": "test"}
+    np.testing.assert_array_equal(v1["fc"]["kernel"].dequantize(), back["fc"]["kernel"].dequantize())
 
 
 @settings(max_examples=25, deadline=None)

@@ -30,9 +30,9 @@ on mnist5k; dense 93.9%, 1,068 KB, 1.6 ms): magnitude pruning at 90% keeps accur
 layers; SNIP ranks exactly as Taylor on the same batch), OBD 5; L2 structured removal of
 half the neurons keeps accuracy at 2.1x smaller and 2.1x faster, entropy-ranked removal
 loses 5 points; SVD at rank 25% 93.5%, 2.9x smaller, 2.4x faster; k-means sharing 93.9%
-at 6.8x; int8 94.0% at 3.9x; int4 PTQ 93.8% at 7.7x (QAT at Adam 1e-3 for 2 epochs did
+at 6.8x; int8 94.0% at 4.0x; int4 PTQ 93.8% at 7.8x (QAT at Adam 1e-3 for 2 epochs did
 worse, 92.7%); the 4x narrower distilled student 91.6%, 4.3x smaller and 3.7x faster;
-prune + int8 94.0% at 19.8x; prune + sharing + Huffman 93.8% at 30x, the smallest file.
+prune + int8 94.0% at 21.6x; prune + sharing + Huffman 93.8% at 31.6x, the smallest file.
 Masked and quantized models all run at dense speed (within timing noise).
 Quick mode (1,000 training images, one epoch per stage, fewer repeats) needs about 70 s
 of CPU and checks that every technique runs.
@@ -44,14 +44,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from experiments import common
 from jcompress import advisor, compressed, export, models, quant, train
 from jcompress.pruning import masks as masks_lib
 from jcompress.pruning import optim, scores
-from jcompress.sharing.kmeans import SharingAux
 
 SPARSITY = 0.9
 LR = 1e-3
@@ -101,26 +99,6 @@ def _entropy_candidate(model, ds) -> advisor.Candidate:
     return advisor.structured_candidate(0.5, score_fn=entropy, label="entropy: remove neurons")
 
 
-def _grid_codebook(qaux) -> SharingAux:
-    """Per-tensor symmetric int8 codes as a codebook of their 254 nonzero grid values plus the zero.
-
-    Local workaround (reported): ``compressed.compress`` stores a ``QuantizedTensor`` as one
-    packed code per weight, zeros included, so pruning would save nothing in the file. A
-    symmetric per-tensor grid maps code 0 to the exact zero, so the same values are
-    ``codebook[index]`` with index 0 for pruned weights, and the sparse codebook layout
-    stores only the survivors (8-bit codes plus relative indices).
-    """
-    books, indices = {}, {}
-    for name, qp in qaux.qparams.items():
-        qmax = 2 ** (qp.bits - 1) - 1
-        grid = np.concatenate([np.arange(-qmax, 0), np.arange(1, qmax + 1)]).astype(np.int32)
-        values = (jnp.asarray(grid) - qp.zero_point.reshape(())).astype(jnp.float32) * qp.scale.reshape(())
-        books[name] = jnp.concatenate([jnp.zeros((1,), jnp.float32), values])
-        c = np.asarray(qp.codes)
-        indices[name] = {name: jnp.asarray(np.where(c < 0, c + qmax + 1, np.where(c > 0, c + qmax, 0)).astype(np.int32))}
-    return SharingAux(books, indices, {})
-
-
 def _prune_int8_candidate() -> advisor.Candidate:
     """Magnitude pruning to 90% + fine-tune with masks kept, then per-tensor int8 of the survivors."""
 
@@ -130,7 +108,7 @@ def _prune_int8_candidate() -> advisor.Candidate:
         tuned = masks_lib.apply_masks(s.finetune_fn(s.apply_fn, pruned, tx=tx, epochs=s.epochs), paux.masks)
         qparams, qaux = jax.jit(quant.weight_quantization(bits=8))(tuned)
         path = s.workdir / "prune_int8.jcz"
-        export.write(path, compressed.compress(qparams, paux, _grid_codebook(qaux), huffman=False))
+        export.write(path, compressed.compress(qparams, paux, qaux))  # sparse layout: survivors' codes only
         return advisor.Built(export.load_params(path), s.apply_fn, path, {"sparsity": SPARSITY, "bits": 8})
 
     return advisor.Candidate(f"prune {SPARSITY:.0%} + int8", "combination", True, build)

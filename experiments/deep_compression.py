@@ -56,7 +56,8 @@ PAPER = {
 # paper's 8% the file here is 33x smaller, not 40x: Huffman coding saves about 7% on these
 # weights instead of the paper's 20-30% (after k-means converges the codebook indices are
 # used almost uniformly, about 4.9 of 5 bits of entropy), and the file's header took
-# about 2.5 KB (plain JSON in file format 1; deflated to about 0.7 KB since format 2). fc1 holds 88% (LeNet-300-100) and 93% (LeNet-5) of the weights.
+# about 2.5 KB (plain JSON in file format 1; deflated to about 0.7 KB since format 2).
+# fc1 holds 88% (LeNet-300-100) and 93% (LeNet-5) of the weights.
 KEPT = {
     "lenet300": {**PAPER_KEPT["lenet300"], "fc1/kernel": 0.05},
     "lenet5": {**PAPER_KEPT["lenet5"], "fc1/kernel": 0.05},

@@ -23,6 +23,7 @@ def test_runner_writes_one_row_per_figure(tmp_path, capsys):
     b7 = [r for r in doc["benchmarks"] if r["module"] == "b7_pipeline"]
     assert len(b7) == 2 and all(r["met"] is None and r["target"] == "report" for r in b7)
     assert b7[0]["final_file_bytes"] * 20 < b7[0]["dense_file_bytes"]
-    assert abs(b7[0]["ratio"] - b7[0]["pipeline_s"] / b7[0]["training_s"]) < 0.01
+    # both times are rounded to 0.01 s in the row, the ratio is not
+    assert abs(b7[0]["ratio"] - b7[0]["pipeline_s"] / b7[0]["training_s"]) <= 0.01 * b7[0]["ratio"]
     printed = capsys.readouterr().out
     assert printed.count("B2 ") == 2 and "NOT met" not in printed.split("B7")[1]

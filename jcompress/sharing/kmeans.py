@@ -29,6 +29,7 @@ evenly spaced on the CDF), ``'random'`` (Forgy: ``k`` distinct data points, need
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -42,6 +43,7 @@ from jcompress import tree
 __all__ = ["INITS", "KMeansResult", "SharingAux", "kmeans_1d", "kmeans_share", "reconstruct"]
 
 INITS = ("linear", "density", "random", "kmeans++")
+_MIN_PADDED = 1 << 16  # kmeans_1d pads its input to at least this many entries
 
 KSpec = int | Mapping[str, int] | Callable[[str, Any], int]
 
@@ -323,9 +325,16 @@ def kmeans_1d(
                 f"use k <= {distinct} (zeros are excluded when clustering a pruned layer)"
             )
 
-    xs, n_valid = _sort_valid(x, valid)
+    # Pad with invalid entries to 65,536 or the next power of two, so that layers of
+    # different sizes share compiled code: compiling the Lloyd loop takes ~0.5-0.8 s per
+    # shape on CPU, while sorting 65,536 values takes about a millisecond.
+    padded = max(_MIN_PADDED, 1 << max(n - 1, 1).bit_length())
+    x_p = jnp.pad(x, (0, padded - n))
+    valid_p = jnp.pad(valid, (0, padded - n))
+    xs, n_valid = _sort_valid(x_p, valid_p)
     c0 = init_arr if explicit else _init_centroids(xs, n_valid, key, k=k, init=init)
-    return _lloyd(x, valid, xs, n_valid, c0, iters=int(iters), history=bool(history))
+    res = _lloyd(x_p, valid_p, xs, n_valid, c0, iters=int(iters), history=bool(history))
+    return res._replace(labels=res.labels[:n])
 
 
 def _k_for(k: KSpec, name: str, leaf) -> int:
@@ -360,6 +369,30 @@ def _groups(names: list[str], shared) -> list[tuple[str, list[str]]]:
         if label not in groups:
             raise ValueError(f"shared: group {label!r} matches no selected leaf; selected leaves are {names}")
     return list(groups.items()) + own
+
+
+@functools.partial(jax.jit, static_argnames=("length", "preserve_zeros"))
+def _flatten_group(arrays, *, length, preserve_zeros):
+    """A group's leaves as one float32 vector padded to ``length``, and its valid entries.
+
+    One compiled function per group shape, instead of a compilation for each of the
+    eager operations it replaces (on CPU those dominated ``kmeans_share`` for models with
+    many layer shapes).
+    """
+    flat = jnp.concatenate([a.reshape(-1).astype(jnp.float32) for a in arrays])
+    valid = flat != 0 if preserve_zeros else jnp.ones(flat.shape, bool)
+    return jnp.pad(flat, (0, length - flat.shape[0])), jnp.pad(valid, (0, length - flat.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=("shapes", "dtype"))
+def _unflatten_group(centroids, labels, *, shapes, dtype):
+    """``(codebook, [indices per leaf], [codebook[indices] per leaf])`` from the group's labels."""
+    codebook = jnp.concatenate([jnp.zeros((1,), jnp.float32), centroids]).astype(dtype)
+    sizes = [math.prod(shape) for shape in shapes]
+    idx = labels[: sum(sizes)] + 1
+    parts = jnp.split(idx, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [idx]
+    leaf_indices = [p.reshape(shape) for p, shape in zip(parts, shapes)]
+    return codebook, leaf_indices, [codebook[i] for i in leaf_indices]
 
 
 def kmeans_share(
@@ -422,25 +455,18 @@ def kmeans_share(
     # with the same k run the same compiled k-means.
     length = max(sum(a.size for a in arrays) for _, _, arrays, _, _ in plans)
     for gi, (group, members, arrays, kg, dtype) in enumerate(plans):
-        flat = jnp.concatenate([a.reshape(-1).astype(jnp.float32) for a in arrays])
-        size = flat.shape[0]
-        valid = flat != 0 if preserve_zeros else jnp.ones((size,), bool)
-        flat = jnp.pad(flat, (0, length - size))
-        valid = jnp.pad(valid, (0, length - size))
+        flat, valid = _flatten_group(arrays, length=length, preserve_zeros=preserve_zeros)
         gkey = None if key is None else jax.random.fold_in(key, gi)
         try:
             res = kmeans_1d(flat, k=kg, init=init, iters=iters, key=gkey, valid=valid)
         except ValueError as e:
             raise ValueError(f"k-means of {group!r}: {e}") from None
-        codebook = jnp.concatenate([jnp.zeros((1,), jnp.float32), res.centroids]).astype(dtype)
-        idx = res.labels[:size] + 1
-        codebooks[group], inertia[group], indices[group] = codebook, res.inertia, {}
-        start = 0
-        for m, a in zip(members, arrays):
-            li = idx[start : start + a.size].reshape(a.shape)
-            start += a.size
-            indices[group][m] = li
-            updates[m] = codebook[li]
+        codebook, leaf_indices, leaf_values = _unflatten_group(
+            res.centroids, res.labels, shapes=tuple(a.shape for a in arrays), dtype=jnp.dtype(dtype)
+        )
+        codebooks[group], inertia[group] = codebook, res.inertia
+        indices[group] = dict(zip(members, leaf_indices))
+        updates.update(zip(members, leaf_values))
     return tree.set_by_name(params, updates), SharingAux(codebooks, indices, inertia)
 
 

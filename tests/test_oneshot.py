@@ -275,24 +275,39 @@ def test_wanda_beats_magnitude_when_input_scales_differ():
 # ----------------------------------------------------------------------------- GPTQ
 
 
-def reference_gptq(kernel, h, *, bits, group_size, act_order, damp=0.01):
-    """Plain GPTQ in its OBS form (explicit inverse, downdated each column), numpy float64."""
+def reference_gptq(kernel, h, *, bits, group_size, act_order, damp=0.01, dynamic_block=None):
+    """Plain GPTQ in its OBS form (explicit inverse, downdated each column), numpy float64.
+
+    Static groups: every grid from the original weights. ``dynamic_block=B``: as the
+    reference code with blocks of ``B`` columns, a group's grid is taken at the start of
+    the block it begins in, from the weights updated by all earlier columns.
+    """
     w = kernel.T.astype(np.float64).copy()
     rows, cols = w.shape
     maxq = 2**bits - 1
     scale = np.zeros((rows, cols))
     zero = np.zeros((rows, cols))
-    for g0 in range(0, cols, group_size):
-        part = w[:, g0 : g0 + group_size]
+
+    def set_grid(src, g0):
+        part = src[:, g0 : g0 + group_size]
         lo, hi = np.minimum(part.min(1), 0), np.maximum(part.max(1), 0)
         s = (hi - lo) / maxq
         scale[:, g0 : g0 + group_size] = s[:, None]
         zero[:, g0 : g0 + group_size] = np.round(-lo / s)[:, None]
+
+    if dynamic_block is None:
+        for g0 in range(0, cols, group_size):
+            set_grid(w, g0)
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
     hd = h.astype(np.float64) + damp * np.mean(np.diag(h)) * np.eye(cols)
     hinv = np.linalg.inv(hd[np.ix_(order, order)])
     w, scale, zero = w[:, order], scale[:, order], zero[:, order]
     for i in range(cols):
+        if dynamic_block is not None:
+            if i % dynamic_block == 0:
+                block_start = w.copy()
+            if i % group_size == 0:
+                set_grid(block_start, i)
         q = scale[:, i] * (np.clip(np.round(w[:, i] / scale[:, i]) + zero[:, i], 0, maxq) - zero[:, i])
         e = (w[:, i] - q) / hinv[i, i]
         w[:, i:] -= np.outer(e, hinv[i, i:])
@@ -308,7 +323,13 @@ def test_gptq_equals_plain_reference(act_order):
     kernel, x = correlated_problem(n_in=48, n_out=16)
     h = x.T @ x
     values, codes, scale, zero = gptq.quantize_matrix(
-        jnp.asarray(kernel), jnp.asarray(h), bits=4, group_size=16, act_order=act_order, block_size=16
+        jnp.asarray(kernel),
+        jnp.asarray(h),
+        bits=4,
+        group_size=16,
+        act_order=act_order,
+        block_size=16,
+        static_groups=True,
     )
     ref = reference_gptq(kernel, h, bits=4, group_size=16, act_order=act_order)
     step = float(np.asarray(scale).max())
@@ -317,6 +338,29 @@ def test_gptq_equals_plain_reference(act_order):
     assert output_error(kernel, values, x) == pytest.approx(output_error(kernel, ref, x), rel=0.02)
     np.testing.assert_allclose(gptq.dequantize(codes, scale, zero, group_size=16), values, atol=1e-6)
     assert codes.dtype == jnp.uint8 and int(codes.max()) <= 15 and scale.shape == (3, 16)
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 32])  # inside a block, one per block, across blocks
+def test_gptq_dynamic_groups_equal_reference(group_size):
+    kernel, x = correlated_problem(n_in=64, n_out=16)
+    h = x.T @ x
+    values, codes, scale, zero = gptq.quantize_matrix(
+        jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=group_size, block_size=16
+    )
+    ref = reference_gptq(kernel, h, bits=3, group_size=group_size, act_order=False, dynamic_block=16)
+    static, *_ = gptq.quantize_matrix(
+        jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=group_size, block_size=16, static_groups=True
+    )
+    step = float(np.asarray(scale).max())
+    assert (np.abs(np.asarray(values) - ref) < 1e-3 * step).mean() > 0.98
+    assert output_error(kernel, values, x) == pytest.approx(output_error(kernel, ref, x), rel=0.02)
+    assert not np.allclose(values, static)  # the grids really were recomputed
+    np.testing.assert_allclose(gptq.dequantize(codes, scale, zero, group_size=group_size), values, atol=1e-6)
+    assert scale.shape == (64 // group_size, 16)
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq.quantize_matrix(
+            jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=8, act_order=True, static_groups=False
+        )
 
 
 @pytest.mark.parametrize("bits", [3, 4])

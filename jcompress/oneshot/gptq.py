@@ -11,10 +11,12 @@ The grid: min-max per output unit and per group of ``group_size`` consecutive in
 ``scale = (max - min) / (2^bits - 1)`` with the range widened to contain 0,
 ``zero = round(-min / scale)``, code ``= clip(round(w / scale) + zero, 0, 2^bits - 1)``
 and value ``scale * (code - zero)``. Symmetric grids use ``max = max|w|``, ``min = -max``
-and ``zero = 2^(bits-1)``. The grid of every group is computed once from the original
-weights before the loop (the reference implementation's ``static_groups`` variant), so
-the groups stay contiguous in the original input order and need no index even with
-activation order.
+and ``zero = 2^(bits-1)``. As in the reference implementation, a group's grid is computed
+when the loop reaches the block it starts in, from the weights as the earlier columns'
+error feedback left them; with activation order (or ``static_groups=True``) every grid is
+computed once from the original weights before the loop (the reference's
+``static_groups`` variant), so the groups stay contiguous in the original input order and
+need no per-input group index.
 
 Activation order (``act_order=True``): columns are processed in decreasing ``diag(H)``
 (the inputs with the most energy first, while the most unquantized columns remain to
@@ -133,11 +135,12 @@ def quantize_matrix(
     bits: int,
     group_size: int | None = None,
     act_order: bool = False,
+    static_groups: bool | None = None,
     symmetric: bool = False,
     block_size: int = 128,
     damp: float = 0.01,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """GPTQ on one Flax kernel ``(in, out)`` with ``h`` ``(in, in)``.
+    """GPTQ on one Flax kernel ``(in, out)`` with ``h`` ``(in, in)``; arguments as in :func:`quantize`.
 
     Returns:
       ``(dequantized kernel (in, out) float32, codes (in, out) uint8, scale (groups, out),
@@ -145,20 +148,54 @@ def quantize_matrix(
     """
     check_bits(bits)
     g = _check_group_size(group_size, kernel.shape[0])
+    static = _check_static_groups(static_groups, act_order)
     values, codes, scale, zero, ok = _quantize_matrix_impl(
-        kernel, h, bits=bits, group_size=g, act_order=act_order, symmetric=symmetric, block=block_size, damp=damp
+        kernel,
+        h,
+        bits=bits,
+        group_size=g,
+        act_order=act_order,
+        static=static or g >= kernel.shape[0],  # one group: both ways are the same grid
+        symmetric=symmetric,
+        block=block_size,
+        damp=damp,
     )
     check_factor_ok(ok)
     return values, codes, scale, zero
 
 
-def _quantize_matrix_impl(kernel, h, *, bits, group_size, act_order, symmetric, block, damp):
+def _check_static_groups(static_groups, act_order: bool) -> bool:
+    if static_groups is None:
+        return bool(act_order)
+    if not isinstance(static_groups, bool):
+        raise ValueError(f"static_groups={static_groups!r} must be True, False or None")
+    if act_order and not static_groups:
+        raise ValueError(
+            "static_groups=False with act_order=True would form groups in activation order, which are not "
+            "contiguous inputs and cannot be stored as (groups, out) grids; use static_groups=True (or None)"
+        )
+    return static_groups
+
+
+def _quantize_matrix_impl(kernel, h, *, bits, group_size, act_order, static, symmetric, block, damp):
     wp, u, perm, scale, zero, scale_cols, zero_cols = _prepare(
         kernel, h, bits=bits, group_size=group_size, act_order=act_order, symmetric=symmetric, damp=damp
     )
-    new_wp, _ = obs_column_loop(
-        wp, u, scale_cols[:, perm], zero_cols[:, perm], block=block, counts=None, n_m=None, maxq=2**bits - 1
+    regrid = None if static else (group_size, functools.partial(min_max_grid, bits=bits, symmetric=symmetric))
+    new_wp, _, used_scale, used_zero = obs_column_loop(
+        wp,
+        u,
+        scale_cols[:, perm],
+        zero_cols[:, perm],
+        block=block,
+        counts=None,
+        n_m=None,
+        maxq=2**bits - 1,
+        regrid=regrid,
     )
+    if not static:  # no act_order here, so the loop's columns are the original ones
+        scale_cols, zero_cols = used_scale, used_zero
+        scale, zero = used_scale[:, ::group_size], used_zero[:, ::group_size]
     new_w = jnp.zeros_like(new_wp).at[:, perm].set(new_wp)
     codes, values = round_to_grid(new_w, scale_cols, zero_cols, bits=bits)
     return values.T, codes.T, scale.T, zero.T, jnp.all(jnp.isfinite(u))
@@ -190,6 +227,7 @@ def quantize(
     bits: int,
     group_size: int | None = None,
     act_order: bool = False,
+    static_groups: bool | None = None,
     symmetric: bool = False,
     block_size: int = 128,
     damp: float = 0.01,
@@ -207,6 +245,11 @@ def quantize(
       group_size: inputs sharing one scale/zero point (e.g. 128); ``None`` for one grid
         per output unit.
       act_order: process inputs in decreasing ``diag(H)``.
+      static_groups: ``False``: a group's grid is computed when the loop reaches its block,
+        from the weights updated by all earlier columns (the reference implementation's
+        default); ``True``: every grid is computed from the original weights before the
+        loop (its ``static_groups`` option, needed with ``act_order`` to keep groups of
+        contiguous inputs). ``None`` (default): static with ``act_order``, else not.
       symmetric: symmetric grid instead of asymmetric (min-max).
       block_size: columns per lazy-update block (128).
       damp: diagonal dampening as a fraction of the mean of ``diag(H)`` (0.01).
@@ -218,6 +261,7 @@ def quantize(
     check_bits(bits)
     if not (isinstance(block_size, int) and block_size > 0):
         raise ValueError(f"block_size={block_size!r} must be a positive int")
+    _check_static_groups(static_groups, act_order)
 
     def one(name, kernel, h):
         values, codes, scale, zero = quantize_matrix(
@@ -226,6 +270,7 @@ def quantize(
             bits=bits,
             group_size=group_size,
             act_order=act_order,
+            static_groups=static_groups,
             symmetric=symmetric,
             block_size=block_size,
             damp=damp,

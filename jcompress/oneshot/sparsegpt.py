@@ -131,7 +131,18 @@ def _round_to_grid(w, scale, zero, maxq):
     return scale * (q - zero)
 
 
-def obs_column_loop(w, u, scale, zero, *, block: int, counts: tuple | None, n_m: tuple | None, maxq: int | None):
+def obs_column_loop(
+    w,
+    u,
+    scale,
+    zero,
+    *,
+    block: int,
+    counts: tuple | None,
+    n_m: tuple | None,
+    maxq: int | None,
+    regrid: tuple | None = None,
+):
     """The SparseGPT/GPTQ column loop on ``W`` ``(rows, cols)`` (papers' layout).
 
     Each block is one call of a jitted function (compiled once per block shape, however
@@ -146,21 +157,34 @@ def obs_column_loop(w, u, scale, zero, *, block: int, counts: tuple | None, n_m:
       counts: weights to prune in each block (unstructured), or ``None``.
       n_m: ``(N, M)`` for semi-structured pruning, or ``None``.
       maxq: ``2**bits - 1`` for quantization of the kept weights, or ``None``.
+      regrid: ``(group_size, grid_fn)`` to compute the grids during the loop, as the
+        reference GPTQ does: at the start of each block, every group of ``group_size``
+        columns that starts inside it gets ``grid_fn(w[:, group]) -> (scale, zero)``
+        (each ``(rows, 1)``) from the weights as they are then (all earlier blocks'
+        updates applied); ``None`` keeps the ``scale``/``zero`` given.
 
     Returns:
-      ``(new_w, pruned)``: ``(rows, cols)`` float32 and bool (True where set to zero).
+      ``(new_w, pruned, scale, zero)``: ``(rows, cols)`` float32 and bool (True where set
+      to zero), and the grids the loop used.
     """
     cols = w.shape[1]
     pruned_blocks = []
     for b, b0 in enumerate(range(0, cols, block)):
         b1 = min(b0 + block, cols)
+        if regrid is not None:
+            g, grid_fn = regrid
+            for g0 in range(-(-b0 // g) * g, b1, g):
+                s, z = grid_fn(w[:, g0 : g0 + g])
+                width = min(g, cols - g0)
+                scale = scale.at[:, g0 : g0 + width].set(jnp.broadcast_to(s, (w.shape[0], width)))
+                zero = zero.at[:, g0 : g0 + width].set(jnp.broadcast_to(z, (w.shape[0], width)))
         count = jnp.int32(0 if counts is None else counts[b])
         w1, pruned1, err1 = _solve_block(
             w[:, b0:b1], u[b0:b1, b0:b1], scale[:, b0:b1], zero[:, b0:b1], count, n_m=n_m, maxq=maxq
         )
         w = _lazy_update(w, w1, err1, u[b0:b1], b0=b0)
         pruned_blocks.append(pruned1)
-    return w, jnp.concatenate(pruned_blocks, axis=1)
+    return w, jnp.concatenate(pruned_blocks, axis=1), scale, zero
 
 
 def _lazy_update(w, w1, err1, u_rows, *, b0):
@@ -250,7 +274,7 @@ def check_factor_ok(ok: jax.Array) -> None:
 def _prune_matrix_impl(kernel, h, *, damp, counts, n_m, bits, symmetric, block):
     w, u, scale, zero = _prepare(kernel, h, damp=damp, bits=bits, symmetric=symmetric)
     maxq = None if bits is None else 2**bits - 1
-    new_w, pruned = obs_column_loop(w, u, scale, zero, block=block, counts=counts, n_m=n_m, maxq=maxq)
+    new_w, pruned, _, _ = obs_column_loop(w, u, scale, zero, block=block, counts=counts, n_m=n_m, maxq=maxq)
     return new_w.T, ~pruned.T, scale[:, :1].T, zero[:, :1].T, jnp.all(jnp.isfinite(u))
 
 

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import pytest
 
 from jcompress import compressed, data, export, lowrank, models, quant, sharing, tree
+from jcompress.oneshot import gptq
+from jcompress.pruning import kth
 from jcompress.pruning import masks as pmasks
 from jcompress.pruning import scores as pscores
 
@@ -79,6 +81,9 @@ CASES = [
     ("bits out of range", "bits=17", lambda t: quant.quantize(W["fc1"]["kernel"], bits=17), ValueError, r"bits"),
     ("bits out of range", "quantize_params bits=40", lambda t: quant.quantize_params(W, bits=40), ValueError, r"bits"),
     ("group size invalid", "group_size does not divide", lambda t: quant.quantize(W["fc1"]["kernel"], bits=4, axis=1, group_size=3), ValueError, r"group_size"),
+    ("count out of range", "smallest_mask count > size", lambda t: kth.smallest_mask(jnp.ones(5), 6), ValueError, r"count=6.*\[0, 5\]"),
+    ("count out of range", "smallest_mask count < 0", lambda t: kth.smallest_mask(jnp.ones((3, 4)), -1, axis=1), ValueError, r"count=-1"),
+    ("group size invalid", "GPTQ dynamic groups with act_order", lambda t: gptq.quantize_matrix(W["fc1"]["kernel"], jnp.eye(8), bits=4, group_size=4, act_order=True, static_groups=False), ValueError, r"static_groups"),
     ("rank invalid", "rank=0", lambda t: lowrank.svd_truncate(W, rank=0), ValueError, r"rank"),
     ("rank invalid", "rank above min(dims)", lambda t: lowrank.svd_truncate(W, rank=7), ValueError, r"rank|fc1/kernel"),
     ("rank invalid", "energy=1.5", lambda t: lowrank.svd_truncate(W, energy=1.5), ValueError, r"energy"),

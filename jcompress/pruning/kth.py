@@ -389,6 +389,9 @@ def smallest_mask(score: jax.Array, count, *, axis: int | None = None) -> jax.Ar
     """
     if axis is None:
         return smallest_mask(jnp.ravel(score), count, axis=0).reshape(jnp.shape(score))
+    n = jnp.shape(score)[axis]
+    if not isinstance(count, jax.core.Tracer) and not 0 <= int(count) <= n:
+        raise ValueError(f"count={int(count)} must be in [0, {n}] (the entries compared along axis {axis})")
     keys = float_to_key(score)
     count = jnp.asarray(count, jnp.int32)
     lo = jnp.zeros(tuple(1 if a == axis % keys.ndim else n for a, n in enumerate(keys.shape)), jnp.uint32)

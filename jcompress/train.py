@@ -6,7 +6,8 @@ function, the optax transformation) are bound with ``functools.partial`` before
 orbax and shards like any pytree.
 
 ``fit`` checkpoints every epoch (params, extra state, optimizer state, step and RNG
-key); its loop, :func:`epoch_loop`, also drives the distillation trainer. Batches and dropout keys are functions of ``(seed, epoch, step)`` only, so a run
+key); its loop, :func:`epoch_loop`, also drives the distillation trainer. Batches and
+dropout keys are functions of ``(seed, epoch, step)`` only, so a run
 resumed from a checkpoint continues exactly as an uninterrupted run would.
 """
 
@@ -155,7 +156,7 @@ def fit(
 
     state, history = epoch_loop(
         state,
-        lambda state, batch: step_fn(state, parallel.shard_batch(batch, mesh)),
+        step_fn,
         dataset,
         epochs=epochs,
         batch_size=batch_size,
@@ -193,7 +194,7 @@ def epoch_loop(
     Restores the latest checkpoint in ``out_dir/ckpt`` (the state's NamedTuple type and
     the history), then for each remaining epoch: runs ``step_fn(state, batch) -> (state,
     metrics)`` over the epoch's batches (from ``(seed, epoch)``, resumed mid-epoch at
-    ``state.step``), applies ``callback(state, epoch)``, evaluates with
+    ``state.step``, sharded over ``mesh``), applies ``callback(state, epoch)``, evaluates with
     ``evaluate_fn(state)`` every ``eval_every`` epochs and at the last, appends a row to
     ``out_dir/metrics.jsonl`` (process 0 only) and saves a checkpoint with ``meta``.
 
@@ -234,7 +235,7 @@ def epoch_loop(
         for xb, ib in data_lib.batches(
             dataset.x_train, index, batch_size=batch_size, seed=seed, epoch=epoch, start=start
         ):
-            state, m = step_fn(state, batch_fn(xb, ib))
+            state, m = step_fn(state, parallel.shard_batch(batch_fn(xb, ib), mesh))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import pkgutil
+import platform
 import sys
 import time
 

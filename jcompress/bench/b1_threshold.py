@@ -28,9 +28,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
+
+from jcompress.bench import best_time
 
 __all__ = ["make_leaves", "run"]
 
@@ -44,31 +45,22 @@ def make_leaves(shapes, seed: int = 0) -> list[np.ndarray]:
     return [rng.standard_normal(s, dtype=np.float32) for s in shapes]
 
 
-def _best(fn, repeats: int = 3):
-    out = fn()  # warm-up / compile
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def _threshold_rows(leaves, quick: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    from jcompress.bench import best_time
     from jcompress.pruning import kth
 
     n = sum(x.size for x in leaves)
-    t_prep, flat = _best(lambda: np.abs(np.concatenate([x.ravel() for x in leaves])), repeats=1)
+    t_prep, flat = best_time(lambda: np.abs(np.concatenate([x.ravel() for x in leaves])), repeats=1)
     device_leaves = [jnp.asarray(x) for x in leaves]
     rows = []
     for sparsity in (0.5, 0.9):
         k = n - kth.pruned_count(sparsity, n)
         fn = jax.jit(lambda ls, k=k: kth.kth_largest([jnp.abs(x) for x in ls], k))
-        t_jax, got = _best(lambda fn=fn: jax.block_until_ready(fn(device_leaves)))
-        t_np, want = _best(lambda k=k: np.partition(flat, n - k)[n - k])
+        t_jax, got = best_time(lambda fn=fn: jax.block_until_ready(fn(device_leaves)))
+        t_np, want = best_time(lambda k=k: np.partition(flat, n - k)[n - k])
         got = float(got)
         rows.append(
             {
@@ -91,10 +83,11 @@ def _threshold_rows(leaves, quick: bool) -> list[dict]:
 
 _SHARDED_SCRIPT = textwrap.dedent(
     """
-    import json, re, sys, time
+    import json, re, sys
     import numpy as np
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
+    from jcompress.bench import best_time
     from jcompress.pruning import kth
 
     rows = int(sys.argv[1])
@@ -109,11 +102,9 @@ _SHARDED_SCRIPT = textwrap.dedent(
     fn = jax.jit(lambda ls: kth.kth_largest([jnp.abs(x) for x in ls], k, chunk=None))
     hlo = fn.lower(sharded).compile().as_text()
     got = float(fn(sharded))
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter(); jax.block_until_ready(fn(sharded)); best = min(best, time.perf_counter() - t0)
+    best, _ = best_time(lambda: jax.block_until_ready(fn(sharded)), warmup=False)  # compiled above
     flat = np.abs(np.concatenate([x.ravel() for x in leaves]))
-    t0 = time.perf_counter(); want = float(np.partition(flat, n - k)[n - k]); t_np = time.perf_counter() - t0
+    t_np, want = best_time(lambda: float(np.partition(flat, n - k)[n - k]), 1, warmup=False)
     print(json.dumps({
         "devices": len(jax.devices()), "elements": n, "k": k, "all_gathers": len(re.findall(r"all-gather", hlo)),
         "all_reduces": len(re.findall(r"all-reduce", hlo)), "threshold_jcompress": got, "threshold_numpy": want,

@@ -29,24 +29,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
+
+from jcompress.bench import best_time
 
 __all__ = ["run"]
 
 _SHAPES_FULL = [(4096, 4096)] * 4  # 256 MB of float32
 _SHAPES_QUICK = [(1024, 2048)] * 4  # 32 MB
-
-
-def _best(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run(quick: bool) -> list[dict]:
@@ -99,11 +90,11 @@ def run(quick: bool) -> list[dict]:
 
     state["w"] = jax.tree.map(jnp.asarray, weights)
     fresh = jax.tree.map(jnp.asarray, weights)
-    t_copy = _best(lambda: np.copyto(dst, src))
-    t_fast = _best(donated(fast_fq))
-    t_mask = _best(donated(fast_mask))
-    t_plain = _best(lambda: jax.block_until_ready(not_donated(fresh, masks_j)))
-    t_copy = min(t_copy, _best(lambda: np.copyto(dst, src)))
+    t_copy = best_time(lambda: np.copyto(dst, src))[0]
+    t_fast = best_time(donated(fast_fq))[0]
+    t_mask = best_time(donated(fast_mask))[0]
+    t_plain = best_time(lambda: jax.block_until_ready(not_donated(fresh, masks_j)))[0]
+    t_copy = min(t_copy, best_time(lambda: np.copyto(dst, src))[0])
     bw_copy = 2 * src.nbytes / t_copy
     frac = lambda t: moved / t / bw_copy
     size = f"{src.nbytes / 2**20:.0f} MB"

@@ -11,21 +11,12 @@ jcompress's must be <= scikit-learn's * (1 + 1e-6).
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
+from jcompress.bench import best_time
+
 __all__ = ["run"]
-
-
-def _best(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def run(quick: bool) -> list[dict]:
@@ -41,14 +32,14 @@ def run(quick: bool) -> list[dict]:
 
     fn = jax.jit(lambda x: kmeans_1d(x, k=k, init="linear", iters=iters))
     jax.block_until_ready(fn(w))  # compile
-    ours_s, res = _best(lambda: jax.block_until_ready(fn(w)), 5)
+    ours_s, res = best_time(lambda: jax.block_until_ready(fn(w)), 5, warmup=False)
     c = np.asarray(res.centroids, np.float64)
     ours_inertia = float(((xd - c[np.asarray(res.labels)]) ** 2).sum())
 
     def sk():
         return KMeans(k, init=init[:, None], n_init=1, max_iter=iters, tol=0, algorithm="lloyd").fit(w[:, None])
 
-    sk_s, km = _best(sk, 1 if quick else 2)
+    sk_s, km = best_time(sk, 1 if quick else 2, warmup=False)
     sk_inertia = float(((xd - km.cluster_centers_[:, 0].astype(np.float64)[km.labels_]) ** 2).sum())
     ratio = sk_s / ours_s
     inertia_ok = ours_inertia <= sk_inertia * (1 + 1e-6)

@@ -21,10 +21,10 @@ loops over blocks and columns and scipy's Cholesky routines.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import scipy.linalg
+
+from jcompress.bench import best_time
 
 __all__ = ["make_problem", "reference_sparsegpt", "run"]
 
@@ -83,16 +83,6 @@ def make_problem(n_in: int, n_out: int, tokens: int, seed: int = 0):
     return kernel, (x.T @ x).astype(np.float32)
 
 
-def _best_time(fn, repeats: int = 3) -> tuple[float, object]:
-    out = fn()  # warm-up (compiles the JAX version)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def _rel_err(kernel: np.ndarray, new_kernel: np.ndarray, h: np.ndarray) -> float:
     k = kernel.astype(np.float64)
     d = new_kernel.astype(np.float64) - k
@@ -112,8 +102,8 @@ def run(quick: bool) -> list[dict]:
     def jax_version():
         return jax.block_until_ready(sparsegpt.prune_matrix(kj, hj, sparsity=0.5)[0])
 
-    t_jax, new_jax = _best_time(jax_version)
-    t_ref, new_ref = _best_time(lambda: reference_sparsegpt(kernel.T, h, sparsity=0.5).T)
+    t_jax, new_jax = best_time(jax_version)
+    t_ref, new_ref = best_time(lambda: reference_sparsegpt(kernel.T, h, sparsity=0.5).T)
     new_jax = np.asarray(new_jax)
     err_jax, err_ref = _rel_err(kernel, new_jax, h), _rel_err(kernel, new_ref, h)
     size = f"{n_out}x{n_in}, {tokens} tokens"

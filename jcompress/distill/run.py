@@ -204,7 +204,7 @@ def distill_model(
 
     state, history = train.epoch_loop(
         state,
-        lambda state, batch: step_fn(state, parallel.shard_batch(batch, mesh), *teacher_arrays),
+        lambda state, batch: step_fn(state, batch, *teacher_arrays),
         ds,
         epochs=epochs,
         batch_size=batch_size,

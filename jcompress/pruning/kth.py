@@ -394,7 +394,7 @@ def smallest_mask(score: jax.Array, count, *, axis: int | None = None) -> jax.Ar
         raise ValueError(f"count={int(count)} must be in [0, {n}] (the entries compared along axis {axis})")
     keys = float_to_key(score)
     count = jnp.asarray(count, jnp.int32)
-    lo = jnp.zeros(tuple(1 if a == axis % keys.ndim else n for a, n in enumerate(keys.shape)), jnp.uint32)
+    lo = jnp.zeros(tuple(1 if a == axis % keys.ndim else d for a, d in enumerate(keys.shape)), jnp.uint32)
 
     def halve(_, bounds):  # invariant: the count-th smallest key lies in [lo, hi]
         lo, hi = bounds

@@ -30,7 +30,7 @@ import jax
 
 from jcompress import tree
 
-__all__ = ["MISSING", "Spec", "check_value", "is_pairs", "layer_of", "pairs", "resolve", "select_names"]
+__all__ = ["MISSING", "Spec", "check_value", "is_pairs", "layer_of", "pairs", "resolve", "select_names", "selection_tree"]
 
 Spec = Any
 MISSING = object()
@@ -195,3 +195,17 @@ def check_value(value: Any, *, arg: str, kind: type | tuple, lo=None, hi=None, l
         raise ValueError(f"{arg}={value!r} must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
     return value
 
+
+
+def selection_tree(selection: Spec, *, arg: str = "selection") -> Callable[[Any], Any]:
+    """``params -> bool tree``: a selection as the mask argument of ``optax.masked``.
+
+    Example:
+      >>> tx = optax.masked(jc.pruning.l2(1e-4), selection_tree(r'kernel$'))
+    """
+
+    def fn(params):
+        chosen = set(select_names(params, selection, arg=arg))
+        return tree.map_with_names(lambda n, x: n in chosen, params)
+
+    return fn

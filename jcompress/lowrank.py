@@ -2,39 +2,30 @@
 
 A weight matrix ``W`` of shape ``(m, n)`` with singular values ``s_1 >= s_2 >= ...`` is
 replaced by its best rank-``r`` approximation ``W_r = (U_r S_r) V_r^T`` (Eckart-Young);
-the Frobenius error is exactly ``sqrt(sum_{i > r} s_i^2)``. Conv kernels
+the relative squared error is exactly ``sum_{i > r} s_i^2 / sum_i s_i^2``. Conv kernels
 ``(kh, kw, cin, cout)`` are factorised as the matrix ``(kh*kw*cin, cout)``.
 
-Two levels:
-
-* :func:`svd_truncate` works on a parameter pytree and returns dense leaves of the same
-  shapes holding ``W_r``, plus the factors. It saves nothing by itself; it tells how much
-  accuracy a rank costs.
-* :func:`factorize_dense` does the surgery: each selected ``nnx.Linear`` (``in -> out``)
-  becomes a :class:`FactorizedLinear` (``in -> r`` without bias, then ``r -> out`` with the
-  bias), which really has ``r (in + out)`` instead of ``in * out`` weights and FLOPs; each
-  selected ``nnx.Conv`` becomes a :class:`FactorizedConv` (the same ``kh x kw`` conv with
-  ``r`` output channels, then a 1x1 conv ``r -> cout``).
+:func:`svd` is the params transform: it returns dense leaves of the same shapes holding
+``W_r``, plus the factors (:class:`jcompress.core.base.FactorAux`). It saves nothing by
+itself; it tells how much accuracy a rank costs. The model surgery that really swaps a
+layer for two thin ones lives with the other model-level operations.
 
 The rank is chosen per leaf by a fixed ``rank``, by the fraction ``energy`` of the
 singular-value energy ``sum s_i^2`` to keep, or by a parameter ``budget``
-(``r (m + n) <= budget * m * n``). ``method='randomized'`` uses the randomised range
-finder of Halko, Martinsson & Tropp (2011) with oversampling and power iterations,
-which costs ``O(m n (r + p))`` instead of a full SVD.
-
-A factorised model is saved with :func:`save` (orbax, with the model config and the rank
-dict in the metadata) and restored with :func:`load`, which rebuilds the base model from
-its config, redoes the surgery with :func:`rebuild` and restores the weights.
+(``r (m + n) <= budget * m * n``); each is a spec (one value, or ``{regex: value}``).
+``method='randomized'`` uses the randomised range finder of Halko, Martinsson & Tropp
+(2011) with oversampling and power iterations, which costs ``O(m n (r + p))`` instead of
+a full SVD.
 
 Example:
-  >>> new_params, aux = svd_truncate(params, energy=0.9)   # aux.ranks: {'fc1/kernel': r1, ...}
-  >>> small, aux = factorize_dense(model, ranks={'fc1': 64})
+  >>> new_params, aux = svd(energy=0.9)(params)      # aux.ranks: {'fc1/kernel': r1, ...}
+  >>> new_params, aux = svd(rank={'fc1': 64, 'fc2': 32})(params)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +33,8 @@ import numpy as np
 from flax import nnx
 
 from jcompress import tree
+from jcompress.core import base
+from jcompress.core import spec as spec_lib
 
 __all__ = [
     "FactorizedConv",
@@ -54,14 +47,15 @@ __all__ = [
     "randomized_svd",
     "rebuild",
     "save",
-    "svd_truncate",
+    "svd",
 ]
 
 METHODS = ("exact", "randomized")
+RULES = ("rank", "energy", "budget")
 
 
 class LowRankAux(NamedTuple):
-    """What :func:`svd_truncate` / :func:`factorize_dense` did, keyed by leaf name.
+    """What :func:`factorize_dense` did, keyed by leaf name.
 
     Attributes:
       factors: ``{name: (US, V)}`` with ``US`` ``(m, r)`` (left singular vectors times the
@@ -83,16 +77,16 @@ class LowRankAux(NamedTuple):
 # ----------------------------------------------------------------------------------------
 
 
-def _check_rule(rank, energy, budget) -> None:
+def _check_rule(rank=None, energy=None, budget=None) -> None:
     given = [n for n, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"pass exactly one of rank=, energy=, budget= (got {given or 'none'}).")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0):
-        raise ValueError(f"rank={rank!r} must be a positive integer.")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy={energy!r} must be in (0, 1] (the fraction of sum s_i^2 to keep).")
-    if budget is not None and not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget={budget!r} must be in (0, 1] (the fraction of the leaf's parameters to keep).")
+    if rank is not None:
+        spec_lib.check_value(rank, arg="rank", kind=int, lo=1)
+    if energy is not None:
+        spec_lib.check_value(energy, arg="energy", kind=float, lo=0.0, hi=1.0, lo_open=True)
+    if budget is not None:
+        spec_lib.check_value(budget, arg="budget", kind=float, lo=0.0, hi=1.0, lo_open=True)
 
 
 def choose_rank(
@@ -178,89 +172,88 @@ def _truncate_matrix(a, *, rank, energy, budget, method, key, oversample, power_
     return a_r, (us, v), r, jnp.linalg.norm((a - a_r).ravel()), discarded
 
 
-def svd_truncate(
-    params: Any,
+def svd(
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    budget: float | None = None,
-    include: tree.Selection = None,
-    exclude: tree.Selection = None,
+    rank: spec_lib.Spec = None,
+    energy: spec_lib.Spec = None,
+    budget: spec_lib.Spec = None,
     method: str = "exact",
-    key: jax.Array | None = None,
     oversample: int = 10,
     power_iters: int = 2,
-) -> tuple[Any, LowRankAux]:
-    """Replace each selected matrix (or conv kernel) by its rank-``r`` truncated SVD.
+) -> base.Transform:
+    """Replace each kernel (or conv kernel) by its rank-``r`` truncated SVD.
 
     Args:
-      params: nested dict, NNX State or any pytree (not mutated).
-      rank, energy, budget: exactly one rank rule, applied to every selected leaf (see
-        :func:`choose_rank`).
-      include, exclude: selection (default: Dense and conv kernels, ``ndim >= 2``).
-      method: ``'exact'`` (``jnp.linalg.svd``) or ``'randomized'`` (Halko et al.; needs
-        ``key``; not with ``energy``, whose rank is unknown before the SVD).
-      key: PRNG key for ``'randomized'``; leaf ``i`` of the selection uses ``fold_in(key, i)``.
+      rank, energy, budget: exactly one rank rule (see :func:`choose_rank`), as a spec: one
+        value for every leaf, or ``{regex: value}`` / ``[(regex, value)]`` over leaf names
+        (first match wins; every touched leaf must be covered).
+      method: ``'exact'`` (``jnp.linalg.svd``) or ``'randomized'`` (Halko et al.; the
+        transform then needs ``key`` at call time; not with ``energy``, whose rank is
+        unknown before the SVD). Leaf ``i`` of the touched leaves uses ``fold_in(key, i)``.
       oversample, power_iters: extra sample columns and power iterations of the randomised SVD.
 
     Returns:
-      ``(new_params, LowRankAux)``: ``new_params`` has the structure, shapes and dtypes of
-      ``params``; a selected leaf of shape ``(..., n)`` holds ``W_r`` computed on its matrix
-      view ``(prod(...), n)``, other leaves are unchanged. Jit-able with ``rank`` or ``budget``.
+      a :class:`~jcompress.core.base.Transform`; ``t(params, *, key=None)`` returns
+      ``(new_params, FactorAux)``. ``new_params`` has the structure, shapes and dtypes of
+      ``params``; a touched leaf of shape ``(..., n)`` (Dense and conv kernels by default,
+      see :func:`jcompress.core.base.masked`) holds ``W_r`` computed on its matrix view
+      ``(prod(...), n)``; other leaves are unchanged. ``aux.factors[name] = (us, v)``,
+      ``us`` ``(m, r)`` and ``v`` ``(r, n)`` float32; ``aux.ranks[name] = r``;
+      ``aux.errors[name] = ||W - W_r||_F^2 / ||W||_F^2``. Jit-able with ``rank`` or ``budget``.
 
     Raises:
-      ValueError naming the leaf: bad rule values, a rank above min(m, n), a selected leaf
-        with fewer than two dimensions, NaN/Inf; TypeError for integer leaves.
+      ValueError naming the argument or the leaf: bad rule values, a rank above
+        min(m, n), a touched leaf with fewer than two dimensions, NaN/Inf; TypeError for
+        integer leaves.
 
     Example:
-      >>> new_params, aux = svd_truncate(params, rank=32, include=r'fc1/kernel')
+      >>> new_params, aux = jc.masked(svd(rank=32), 'fc1/kernel')(params)
       >>> us, v = aux.factors['fc1/kernel']   # (784, 32), (32, 300)
     """
-    _check_rule(rank, energy, budget)
+    given = [(n, v) for n, v in zip(RULES, (rank, energy, budget)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of rank=, energy=, budget= (got {[n for n, _ in given] or 'none'}).")
+    rule, rule_spec = given[0]
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {METHODS}.")
-    if method == "randomized":
-        if key is None:
-            raise ValueError("method='randomized' needs key=jax.random.key(...).")
-        if energy is not None:
-            raise ValueError(
-                "method='randomized' cannot choose a rank by energy; pass rank= or budget=, or method='exact'."
-            )
-        if oversample < 0 or power_iters < 0:
-            raise ValueError(f"oversample={oversample} and power_iters={power_iters} must be >= 0.")
-    tree.check_finite(params)
-    selected = dict(tree.named_leaves(tree.select(params, include, exclude)))
-    order = [n for n, s in selected.items() if s]
-    aux = LowRankAux({}, {}, {}, {})
+    if method == "randomized" and rule == "energy":
+        raise ValueError("method='randomized' cannot choose a rank by energy; pass rank= or budget=, or method='exact'.")
+    oversample = spec_lib.check_value(oversample, arg="oversample", kind=int, lo=0)
+    power_iters = spec_lib.check_value(power_iters, arg="power_iters", kind=int, lo=0)
+    if not spec_lib.is_pairs(rule_spec):
+        _check_rule(**{rule: rule_spec})
 
-    def one(name: str, w):
-        if not selected[name]:
-            return w
-        w = tree.as_float_array(w, name)
-        if w.ndim < 2:
-            raise ValueError(f"leaf {name!r} has shape {tuple(w.shape)}; low-rank needs a matrix or a conv kernel.")
-        k = None if key is None else jax.random.fold_in(key, order.index(name))
-        a = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
-        try:
-            a_r, factors, r, err, disc = _truncate_matrix(
-                a,
-                rank=rank,
-                energy=energy,
-                budget=budget,
-                method=method,
-                key=k,
-                oversample=oversample,
-                power_iters=power_iters,
-            )
-        except ValueError as e:
-            raise ValueError(f"leaf {name!r}: {e}") from None
-        aux.factors[name] = factors
-        aux.ranks[name] = r
-        aux.errors[name] = err
-        aux.discarded_energy[name] = disc
-        return a_r.reshape(w.shape).astype(w.dtype)
+    def apply(params, names, key):
+        if method == "randomized":
+            key = base.require_key(key, what="svd(method='randomized')")
+        values = spec_lib.resolve(rule_spec, names, arg=rule)
+        leaves = dict(tree.named_leaves(params))
+        tree.check_finite({n: leaves[n] for n in names})
+        factors, ranks, errors = {}, {}, {}
+        updates = {}
+        for i, name in enumerate(names):
+            w = tree.as_float_array(leaves[name], name)
+            if w.ndim < 2:
+                raise ValueError(f"leaf {name!r} has shape {tuple(w.shape)}; low-rank needs a matrix or a conv kernel.")
+            a = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
+            try:
+                _check_rule(**{rule: values[name]})
+                a_r, (us, v), r, _, _ = _truncate_matrix(
+                    a,
+                    **{k: values[name] if k == rule else None for k in RULES},
+                    method=method,
+                    key=None if key is None else jax.random.fold_in(key, i),
+                    oversample=oversample,
+                    power_iters=power_iters,
+                )
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"leaf {name!r}: {e}") from None
+            factors[name], ranks[name] = (us, v), r
+            errors[name] = base.relative_error(a, a_r)
+            updates[name] = a_r.reshape(w.shape).astype(w.dtype)
+        return tree.set_by_name(params, updates), base.FactorAux(factors, ranks, errors)
 
-    return tree.map_with_names(one, params), aux
+    return base.Transform(apply, "svd")
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jcompress import models, tree
-from jcompress.pruning import kth, scores, summary
+from jcompress.core import topk
+from jcompress.pruning import scores, summary
 from jcompress.pruning.masks import apply_masks, erk_densities, magnitude_pruning, make_masks, prune
 
 
@@ -49,7 +50,7 @@ def lenet():
     return state, tree.to_pure_dict(state)
 
 
-# ----------------------------------------------------------------------------- kth
+# ----------------------------------------------------------------------------- topk
 
 
 @pytest.mark.parametrize(
@@ -68,7 +69,7 @@ def test_kth_largest_equals_np_partition(make):
     vals = [np.asarray(v, np.float32) for v in make(np.random.default_rng(0))]
     flat = np.concatenate([v.ravel() for v in vals])
     n = flat.size
-    f = jax.jit(kth.kth_largest, static_argnums=1)
+    f = jax.jit(topk.kth_largest, static_argnums=1)
     ks = {1, 2, n // 3 + 1, n // 2, n - 1, n} if n < 2**16 else {3, n // 2, n - 1}
     for k in sorted(ks):
         got = f([jnp.asarray(v) for v in vals], k)
@@ -78,21 +79,21 @@ def test_kth_largest_equals_np_partition(make):
 
 def test_float_key_orders_like_floats_and_round_trips():
     x = np.array([-np.inf, -3.5, -1e-40, -0.0, 0.0, 1e-45, 1e-38, 2.0, np.inf], np.float32)
-    keys = np.asarray(kth.float_to_key(jnp.asarray(x)))
+    keys = np.asarray(topk.float_to_key(jnp.asarray(x)))
     assert np.all(np.diff(keys.astype(np.int64)) >= 0)
     assert keys[3] == keys[4]  # -0.0 and +0.0 tie
     np.testing.assert_array_equal(
-        np.asarray(kth.key_to_float(jnp.asarray(keys)))[[0, 1, 2, 5, 6, 7, 8]], x[[0, 1, 2, 5, 6, 7, 8]]
+        np.asarray(topk.key_to_float(jnp.asarray(keys)))[[0, 1, 2, 5, 6, 7, 8]], x[[0, 1, 2, 5, 6, 7, 8]]
     )
 
 
 @pytest.mark.parametrize("shapes", [[(50, 7), (13,)], [(300, 300), (1000,)]])
-def test_keep_top_masks_matches_stable_argsort(shapes):
+def test_keep_largest_global_matches_stable_argsort(shapes):
     rng = np.random.default_rng(1)
     vals = [rng.integers(0, 7, size=s).astype(np.float32) for s in shapes]
     n = sum(v.size for v in vals)
     for k in [0, 1, n // 2 + 3, n]:
-        got = kth.keep_top_masks([jnp.asarray(v) for v in vals], k)
+        got = topk.keep_largest_global([jnp.asarray(v) for v in vals], k)
         for g, w in zip(got, _ref_keep(vals, k)):
             np.testing.assert_array_equal(np.asarray(g), w)
 
@@ -102,7 +103,7 @@ def _stable_rank(x, axis):
 
 
 @pytest.mark.parametrize("axis", [None, 0, 1])
-def test_smallest_mask_equals_stable_argsort_rank(axis):
+def test_remove_smallest_equals_stable_argsort_rank(axis):
     rng = np.random.default_rng(4)
     ties = rng.integers(0, 5, size=(37, 11)).astype(np.float32)  # many ties: the lower index goes first
     spread = rng.standard_normal((37, 11)).astype(np.float32)
@@ -111,18 +112,18 @@ def test_smallest_mask_equals_stable_argsort_rank(axis):
         n = x.size if axis is None else x.shape[axis]
         rank = _stable_rank(x.ravel(), 0).reshape(x.shape) if axis is None else _stable_rank(x, axis)
         for count in sorted({0, 1, n // 2, n - 1, n}):
-            got = np.asarray(kth.smallest_mask(jnp.asarray(x), count, axis=axis))
+            got = np.asarray(topk.remove_smallest(jnp.asarray(x), count, axis=axis))
             np.testing.assert_array_equal(got, rank < count)
 
 
-def test_smallest_mask_traced_count_compiles_once():
+def test_remove_smallest_traced_count_compiles_once():
     x = jnp.asarray(np.random.default_rng(5).standard_normal((64, 48)).astype(np.float32))
     traces = []
 
     @jax.jit
     def f(x, count):
         traces.append(1)
-        return kth.smallest_mask(x, count)
+        return topk.remove_smallest(x, count)
 
     for count in (0, 7, 1000, 3072):
         assert int(jnp.sum(f(x, count))) == count
@@ -139,7 +140,7 @@ def test_sharded_threshold_never_gathers_weights(axis_type, n_rows):
     sharded = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(leaves, specs)]
     n = sum(x.size for x in leaves)
     k = n // 3
-    fn = jax.jit(lambda ls: kth.kth_largest([jnp.abs(x) for x in ls], k, chunk=None))
+    fn = jax.jit(lambda ls: topk.kth_largest([jnp.abs(x) for x in ls], k, chunk=None))
     hlo = fn.lower(sharded).compile().as_text()
     assert "all-gather" not in hlo
     assert "all-reduce" in hlo  # the bucket counts are summed across devices
@@ -149,25 +150,52 @@ def test_sharded_threshold_never_gathers_weights(axis_type, n_rows):
 
 def test_global_threshold_and_masks(lenet):
     _, params = lenet
-    t = kth.global_threshold(params, sparsity=0.8)
-    m = kth.global_magnitude_masks(params, sparsity=0.8)
     kernels = [np.abs(np.asarray(x)) for _, x in tree.iter_selected(params)]
+    t = topk.global_threshold([jnp.asarray(x) for x in kernels], sparsity=0.8)
     total = sum(x.size for x in kernels)
     flat = np.concatenate([x.ravel() for x in kernels])
-    k = total - kth.pruned_count(0.8, total)
+    k = total - topk.pruned_count(0.8, total)
     assert t == np.partition(flat, total - k)[total - k]
-    kept = sum(int(np.sum(x)) for _, x in tree.iter_selected(m))
-    assert kept == k
-    assert all(bool(np.all(x)) for n, x in tree.named_leaves(m) if n.endswith("bias"))
+    masks = topk.keep_largest_global([jnp.asarray(x) for x in kernels], k)
+    assert sum(int(np.sum(m)) for m in masks) == k
+    assert all(bool(np.all(x[np.asarray(m)] >= t)) for x, m in zip(kernels, masks))
+    assert topk.global_threshold([jnp.ones(4)], sparsity=1.0) == jnp.inf
 
 
-def test_kth_bad_input():
+def test_keep_largest_is_the_complement_of_remove_smallest():
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 4, size=(12, 8)).astype(np.float32)  # ties: the higher index is kept
+    for axis in (None, 0, 1):
+        n = x.size if axis is None else x.shape[axis]
+        rank = _stable_rank(x.ravel(), 0).reshape(x.shape) if axis is None else _stable_rank(x, axis)
+        for count in (0, 1, n // 2, n):
+            got = np.asarray(jax.jit(topk.keep_largest, static_argnames="axis")(jnp.asarray(x), count, axis=axis))
+            np.testing.assert_array_equal(got, rank >= n - count)
+    with pytest.raises(ValueError, match=r"count=97"):
+        topk.keep_largest(jnp.asarray(x), 97)
+
+
+def test_nm_keep_mask_keeps_n_largest_per_group():
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 3, size=(16, 6)).astype(np.float32)
+    keep = np.asarray(jax.jit(lambda s: topk.nm_keep_mask(s, n=2, m=4))(jnp.asarray(x)))
+    groups, kept = x.reshape(4, 4, 6), keep.reshape(4, 4, 6)
+    assert np.all(kept.sum(axis=1) == 2)
+    rank = _stable_rank(groups, 1)
+    np.testing.assert_array_equal(kept, rank >= 2)
+    along_last = np.asarray(topk.nm_keep_mask(jnp.asarray(x), n=1, m=3, axis=-1))
+    assert np.all(along_last.reshape(16, 2, 3).sum(axis=2) == 1)
+    with pytest.raises(ValueError, match="m=5 does not divide"):
+        topk.nm_keep_mask(jnp.asarray(x), n=2, m=5)
+
+
+def test_topk_bad_input():
     with pytest.raises(ValueError, match="outside"):
-        kth.kth_largest([jnp.ones(4)], 5)
+        topk.kth_largest([jnp.ones(4)], 5)
     with pytest.raises(TypeError, match="floating"):
-        kth.kth_largest([jnp.ones(4, jnp.int32)], 1)
+        topk.kth_largest([jnp.ones(4, jnp.int32)], 1)
     with pytest.raises(ValueError, match="sparsity"):
-        kth.global_threshold({"w": {"kernel": jnp.ones((2, 2))}}, sparsity=1.0)
+        topk.global_threshold([jnp.ones((2, 2))], sparsity=1.5)
 
 
 # ----------------------------------------------------------------------------- exact counts
@@ -187,12 +215,12 @@ def test_unstructured_exact_and_equal_to_reference(shapes, sparsity, scope, seed
     vals = [np.asarray(x) for _, x in tree.named_leaves(s)]
     if scope == "layer":
         for g, v in zip(got, vals):
-            assert _zeros(g) == kth.pruned_count(sparsity, v.size)
-            np.testing.assert_array_equal(g, _ref_keep([v], v.size - kth.pruned_count(sparsity, v.size))[0])
+            assert _zeros(g) == topk.pruned_count(sparsity, v.size)
+            np.testing.assert_array_equal(g, _ref_keep([v], v.size - topk.pruned_count(sparsity, v.size))[0])
     else:
         total = sum(v.size for v in vals)
-        assert sum(_zeros(g) for g in got) == kth.pruned_count(sparsity, total)
-        for g, w in zip(got, _ref_keep(vals, total - kth.pruned_count(sparsity, total))):
+        assert sum(_zeros(g) for g in got) == topk.pruned_count(sparsity, total)
+        for g, w in zip(got, _ref_keep(vals, total - topk.pruned_count(sparsity, total))):
             np.testing.assert_array_equal(g, w)
 
 
@@ -235,12 +263,12 @@ def test_structured_removes_whole_units(shape, sparsity, norm, seed):
     units = mask.reshape(-1, shape[-1])
     per_unit = units.all(axis=0)
     assert np.all(per_unit | ~units.any(axis=0))  # each unit all kept or all pruned
-    assert int((~per_unit).sum()) == kth.pruned_count(sparsity, shape[-1])
+    assert int((~per_unit).sum()) == topk.pruned_count(sparsity, shape[-1])
     # the pruned units are those with the lowest aggregated scores
     v = np.abs(np.asarray(s["l0"]["kernel"]).reshape(-1, shape[-1]))
     agg = v.sum(0) if norm == "l1" else np.sqrt((v**2).sum(0))
     np.testing.assert_array_equal(
-        per_unit, _ref_keep([agg.astype(np.float32)], shape[-1] - kth.pruned_count(sparsity, shape[-1]))[0]
+        per_unit, _ref_keep([agg.astype(np.float32)], shape[-1] - topk.pruned_count(sparsity, shape[-1]))[0]
     )
 
 
@@ -261,15 +289,15 @@ def test_block_pattern_exact_blocks(scope):
         total_blocks += blocks.shape[0] * blocks.shape[2]
         pruned_blocks += int((~blocks.any(axis=(1, 3))).sum())
         if scope == "layer":
-            assert int((~blocks.any(axis=(1, 3))).sum()) == kth.pruned_count(0.5, blocks.shape[0] * blocks.shape[2])
-    assert pruned_blocks == kth.pruned_count(0.5, total_blocks) or scope == "layer"
+            assert int((~blocks.any(axis=(1, 3))).sum()) == topk.pruned_count(0.5, blocks.shape[0] * blocks.shape[2])
+    assert pruned_blocks == topk.pruned_count(0.5, total_blocks) or scope == "layer"
 
 
 def test_erk_total_exact_and_proportional():
     shapes = {"conv": (3, 3, 16, 32), "fc1": (800, 500), "fc2": (500, 10)}
     keep = erk_densities(shapes, sparsity=0.9)
     total = sum(int(np.prod(s)) for s in shapes.values())
-    assert sum(keep.values()) == total - kth.pruned_count(0.9, total)
+    assert sum(keep.values()) == total - topk.pruned_count(0.9, total)
     dens = {n: keep[n] / np.prod(s) for n, s in shapes.items()}
     raw = {n: sum(s) / np.prod(s) for n, s in shapes.items()}
     free = [n for n in shapes if dens[n] < 1]
@@ -287,7 +315,7 @@ def test_sparsity_dict_per_layer(lenet):
     m = make_masks(scores.magnitude(params), sparsity=want)
     for n, x in tree.named_leaves(m):
         if n in want:
-            assert _zeros(x) == kth.pruned_count(want[n], x.size)
+            assert _zeros(x) == topk.pruned_count(want[n], x.size)
     with pytest.raises(ValueError, match="missing"):
         make_masks(scores.magnitude(params), sparsity={names[0]: 0.5})
 
@@ -401,7 +429,7 @@ def test_summary_counts_and_table(lenet):
     sm = summary.sparsity_summary(aux.masks, selection="kernel")
     sp = summary.sparsity_summary(new, selection="kernel")
     for n, c in sm["layers"].items():
-        assert c["zeros"] == kth.pruned_count(0.75, c["size"])
+        assert c["zeros"] == topk.pruned_count(0.75, c["size"])
         assert sp["layers"][n]["zeros"] >= c["zeros"]  # a kept weight may itself be 0
     assert sm["total"]["size"] == sum(c["size"] for c in sm["layers"].values())
     table = summary.format_summary(sm)

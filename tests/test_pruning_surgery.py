@@ -8,7 +8,8 @@ from flax import nnx
 
 from jcompress import checkpoint, models, report
 from jcompress import tree as jtree
-from jcompress.pruning import kth, optim, scores, surgery
+from jcompress.core import topk
+from jcompress.pruning import optim, scores, surgery
 from jcompress.pruning import masks as masks_lib
 
 CONFIGS = {
@@ -81,7 +82,7 @@ def test_structured_masks_equivalence(key):
     # every removable layer lost exactly half its units (the structured masks' count)
     for layer, kept in res.keep.items():
         width = jtree.get_by_name(models.functional(model).params, f"{layer}/kernel").shape[-1]
-        assert len(kept) == width - kth.pruned_count(0.5, width), layer
+        assert len(kept) == width - topk.pruned_count(0.5, width), layer
 
 
 @pytest.mark.parametrize("key", sorted(CONFIGS))

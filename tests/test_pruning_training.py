@@ -14,7 +14,8 @@ from flax import nnx
 
 from jcompress import data, models, train
 from jcompress import tree as jtree
-from jcompress.pruning import dynamic, iterative, kth, lottery, optim, schedules, scores
+from jcompress.core import topk
+from jcompress.pruning import dynamic, iterative, lottery, optim, schedules, scores
 from jcompress.pruning import masks as masks_lib
 
 
@@ -212,7 +213,7 @@ def test_gradual_pruning_exact_counts_every_step(kind):
     for t, (before, after, masks) in enumerate(trace):
         m, p = _flat(masks), _flat(after)
         for n in ("fc1/kernel", "fc2/kernel", "fc3/kernel"):
-            want = kth.pruned_count(sched(t), m[n].size)
+            want = topk.pruned_count(sched(t), m[n].size)
             assert int(np.sum(~m[n])) == want, (t, n)
             assert np.all(p[n][~m[n]] == 0.0), (t, n)
             assert int(np.sum(p[n] == 0)) == want, (t, n)  # survivors are nonzero
@@ -229,7 +230,7 @@ def test_gradual_pruning_eager_equals_jit():
     eager, jitted = _run_gradual(params, 5, jit=False), _run_gradual(params, 5, jit=True)
     chex.assert_trees_all_close(eager[-1][1], jitted[-1][1], atol=1e-6)
     chex.assert_trees_all_equal(eager[-1][2], jitted[-1][2])
-    assert int(np.sum(~_flat(eager[-1][2])["fc1/kernel"])) == kth.pruned_count(schedules.cubic(**GP)(4), 64 * 32)
+    assert int(np.sum(~_flat(eager[-1][2])["fc1/kernel"])) == topk.pruned_count(schedules.cubic(**GP)(4), 64 * 32)
 
 
 def test_gradual_pruning_global_scope_counts():
@@ -245,7 +246,7 @@ def test_gradual_pruning_global_scope_counts():
         params, state = step(params, state, jax.tree.map(jnp.zeros_like, params))
         masks = optim.find_masks(state)
         pruned = sum(int(np.sum(~m)) for n, m in _flat(masks).items() if n.endswith("kernel"))
-        assert pruned == kth.pruned_count(sched(t), total)
+        assert pruned == topk.pruned_count(sched(t), total)
         if t == 4:
             ref = masks_lib.make_masks(scores.magnitude(before), sparsity=0.6, scope="global", existing=prev)
             chex.assert_trees_all_equal(ref, masks)
@@ -271,7 +272,7 @@ def test_soft_filter_pruning_lets_filters_regrow():
         masks = _flat(optim.find_masks(state))
         if t in (0, 3, 6, 9):  # pruning steps: exactly 25% of the filters are zero
             assert len(zero_cols(w)) == 8 and np.all(masks["fc1/kernel"] == np.any(w != 0, axis=0)), t
-            assert len(zero_cols(_flat(params)["fc3/kernel"])) == kth.pruned_count(0.25, 10)
+            assert len(zero_cols(_flat(params)["fc3/kernel"])) == topk.pruned_count(0.25, 10)
             seen.append(set(zero_cols(w)))
         elif t < 9:  # in between, pruned filters are updated again
             assert len(zero_cols(w)) == 0, t
@@ -387,7 +388,7 @@ def test_prune_round_counts_and_output_rate(kind):
                 assert m.all()
                 continue
             rate = 0.1 if n == "fc3/kernel" else 0.2
-            assert int(m.sum()) == alive[n] - kth.pruned_count(rate, alive[n]), (r, n)
+            assert int(m.sum()) == alive[n] - topk.pruned_count(rate, alive[n]), (r, n)
             assert not np.any(m & ~_flat(masks)[n])  # pruned stay pruned
             # the survivors are the largest |w| among the previous survivors
             w = np.abs(_flat(params)[n])
@@ -433,7 +434,7 @@ def test_find_ticket_rounds_rewinding_and_controls():
     fc1 = res.history[-1]["density"]["fc1/kernel"]
     alive = 64 * 32
     for _ in range(3):
-        alive -= kth.pruned_count(0.2, alive)
+        alive -= topk.pruned_count(0.2, alive)
     assert fc1 == pytest.approx(alive / (64 * 32))
     chex.assert_trees_all_equal(res.ticket, masks_lib.apply_masks(late, res.masks))
     assert res.history[0]["sparsity"] == 0.0 and res.history[3]["sparsity"] > 0.45
@@ -520,7 +521,7 @@ def test_iterative_pruning_with_finetuning_keeps_masks():
     for n, m in _flat(res2.masks).items():
         assert np.all(_flat(res2.params)[n][~m] == 0.0)
         if n.endswith("kernel"):
-            assert int(np.sum(~m)) == kth.pruned_count(0.5, m.size)
+            assert int(np.sum(~m)) == topk.pruned_count(0.5, m.size)
 
 
 def test_iterative_pruning_rejects_bad_input():

@@ -7,7 +7,7 @@ sparsity, i.e. the k-th largest ``|w|`` with ``k`` the number of weights kept.
 Figures (each measured side by side in the same run, best of 3 after a warm-up):
 
 * ``B1 global threshold ... sparsity s``: seconds of the jitted
-  :func:`jcompress.pruning.kth.kth_largest` over the leaves (it takes ``|w|`` itself)
+  :func:`jcompress.core.topk.kth_largest` over the leaves (it takes ``|w|`` itself)
   divided by seconds of ``np.partition`` on the already concatenated ``|w|`` (numpy's
   ``abs`` and ``concatenate`` are *not* timed; their time is reported separately);
   target ``<= 1.0``. ``met`` also requires the two thresholds to be equal.
@@ -50,15 +50,15 @@ def _threshold_rows(leaves, quick: bool) -> list[dict]:
     import jax.numpy as jnp
 
     from jcompress.bench import best_time
-    from jcompress.pruning import kth
+    from jcompress.core import topk
 
     n = sum(x.size for x in leaves)
     t_prep, flat = best_time(lambda: np.abs(np.concatenate([x.ravel() for x in leaves])), repeats=1)
     device_leaves = [jnp.asarray(x) for x in leaves]
     rows = []
     for sparsity in (0.5, 0.9):
-        k = n - kth.pruned_count(sparsity, n)
-        fn = jax.jit(lambda ls, k=k: kth.kth_largest([jnp.abs(x) for x in ls], k))
+        k = n - topk.pruned_count(sparsity, n)
+        fn = jax.jit(lambda ls, k=k: topk.kth_largest([jnp.abs(x) for x in ls], k))
         t_jax, got = best_time(lambda fn=fn: jax.block_until_ready(fn(device_leaves)))
         t_np, want = best_time(lambda k=k: np.partition(flat, n - k)[n - k])
         got = float(got)
@@ -88,7 +88,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jcompress.bench import best_time
-    from jcompress.pruning import kth
+    from jcompress.core import topk
 
     rows = int(sys.argv[1])
     mesh = jax.make_mesh((8,), ("d",))
@@ -99,7 +99,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     sharded = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(leaves, specs)]
     n = sum(x.size for x in leaves)
     k = n // 10
-    fn = jax.jit(lambda ls: kth.kth_largest([jnp.abs(x) for x in ls], k, chunk=None))
+    fn = jax.jit(lambda ls: topk.kth_largest([jnp.abs(x) for x in ls], k, chunk=None))
     hlo = fn.lower(sharded).compile().as_text()
     got = float(fn(sharded))
     best, _ = best_time(lambda: jax.block_until_ready(fn(sharded)), warmup=False)  # compiled above

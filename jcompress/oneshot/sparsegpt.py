@@ -26,7 +26,7 @@ output unit (hardware 2:4 sparsity).
 
 Speed: each block is one jitted function (a ``lax.fori_loop`` over its columns, compiled
 once per block shape however many blocks a layer has), its mask is found by bisection on
-the scores' bits (:func:`jcompress.pruning.kth.smallest_mask`; an XLA sort of the block's
+the scores' bits (:func:`jcompress.core.topk.remove_smallest`; an XLA sort of the block's
 ~100k scores on CPU cost more than all of the block's OBS updates), and each lazy update
 multiplies exactly the remaining columns. Its speed against a plain numpy/scipy implementation of the
 same algorithm is measured by ``jcompress.bench.b4_sparsegpt`` (see BENCHMARKS.md).
@@ -49,7 +49,7 @@ from jax import lax
 
 from jcompress import tree
 from jcompress.oneshot import calibration
-from jcompress.pruning import kth
+from jcompress.core import topk
 
 __all__ = [
     "SparseGPTAux",
@@ -204,12 +204,12 @@ def _solve_block(w1, u1, scale1, zero1, count, *, n_m, maxq):
     """
     d = jnp.diag(u1)
     score = w1**2 / d[None, :] ** 2  # unstructured: the block's `count` smallest scores, over all rows
-    pruned_t = kth.smallest_mask(score, count).T
+    pruned_t = topk.remove_smallest(score, count).T
 
     def nm_mask(i, w_t, pruned_t):
         n, m = n_m
         group = lax.dynamic_slice_in_dim(w_t, i, m) ** 2 / lax.dynamic_slice_in_dim(d, i, m)[:, None] ** 2
-        return lax.dynamic_update_slice_in_dim(pruned_t, kth.smallest_mask(group, m - n, axis=0), i, axis=0)
+        return lax.dynamic_update_slice_in_dim(pruned_t, topk.remove_smallest(group, m - n, axis=0), i, axis=0)
 
     def column(i, carry):
         w_t, pruned_t, err_t = carry

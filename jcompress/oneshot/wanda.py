@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jcompress import tree
 from jcompress.oneshot import calibration
 from jcompress.oneshot.sparsegpt import check_sparsity_args
-from jcompress.pruning import kth
+from jcompress.core import topk
 
 __all__ = ["WandaAux", "magnitude", "prune", "smallest_mask", "wanda_scores"]
 
@@ -69,10 +69,10 @@ def smallest_mask(
         if n_in % m:
             raise ValueError(f"{n_in} inputs are not a multiple of M={m}; N:M groups need whole groups")
         groups = score.reshape(n_in // m, m, n_out)
-        return ~kth.smallest_mask(groups, m - n, axis=1).reshape(n_in, n_out)
+        return ~topk.remove_smallest(groups, m - n, axis=1).reshape(n_in, n_out)
     if per_output:
-        return ~kth.smallest_mask(score, round(float(sparsity) * n_in), axis=0)
-    return ~kth.smallest_mask(score, round(float(sparsity) * score.size))
+        return ~topk.remove_smallest(score, round(float(sparsity) * n_in), axis=0)
+    return ~topk.remove_smallest(score, round(float(sparsity) * score.size))
 
 
 def wanda_scores(kernel: jax.Array, h: jax.Array) -> jax.Array:

@@ -5,7 +5,6 @@ Modules, one per idea:
   scores   importance scores (magnitude, Taylor, SNIP, OBD with Fisher/Hutchinson
            Hessian diagonals, neuron entropy)
   masks    make_masks / apply_masks / prune and the magnitude_pruning factory
-  kth      exact k-th largest value by radix selection (no sort), global thresholds
   summary  per-layer and total sparsity
   schedules  sparsity as a function of the step (Zhu-Gupta cubic, linear, one-shot)
   optim    optax transforms: keep_masked, l1 / l2, gradual_pruning, soft_filter_pruning
@@ -17,13 +16,12 @@ Training-time pruning (schedules, optim, dynamic, lottery, iterative, surgery) b
 these; import those submodules directly (``from jcompress.pruning import optim``).
 """
 
-from jcompress.pruning import dynamic, iterative, kth, lottery, masks, optim, schedules, scores, summary, surgery
+from jcompress.pruning import dynamic, iterative, lottery, masks, optim, schedules, scores, summary, surgery
 from jcompress.pruning.dynamic import rigl, sparse_evolutionary
 from jcompress.pruning.iterative import iterative_pruning
 from jcompress.pruning.lottery import find_ticket, prune_round, rewind, snapshot
 from jcompress.pruning.optim import find_masks, gradual_pruning, keep_masked, l1, l2, soft_filter_pruning
 from jcompress.pruning.surgery import complete_masks, hard_prune, hard_prune_report, unit_masks
-from jcompress.pruning.kth import global_magnitude_masks, global_threshold, keep_top_masks, kth_largest, pruned_count
 from jcompress.pruning.masks import PruneAux, apply_masks, erk_densities, magnitude_pruning, make_masks, nm_masks, prune
 from jcompress.pruning.summary import format_summary, sparsity_summary
 
@@ -55,17 +53,11 @@ __all__ = [
     "apply_masks",
     "erk_densities",
     "format_summary",
-    "global_magnitude_masks",
-    "global_threshold",
-    "keep_top_masks",
-    "kth",
-    "kth_largest",
     "magnitude_pruning",
     "make_masks",
     "masks",
     "nm_masks",
     "prune",
-    "pruned_count",
     "scores",
     "sparsity_summary",
     "summary",

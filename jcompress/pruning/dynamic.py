@@ -35,7 +35,8 @@ import optax
 from jax import lax
 
 from jcompress import tree as jtree
-from jcompress.pruning.optim import as_mask_tree, keep_largest
+from jcompress.core.topk import keep_largest
+from jcompress.pruning.optim import as_mask_tree
 
 __all__ = ["DynamicSparseState", "rigl", "sparse_evolutionary", "update_fraction"]
 

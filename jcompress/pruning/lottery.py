@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jtree
-from jcompress.pruning import kth
+from jcompress.core import topk
 from jcompress.pruning import masks as masks_lib
 from jcompress.pruning import scores as scores_lib
 from jcompress.pruning.optim import as_mask_tree
@@ -139,7 +139,7 @@ def prune_round(
     for n in names:
         size = int(np.prod(old[n].shape))
         alive = int(jnp.sum(old[n]))
-        keep = alive - kth.pruned_count(rates[n], alive)
+        keep = alive - topk.pruned_count(rates[n], alive)
         target[n] = (size - keep) / size
     selection = jtree.select(params, include, exclude)
     return masks_lib.make_masks(

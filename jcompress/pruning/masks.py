@@ -9,7 +9,7 @@ Counting rules (exact, deterministic):
 * ``scope='layer'``: every selected leaf asked for sparsity ``s`` loses exactly
   ``round(s * size)`` entries (or units / blocks for the structured patterns).
 * ``scope='global'``: exactly ``round(s * total)`` entries over all selected leaves,
-  chosen by one threshold (see :mod:`jcompress.pruning.kth`).
+  chosen by one threshold (see :mod:`jcompress.core.topk`).
 * ``distribution='erk'``: per-layer densities by Erdos-Renyi-Kernel (Evci et al. 2020,
   RigL): density proportional to ``sum(shape) / prod(shape)``, layers that would exceed
   density 1 kept dense, and the total count exact.
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jtree
-from jcompress.pruning import kth
+from jcompress.core import topk
+from jcompress.core.spec import check_value
 from jcompress.pruning import scores as scores_lib
 
 __all__ = [
@@ -80,11 +81,7 @@ class PruneAux(NamedTuple):
 
 
 def _check_sparsity(value: Any, arg: str) -> float:
-    try:
-        kth.pruned_count(value, 0)
-    except (TypeError, ValueError) as e:
-        raise type(e)(str(e).replace("sparsity=", f"{arg}=", 1)) from None
-    return float(value)
+    return check_value(value, arg=arg, kind=float, lo=0.0, hi=1.0, hi_open=True)
 
 
 def _selected_scores(scores: PyTree, selection) -> dict[str, jax.Array]:
@@ -135,7 +132,7 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], *, sparsity: float) -> 
     sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
     raw = {n: sum(s) / sizes[n] if sizes[n] else 0.0 for n, s in shapes.items()}
     total = sum(sizes.values())
-    keep_total = total - kth.pruned_count(sparsity, total)
+    keep_total = total - topk.pruned_count(sparsity, total)
     dense: set[str] = set()
     while True:
         free = [n for n in sizes if n not in dense]
@@ -346,7 +343,7 @@ def _keep_units(units: dict, sparsity, scope: str, distribution: str, sel: dict)
     if scope == "global":
         s = _check_sparsity(sparsity, "sparsity")
         total = sum(sizes.values())
-        kept = kth.keep_top_masks([units[k] for k in names], total - kth.pruned_count(s, total))
+        kept = topk.keep_largest_global([units[k] for k in names], total - topk.pruned_count(s, total))
         return dict(zip(names, kept))
     if distribution == "erk":
         # ERK gives entries kept per kernel; units and blocks keep the same fraction.
@@ -355,8 +352,8 @@ def _keep_units(units: dict, sparsity, scope: str, distribution: str, sel: dict)
         keep_n = {k: math.floor(entry_keep[k] * sizes[k] / max(1, int(np.prod(shapes[k]))) + 0.5) for k in names}
     else:
         per = _per_layer_sparsity(sparsity, names)
-        keep_n = {k: sizes[k] - kth.pruned_count(per[k], sizes[k]) for k in names}
-    return {k: kth.keep_top_masks([units[k]], keep_n[k])[0] for k in names}
+        keep_n = {k: sizes[k] - topk.pruned_count(per[k], sizes[k]) for k in names}
+    return {k: topk.keep_largest_global([units[k]], keep_n[k])[0] for k in names}
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

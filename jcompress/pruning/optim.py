@@ -22,10 +22,10 @@ it) and works under ``jax.jit``.
 
 Counting is exact: a leaf of ``n`` units (entries, or output filters for the structured
 pattern) asked for sparsity ``s`` has exactly ``round(s * n)`` of them pruned
-(``kth.pruned_count``); ties are broken as in :mod:`jcompress.pruning.masks` (the lower
+(:func:`jcompress.core.topk.pruned_count`); ties are broken as in :mod:`jcompress.pruning.masks` (the lower
 flat index is pruned first). Because the sparsity of a step is only known inside the
-traced ``update``, masks there are computed by :func:`keep_largest`, which takes a
-traced count.
+traced ``update``, masks there are computed by :func:`jcompress.core.topk.keep_largest`, which
+takes a traced count.
 
 Example:
   >>> tx = optax.chain(optax.adamw(1e-3, weight_decay=1e-4),
@@ -46,6 +46,7 @@ import optax
 from jax import lax
 
 from jcompress import tree as jtree
+from jcompress.core.topk import keep_largest
 from jcompress.pruning import schedules as schedules_lib
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "as_mask_tree",
     "find_masks",
     "gradual_pruning",
-    "keep_largest",
     "keep_masked",
     "l1",
     "l2",
@@ -65,27 +65,6 @@ PyTree = Any
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def keep_largest(score: jax.Array, k: int | jax.Array) -> jax.Array:
-    """Bool mask of ``score``'s shape keeping exactly its ``k`` largest entries.
-
-    ``k`` may be a traced int scalar (it is clipped to ``[0, score.size]``). Among equal
-    scores the higher flat index is kept, the rule of :func:`jcompress.pruning.kth.keep_top_masks`
-    and :func:`jcompress.pruning.masks.make_masks`. Cost: one stable sort of the entries.
-
-    Args:
-      score: float array of any shape; ``-inf`` marks entries that must go first.
-      k: number of entries to keep.
-
-    Returns:
-      bool array, same shape as ``score``, with ``min(max(k, 0), size)`` True entries.
-    """
-    flat = jnp.ravel(score)
-    n = flat.shape[0]
-    order = jnp.argsort(flat, stable=True)  # ascending; equal scores keep index order
-    rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    return (rank >= n - jnp.clip(jnp.asarray(k, jnp.int32), 0, n)).reshape(jnp.shape(score))
 
 
 def as_mask_tree(params: PyTree, masks: PyTree, arg: str = "masks") -> PyTree:
@@ -307,7 +286,7 @@ def gradual_pruning(
     else:
         schedules_lib.check_sparsity(final_sparsity, "final_sparsity")
     # The sparsity of every pruning step, read once with Python int steps (float64 for
-    # the schedules of this package), so counts are those of kth.pruned_count(schedule(t)).
+    # the schedules of this package), so counts are those of topk.pruned_count(schedule(t)).
     table = np.asarray([float(schedule(t)) for t in steps], np.float64)
     if np.any(~np.isfinite(table)) or np.any(table < 0) or np.any(table >= 1):
         raise ValueError(f"schedule returned sparsities outside [0, 1) at the pruning steps: {table[:8]}")

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress.pruning import kth
+from jcompress.core.spec import check_value
 
 __all__ = ["Schedule", "check_sparsity", "constant", "cubic", "linear", "one_shot", "polynomial", "pruning_steps"]
 
@@ -44,11 +44,7 @@ Schedule = Callable[[int | jax.Array], jax.Array]
 
 def check_sparsity(value: float, name: str) -> float:
     """``value`` as a float in ``[0, 1)``; TypeError/ValueError naming ``name`` otherwise."""
-    try:
-        kth.pruned_count(value, 0)
-    except (TypeError, ValueError) as e:
-        raise type(e)(str(e).replace("sparsity=", f"{name}=", 1)) from None
-    return float(value)
+    return check_value(value, arg=name, kind=float, lo=0.0, hi=1.0, hi_open=True)
 
 
 def _is_int(step) -> bool:

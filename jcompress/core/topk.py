@@ -1,9 +1,24 @@
-"""Exact k-th largest value over many arrays in linear time, without sorting.
+"""Top-k masks and thresholds: which entries to keep or remove, with exact counts.
 
-Global magnitude pruning needs one number: the k-th largest ``|w|`` over every selected
-leaf of the model. Sorting (``jnp.sort``, ``lax.top_k``) costs ``O(n log n)`` and on CPU
-runs tens of times slower than ``np.partition``. This module finds the k-th value by
-counting instead (a radix/histogram selection on the float32 bit patterns):
+Every pruning and one-shot technique decides "keep the largest scores" or "remove the
+smallest". This module is the one place that does it; its names say which side a mask
+marks:
+
+- :func:`keep_largest` / :func:`remove_smallest`: masks of one array (whole, or per slice
+  along ``axis``); the count may be a traced integer.
+- :func:`nm_keep_mask`: keep ``n`` of every ``m`` consecutive entries along an axis.
+- :func:`keep_largest_global`: keep the ``k`` largest entries over several arrays.
+- :func:`kth_largest` / :func:`global_threshold`: the k-th largest value over several
+  arrays, in linear time, without sorting.
+- :func:`pruned_count`: ``round(sparsity * size)``, the counting rule used everywhere.
+
+Ties: entries are ranked by value and, among equal values, by position (flat index,
+arrays in order, row-major within an array): the lower position counts as smaller. So
+:func:`remove_smallest` takes the lower index first among ties and :func:`keep_largest`
+keeps the higher one, and ``keep_largest(s, k) == ~remove_smallest(s, size - k)``.
+
+How :func:`kth_largest` selects without sorting (a radix/histogram selection on the
+float32 bit patterns):
 
 1. Each float32 maps to a uint32 *key* whose unsigned order is the float order
    (non-negative floats already order like their bit patterns; negative ones are
@@ -18,19 +33,16 @@ counting instead (a radix/histogram selection on the float32 bit patterns):
    restarts from the whole key range, which takes two more passes: always exact.
 
 Inputs of up to 65,536 elements (single layers, samples) are simply sorted, and masks of
-up to 262,144 elements come from :func:`smallest_mask` (a bisection on the keys, which
-compiles faster and runs as fast at that size).
-Each pass streams the data once and scatters into a histogram, in cache-sized chunks,
-so the work is linear. With arrays sharded over devices each device counts its own
-shard and only the bucket counts are summed across devices (an all-reduce); the
-weights are never gathered. :func:`keep_top_masks` then turns the threshold into masks
-keeping *exactly* ``k`` entries: entries above it are kept, and among entries equal to
-it those with the highest flat index (leaves in order, row-major within a leaf) are
-kept, the rest pruned.
+up to 262,144 elements come from :func:`remove_smallest` (a bisection on the keys, which
+compiles faster and runs as fast at that size). Each pass streams the data once and
+scatters into a histogram, in cache-sized chunks, so the work is linear. With arrays
+sharded over devices each device counts its own shard and only the bucket counts are
+summed across devices (an all-reduce); the weights are never gathered.
 
 Example:
   >>> t = kth_largest([jnp.abs(w1), jnp.abs(w2)], k=1000)   # exact, float32 scalar
-  >>> masks = keep_top_masks([jnp.abs(w1), jnp.abs(w2)], k=1000)
+  >>> masks = keep_largest_global([jnp.abs(w1), jnp.abs(w2)], k=1000)
+  >>> keep = nm_keep_mask(jnp.abs(kernel), n=2, m=4)       # 2:4 along the inputs
 """
 
 from __future__ import annotations
@@ -44,18 +56,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcompress import tree as jtree
+from jcompress.core.spec import check_value
 
 __all__ = [
     "float_to_key",
-    "global_magnitude_masks",
     "global_threshold",
-    "keep_top_masks",
+    "keep_largest",
+    "keep_largest_global",
     "key_to_float",
     "kth_largest",
     "kth_largest_key",
+    "nm_keep_mask",
     "pruned_count",
-    "smallest_mask",
+    "remove_smallest",
 ]
 
 _BITS = 21  # log2 of the number of buckets per pass
@@ -64,7 +77,7 @@ _OFFSET = np.uint32(0x80000000)
 _KEY_MIN = 0x00800000  # key of -inf (the smallest non-NaN float)
 _KEY_MAX = 0xFF800000  # key of +inf
 _SORT_BELOW = 1 << 16  # inputs up to this size are simply sorted
-_BISECT_BELOW = 1 << 18  # masks of inputs up to this size come from smallest_mask
+_BISECT_BELOW = 1 << 18  # masks of inputs up to this size come from remove_smallest
 _SAMPLE_ABOVE = 1 << 22  # inputs with at least this many elements bracket the answer from a sample
 _SAMPLE_STRIDE = 64
 
@@ -310,8 +323,8 @@ def kth_largest(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 <<
     return key_to_float(kth_largest_key(values, k, chunk=_chunk_for(values, chunk)))
 
 
-def keep_top_masks(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> list[jax.Array]:
-    """Bool masks keeping exactly the ``k`` largest entries over all ``values``.
+def keep_largest_global(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> list[jax.Array]:
+    """Bool masks keeping exactly the ``k`` largest entries over all ``values`` together.
 
     Entries strictly above the k-th largest value are kept; among entries equal to it,
     those with the highest flat index are kept, where the flat index runs over
@@ -325,6 +338,10 @@ def keep_top_masks(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1
 
     Returns:
       list of bool arrays with the shapes of ``values``; exactly ``k`` True in total.
+
+    Example:
+      >>> keep_largest_global([jnp.array([3., 1.]), jnp.array([2., 2.])], 2)
+      [Array([ True, False]), Array([False,  True])]
     """
     values = _float_leaves(values, "values")
     total = sum(int(np.prod(v.shape)) for v in values)
@@ -339,7 +356,7 @@ def _keep_top(values: list[jax.Array], k: int, chunk: int | None) -> list[jax.Ar
     if sum(sizes) <= _BISECT_BELOW and not any(_is_sharded(v) for v in values):
         # Small inputs (single layers): bisection compiles faster and runs as fast.
         flat = jnp.concatenate([jnp.ravel(v).astype(jnp.float32) for v in values])
-        keep = ~smallest_mask(flat, sum(sizes) - k)
+        keep = ~remove_smallest(flat, sum(sizes) - k)
         return [part.reshape(v.shape) for part, v in zip(jnp.split(keep, np.cumsum(sizes)[:-1]), values)]
     keys = [float_to_key(v) for v in values]
     t = kth_largest_key(values, k, chunk=chunk)
@@ -364,19 +381,19 @@ def _keep_top(values: list[jax.Array], k: int, chunk: int | None) -> list[jax.Ar
     return lax.cond(n_equal == n_equal_needed, all_ties, resolve_ties, None)
 
 
-def smallest_mask(score: jax.Array, count, *, axis: int | None = None) -> jax.Array:
-    """Bool mask of the ``count`` smallest entries of ``score``, in linear time, jittable.
+def remove_smallest(score: jax.Array, count, *, axis: int | None = None) -> jax.Array:
+    """Bool mask, True at the ``count`` smallest entries of ``score`` (the ones to remove).
 
     The same as ``rank < count`` with ``rank`` from a stable ascending argsort (so among
     equal values the lower index is taken first), over the whole array (``axis=None``)
     or independently along ``axis`` for every other index. ``count`` may be a traced
-    integer, so a jitted caller is compiled once for all counts. It bisects on the
-    order-preserving keys of :func:`float_to_key`: 32 counting passes, each a compare
-    and a sum, instead of the two sorts an argsort rank needs (on CPU about 25x faster
-    for a 100k-entry block).
+    integer (then clipped to the valid range), so a jitted caller is compiled once for
+    all counts. It bisects on the order-preserving keys of :func:`float_to_key`: 32
+    counting passes, each a compare and a sum, instead of the two sorts an argsort rank
+    needs (on CPU about 25x faster for a 100k-entry block).
 
     Args:
-      score: floating array, no NaN.
+      score: floating array, no NaN (``-inf`` marks entries to take first).
       count: int (scalar, possibly traced), ``0 <= count <=`` the number of entries
         compared (the whole array, or ``score.shape[axis]``).
       axis: compare along this axis only; ``None`` for the whole array.
@@ -384,16 +401,19 @@ def smallest_mask(score: jax.Array, count, *, axis: int | None = None) -> jax.Ar
     Returns:
       bool array of ``score``'s shape; ``count`` True in total (per slice with ``axis``).
 
+    Raises:
+      ValueError: a concrete ``count`` outside the range.
+
     Example:
-      >>> smallest_mask(jnp.array([3., 1., 2., 1.]), 2)  # -> [False, True, False, True]
+      >>> remove_smallest(jnp.array([3., 1., 2., 1.]), 2)  # -> [False, True, False, True]
     """
     if axis is None:
-        return smallest_mask(jnp.ravel(score), count, axis=0).reshape(jnp.shape(score))
+        return remove_smallest(jnp.ravel(score), count, axis=0).reshape(jnp.shape(score))
     n = jnp.shape(score)[axis]
     if not isinstance(count, jax.core.Tracer) and not 0 <= int(count) <= n:
         raise ValueError(f"count={int(count)} must be in [0, {n}] (the entries compared along axis {axis})")
     keys = float_to_key(score)
-    count = jnp.asarray(count, jnp.int32)
+    count = jnp.clip(jnp.asarray(count, jnp.int32), 0, n)
     lo = jnp.zeros(tuple(1 if a == axis % keys.ndim else d for a, d in enumerate(keys.shape)), jnp.uint32)
 
     def halve(_, bounds):  # invariant: the count-th smallest key lies in [lo, hi]
@@ -408,58 +428,104 @@ def smallest_mask(score: jax.Array, count, *, axis: int | None = None) -> jax.Ar
     return below | (tie & (jnp.cumsum(tie, axis=axis, dtype=jnp.int32) <= needed))
 
 
-def _magnitudes(params, selection, arg="params") -> tuple[list[str], list[jax.Array]]:
-    names, leaves = [], []
-    for name, leaf in jtree.iter_selected(params, selection):
-        leaves.append(jnp.abs(jtree.as_float_array(leaf, f"{arg}/{name}")))
-        names.append(name)
-    return names, leaves
+def keep_largest(score: jax.Array, count, *, axis: int | None = None) -> jax.Array:
+    """Bool mask, True at the ``count`` largest entries of ``score`` (the ones to keep).
 
-
-def pruned_count(sparsity: float, size: int) -> int:
-    """Number of entries pruned for ``sparsity`` of ``size``: ``round(sparsity * size)``,
-    halves rounded up (``floor(sparsity * size + 0.5)``), the rule every mask here uses.
-    """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (float, int, np.floating, np.integer)):
-        raise TypeError(f"sparsity={sparsity!r} must be a Python float in [0, 1)")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity={sparsity!r} is outside [0, 1); it is the fraction of weights set to zero")
-    return math.floor(float(sparsity) * size + 0.5)
-
-
-def _keep_count(sparsity: float, total: int) -> int:
-    return total - pruned_count(sparsity, total)
-
-
-def global_threshold(params, *, sparsity: float, selection=None) -> jax.Array:
-    """The global magnitude threshold: the k-th largest ``|w|`` over the selected leaves.
-
-    ``k = total - round(sparsity * total)`` is the number of weights kept. Weights with
-    ``|w|`` above the threshold survive global magnitude pruning, those below do not.
+    ``keep_largest(score, count, axis=axis) == ~remove_smallest(score, n - count,
+    axis=axis)`` with ``n`` the number of entries compared, so among equal values the
+    higher index is kept. ``count`` may be traced (then clipped to ``[0, n]``).
 
     Args:
-      params: parameter pytree (dict, NNX State, ...).
-      sparsity: fraction of the selected weights to prune, in ``[0, 1)``.
-      selection: which leaves count (any form accepted by ``jcompress.tree.select``;
-        ``None`` selects kernels).
+      score: floating array, no NaN; ``-inf`` marks entries that must go first.
+      count: number of entries kept (over the whole array, or per slice along ``axis``).
+      axis: compare along this axis only; ``None`` for the whole array.
 
     Returns:
-      float32 scalar (``inf`` when nothing is kept, i.e. ``k == 0``).
+      bool array of ``score``'s shape with ``count`` True entries (per slice with ``axis``).
+
+    Example:
+      >>> keep_largest(jnp.array([3., 1., 2., 1.]), 2)  # -> [True, False, True, False]
     """
-    _, leaves = _magnitudes(params, selection)
-    k = _keep_count(sparsity, sum(int(np.prod(x.shape)) for x in leaves))
+    n = jnp.size(score) if axis is None else jnp.shape(score)[axis]
+    if not isinstance(count, jax.core.Tracer) and not 0 <= int(count) <= n:
+        raise ValueError(f"count={int(count)} must be in [0, {n}] (the entries kept{'' if axis is None else f' along axis {axis}'})")
+    return ~remove_smallest(score, n - jnp.clip(jnp.asarray(count, jnp.int32), 0, n), axis=axis)
+
+
+def nm_keep_mask(score: jax.Array, *, n: int, m: int, axis: int = -2) -> jax.Array:
+    """N:M keep mask: in every group of ``m`` consecutive entries along ``axis`` the ``n``
+    largest scores are kept (among equal scores the higher index).
+
+    Args:
+      score: floating array; ``score.shape[axis]`` must be a multiple of ``m``. For a
+        Dense kernel ``(in, out)`` the default ``axis=-2`` groups the inputs of each output.
+      n: entries kept per group, ``1 <= n < m``.
+      m: group size.
+      axis: the axis the groups run along.
+
+    Returns:
+      bool array of ``score``'s shape with exactly ``n`` True in every group.
+
+    Raises:
+      ValueError: ``m`` does not divide the axis, ``axis`` out of range, bad ``n``/``m``.
+
+    Example:
+      >>> nm_keep_mask(jnp.array([[4.], [1.], [3.], [2.]]), n=2, m=4)[:, 0]  # -> [T, F, T, F]
+    """
+    m = check_value(m, arg="m", kind=int, lo=1)
+    n = check_value(n, arg="n", kind=int, lo=0, hi=m)
+    score = jnp.asarray(score)
+    if not -score.ndim <= axis < score.ndim:
+        raise ValueError(f"axis={axis} is out of range for an array with {score.ndim} dimensions (shape {score.shape})")
+    axis %= score.ndim
+    if score.shape[axis] % m:
+        raise ValueError(
+            f"m={m} does not divide axis {axis} of shape {score.shape}; N:M groups need whole groups (choose another axis or m)"
+        )
+    moved = jnp.moveaxis(score, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    keep = ~remove_smallest(groups, m - n, axis=-1)
+    return jnp.moveaxis(keep.reshape(moved.shape), -1, axis)
+
+
+def pruned_count(sparsity, size: int) -> int:
+    """Entries removed for ``sparsity`` of ``size``: ``round(sparsity * size)``, halves
+    rounded up (``floor(sparsity * size + 0.5)``), the rule every mask in jcompress uses.
+
+    Args:
+      sparsity: fraction removed in ``[0, 1]`` (Python, numpy or JAX scalar).
+      size: number of entries (or units, blocks).
+
+    Raises:
+      TypeError / ValueError: sparsity not a finite number in ``[0, 1]``.
+
+    Example:
+      >>> pruned_count(0.9, 10)  # -> 9
+    """
+    sparsity = check_value(sparsity, arg="sparsity", kind=float, lo=0.0, hi=1.0)
+    return math.floor(sparsity * int(size) + 0.5)
+
+
+def global_threshold(values: Sequence[jax.Array], *, sparsity) -> jax.Array:
+    """The value that splits kept from removed entries when ``sparsity`` of all ``values``
+    (together) is removed: the k-th largest entry, ``k = total - pruned_count(sparsity, total)``.
+
+    Entries above it survive a global top-k, entries below it do not (ties are resolved
+    by :func:`keep_largest_global`).
+
+    Args:
+      values: floating arrays (scores, e.g. ``|w|`` of every kernel), no NaN.
+      sparsity: fraction removed, in ``[0, 1]``.
+
+    Returns:
+      float32 scalar; ``inf`` when nothing is kept.
+
+    Example:
+      >>> global_threshold([jnp.abs(w1), jnp.abs(w2)], sparsity=0.9)
+    """
+    values = _float_leaves(values, "values")
+    total = sum(int(np.prod(v.shape)) for v in values)
+    k = total - pruned_count(sparsity, total)
     if k == 0:
         return jnp.float32(jnp.inf)
-    return kth_largest(leaves, k)
-
-
-def global_magnitude_masks(params, *, sparsity: float, selection=None):
-    """Masks (params structure, bool, True = keep) for global magnitude pruning.
-
-    Exactly ``round(sparsity * total)`` of the selected weights are pruned, ties at the
-    threshold broken as in :func:`keep_top_masks`; unselected leaves get all-True masks.
-    """
-    names, leaves = _magnitudes(params, selection)
-    k = _keep_count(sparsity, sum(int(np.prod(x.shape)) for x in leaves))
-    kept = dict(zip(names, keep_top_masks(leaves, k)))
-    return jtree.map_with_names(lambda n, x: kept[n] if n in kept else jnp.ones(jnp.shape(x), bool), params)
+    return kth_largest(values, k)

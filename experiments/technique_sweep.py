@@ -106,7 +106,7 @@ def _prune_int8_candidate() -> advisor.Candidate:
         pruned, paux = jax.jit(masks_lib.magnitude_pruning(sparsity=SPARSITY, scope="global"))(s.params)
         tx = optax.chain(optax.adam(LR), optim.keep_masked(paux.masks))
         tuned = masks_lib.apply_masks(s.finetune_fn(s.apply_fn, pruned, tx=tx, epochs=s.epochs), paux.masks)
-        qparams, qaux = jax.jit(quant.weight_quantization(bits=8))(tuned)
+        qparams, qaux = jax.jit(quant.quantize(bits=8, axis=None))(tuned)
         path = s.workdir / "prune_int8.jcz"
         export.write(path, compressed.compress(qparams, paux, qaux))  # sparse layout: survivors' codes only
         return advisor.Built(export.load_params(path), s.apply_fn, path, {"sparsity": SPARSITY, "bits": 8})

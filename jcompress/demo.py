@@ -135,7 +135,7 @@ def main(out: Path, epochs: int | None = None) -> int:
         _row(r["stage"], r["accuracy"], r["nonzeros"], r["bytes"], n_params, dense_bytes) for r in dc.rows
     ]
     # 2. Post-training int8 quantization (per output channel) of the dense model, as a file.
-    q_params, q_aux = quant.quantize_params(fn.params, bits=8, axis=-1)
+    q_params, q_aux = quant.quantize(bits=8, axis=-1)(fn.params)
     q_bytes = export.write(out / "files" / "int8.jcz", compressed.compress(q_params, q_aux))
     rows.append(_row("int8 PTQ (dense model)", accuracy(q_params), _nonzeros(q_params), q_bytes, n_params, dense_bytes))
 

@@ -11,20 +11,19 @@ float weights are the optimizer's "shadow" weights; they accumulate the small up
 that a round-to-nearest grid would swallow.
 
 :func:`qat_apply` wraps a model's apply function so that ``train.fit`` trains through the
-quantizers unchanged. After training, :func:`jcompress.quant.quantize_params` with the
-same hyperparameters gives the deployable codes, and
-:func:`jcompress.quant.quantized_apply` evaluates exactly the network QAT trained.
+quantizers unchanged. After training, :func:`jcompress.quant.quantize` with the
+same hyperparameters gives the deployable codes of exactly the network QAT trained.
 
 Example:
   >>> fn = models.functional(model)
   >>> qat = qat_apply(model, bits=4, axis=-1)
   >>> res = train.fit(qat, fn.params, fn.extra, ds, tx=optax.adam(1e-4), epochs=3)
-  >>> params4, aux = quant.quantize_params(res.params, bits=4, axis=-1)
+  >>> params4, aux = quant.quantize(bits=4)(res.params)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -32,6 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jcompress import quant, tree
+from jcompress.core import base
+from jcompress.nnx import hooks
 
 __all__ = ["qat_apply", "qat_params", "ste_fake_quant", "ste_fake_quant_range"]
 
@@ -45,16 +46,16 @@ def ste_fake_quant(
     w: jax.Array,
     *,
     bits: int,
-    symmetric: bool = True,
-    axis: int | None = None,
+    axis: int | None = -1,
     group_size: int | None = None,
+    symmetric: bool = True,
 ) -> jax.Array:
     """:func:`jcompress.quant.fake_quant` (round-to-nearest) with an identity gradient.
 
-    Args and shapes as in :func:`jcompress.quant.quantize`; returns an array of ``w``'s
-    shape and dtype whose value is the fake-quantized ``w``.
+    Args and shapes as in :func:`jcompress.core.grid.quantize_leaf`; returns an array of
+    ``w``'s shape and dtype whose value is the fake-quantized ``w``.
     """
-    q = quant.fake_quant(w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size)
+    q = quant.fake_quant(w, bits=bits, axis=axis, group_size=group_size, symmetric=symmetric)
     return _straight_through(w, q)
 
 
@@ -67,24 +68,31 @@ def qat_params(
     params: Any,
     *,
     bits: int,
-    include: tree.Selection = None,
-    exclude: tree.Selection = None,
-    symmetric: bool = True,
-    axis: int | None = None,
+    axis: int | None = -1,
     group_size: int | None = None,
+    symmetric: bool = True,
+    names: Sequence[str] | None = None,
 ) -> Any:
-    """The params with every selected leaf replaced by :func:`ste_fake_quant` of it.
+    """The params with every named leaf replaced by :func:`ste_fake_quant` of it.
 
-    Same structure (dict or NNX State) and dtypes as ``params``; unselected leaves are
-    returned as they are. Differentiable: gradients reach the float leaves unchanged.
+    Args:
+      params: dict or NNX State of float arrays.
+      bits, axis, group_size, symmetric: the grid, as in :func:`jcompress.quant.quantize`
+        (the same defaults, so ``quant.quantize`` with the same arguments gives the codes
+        of exactly the values trained here).
+      names: the leaves to quantize (default: Dense and conv kernels).
+
+    Returns:
+      the same structure and dtypes; other leaves are returned as they are.
+      Differentiable: gradients reach the float leaves unchanged.
     """
-    selected = dict(tree.named_leaves(tree.select(params, include, exclude)))
+    chosen = set(base.default_leaves(params) if names is None else names)
 
     def one(name, w):
-        if not selected[name]:
+        if name not in chosen:
             return w
         try:
-            return ste_fake_quant(w, bits=bits, symmetric=symmetric, axis=axis, group_size=group_size)
+            return ste_fake_quant(w, bits=bits, axis=axis, group_size=group_size, symmetric=symmetric)
         except (ValueError, TypeError) as e:
             raise type(e)(f"leaf {name!r}: {e}") from None
 
@@ -95,11 +103,10 @@ def qat_apply(
     model_or_apply: nnx.Module | Callable,
     *,
     bits: int,
-    include: tree.Selection = None,
-    exclude: tree.Selection = None,
-    symmetric: bool = True,
-    axis: int | None = None,
+    axis: int | None = -1,
     group_size: int | None = None,
+    symmetric: bool = True,
+    names: Sequence[str] | None = None,
     act_bits: int | None = None,
     act_ranges: dict | None = None,
     act_symmetric: bool = False,
@@ -110,17 +117,17 @@ def qat_apply(
       model_or_apply: an NNX model, or an apply function
         ``apply(params, extra, x, train=False, key=None) -> (logits, extra)`` (for example
         ``models.functional(model).apply``). Activation quantization needs the model, to
-        find its ``nnx.Linear`` / ``nnx.Conv`` layers.
-      bits, include, exclude, symmetric, axis, group_size: the weight quantizer (as in
-        :func:`jcompress.quant.quantize_params`; default selection: Dense and conv kernels).
+        hook its ``nnx.Linear`` / ``nnx.Conv`` layers.
+      bits, axis, group_size, symmetric, names: the weight quantizer (as in :func:`qat_params`).
       act_bits: bits of the layer inputs, or ``None`` for float activations.
-      act_ranges: ``{layer name: (lo, hi)}`` from :func:`jcompress.quant.calibrate_activations`.
+      act_ranges: ``{layer name: (lo, hi)}``, e.g. ``quant.activations(x)(model)[1].ranges``.
       act_symmetric: symmetric activation grid (default asymmetric).
 
     Returns:
       ``apply(params, extra, x, train=False, key=None) -> (logits, extra)``, for
-      ``train.fit`` and ``train.evaluate``. Its forward values equal those of
-      ``quant.quantized_apply`` with the same arguments.
+      ``train.fit`` and ``train.evaluate``. Its forward values equal those of the model
+      made by ``quant.activations`` with these ranges, evaluated on
+      ``quant.quantize(...)(params)[0]``.
 
     Raises:
       ValueError: bad bits, activation quantization without the model or without ranges,
@@ -129,9 +136,7 @@ def qat_apply(
     quant.code_range(bits, symmetric)
 
     def weight_fn(params):
-        return qat_params(
-            params, bits=bits, include=include, exclude=exclude, symmetric=symmetric, axis=axis, group_size=group_size
-        )
+        return qat_params(params, bits=bits, axis=axis, group_size=group_size, symmetric=symmetric, names=names)
 
     if not isinstance(model_or_apply, nnx.Module):
         if not callable(model_or_apply):
@@ -147,11 +152,11 @@ def qat_apply(
 
         return apply
 
-    ranges = quant.check_act_ranges(model_or_apply, act_ranges, act_bits, act_symmetric)
-
-    def act_fn(name: str, x: jnp.ndarray) -> jnp.ndarray:
-        if name not in ranges:
-            return x
-        return ste_fake_quant_range(x, ranges[name], bits=act_bits, symmetric=act_symmetric)
-
-    return quant.apply_with_quantizers(model_or_apply, weight_fn=weight_fn, act_fn=act_fn if ranges else None)
+    model = model_or_apply
+    if act_bits is not None or act_ranges:
+        if act_bits is None:
+            raise ValueError("act_ranges given without act_bits; pass act_bits=8 (say) to quantize activations.")
+        ranges = quant.check_act_ranges(model, act_ranges, act_bits, act_symmetric)
+        hook = quant.input_quantizer(ranges, bits=act_bits, symmetric=act_symmetric, quantizer=ste_fake_quant_range)
+        model = hooks.with_hook(model, hook, names=list(ranges))
+    return quant.apply_with_quantizers(model, weight_fn=weight_fn)

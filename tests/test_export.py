@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jcompress import bitpack, compressed, export, quant
+from jcompress.core import masked
 from jcompress.compressed import CodebookTensor, DenseTensor, QuantizedTensor, SparseTensor
 from jcompress.sharing import kmeans_share
 
@@ -100,7 +101,7 @@ def test_sparse_and_codebook_round_trip(tmp_path_factory, shape, sparsity, index
 def test_quantized_round_trip(tmp_path_factory, shape, bits, symmetric, axis, seed):
     tmp_path = tmp_path_factory.mktemp("q")
     w = jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
-    qp = quant.quantize(w, bits=bits, symmetric=symmetric, axis=axis)
+    qp = quant.quantize_leaf(w, bits=bits, symmetric=symmetric, axis=axis)
     qt = QuantizedTensor.from_qparams(qp)
     np.testing.assert_array_equal(np.asarray(qt.dequantize()), np.asarray(quant.dequantize(qp)))
     _, back = _round_trip(tmp_path, {"w": qt})
@@ -129,7 +130,7 @@ def _zero_code_layouts(shape):
 def test_quantized_sparse_layout_round_trip(tmp_path_factory, shape, sparsity, bits, symmetric, layout, ib, seed):
     tmp_path = tmp_path_factory.mktemp("qs")
     w = jnp.asarray(_sparse(shape, sparsity, seed))
-    qp = quant.quantize(w, bits=bits, symmetric=symmetric, **_zero_code_layouts(shape)[layout])
+    qp = quant.quantize_leaf(w, bits=bits, symmetric=symmetric, **_zero_code_layouts(shape)[layout])
     qs = QuantizedTensor.from_qparams(qp, index_bits=ib)
     want = np.asarray(quant.dequantize(qp))
     # the code of zero is zero_point (asymmetric), 0 (symmetric); entries are the other codes and fillers
@@ -158,13 +159,13 @@ def test_pruned_then_quantized_is_stored_sparse(tmp_path, symmetric):
         "fc2": {"kernel": jnp.asarray(rng.standard_normal((300, 10)), jnp.float32).at[:4].set(0.0)},
     }
     pruned, paux = magnitude_pruning(sparsity=0.9, include=r"fc1/kernel")(params)
-    q, qaux = quant.quantize_params(pruned, bits=8, axis=-1, symmetric=symmetric)
+    q, qaux = quant.quantize(bits=8, axis=-1, symmetric=symmetric)(pruned)
     ctree, dense = compressed.compress(q, paux, qaux), compressed.compress(q, qaux, sparse=False)
     fc1, fc2 = ctree["fc1"]["kernel"], ctree["fc2"]["kernel"]
     assert fc1.gaps is not None and fc1.index_bits == 5  # the paper's fc width
     # fc2 has 40 exact zeros but no pruning: the dense layout is smaller and kept (no size increase)
     assert fc2.gaps is None and fc2.nbits() == dense["fc2"]["kernel"].nbits()
-    assert fc2.nbits() < QuantizedTensor.from_qparams(qaux.qparams["fc2/kernel"], index_bits=5).nbits()
+    assert fc2.nbits() < QuantizedTensor.from_qparams(qaux.grids["fc2/kernel"], index_bits=5).nbits()
     # 12,000 weights kept of 120,000; runs of 32+ zeros add fillers: sum_k 0.9**(32k) ~ 3.6% more entries
     nnz, e = int(np.count_nonzero(np.asarray(q["fc1"]["kernel"]))), int(np.asarray(fc1.gaps).size)
     assert nnz <= 12_000 <= e <= 1.06 * 12_000
@@ -184,14 +185,14 @@ def test_pruned_then_quantized_is_stored_sparse(tmp_path, symmetric):
     # 0.1 * 1.036 * (8 + 5) ~ 1.35 (5.4x to 5.9x less with the scales); with what both files
     # share (biases, fc2, scales, headers: ~7 KB) the file is ~4.5x smaller (~28 KB vs ~128 KB)
     assert dense["fc1"]["kernel"].nbits() > 5 * fc1.nbits()
-    unpruned, uaux = quant.quantize_params(params, bits=8, axis=-1, symmetric=symmetric)
+    unpruned, uaux = quant.quantize(bits=8, axis=-1, symmetric=symmetric)(params)
     int8_size = export.write(tmp_path / "int8.jcz", compressed.compress(unpruned, uaux))
     assert 4 * size < int8_size < 5 * size
 
 
 def test_dense_quantized_file_format_is_unchanged(tmp_path):
     w = jnp.asarray(np.random.default_rng(2).standard_normal((6, 4)), jnp.float32)
-    qp = quant.quantize(w, bits=4, symmetric=False, axis=-1)
+    qp = quant.quantize_leaf(w, bits=4, symmetric=False, axis=-1)
     codes, scale, zp = (np.asarray(x) for x in (qp.codes, qp.scale, qp.zero_point))
     # the fields and payloads of a dense QuantizedTensor as files of format version 1 hold them
     fields = {
@@ -229,7 +230,7 @@ def test_compress_from_transform_aux_and_jit(tmp_path):
     }
     pruned, paux = magnitude_pruning(sparsity=0.8, include=r"(fc1|conv)/kernel")(params)
     shared, saux = kmeans_share(pruned, k=7, include=r"fc1/kernel")
-    q, qaux = quant.quantize_params(shared, bits=4, include=r"fc2/kernel", axis=-1)
+    q, qaux = masked(quant.quantize(bits=4, axis=-1), r"fc2/kernel")(shared)
     ctree = compressed.compress(q, paux, saux, qaux)
     kinds = jax.tree.map(lambda x: type(x).__name__, ctree, is_leaf=compressed.is_compressed)
     assert kinds == {

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jcompress import data, models, qat, quant, train
+from jcompress.nnx import hooks
 
 
 def test_ste_value_and_gradient():
@@ -30,7 +31,7 @@ def test_ste_value_and_gradient():
     g_jit = jax.jit(jax.grad(lambda w: loss(qat.ste_fake_quant(w, **kw))))(w)
     np.testing.assert_allclose(g_jit, g_ste, atol=1e-6)
     x = jnp.linspace(-1.0, 3.0, 50)
-    r = quant.ActRange(0.0, 2.0)
+    r = (0.0, 2.0)
     np.testing.assert_allclose(qat.ste_fake_quant_range(x, r, bits=4), quant.fake_quant_range(x, r, bits=4), atol=1e-6)
     np.testing.assert_allclose(jax.grad(lambda x: qat.ste_fake_quant_range(x, r, bits=4).sum())(x), jnp.ones(50))
 
@@ -42,7 +43,7 @@ def test_qat_params_on_dict_and_state():
     before = jax.tree.map(np.array, params)
     out = qat.qat_params(params, bits=4, axis=-1)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, params), before)
-    ref, _ = quant.quantize_params(params, bits=4, axis=-1)
+    ref, _ = quant.quantize(bits=4, axis=-1)(params)
     chex.assert_trees_all_close(out, ref, atol=1e-6)
     assert out["fc1"]["bias"] is params["fc1"]["bias"]
     out_s = qat.qat_params(state, bits=4, axis=-1)
@@ -50,7 +51,17 @@ def test_qat_params_on_dict_and_state():
     chex.assert_trees_all_equal(nnx.to_pure_dict(out_s), out)
     chex.assert_trees_all_close(jax.jit(lambda p: qat.qat_params(p, bits=4, axis=-1))(params), out, atol=1e-6)
     with pytest.raises(ValueError, match="fc3/kernel.*group_size=3"):
-        qat.qat_params(params, bits=4, axis=-1, group_size=3, include="fc3/kernel")
+        qat.qat_params(params, bits=4, axis=-1, group_size=3, names=["fc3/kernel"])
+    only = qat.qat_params(params, bits=4, names=["fc1/kernel"])
+    assert only["fc2"]["kernel"] is params["fc2"]["kernel"]
+
+
+def ptq_apply(model, *, bits, axis=-1, act_bits=None, act_ranges=None):
+    """Evaluation with round-to-nearest weights and (optionally) inputs quantized on calibrated ranges."""
+    if act_bits is not None:
+        model = hooks.with_hook(model, quant.input_quantizer(act_ranges, bits=act_bits, symmetric=False))
+    weights = quant.quantize(bits=bits, axis=axis)
+    return quant.apply_with_quantizers(model, weight_fn=lambda p: weights(p)[0])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +72,7 @@ def trained():
     res = train.fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(1e-3), epochs=8, batch_size=128, progress=False)
     params = jax.tree.map(np.asarray, res.params)
     extra = jax.tree.map(np.asarray, res.extra)
-    ranges = quant.calibrate_activations(models.merge(model, params, extra), None, [ds.x_train[:1000]])
+    ranges = quant.calibrate_ranges(models.merge(model, params, extra), [ds.x_train[:1000]])
     return ds, model, fn, params, extra, ranges
 
 
@@ -70,10 +81,10 @@ def test_qat_forward_equals_quantized_apply(trained):
     x = ds.x_test[:100]
     kw = dict(bits=4, axis=-1, act_bits=4, act_ranges=ranges)
     out_qat, _ = qat.qat_apply(model, **kw)(params, extra, x)
-    out_ptq, _ = quant.quantized_apply(model, **kw)(params, extra, x)
+    out_ptq, _ = ptq_apply(model, **kw)(params, extra, x)
     np.testing.assert_allclose(out_qat, out_ptq, atol=1e-5)
     w_only, _ = qat.qat_apply(fn.apply, bits=4, axis=-1)(params, extra, x)
-    np.testing.assert_allclose(w_only, quant.quantized_apply(model, bits=4, axis=-1)(params, extra, x)[0], atol=1e-5)
+    np.testing.assert_allclose(w_only, ptq_apply(model, bits=4, axis=-1)(params, extra, x)[0], atol=1e-5)
     with pytest.raises(ValueError, match="needs the NNX model"):
         qat.qat_apply(fn.apply, bits=4, act_bits=8, act_ranges=ranges)
     with pytest.raises(ValueError, match="bits=0"):
@@ -88,21 +99,21 @@ def _fit(apply_fn, params, extra, ds, epochs):
 @pytest.mark.parametrize(
     "kw, margin",
     [
-        (dict(bits=4, act_bits=4), 0.0),  # per-tensor int4 weights and inputs
-        (dict(bits=2), 0.1),  # per-tensor ternary weights: PTQ collapses, QAT recovers
+        (dict(bits=4, axis=None, act_bits=4), 0.0),  # per-tensor int4 weights and inputs
+        (dict(bits=2, axis=None), 0.1),  # per-tensor ternary weights: PTQ collapses, QAT recovers
     ],
 )
 def test_qat_recovers_accuracy_lost_by_ptq(trained, kw, margin):
     ds, model, fn, params, extra, ranges = trained
     if kw.get("act_bits"):
         kw = dict(kw, act_ranges=ranges)
-    evaluate = quant.quantized_apply(model, **kw)
+    evaluate = ptq_apply(model, **kw)
     ptq = train.evaluate(evaluate, params, extra, ds.x_test, ds.y_test)["accuracy"]
     p_qat, e_qat = _fit(qat.qat_apply(model, **kw), params, extra, ds, epochs=3)
     acc_qat = train.evaluate(evaluate, p_qat, e_qat, ds.x_test, ds.y_test)["accuracy"]
     assert acc_qat >= ptq + margin, (acc_qat, ptq)
     # the deployable codes reproduce exactly the network QAT trained
-    q_params, aux = quant.quantize_params(p_qat, bits=kw["bits"])
+    q_params, aux = quant.quantize(bits=kw["bits"], axis=None)(p_qat)
     x = ds.x_test[:50]
     np.testing.assert_allclose(
         fn.apply(q_params, e_qat, x)[0] if not kw.get("act_bits") else evaluate(q_params, e_qat, x)[0],
@@ -110,4 +121,4 @@ def test_qat_recovers_accuracy_lost_by_ptq(trained, kw, margin):
         atol=1e-5,
     )
     qmin, qmax = quant.code_range(kw["bits"], True)
-    assert all(int(q.codes.min()) >= qmin and int(q.codes.max()) <= qmax for q in aux.qparams.values())
+    assert all(int(q.codes.min()) >= qmin and int(q.codes.max()) <= qmax for q in aux.grids.values())

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from jcompress import compressed, data, export, lowrank, models, quant, sharing, tree
+from jcompress.core import masked
 from jcompress.oneshot import gptq
 from jcompress.core import topk
 from jcompress.core.base import masked
@@ -78,10 +79,10 @@ CASES = [
     ("sparsity out of range", "per-layer sparsity 1.5", lambda t: _mag(W, sparsity={"fc1/kernel": 1.5}), ValueError, r"fc1/kernel|sparsity"),
     ("N:M invalid", "M does not divide axis", lambda t: pmasks.make_masks(pscores.magnitude(W), sparsity=0.5, pattern="nm", n=2, m=5), ValueError, r"5|divid"),
     ("N:M invalid", "N > M", lambda t: pmasks.make_masks(pscores.magnitude(W), sparsity=0.5, pattern="nm", n=4, m=2), ValueError, r"n|N"),
-    ("bits out of range", "bits=0", lambda t: quant.quantize(W["fc1"]["kernel"], bits=0), ValueError, r"bits"),
-    ("bits out of range", "bits=17", lambda t: quant.quantize(W["fc1"]["kernel"], bits=17), ValueError, r"bits"),
-    ("bits out of range", "quantize_params bits=40", lambda t: quant.quantize_params(W, bits=40), ValueError, r"bits"),
-    ("group size invalid", "group_size does not divide", lambda t: quant.quantize(W["fc1"]["kernel"], bits=4, axis=1, group_size=3), ValueError, r"group_size"),
+    ("bits out of range", "bits=0", lambda t: quant.quantize_leaf(W["fc1"]["kernel"], bits=0), ValueError, r"bits"),
+    ("bits out of range", "bits=17", lambda t: quant.quantize_leaf(W["fc1"]["kernel"], bits=17), ValueError, r"bits"),
+    ("bits out of range", "quantize bits=40", lambda t: quant.quantize(bits=40), ValueError, r"bits=40"),
+    ("group size invalid", "group_size does not divide", lambda t: quant.quantize_leaf(W["fc1"]["kernel"], bits=4, axis=1, group_size=3), ValueError, r"group_size"),
     ("count out of range", "remove_smallest count > size", lambda t: topk.remove_smallest(jnp.ones(5), 6), ValueError, r"count=6.*\[0, 5\]"),
     ("count out of range", "remove_smallest count < 0", lambda t: topk.remove_smallest(jnp.ones((3, 4)), -1, axis=1), ValueError, r"count=-1"),
     ("group size invalid", "GPTQ dynamic groups with act_order", lambda t: gptq.quantize_matrix(W["fc1"]["kernel"], jnp.eye(8), bits=4, group_size=4, act_order=True, static_groups=False), ValueError, r"static_groups"),
@@ -91,19 +92,19 @@ CASES = [
     ("k too large", "k > distinct weights", lambda t: sharing.kmeans_share(W, k=200), ValueError, r"k|distinct|fc1/kernel"),
     ("k too large", "k=0", lambda t: sharing.kmeans_share(W, k=0), ValueError, r"k"),
     ("NaN or Inf in params", "magnitude pruning", lambda t: _mag(NAN, sparsity=0.5), ValueError, r"fc1/kernel.*(NaN|Inf)|(NaN|Inf).*fc1/kernel"),
-    ("NaN or Inf in params", "quantization", lambda t: quant.quantize_params(NAN, bits=8), ValueError, r"fc1/kernel"),
+    ("NaN or Inf in params", "quantization", lambda t: quant.quantize(bits=8)(NAN), ValueError, r"fc1/kernel"),
     ("NaN or Inf in params", "k-means", lambda t: sharing.kmeans_share(NAN, k=4), ValueError, r"fc1/kernel|NaN"),
     ("NaN or Inf in params", "svd", lambda t: lowrank.svd(rank=1)(NAN), ValueError, r"fc1/kernel|NaN"),
     ("mask tree mismatch", "apply_masks", lambda t: pmasks.apply_masks(W, {"fc2": {"kernel": jnp.ones((8, 6), bool)}}), ValueError, r"fc1/kernel|fc2/kernel|structure"),
     ("mask tree mismatch", "mask shape", lambda t: pmasks.apply_masks(W, {"fc1": {"kernel": jnp.ones((6, 8), bool), "bias": jnp.ones(6, bool)}}), ValueError, r"fc1/kernel|shape"),
     ("selection matches nothing", "pruning", lambda t: _mag(W, sparsity=0.5, include=r"^conv"), ValueError, r"matches no leaf"),
-    ("selection matches nothing", "quantization", lambda t: quant.quantize_params(W, bits=8, include=r"^conv"), ValueError, r"matches no leaf"),
+    ("selection matches nothing", "quantization", lambda t: masked(quant.quantize(bits=8), r"^conv")(W), ValueError, r"match none of the leaves"),
     ("selection matches nothing", "k-means", lambda t: sharing.kmeans_share(W, k=4, include=r"^conv"), ValueError, r"matches no leaf"),
     ("selection matches nothing", "svd", lambda t: masked(lowrank.svd(rank=1), r"^conv")(W), ValueError, r"\^conv.*match none of the leaves"),
     ("selection matches nothing", "bad regex", lambda t: tree.select(W, "fc1["), ValueError, r"does not compile"),
     ("empty arrays", "pruning", lambda t: _mag(EMPTY, sparsity=0.5), ValueError, r"fc1/kernel|empty"),
-    ("empty arrays", "quantization", lambda t: quant.quantize_params(EMPTY, bits=8), ValueError, r"fc1/kernel|empty"),
-    ("integer dtype", "quantize", lambda t: quant.quantize(jnp.arange(8), bits=4), TypeError, r"dtype|float"),
+    ("empty arrays", "quantization", lambda t: quant.quantize(bits=8)(EMPTY), ValueError, r"fc1/kernel|empty"),
+    ("integer dtype", "quantize", lambda t: quant.quantize_leaf(jnp.arange(8), bits=4), TypeError, r"dtype|float"),
     ("integer dtype", "pruning", lambda t: _mag(INTS, sparsity=0.5), TypeError, r"fc1/kernel|dtype|float"),
     ("integer dtype", "k-means", lambda t: sharing.kmeans_share(INTS, k=2), TypeError, r"fc1/kernel|dtype|float"),
     ("corrupt or wrong file", "flipped byte", _corrupt_file, export.CompressedFileError, r"m\.jcz"),

@@ -1,4 +1,4 @@
-"""Truncated SVD: exact Eckart-Young errors, rank rules, randomized SVD, factorised Dense surgery."""
+"""Truncated SVD: exact Eckart-Young errors, rank rules, randomized SVD."""
 
 import chex
 import jax
@@ -9,7 +9,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jcompress import lowrank, models, report, tree
+from jcompress import lowrank, models
 from jcompress.core.base import FactorAux, masked
 
 
@@ -111,6 +111,7 @@ def test_randomized_matches_exact_on_low_rank_plus_noise():
     # the same key gives the same result, under jit too
     new_j, rnd_j = jax.jit(lambda p, k: t(p, key=k))(params, jax.random.key(5))
     np.testing.assert_allclose(new_j["big"]["kernel"], new["big"]["kernel"], atol=1e-4)
+    np.testing.assert_allclose(float(rnd_j.errors["big/kernel"]), r, rtol=1e-3)
     # without power iterations or oversampling on a slowly decaying spectrum, it is worse but valid
     _, crude = lowrank.svd(rank=12, method="randomized", oversample=0, power_iters=0)(params, key=jax.random.key(5))
     assert float(crude.errors["big/kernel"]) >= e
@@ -170,126 +171,3 @@ def test_bad_leaves():
     with pytest.raises(ValueError, match="fc/kernel contains NaN"):
         lowrank.svd(rank=1)({"fc": {"kernel": jnp.ones((4, 4)).at[0, 0].set(jnp.nan)}})
     assert lowrank.svd(rank=np.int64(2))(_params())[1].ranks["fc/kernel"] == 2
-
-
-# ---------------------------------------------------------------------------------------
-# Surgery
-# ---------------------------------------------------------------------------------------
-
-
-def test_factorize_dense_equals_truncated_model():
-    model = models.create("lenet300", input_shape=(28, 28, 1), num_classes=10)
-    fn = models.functional(model)
-    before = jax.tree.map(np.array, fn.params)
-    small, aux = lowrank.factorize_dense(model, ranks={"fc1": 20, "fc2": 10})
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, models.functional(model).params), before)
-    truncated, ref_aux = masked(lowrank.svd(rank={"fc1": 20, "fc2": 10}), r"fc[12]/kernel")(fn.params)
-    x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
-    np.testing.assert_allclose(small(x), models.merge(model, truncated)(x), atol=1e-5)
-    assert aux.ranks == {"fc1/kernel": 20, "fc2/kernel": 10}
-    np.testing.assert_allclose(aux.discarded_energy["fc1/kernel"], ref_aux.errors["fc1/kernel"], rtol=1e-4)
-    assert isinstance(small.fc1, lowrank.FactorizedLinear) and isinstance(model.fc1, nnx.Linear)
-    n_params = tree.tree_size(nnx.state(small, nnx.Param))
-    assert n_params == 20 * (784 + 300) + 300 + 10 * (300 + 100) + 100 + 100 * 10 + 10
-    flops = report.layer_flops(small, (28, 28, 1))
-    assert flops == {
-        "fc1/u/kernel": 2 * 784 * 20,
-        "fc1/v/kernel": 2 * 20 * 300,
-        "fc2/u/kernel": 2 * 300 * 10,
-        "fc2/v/kernel": 2 * 10 * 100,
-        "fc3/kernel": 2 * 100 * 10,
-    }
-    # the surgery result trains like any model
-    sfn = models.functional(small)
-    grads = jax.grad(lambda p: sfn.apply(p, sfn.extra, x)[0].sum())(sfn.params)
-    assert grads["fc1"]["u"]["kernel"].shape == (784, 20)
-
-
-@pytest.mark.parametrize(
-    ("name", "kwargs", "input_shape", "ranks"),
-    [
-        ("lenet5", {}, (28, 28, 1), {"conv1": 3, "conv2": 7}),  # VALID padding, biases
-        ("cnn1d", {}, (40, 1), {"conv2": 4}),  # 1-D, strided, explicit padding
-        (
-            "resnet",
-            {"widths": (8, 16)},
-            (12, 12, 3),
-            {"blocks/1/conv1": 5, "blocks/1/proj": 3},
-        ),  # SAME, stride 2, no bias
-    ],
-)
-def test_factorize_conv_equals_truncated_kernel(name, kwargs, input_shape, ranks):
-    model = models.create(name, input_shape=input_shape, num_classes=10, seed=0, **kwargs)
-    fn = models.functional(model)
-    small, aux = lowrank.factorize_dense(model, ranks=ranks)
-    truncated = fn.params
-    for layer, r in ranks.items():
-        kernel = np.asarray(tree.get_by_name(fn.params, f"{layer}/kernel"))
-        m = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
-        u, sv, vt = np.linalg.svd(m, full_matrices=False)
-        want = ((u[:, :r] * sv[:r]) @ vt[:r]).reshape(kernel.shape).astype(np.float32)
-        truncated = tree.set_by_name(truncated, {f"{layer}/kernel": jnp.asarray(want)})
-        np.testing.assert_allclose(aux.errors[f"{layer}/kernel"], np.sqrt(np.sum(sv[r:] ** 2)), rtol=1e-4)
-        node = small
-        for part in layer.split("/"):
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        assert isinstance(node, lowrank.FactorizedConv)
-        assert node.u.kernel.shape == (*kernel.shape[:-1], r)
-        assert node.v.kernel.shape == (*(1,) * (kernel.ndim - 2), r, kernel.shape[-1])
-    x = jax.random.uniform(jax.random.key(0), (4, *input_shape))
-    ref = models.merge(model, truncated, fn.extra)
-    np.testing.assert_allclose(small(x), ref(x), atol=2e-5, rtol=1e-4)
-    flops_before, flops_after = report.layer_flops(model, input_shape), report.layer_flops(small, input_shape)
-    for layer, r in ranks.items():
-        k = tree.get_by_name(fn.params, f"{layer}/kernel").shape
-        fan_in = int(np.prod(k[:-1]))
-        ratio = (flops_after[f"{layer}/u/kernel"] + flops_after[f"{layer}/v/kernel"]) / flops_before[f"{layer}/kernel"]
-        np.testing.assert_allclose(ratio, r * (fan_in + k[-1]) / (fan_in * k[-1]), rtol=1e-6)
-
-
-def test_factorized_conv_save_load(tmp_path):
-    config = {"name": "lenet5", "input_shape": [28, 28, 1], "num_classes": 10}
-    small, _ = lowrank.factorize_dense(models.create(**config), ranks={"conv2": 5, "fc1": 16})
-    lowrank.save(tmp_path / "ck", small, config=config, ranks={"conv2": 5, "fc1": 16})
-    loaded, _, _ = lowrank.load(tmp_path / "ck")
-    x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
-    np.testing.assert_array_equal(loaded(x), small(x))
-
-
-def test_rank_fraction_selection_and_errors():
-    model = models.create("mlp", input_shape=(64,), num_classes=10, widths=(40, 20))
-    small, aux = lowrank.factorize_dense(model, rank_fraction=0.25, exclude="fc3")
-    assert aux.ranks == {"fc1/kernel": 10, "fc2/kernel": 5}
-    assert isinstance(small.fc3, nnx.Linear)
-    with pytest.raises(ValueError, match="fc7"):
-        lowrank.factorize_dense(model, ranks={"fc7": 2})
-    with pytest.raises(ValueError, match="1..20"):
-        lowrank.factorize_dense(model, ranks={"fc2": 21})
-    with pytest.raises(ValueError, match="exactly one"):
-        lowrank.factorize_dense(model, ranks={"fc2": 2}, rank_fraction=0.5)
-    with pytest.raises(ValueError, match="rank_fraction"):
-        lowrank.factorize_dense(model, rank_fraction=0.0)
-
-
-def test_save_load_round_trip(tmp_path):
-    config = {"name": "mlp", "input_shape": [64], "num_classes": 10, "widths": [40, 20]}
-    model = models.create(**config)
-    small, aux = lowrank.factorize_dense(model, ranks={"fc1": 6})
-    lowrank.save(tmp_path / "ck", small, config=config, ranks={"fc1": 6})
-    loaded, cfg, meta = lowrank.load(tmp_path / "ck")
-    assert cfg == config and meta["lowrank"]["ranks"] == {"fc1": 6}
-    x = jax.random.normal(jax.random.key(1), (5, 64))
-    np.testing.assert_array_equal(loaded(x), small(x))
-    with pytest.raises(FileNotFoundError):
-        lowrank.load(tmp_path / "missing")
-
-
-def test_compare_latency_fields():
-    model = models.create("mlp", input_shape=(64,), num_classes=10, widths=(128, 128))
-    small, _ = lowrank.factorize_dense(model, ranks={"fc1": 8, "fc2": 8})
-    out = lowrank.compare_latency(model, small, jnp.ones((32, 64)), warmup=1, repeats=3)
-    assert out["dense_params"] == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
-    assert out["factorized_params"] == 8 * (64 + 128) + 128 + 8 * 256 + 128 + 128 * 10 + 10
-    assert out["factorized_flops"] < out["dense_flops"]
-    assert out["dense_s"] > 0 and out["factorized_s"] > 0
-    np.testing.assert_allclose(out["speedup"], out["dense_s"] / out["factorized_s"])

@@ -78,7 +78,11 @@ def _forward(model, x):
 
 def _masked(model, masks):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    new = jax.tree.map(lambda p, m: jnp.where(m, p, 0), nnx.to_pure_dict(params), nnx.to_pure_dict(masks) if isinstance(masks, nnx.State) else masks)
+    new = jax.tree.map(
+        lambda p, m: jnp.where(m, p, 0),
+        nnx.to_pure_dict(params),
+        nnx.to_pure_dict(masks) if isinstance(masks, nnx.State) else masks,
+    )
     return nnx.merge(graphdef, jtree.from_pure_dict(params, new), rest)
 
 
@@ -169,7 +173,8 @@ def test_resnet_bn_in_eval_mode_and_residual_stream():
     assert {m[0] for m in stream.members} >= {"stem_bn/mean", "blocks/0/bn2/scale", "blocks/1/proj/kernel"}
     # removing a unit from one writer of the stream only removes nothing
     one_writer = jtree.map_with_names(
-        lambda n, m: m.at[..., 1].set(False) if n == "stem/kernel" else m, jax.tree.map(lambda w: jnp.ones(w.shape, bool), _params(model))
+        lambda n, m: m.at[..., 1].set(False) if n == "stem/kernel" else m,
+        jax.tree.map(lambda w: jnp.ones(w.shape, bool), _params(model)),
     )
     _, aux = surgery.hard_prune(one_writer, input_shape=shape)(model)
     assert aux.kept == {} and aux.params_after == aux.params_before
@@ -189,11 +194,15 @@ def test_saved_and_loaded_pruned_model_gives_the_same_outputs(tmp_path):
     config = dict(CONFIGS["lenet5"], seed=3)
     model = _model("lenet5")
     small, _ = surgery.hard_prune(_units(model, HIDDEN["lenet5"]), input_shape=config["input_shape"])(model)
-    graphdef, params, extra = nnx.split(small, nnx.Param, ...)
+    _, params, extra = nnx.split(small, nnx.Param, ...)
     checkpoint.save_model(
-        tmp_path / "small", config, nnx.to_pure_dict(params), nnx.to_pure_dict(extra), meta={"shapes": surgery.leaf_shapes(small)}
+        tmp_path / "small",
+        config,
+        nnx.to_pure_dict(params),
+        nnx.to_pure_dict(extra),
+        meta={"shapes": surgery.leaf_shapes(small)},
     )
-    loaded, cfg, meta = checkpoint.load_model(
+    loaded, cfg, _ = checkpoint.load_model(
         tmp_path / "small", build=lambda meta: surgery.resize(models.create(**meta["model"]), meta["shapes"])
     )
     assert cfg == config and loaded.conv1.out_features == 3 and loaded.fc1.out_features == 10
@@ -205,7 +214,11 @@ def test_nnx_state_masks_and_chain():
     model = _model("lenet300")
     state = nnx.state(model, nnx.Param)
     masks = jtree.map_with_names(
-        lambda n, w: jnp.broadcast_to(jnp.arange(w.shape[-1]) % 2 == 0, w.shape) if n in ("fc1/kernel", "fc2/kernel") else jnp.ones(w.shape, bool),
+        lambda n, w: (
+            jnp.broadcast_to(jnp.arange(w.shape[-1]) % 2 == 0, w.shape)
+            if n in ("fc1/kernel", "fc2/kernel")
+            else jnp.ones(w.shape, bool)
+        ),
         state,
     )
     assert isinstance(masks, nnx.State)
@@ -325,7 +338,15 @@ def test_user_conv_net_with_residual_and_layernorm():
     shape = (8, 8, 3)
     groups = {g.layer: g for g in surgery.coupling(model, input_shape=shape)}
     assert groups["conv1"].reason is None and groups["conv1"].size == 12
-    assert {m[0] for m in groups["conv1"].members} == {"conv1/kernel", "conv1/bias", "bn/scale", "bn/bias", "bn/mean", "bn/var", "conv2/kernel"}
+    assert {m[0] for m in groups["conv1"].members} == {
+        "conv1/kernel",
+        "conv1/bias",
+        "bn/scale",
+        "bn/bias",
+        "bn/mean",
+        "bn/var",
+        "conv2/kernel",
+    }
     stream = groups["conv2"] if "conv2" in groups else groups["stem"]
     assert set(stream.producers) == {"stem/kernel", "conv2/kernel"} and "reduce" in stream.reason
     keep = [0, 2, 3, 7, 11]
@@ -353,7 +374,9 @@ def test_user_gated_token_model():
     ones = jax.tree.map(lambda w: jnp.ones(w.shape, bool), params)
     cols = lambda w, idx: w.at[..., jnp.asarray(idx)].set(False)
     masks = jtree.map_with_names(
-        lambda n, m: cols(m, [1, 4, 9]) if n in ("up/kernel", "gate/kernel") else cols(m, [0, 3]) if n == "down/kernel" else m,
+        lambda n, m: (
+            cols(m, [1, 4, 9]) if n in ("up/kernel", "gate/kernel") else cols(m, [0, 3]) if n == "down/kernel" else m
+        ),
         ones,
     )
     masks = surgery.complete_masks(model, masks, input_shape=shape)
@@ -393,15 +416,21 @@ def test_undecidable_op_gives_a_clear_error_and_declaration_is_the_fallback():
     groups = {g.layer: g for g in surgery.coupling(model, input_shape=(4,))}
     assert "cumsum" in groups["fc1"].reason
     masks = surgery.complete_masks(
-        model, jtree.map_with_names(lambda n, w: jnp.ones(w.shape, bool).at[..., 1].set(n != "fc1/kernel"), _params(model)), input_shape=(4,)
+        model,
+        jtree.map_with_names(lambda n, w: jnp.ones(w.shape, bool).at[..., 1].set(n != "fc1/kernel"), _params(model)),
+        input_shape=(4,),
     )
-    with pytest.raises(ValueError, match=r"cannot remove units of fc1 \(fc1/kernel\): they are accumulated over by cumsum.*coupled_units"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot remove units of fc1 \(fc1/kernel\): they are accumulated over by cumsum.*coupled_units",
+    ):
         surgery.hard_prune(masks, input_shape=(4,))(model)
 
     model = _user(CallbackNet)
     assert {g.layer: g.reason for g in surgery.coupling(model, input_shape=(4,))}["fc1"] is None
     masks = jtree.map_with_names(
-        lambda n, w: jnp.ones(w.shape, bool).at[..., 1].set(False) if n.startswith("fc1") else jnp.ones(w.shape, bool), _params(model)
+        lambda n, w: jnp.ones(w.shape, bool).at[..., 1].set(False) if n.startswith("fc1") else jnp.ones(w.shape, bool),
+        _params(model),
     )
     small, aux = surgery.hard_prune(masks, input_shape=(4,))(model)
     assert small.fc2.kernel.get_value().shape == (5, 3) and list(aux.kept["fc1"]) == [0, 2, 3, 4, 5]

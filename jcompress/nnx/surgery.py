@@ -79,23 +79,24 @@ __all__ = [
 
 PyTree = Any
 
-_ELEMENTWISE = frozenset(
-    """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type copy copy_p
-    cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma log
-    log1p logistic lt max min mul ne neg nextafter not or pow real reduce_precision rem round rsqrt select_n sign
-    sin sinh sqrt square stop_gradient sub tan tanh xor""".split()
-)
-# Elementwise ops whose output is 0 where their (first) operand is 0.
-_ZERO_PRESERVING = frozenset(
-    """abs asin asinh atan atanh cbrt ceil conj convert_element_type copy copy_p erf erf_inv expm1 floor imag
-    integer_pow log1p neg real reduce_precision round sign sin sinh sqrt square stop_gradient tan tanh""".split()
-)
-_SHAPE_OPS = frozenset("reshape broadcast_in_dim transpose squeeze expand_dims rev".split())
-_REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split())
-_CALLS = frozenset(
-    "pjit jit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr remat checkpoint".split()
-)
-_NORM_FEATURE_ATTRS = ("num_features",)
+# fmt: off
+_ELEMENTWISE = frozenset([
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil", "clamp",
+    "conj", "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma", "div", "eq", "erf", "erf_inv",
+    "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag", "integer_pow", "is_finite", "le", "lgamma", "log",
+    "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real",
+    "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square",
+    "stop_gradient", "sub", "tan", "tanh", "xor",
+])
+_SHAPE_OPS = frozenset(["reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "rev"])
+_REDUCTIONS = frozenset([
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin",
+])
+_CALLS = frozenset([
+    "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+    "remat", "checkpoint",
+])
+# fmt: on
 
 
 # ----------------------------------------------------------------------------------------
@@ -515,7 +516,16 @@ def _trace(model: nnx.Module, input_shape: Sequence[int], dtype) -> _Trace:
         nodes.reasons.pop(d, None)
     param_names = {n for n, _ in tree.named_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
     return _Trace(
-        closed.jaxpr, closed.consts, names, param_names, graphdef, state, nodes, leaf_nodes, tracer.contractions, declared
+        closed.jaxpr,
+        closed.consts,
+        names,
+        param_names,
+        graphdef,
+        state,
+        nodes,
+        leaf_nodes,
+        tracer.contractions,
+        declared,
     )
 
 
@@ -650,12 +660,15 @@ class _Known:
         out_shape = _shape(eqn.outvars[0])
         try:
             val = _bind(eqn, *vals)
-        except Exception:  # an op that cannot run on placeholder zeros: everything unknown
+        except Exception:  # noqa: BLE001  (an op that cannot run on placeholder zeros: all unknown)
             val = None
         if eqn.primitive.multiple_results or val is None:
-            return [(jnp.zeros(_shape(v), getattr(v.aval, "dtype", jnp.float32)), np.ones(_shape(v), bool)) for v in eqn.outvars]
+            return [
+                (jnp.zeros(_shape(v), getattr(v.aval, "dtype", jnp.float32)), np.ones(_shape(v), bool))
+                for v in eqn.outvars
+            ]
         if name in _ELEMENTWISE:
-            bshape = lambda u: np.broadcast_to(u if u.ndim == len(out_shape) or u.ndim == 0 else u, out_shape)
+            bshape = lambda u: np.broadcast_to(u, out_shape)
             if name == "mul":
                 (a, ua), (b, ub) = args
                 za, zb = ~ua & (np.asarray(a) == 0), ~ub & (np.asarray(b) == 0)
@@ -673,8 +686,14 @@ class _Known:
             unk = (
                 np.asarray(
                     jax.lax.reduce_window(
-                        jnp.asarray(unks[0], jnp.float32), 0.0, jax.lax.max, p["window_dimensions"],
-                        p["window_strides"], p["padding"], p["base_dilation"], p["window_dilation"],
+                        jnp.asarray(unks[0], jnp.float32),
+                        0.0,
+                        jax.lax.max,
+                        p["window_dimensions"],
+                        p["window_strides"],
+                        p["padding"],
+                        p["base_dilation"],
+                        p["window_dilation"],
                     )
                 )
                 > 0
@@ -783,7 +802,9 @@ def _plan(model, names, masks, input_shape, dtype, allow_empty) -> _Plan:
     mdict = _mask_dict(tr, masks)
     leaves = dict(tree.named_leaves(nnx.to_pure_dict(tr.state)))
     n = tr.nodes
-    groups = {n.find(tr.leaf_nodes[(g.producers[0], len(jnp.shape(leaves[g.producers[0]])) - 1)]): g for g in _groups(tr)}
+    groups = {
+        n.find(tr.leaf_nodes[(g.producers[0], len(jnp.shape(leaves[g.producers[0]])) - 1)]): g for g in _groups(tr)
+    }
     chosen = set(names)
     removed = {}
     for r, g in groups.items():
@@ -982,7 +1003,9 @@ def _unit_masks(model, masks, keep, input_shape, dtype):
         for layer, idx in keep.items():
             base_name = layer.removesuffix("/kernel")
             if base_name not in by_layer:
-                raise ValueError(f"keep names {layer!r}, which is not a layer with a kernel; the layers are {sorted(by_layer)}")
+                raise ValueError(
+                    f"keep names {layer!r}, which is not a layer with a kernel; the layers are {sorted(by_layer)}"
+                )
             g = by_layer[base_name]
             arr = np.asarray(idx)
             if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):

@@ -28,7 +28,8 @@ from jcompress import tree  # noqa: I001  (first: everything else builds on it)
 from jcompress import data, models, parallel, report, train, checkpoint
 from jcompress import bitpack, compressed, export, huffman, lowrank, qat, quant, sharing
 from jcompress import pruning, pipeline, oneshot, distill
-from jcompress.pipeline import chain, deep_compression
+from jcompress.core.base import chain, masked
+from jcompress.pipeline import deep_compression
 from jcompress.tree import from_pure_dict, named_leaves, select, to_pure_dict
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "from_pure_dict",
     "huffman",
     "lowrank",
+    "masked",
     "models",
     "named_leaves",
     "oneshot",

@@ -577,11 +577,10 @@ def _pruned(subject: Subject, sparsity: float, lr: float, score_fn: Callable | N
     from jcompress.pruning import optim
 
     if score_fn is None:
-        pruned, aux = jax.jit(masks_lib.magnitude_pruning(sparsity=sparsity, scope="global"))(subject.params)
+        pruned, aux = jax.jit(masks_lib.magnitude(sparsity=sparsity, scope="global"))(subject.params)
     else:
         kw = {"scope": "global", **mask_kw}
-        prune = jax.jit(lambda p, sc: masks_lib.prune(p, sc, sparsity=sparsity, **kw))
-        pruned, aux = prune(subject.params, score_fn(subject))
+        pruned, aux = jax.jit(masks_lib.by_scores(score_fn(subject), sparsity=sparsity, **kw))(subject.params)
     tx = optax.chain(optax.adam(lr), optim.keep_masked(aux.masks))
     tuned = _finetune(subject, subject.apply_fn, pruned, tx)
     return masks_lib.apply_masks(tuned, aux.masks), aux
@@ -594,19 +593,24 @@ def _share_bits(name: str, leaf) -> int:
 
 def _shared(subject: Subject, params, lr: float):
     """K-means sharing (``2**b - 1`` centroids plus the zero) and centroid fine-tuning."""
-    import functools
+    import re
 
     import optax
 
-    from jcompress import pipeline
+    from jcompress import pipeline, tree
+    from jcompress.core.base import chain, default_leaves
     from jcompress.sharing import kmeans
 
-    k = lambda name, leaf: min(2 ** _share_bits(name, leaf) - 1, int(np.count_nonzero(np.asarray(leaf))))
-    stages = [functools.partial(kmeans.kmeans_share, k=k, init="linear")]
+    leaves = dict(tree.named_leaves(params))
+    k = [
+        (f"^{re.escape(n)}$", min(2 ** _share_bits(n, leaves[n]) - 1, int(np.count_nonzero(np.asarray(leaves[n])))))
+        for n in default_leaves(params)
+    ]
+    stages = [kmeans(k=k, init="linear")]
     if subject.finetune_fn is not None and subject.epochs > 0:
         # pipeline.finetune trains the centroids (assignment fixed) and returns the new codebooks.
         stages.append(pipeline.finetune(lambda p, wrap: _finetune(subject, subject.apply_fn, p, wrap(optax.adam(lr)))))
-    shared, auxes = pipeline.chain(*stages)(params)
+    shared, auxes = chain(*stages)(params)
     return shared, auxes[-1]
 
 
@@ -631,7 +635,7 @@ def pruning_candidate(
       score_fn: ``score_fn(subject) -> score tree`` (``jcompress.pruning.scores``: Taylor,
         SNIP, OBD...); default magnitude.
       label: the name's prefix (``'<label> 90%'``).
-      **mask_kw: passed to ``pruning.masks.prune`` (``selection=``, ``pattern=``, ``scope=``).
+      **mask_kw: passed to ``jc.pruning.by_scores`` (``pattern=``, ``scope=``, ``allow_empty=``).
     """
 
     def build(s: Subject) -> Built:
@@ -658,7 +662,7 @@ def quantization_candidate(bits: int, *, qat: bool = False, lr: float = 1e-3) ->
         if qat:
             q_apply = lambda p, x: s.apply_fn(qat_lib.qat_params(p, bits=bits, axis=-1), x)
             params = _finetune(s, q_apply, params, optax.adam(lr))
-        qparams, aux = jax.jit(quant.weight_quantization(bits=bits, axis=-1))(params)
+        qparams, aux = jax.jit(quant.quantize(bits=bits, axis=-1))(params)
         back, path = _write(s, name, compressed.compress(qparams, aux))
         return Built(back, s.apply_fn, path, {"bits": bits, "qat": qat})
 
@@ -749,6 +753,7 @@ def structured_candidate(
         import optax
 
         from jcompress import models
+        from jcompress.core.patterns import Units
         from jcompress.pruning import masks as masks_lib
         from jcompress.pruning import scores as scores_lib
         from jcompress.pruning import surgery
@@ -756,8 +761,8 @@ def structured_candidate(
         if s.model is None:
             raise ValueError("structured hard pruning builds a smaller model and needs the NNX model; pass it to advise")
         layers = [r.layer + "/kernel" for r in surgery.removable_layers(s.model)]
-        scores = scores_lib.magnitude(s.params) if score_fn is None else score_fn(s)
-        masks = masks_lib.make_masks(scores, sparsity=fraction, selection=layers, pattern="structured", norm="l2")
+        scores = scores_lib.magnitude_scores(s.params) if score_fn is None else score_fn(s)
+        masks = masks_lib.make_masks(scores, layers, sparsity=fraction, pattern=Units(norm="l2"))
         small = surgery.hard_prune(s.model, masks, config=config).model
         fn = models.functional(small)
         apply = lambda p, x: fn.apply(p, fn.extra, x)[0]

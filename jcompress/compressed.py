@@ -23,13 +23,13 @@ Types:
   or, for pruned weights, sparse layout (relative index, as above, and a code per entry;
   the weights left out are those whose code is the code of zero).
 
-:func:`compress` builds a tree of these from params and the aux results of the
-transforms (``PruneAux`` masks, ``SharingAux`` codebooks, ``QuantAux`` codes).
+:func:`compress` builds a tree of these from params and the auxes of the transforms
+(``MaskAux`` masks, ``CodebookAux`` codebooks, ``GridAux`` grids).
 
 Example:
-  >>> pruned, paux = magnitude_pruning(sparsity=0.9)(params)
-  >>> shared, saux = kmeans_share(pruned, k=31)
-  >>> ctree = compress(shared, paux, saux)
+  >>> t = jc.chain(jc.pruning.magnitude(sparsity=0.9), jc.sharing.kmeans(k=31))
+  >>> shared, aux = t(params)
+  >>> ctree = compress(shared, aux)
   >>> total_bits(ctree) / 8            # bytes of all payloads
   >>> dequantize_tree(ctree)           # == shared, exactly
 """
@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -48,6 +47,8 @@ import numpy as np
 
 from jcompress import bitpack, tree
 from jcompress import huffman as huff
+from jcompress.core import base, grid
+from jcompress.core import spec as spec_lib
 
 __all__ = [
     "LEAF_TYPES",
@@ -56,10 +57,10 @@ __all__ = [
     "QuantizedTensor",
     "SparseTensor",
     "compress",
-    "default_index_bits",
     "dequantize_tree",
     "is_compressed",
     "nonzeros",
+    "paper_widths",
     "total_bits",
 ]
 
@@ -238,7 +239,7 @@ class CodebookTensor(_Leaf):
 
     @classmethod
     def from_indices(cls, indices, codebook, *, index_bits: int | None, huffman: bool = True) -> CodebookTensor:
-        """From ``SharingAux`` indices (0 = zero) and a ``(k + 1,)`` codebook with ``codebook[0] == 0``."""
+        """From ``CodebookAux`` indices (0 = zero) and a ``(k + 1,)`` codebook with ``codebook[0] == 0``."""
         idx = np.asarray(indices)
         cb = np.asarray(codebook)
         if cb.ndim != 1 or cb.size < 1 or cb[0] != 0:
@@ -303,7 +304,7 @@ def _zero_codes(zero_point, shape, axis, group_size, xp):
 
     Returns an array that broadcasts to ``shape`` (``zero_point`` itself per tensor and
     per channel; for groups, ``(K // g, C)`` repeated over the ``g`` rows of each group
-    and laid out as the weight, as in ``jcompress.quant``).
+    and laid out as the weight, as in ``jcompress.core.grid``).
     """
     zp = xp.asarray(zero_point)
     if group_size is None:
@@ -318,7 +319,7 @@ def _zero_codes(zero_point, shape, axis, group_size, xp):
     meta=["shape", "bits", "symmetric", "axis", "group_size", "index_bits"],
 )
 class QuantizedTensor(_Leaf):
-    """Uniform quantization codes with their scales (see ``jcompress.quant.QuantParams``).
+    """Uniform quantization codes with their scales (see ``jcompress.core.grid.QuantParams``).
 
     Dense layout: one code per weight. Sparse layout (for pruned weights): Deep
     Compression's relative index over the weights whose code is not the code of zero
@@ -358,7 +359,7 @@ class QuantizedTensor(_Leaf):
           index_bits: ``None`` for the dense layout, else the relative-index width.
 
         Returns:
-          a :class:`QuantizedTensor` whose ``dequantize()`` equals ``quant.dequantize(qp)`` bit for bit.
+          a :class:`QuantizedTensor` whose ``dequantize()`` equals ``grid.dequantize(qp)`` bit for bit.
         """
         meta = (qp.bits, qp.symmetric, qp.axis, qp.group_size)
         if index_bits is None:
@@ -377,11 +378,9 @@ class QuantizedTensor(_Leaf):
         zero = _zero_codes(self.zero_point, self.shape, self.axis, self.group_size, xp)
         return _scatter(self.gaps, self.codes, self.shape, fill=zero)
 
-    def to_qparams(self):
+    def to_qparams(self) -> grid.QuantParams:
         """The ``QuantParams`` (dense codes in either layout)."""
-        from jcompress import quant
-
-        return quant.QuantParams(
+        return grid.QuantParams(
             self.dense_codes(),
             jnp.asarray(self.scale),
             jnp.asarray(self.zero_point),
@@ -392,14 +391,10 @@ class QuantizedTensor(_Leaf):
         )
 
     def dequantize(self) -> jax.Array:
-        from jcompress import quant
-
-        return quant.dequantize(self.to_qparams())
+        return grid.dequantize(self.to_qparams())
 
     def encode(self):
-        from jcompress import quant
-
-        lo, _ = quant.code_range(self.bits, self.symmetric)
+        lo, _ = grid.code_range(self.bits, self.symmetric)
         codes = np.asarray(self.codes).astype(np.int64) - lo
         sbytes, sbits = _raw(self.scale, "float32")
         fields = {
@@ -454,24 +449,31 @@ def is_compressed(x) -> bool:
     return isinstance(x, tuple(LEAF_TYPES.values()))
 
 
-def default_index_bits(name: str, leaf) -> int:
-    """The paper's relative-index width: 8 bits for conv kernels (ndim > 2), 5 for fc."""
-    return 8 if np.ndim(leaf) > 2 else 5
+def paper_widths(spec: spec_lib.Spec, params, names, *, arg: str) -> dict[str, int]:
+    """``{leaf: width}`` for the leaves ``names`` from a spec of bit widths.
 
+    Leaves the spec does not cover (all of them for ``None``) get the paper's width
+    (Deep Compression): 8 bits for conv kernels (``ndim > 2``), 5 for the rest.
 
-def _index_bits_for(index_bits, name: str, leaf) -> int:
-    if index_bits is None:
-        return default_index_bits(name, leaf)
-    if callable(index_bits):
-        return int(index_bits(name, leaf))
-    if isinstance(index_bits, Mapping):
-        import re
+    Args:
+      spec: ``None``, an int, or ``{regex: int}`` / ``[(regex, int)]`` (first match wins).
+      params: the parameter tree the names refer to.
+      names: the leaf names to resolve.
+      arg: the argument's name in error messages (``'index_bits'``).
 
-        for pattern, value in index_bits.items():
-            if re.search(pattern, name):
-                return int(value)
-        return default_index_bits(name, leaf)
-    return int(index_bits)
+    Raises:
+      ValueError / TypeError naming ``arg`` and the leaf for a width outside [1, 16].
+    """
+    leaves = dict(tree.named_leaves(params))
+    chosen = spec_lib.resolve(spec, names, arg=arg, default=None) if spec is not None else dict.fromkeys(names)
+    out = {}
+    for n in names:
+        width = chosen[n] if chosen[n] is not None else (8 if np.ndim(leaves[n]) > 2 else 5)
+        try:
+            out[n] = spec_lib.check_value(width, arg=arg, kind=int, lo=1, hi=bitpack.MAX_BITS)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (leaf {n!r})") from None
+    return out
 
 
 def _concrete(x, what: str) -> np.ndarray:
@@ -480,25 +482,47 @@ def _concrete(x, what: str) -> np.ndarray:
     return np.asarray(x)
 
 
-def compress(params, *aux, index_bits=None, huffman: bool = True, sparse: bool = True):
-    """A tree of compressed leaves for ``params``, from the aux results of the transforms.
+def _by_leaf(auxes) -> tuple[dict, dict, dict, set]:
+    """What the auxes say about each leaf: ``(codebooks, grids, masks, factored)``, later auxes winning."""
+    codebooks, grids, masks, factored = {}, {}, {}, set()
+    for a in base.all_auxes(*auxes):
+        if isinstance(a, base.CodebookAux):
+            for g, members in a.indices.items():
+                codebooks.update({name: (a.codebooks[g], idx) for name, idx in members.items()})
+        elif isinstance(a, base.GridAux):
+            grids.update(a.grids)
+        elif isinstance(a, base.MaskAux):
+            masks.update(tree.named_leaves(tree.to_pure_dict(a.masks)))
+        elif isinstance(a, base.FactorAux):
+            factored.update(a.factors)
+        else:
+            raise TypeError(
+                f"compress takes the auxes of params transforms (MaskAux, CodebookAux, GridAux, FactorAux, or a "
+                f"ChainAux of them), got {type(a).__name__}"
+            )
+    return codebooks, grids, masks, factored
+
+
+def compress(params, *auxes, index_bits: spec_lib.Spec = None, huffman: bool = True, sparse: bool = True):
+    """A tree of compressed leaves for ``params``, from the auxes of the transforms that made them.
 
     Each leaf becomes, in this order of preference: a :class:`CodebookTensor` when a
-    ``SharingAux`` (anything with ``codebooks`` and ``indices``) covers it; a
-    :class:`QuantizedTensor` when a ``QuantAux`` (anything with ``qparams``) covers it; a
-    :class:`SparseTensor` when it holds zeros and is covered by a ``PruneAux`` (anything
-    with ``masks``) or a bool mask tree; otherwise a :class:`DenseTensor`. Codebook leaves
-    use the sparse layout when they hold zeros (and ``sparse`` is true); quantized leaves
-    when they hold zeros, ``sparse`` is true and it takes fewer bits than the dense layout
-    (a pruned layer does, with or without its mask passed; a layer with few zeros stays dense).
+    ``CodebookAux`` covers it; a :class:`QuantizedTensor` when a ``GridAux`` covers it;
+    a :class:`SparseTensor` when a ``MaskAux`` removed some of its weights; otherwise a
+    :class:`DenseTensor` (a leaf of a ``FactorAux`` is stored dense, as the product its
+    params hold: factorise the model, ``jcompress.nnx.factorize``, to store the factors).
+    Codebook leaves use the sparse layout when they hold zeros (and ``sparse`` is true);
+    quantized leaves when they hold zeros, ``sparse`` is true and it takes fewer bits
+    than the dense layout (a pruned layer does; a layer with few zeros stays dense).
 
     Args:
-      params: parameter pytree (dict or NNX State) with concrete arrays; its values must
-        be exactly those the aux describes (``codebook[indices]`` / ``dequantize(qparams)``
-        / zero where masked), which is checked.
-      *aux: aux results in any order (later ones win for the same leaf and kind).
-      index_bits: relative-index width: ``None`` (paper: conv 8, fc 5), an int, ``{regex:
-        bits}`` or ``(name, leaf) -> bits``.
+      params: parameter pytree (dict or NNX State) with concrete, finite arrays; its
+        values must be exactly those the auxes describe (``codebook[indices]`` /
+        ``dequantize(grid)`` / zero where masked), which is checked.
+      *auxes: the auxes in any order (a ``ChainAux`` is flattened; None is skipped;
+        later ones win for the same leaf and kind).
+      index_bits: relative-index width as a spec (an int or ``{regex: bits}``); leaves it
+        does not cover get the paper's 8 bits for conv kernels, 5 for fc.
       huffman: Huffman-code codebook indices and relative indices.
       sparse: use the relative-index layout for leaves with zeros (for quantized leaves,
         only where it is smaller).
@@ -507,49 +531,49 @@ def compress(params, *aux, index_bits=None, huffman: bool = True, sparse: bool =
       nested dict (the pure-dict structure of ``params``) of compressed leaves.
 
     Raises:
-      ValueError naming the leaf when the params disagree with an aux.
+      ValueError naming the leaf when a leaf holds NaN or Inf or the params disagree
+        with an aux; TypeError for an aux that is not a params transform's.
+
+    Example:
+      >>> params, aux = jc.chain(jc.pruning.magnitude(sparsity=0.9), jc.sharing.kmeans(k=31))(params)
+      >>> ctree = compress(params, aux)
     """
     pure = tree.to_pure_dict(params)
-    groups_of, qparams, masks = {}, {}, {}
-    for a in aux:
-        if a is None:
-            continue
-        if hasattr(a, "codebooks") and hasattr(a, "indices"):
-            for g, members in a.indices.items():
-                for name, idx in members.items():
-                    groups_of[name] = (a.codebooks[g], idx)
-        elif hasattr(a, "qparams"):
-            qparams.update(a.qparams)
-        else:
-            m = a.masks if hasattr(a, "masks") else a
-            masks.update({n: v for n, v in tree.named_leaves(tree.to_pure_dict(m))})
+    tree.check_finite(pure)
+    codebooks, grids, masks, _ = _by_leaf(auxes)
+    names = [n for n, _ in tree.named_leaves(pure)]
+    widths = paper_widths(index_bits, pure, names, arg="index_bits")
 
     def one(name, w):
         arr = _concrete(w, f"params/{name}")
-        if name in groups_of:
-            cb, idx = (_concrete(x, f"aux of {name}") for x in groups_of[name])
+        if name in codebooks:
+            cb, idx = (_concrete(x, f"aux of {name}") for x in codebooks[name])
             if idx.shape != arr.shape or not np.array_equal(cb[idx], arr):
                 raise ValueError(
-                    f"params/{name} is not codebook[indices] of its SharingAux (shape {arr.shape} vs {idx.shape}); "
-                    "pass the aux that matches these params (after centroid fine-tuning use finetune.sharing_aux(state, aux))"
+                    f"params/{name} is not codebook[indices] of its CodebookAux (shape {arr.shape} vs {idx.shape}); "
+                    "pass the aux that matches these params (after centroid fine-tuning: "
+                    "jcompress.sharing.codebook_aux(params, aux))"
                 )
-            ib = _index_bits_for(index_bits, name, arr) if sparse and np.any(idx == 0) else None
+            ib = widths[name] if sparse and np.any(idx == 0) else None
             return CodebookTensor.from_indices(idx, cb, index_bits=ib, huffman=huffman)
-        if name in qparams:
-            qt = QuantizedTensor.from_qparams(qparams[name])
+        if name in grids:
+            qt = QuantizedTensor.from_qparams(grids[name])
             if not np.array_equal(np.asarray(qt.dequantize()).astype(arr.dtype), arr):
-                raise ValueError(f"params/{name} differs from dequantize(qparams); pass the QuantAux of these params")
+                raise ValueError(
+                    f"params/{name} differs from dequantize of its GridAux grid; pass the aux of these params"
+                )
             if sparse and np.any(arr == 0):
-                ib = _index_bits_for(index_bits, name, arr)
-                st = QuantizedTensor.from_qparams(qparams[name], index_bits=ib)
+                st = QuantizedTensor.from_qparams(grids[name], index_bits=widths[name])
                 return st if st.nbits() < qt.nbits() else qt  # a dense layer never gets bigger
             return qt
         if name in masks and sparse and arr.ndim > 0:
             m = _concrete(masks[name], f"masks/{name}")
+            if m.shape != arr.shape:
+                raise ValueError(f"masks/{name} has shape {m.shape}, params/{name} has {arr.shape}")
             if np.any(arr[~m] != 0):
                 raise ValueError(f"params/{name} has nonzeros where its mask is False; apply the masks first")
             if not m.all():
-                return SparseTensor.from_dense(arr, index_bits=_index_bits_for(index_bits, name, arr))
+                return SparseTensor.from_dense(arr, index_bits=widths[name])
         return DenseTensor(arr)
 
     return tree.map_with_names(one, pure)

@@ -126,7 +126,7 @@ def main(out: Path, epochs: int | None = None) -> int:
 
     # 1. Deep Compression: prune -> fine-tune -> k-means share -> fine-tune centroids -> Huffman -> file.
     dc = pipeline.deep_compression(
-        sparsity=HAN_SPARSITY, bits={"fc": 5, "conv": 8}, finetune_fn=finetune,
+        sparsity=HAN_SPARSITY, finetune_fn=finetune,
         eval_fn=lambda p: {"accuracy": accuracy(p)}, out_dir=out / "files", meta={"model": config},
     )(fn.params)  # fmt: skip
     dense_bytes = dc.rows[0]["bytes"]

@@ -23,13 +23,15 @@ scales), bit-packed codes, relative sparse indices, Huffman code-length tables a
 Huffman-coded streams.
 
 :func:`write` is atomic (a temporary file in the same directory, ``fsync``, then
-``os.replace``), so a crash never leaves a half-written file under the final name.
+``os.replace``), so a crash never leaves a half-written file under the final name; the
+file's permissions honour the umask, as a plain ``open()`` would.
 :func:`read` refuses, with a :class:`CompressedFileError` naming the file and the
 problem, a wrong magic, an unknown version, a truncated or over-long file, a corrupt
 header or a payload whose checksum does not match.
 
 Example:
-  >>> size = write('model.jcz', compress(params, prune_aux, sharing_aux), meta={'model': 'lenet300'})
+  >>> params, aux = jc.chain(jc.pruning.magnitude(sparsity=0.9), jc.sharing.kmeans(k=31))(params)
+  >>> size = write('model.jcz', compress(params, aux), meta={'model': 'lenet300'})
   >>> params2 = load_params('model.jcz')     # bit-exact dequantized values
 """
 
@@ -37,8 +39,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,8 @@ def write(path: str | os.PathLike, ctree, *, meta: dict | None = None) -> int:
     """Write a tree of compressed leaves to ``path`` atomically; return the file size.
 
     Args:
-      path: destination; its directory must exist.
+      path: destination; its directory must exist. A new file gets the permissions that
+        ``open()`` would give it (``0o666`` less the umask).
       ctree: nested dict whose leaves are compressed types (from :func:`jcompress.compressed.compress`).
       meta: JSON-serialisable metadata stored in the header.
 
@@ -81,6 +84,7 @@ def write(path: str | os.PathLike, ctree, *, meta: dict | None = None) -> int:
 
     Raises:
       TypeError: a leaf that is not a compressed type, or meta that is not JSON.
+      OSError: naming ``path`` when it cannot be written (missing directory, no permission).
     """
     path = Path(path)
     flat, _ = jax.tree_util.tree_flatten_with_path(ctree, is_leaf=compressed.is_compressed)
@@ -116,10 +120,13 @@ def write(path: str | os.PathLike, ctree, *, meta: dict | None = None) -> int:
         ).encode()
     except TypeError as e:
         raise TypeError(f"meta must be JSON-serialisable: {e}") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    header = zlib.compress(header, 9)
+    # The temporary file is created with mode 0o666 less the umask, as open() would create
+    # the file itself; errors name the user's path, not the temporary one.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            header = zlib.compress(header, 9)
             f.write(_PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)))
             f.write(header)
             for c in chunks:
@@ -127,9 +134,11 @@ def write(path: str | os.PathLike, ctree, *, meta: dict | None = None) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror}", str(path)) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -142,9 +151,21 @@ def write(path: str | os.PathLike, ctree, *, meta: dict | None = None) -> int:
     return file_size(path)
 
 
+def _remove(tmp: Path) -> None:
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def write_dense(path: str | os.PathLike, params, *, meta: dict | None = None) -> int:
-    """The float32 dense baseline: every leaf as a float32 :class:`DenseTensor`, same container."""
+    """The float32 dense baseline: every leaf as a float32 :class:`DenseTensor`, same container.
+
+    Raises:
+      ValueError naming the leaf that holds NaN or Inf.
+    """
     pure = tree.to_pure_dict(params)
+    tree.check_finite(pure)
     ctree = jax.tree.map(lambda x: compressed.DenseTensor(np.asarray(x, np.float32)), pure)
     return write(path, ctree, meta=meta)
 

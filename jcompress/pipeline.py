@@ -1,14 +1,11 @@
-"""Chaining compression stages, and the Deep Compression recipe.
+"""The fine-tune stage of a chain, and the Deep Compression recipe.
 
-:func:`chain` composes stages the way ``optax.chain`` composes gradient
-transformations: ``chain(s1, s2, ...)(params) -> (params, (aux1, aux2, ...))``. A stage
-is either a transform ``fn(params) -> (params, aux)`` (``magnitude_pruning(...)``,
-``functools.partial(kmeans_share, k=31)``, ``quant.weight_quantization(...)``) or a
-:func:`finetune` stage wrapping the user's training function. A fine-tune stage looks
-at the auxes of the stages before it and keeps their structure while training: after
-k-means sharing it trains the centroids with the assignment fixed
-(:func:`jcompress.sharing.centroid_finetune`) and returns the new ``SharingAux``; after
-pruning it keeps the masks (``pruning.optim.keep_masked``).
+A chain of transforms (:func:`jcompress.core.base.chain`) runs its stages in order and
+reports each one's aux. :func:`finetune` wraps the user's training function as a stage
+that keeps what the stages before it did: after k-means sharing it trains the
+centroids with the assignment fixed (:func:`jcompress.sharing.centroid_finetune`) and
+returns the new ``CodebookAux``; after pruning it keeps the masks
+(``pruning.optim.keep_masked``) and returns them as a ``MaskAux``.
 
 :func:`deep_compression` (Han et al. 2016) is the chain prune -> fine-tune with masks ->
 k-means sharing (``2**bits - 1`` centroids plus the zero: conv 8 bits, fc 5 bits) ->
@@ -20,17 +17,19 @@ nonzeros, bits per weight, file bytes, ratio to the dense file, seconds, and wha
 Example:
   >>> def train_fn(params, wrap):
   ...     return train.fit(apply, params, extra, ds, tx=wrap(optax.adam(1e-4)), epochs=2).params
+  >>> t = jc.chain(jc.pruning.magnitude(sparsity=0.9), finetune(train_fn), jc.sharing.kmeans(k=31), finetune(train_fn))
+  >>> params, aux = t(params)
   >>> result = deep_compression(sparsity=0.9, finetune_fn=train_fn, eval_fn=evaluate)(params)
   >>> result.rows[-1]['bytes'], result.path
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,54 +38,27 @@ import numpy as np
 import optax
 
 from jcompress import compressed, export, tree
+from jcompress.core import base
+from jcompress.core import spec as spec_lib
 from jcompress.sharing import finetune as sharing_finetune
-from jcompress.sharing.kmeans import SharingAux, kmeans_share
+from jcompress.sharing.kmeans import kmeans
 
-__all__ = [
-    "DeepCompressionResult",
-    "FinetuneAux",
-    "Pipeline",
-    "Stage",
-    "chain",
-    "deep_compression",
-    "finetune",
-    "stage",
-]
+__all__ = ["DeepCompressionResult", "deep_compression", "finetune"]
 
 
-class Stage(NamedTuple):
-    """A named pipeline stage: ``fn(params, previous_auxes) -> (params, aux)``."""
-
-    name: str
-    fn: Callable
-
-
-class FinetuneAux(NamedTuple):
-    """Aux of a fine-tune stage that did not train centroids: what it kept and how long it took."""
-
-    kept: str  # 'masks' or 'nothing'
-    seconds: float
-
-
-def stage(fn: Callable, *, name: str | None = None) -> Stage:
-    """A stage from a transform ``fn(params) -> (params, aux)``."""
-    if isinstance(fn, Stage):
-        return fn
-    if not callable(fn):
-        raise TypeError(f"a stage must be callable (params) -> (params, aux), got {type(fn).__name__}")
-    label = name or getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "stage")
-    return Stage(label, lambda params, auxes: fn(params))
-
-
-def _latest(auxes: Sequence, attr: str):
-    for a in reversed(auxes):
-        if hasattr(a, attr):
+def _latest(auxes, kind: type):
+    for a in reversed(base.all_auxes(*auxes)):
+        if isinstance(a, kind):
             return a
     return None
 
 
-def finetune(train_fn: Callable, *, name: str = "finetune") -> Stage:
-    """A stage that trains the params with the structure of the previous stages kept.
+def _copy(x):
+    return jax.tree.map(lambda a: jax.numpy.array(a, copy=True), x)
+
+
+def finetune(train_fn: Callable, *, name: str = "finetune") -> base.Transform:
+    """A stage that trains the params with the structure of the earlier stages kept.
 
     Args:
       train_fn: ``train_fn(params, wrap) -> params``; ``wrap(tx) -> tx`` must be applied
@@ -96,82 +68,43 @@ def finetune(train_fn: Callable, *, name: str = "finetune") -> Stage:
       name: the stage's name.
 
     Returns:
-      a :class:`Stage`. Its aux is the updated ``SharingAux`` when a sharing stage came
-      before it (the latest one wins), else a :class:`FinetuneAux`.
+      a :class:`~jcompress.core.base.Transform` with ``with_history``: inside a
+      :func:`~jcompress.core.base.chain` it looks at the auxes of the stages before it.
+      After a ``CodebookAux`` (the latest wins) it trains the centroids and its aux is
+      the ``CodebookAux`` with the trained codebooks; else after a ``MaskAux`` it keeps
+      the masks and its aux is ``MaskAux(masks)``; else (or called alone) it trains
+      freely and its aux is None. The function gets copies of the params (training loops
+      may donate their inputs), so the earlier auxes stay readable.
 
     Raises:
       ValueError: after sharing, when the trained params are not ``codebook[indices]``
         (``train_fn`` did not train with ``wrap(tx)``).
     """
+    if not callable(train_fn):
+        raise TypeError(f"train_fn must be a function (params, wrap) -> params, got {type(train_fn).__name__}")
 
-    def fn(params, auxes):
-        t0 = time.perf_counter()
-        sharing = _latest(auxes, "codebooks")
-        pruning = _latest(auxes, "masks")
-        # Training loops may donate their input buffers (train.fit does), so the function
-        # gets copies and the auxes of earlier stages stay readable.
-        own = _copy(params)
-        if sharing is not None:
-            new = train_fn(own, lambda tx: sharing_finetune.centroid_finetune(tx, _copy(sharing)))
-            return new, _codebooks_from_params(new, sharing)
-        if pruning is not None:
-            from jcompress.pruning.optim import keep_masked
+    def with_history(auxes) -> base.Transform:
+        sharing = _latest(auxes, base.CodebookAux)
+        pruning = _latest(auxes, base.MaskAux)
 
-            new = train_fn(own, lambda tx: optax.chain(tx, keep_masked(_copy(pruning.masks))))
-            return new, FinetuneAux("masks", time.perf_counter() - t0)
-        return train_fn(own, lambda tx: tx), FinetuneAux("nothing", time.perf_counter() - t0)
+        def apply(params, names, key):
+            own = _copy(params)
+            if sharing is not None:
+                new = train_fn(own, lambda tx: sharing_finetune.centroid_finetune(tx, _copy(sharing)))
+                try:
+                    return new, sharing_finetune.codebook_aux(new, sharing)
+                except ValueError as e:
+                    raise ValueError(f"{e}; train_fn must train with the optimizer wrap(tx) it is given") from None
+            if pruning is not None:
+                from jcompress.pruning.optim import keep_masked
 
-    return Stage(name, fn)
+                new = train_fn(own, lambda tx: optax.chain(tx, keep_masked(_copy(pruning.masks))))
+                return new, base.MaskAux(pruning.masks)
+            return train_fn(own, lambda tx: tx), None
 
+        return base.Transform(apply, name, with_history=with_history)
 
-def _copy(x):
-    return jax.tree.map(lambda a: jax.numpy.array(a, copy=True), x)
-
-
-def _codebooks_from_params(params, aux: SharingAux) -> SharingAux:
-    """Read the trained codebooks back from params that are ``codebook[indices]``."""
-    flat = dict(tree.named_leaves(params))
-    books = {}
-    for g, members in aux.indices.items():
-        cb = np.array(aux.codebooks[g])
-        for name, idx in members.items():
-            cb[np.asarray(idx).reshape(-1)] = np.asarray(flat[name]).reshape(-1)
-        for name, idx in members.items():
-            if not np.array_equal(cb[np.asarray(idx)], np.asarray(flat[name])):
-                raise ValueError(
-                    f"after fine-tuning, params/{name} is no longer codebook[indices]; train_fn must train with "
-                    "the optimizer wrap(tx) it is given"
-                )
-        books[g] = jax.numpy.asarray(cb)
-    return SharingAux(books, aux.indices, aux.inertia)
-
-
-class Pipeline(NamedTuple):
-    """Stages run in order; call it as ``pipeline(params, callback=None)``."""
-
-    stages: tuple
-
-    def __call__(self, params, *, callback: Callable | None = None):
-        """Run every stage; return ``(params, auxes)``.
-
-        Args:
-          params: parameter pytree.
-          callback: optional ``callback(stage_name, params, auxes)`` after each stage.
-        """
-        auxes: list = []
-        for s in self.stages:
-            params, aux = s.fn(params, tuple(auxes))
-            auxes.append(aux)
-            if callback is not None:
-                callback(s.name, params, tuple(auxes))
-        return params, tuple(auxes)
-
-
-def chain(*stages) -> Pipeline:
-    """Compose stages (transforms ``fn(params) -> (params, aux)`` or :class:`Stage`)."""
-    if not stages:
-        raise ValueError("chain needs at least one stage")
-    return Pipeline(tuple(stage(s) for s in stages))
+    return with_history(())
 
 
 class DeepCompressionResult(NamedTuple):
@@ -181,7 +114,7 @@ class DeepCompressionResult(NamedTuple):
       params: the final params (read back from the final file).
       compressed: the tree of compressed leaves written to ``path``.
       rows: one dict per stage (stage, nonzeros, bits_per_weight, bytes, ratio, seconds, metrics).
-      auxes: the aux of every stage.
+      auxes: the :class:`~jcompress.core.base.ChainAux` of the stages.
       path: the final compressed file.
       dense_path: the float32 dense baseline file.
     """
@@ -189,31 +122,25 @@ class DeepCompressionResult(NamedTuple):
     params: Any
     compressed: Any
     rows: list
-    auxes: tuple
+    auxes: base.ChainAux
     path: Path
     dense_path: Path
 
 
-def _bits_for(bits: Mapping[str, int], name: str, leaf) -> int:
-    kind = "conv" if np.ndim(leaf) > 2 else "fc"
-    if kind not in bits:
-        raise ValueError(f"bits must give a width for {kind!r} layers (needed by {name!r}), got {dict(bits)}")
-    b = bits[kind]
-    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 16:
-        raise ValueError(f"bits[{kind!r}]={b!r} must be an int in [1, 16]")
-    return int(b)
+def _anchored(name: str) -> str:
+    """The regex that matches exactly the leaf ``name``."""
+    return f"^{re.escape(name)}$"
 
 
 def deep_compression(
     *,
-    sparsity: float | Mapping[str, float],
-    bits: Mapping[str, int] | None = None,
-    index_bits: Mapping[str, int] | None = None,
+    sparsity: spec_lib.Spec,
+    bits: spec_lib.Spec = None,
+    index_bits: spec_lib.Spec = None,
     finetune_fn: Callable | None = None,
     centroid_finetune_fn: Callable | None = None,
     eval_fn: Callable[[Any], dict] | None = None,
-    include: tree.Selection = None,
-    exclude: tree.Selection = None,
+    leaves: spec_lib.Spec = None,
     init: str = "linear",
     iters: int = 300,
     out_dir: str | Path | None = None,
@@ -222,16 +149,19 @@ def deep_compression(
     """The Deep Compression pipeline (prune, fine-tune, share, fine-tune, Huffman, file).
 
     Args:
-      sparsity: fraction of each selected layer pruned by magnitude, or ``{leaf: sparsity}``.
-      bits: codebook index width per layer type, ``{'conv': 8, 'fc': 5}`` by default;
-        a layer gets ``2**bits - 1`` centroids plus the zero (conv = kernel with ndim > 2).
-      index_bits: relative sparse index width per type, ``{'conv': 8, 'fc': 5}`` by default.
+      sparsity: fraction of each layer pruned by magnitude, as a spec (``0.9`` or
+        ``{regex: sparsity}``).
+      bits: codebook index width, as a spec; a layer gets ``2**bits - 1`` centroids plus
+        the zero. Leaves the spec does not cover get the paper's 8 bits for conv kernels
+        (ndim > 2) and 5 for fc.
+      index_bits: relative sparse index width, as a spec, with the same default.
       finetune_fn: ``train_fn(params, wrap) -> params`` for both fine-tune stages (see
         :func:`finetune`); ``None`` skips fine-tuning.
       centroid_finetune_fn: a different ``train_fn`` for the centroid stage (default:
         ``finetune_fn``).
       eval_fn: ``eval_fn(params) -> dict`` of metrics added to each row.
-      include, exclude: the layers compressed (default: Dense and conv kernels).
+      leaves: the leaves compressed, a selection spec as in :func:`jcompress.core.base.masked`
+        (default: Dense and conv kernels).
       init, iters: k-means initialisation and maximum iterations.
       out_dir: where the files go (``dense.jcz``, one ``<stage>.jcz`` per stage and
         ``deep_compression.jcz``); a temporary directory when ``None``.
@@ -239,40 +169,33 @@ def deep_compression(
 
     Returns:
       ``run(params) -> DeepCompressionResult``.
+
+    Example:
+      >>> result = deep_compression(sparsity={'fc3': 0.74, 'fc': 0.92}, finetune_fn=train_fn)(params)
     """
-    from jcompress.pruning.masks import magnitude_pruning
-
-    bits = dict(bits or {"conv": 8, "fc": 5})
-    index_bits = dict(index_bits or {"conv": 8, "fc": 5})
-
-    def ib(name, leaf):
-        return _bits_for(index_bits, name, leaf)
+    from jcompress.pruning import magnitude
 
     pruners: dict = {}
 
     def run(params) -> DeepCompressionResult:
         params = tree.to_pure_dict(params)
-        names = tree.selected_names(params, tree.select(params, include, exclude))
-        spars = sparsity if isinstance(sparsity, Mapping) else {n: sparsity for n in names}
-        chosen = set(names)
-
-        def picked(n, leaf):
-            return n in chosen
-
-        def k_of(n, leaf):
-            return 2 ** _bits_for(bits, n, leaf) - 1
-
-        plan = (tuple(names), tuple(sorted(spars.items())))
+        names = spec_lib.select_names(params, leaves, arg="leaves")
+        k_bits = compressed.paper_widths(bits, params, names, arg="bits")
+        compressed.paper_widths(index_bits, params, names, arg="index_bits")  # checked before any work
+        plan = (tuple(names), repr(sparsity))
         if plan not in pruners:  # one compiled pruning function per layer set, reused by later calls
-            pruners[plan] = jax.jit(magnitude_pruning(sparsity=dict(spars), include=picked))
-        stages = [stage(pruners[plan], name="pruned")]
+            prune = base.masked(magnitude(sparsity=sparsity), [_anchored(n) for n in names])
+            pruners[plan] = jax.jit(prune)
+        stages, labels = [pruners[plan]], ["pruned"]
         if finetune_fn is not None:
-            stages.append(finetune(finetune_fn, name="pruned + fine-tuned"))
-        stages.append(
-            stage(functools.partial(kmeans_share, k=k_of, include=picked, init=init, iters=iters), name="clustered")
-        )
+            stages.append(finetune(finetune_fn))
+            labels.append("pruned + fine-tuned")
+        share = kmeans(k=[(_anchored(n), 2**b - 1) for n, b in k_bits.items()], init=init, iters=iters)
+        stages.append(base.masked(share, [_anchored(n) for n in names]))
+        labels.append("clustered")
         if centroid_finetune_fn is not None or finetune_fn is not None:
-            stages.append(finetune(centroid_finetune_fn or finetune_fn, name="centroids fine-tuned"))
+            stages.append(finetune(centroid_finetune_fn or finetune_fn))
+            labels.append("centroids fine-tuned")
         directory = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="jcompress-dc-"))
         directory.mkdir(parents=True, exist_ok=True)
         n_params = tree.tree_size(params)
@@ -299,20 +222,20 @@ def deep_compression(
         record("dense (float32)", params, export.write_dense(dense_path, params, meta={"stage": "dense"}))
 
         def callback(label, p, auxes):
-            shared = _latest(auxes, "codebooks") is not None
-            ctree = compressed.compress(p, *auxes, index_bits=ib, huffman=False)
+            shared = _latest(auxes, base.CodebookAux) is not None
+            ctree = compressed.compress(p, auxes, index_bits=index_bits, huffman=False)
             fname = directory / (label.replace(" + ", "_").replace(" ", "_") + ".jcz")
             record(label + (" (fixed-width)" if shared else ""), p, export.write(fname, ctree, meta={"stage": label}))
 
-        final, auxes = chain(*stages)(params, callback=callback)
-        ctree = compressed.compress(final, *auxes, index_bits=ib, huffman=True)
+        final, auxes = base.chain(*stages, names=labels)(params, callback=callback)
+        ctree = compressed.compress(final, auxes, index_bits=index_bits, huffman=True)
         path = directory / "deep_compression.jcz"
-        size = export.write(
-            path, ctree, meta={**(meta or {}), "stage": "huffman", "bits": bits, "index_bits": index_bits}
-        )
+        widths = {"bits": bits, "index_bits": index_bits}
+        widths = {k: v if v is not None else {"conv": 8, "fc": 5} for k, v in widths.items()}
+        size = export.write(path, ctree, meta={**(meta or {}), "stage": "huffman", **widths})
         loaded = export.load_params(path)
-        leaves = dict(tree.named_leaves(ctree, is_leaf=compressed.is_compressed))
-        kernel_bits = sum(leaves[n].nbits() for n in names)
+        compressed_leaves = dict(tree.named_leaves(ctree, is_leaf=compressed.is_compressed))
+        kernel_bits = sum(compressed_leaves[n].nbits() for n in names)
         kernel_weights = sum(math.prod(np.shape(tree.get_by_name(params, n))) for n in names)
         record(
             "huffman (file read back)", loaded, size, {"kernel_bits_per_weight": round(kernel_bits / kernel_weights, 4)}

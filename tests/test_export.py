@@ -14,9 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jcompress import bitpack, compressed, export, quant
-from jcompress.core import masked
 from jcompress.compressed import CodebookTensor, DenseTensor, QuantizedTensor, SparseTensor
-from jcompress.sharing import kmeans_share
+from jcompress.core import masked
+from jcompress.core.base import ChainAux, CodebookAux, FactorAux, MaskAux, UnitsAux, chain
+from jcompress.lowrank import svd
+from jcompress.pruning import magnitude
+from jcompress.sharing import kmeans
 
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
 
@@ -151,14 +154,12 @@ def test_quantized_sparse_layout_round_trip(tmp_path_factory, shape, sparsity, b
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pruned_then_quantized_is_stored_sparse(tmp_path, symmetric):
-    from jcompress.pruning.masks import magnitude_pruning
-
     rng = np.random.default_rng(0)
     params = {
         "fc1": {"kernel": jnp.asarray(rng.standard_normal((400, 300)), jnp.float32), "bias": jnp.zeros(300)},
         "fc2": {"kernel": jnp.asarray(rng.standard_normal((300, 10)), jnp.float32).at[:4].set(0.0)},
     }
-    pruned, paux = magnitude_pruning(sparsity=0.9, include=r"fc1/kernel")(params)
+    pruned, paux = masked(magnitude(sparsity=0.9), r"fc1/kernel")(params)
     q, qaux = quant.quantize(bits=8, axis=-1, symmetric=symmetric)(pruned)
     ctree, dense = compressed.compress(q, paux, qaux), compressed.compress(q, qaux, sparse=False)
     fc1, fc2 = ctree["fc1"]["kernel"], ctree["fc2"]["kernel"]
@@ -220,16 +221,14 @@ def test_dense_quantized_file_format_is_unchanged(tmp_path):
 
 
 def test_compress_from_transform_aux_and_jit(tmp_path):
-    from jcompress.pruning.masks import magnitude_pruning
-
     rng = np.random.default_rng(0)
     params = {
         "fc1": {"kernel": jnp.asarray(rng.standard_normal((60, 40)), jnp.float32), "bias": jnp.zeros(40)},
         "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32), "bias": jnp.ones(6)},
         "fc2": {"kernel": jnp.asarray(rng.standard_normal((40, 10)), jnp.float32)},
     }
-    pruned, paux = magnitude_pruning(sparsity=0.8, include=r"(fc1|conv)/kernel")(params)
-    shared, saux = kmeans_share(pruned, k=7, include=r"fc1/kernel")
+    pruned, paux = masked(magnitude(sparsity=0.8), r"(fc1|conv)/kernel")(params)
+    shared, saux = masked(kmeans(k=7), r"fc1/kernel")(pruned)
     q, qaux = masked(quant.quantize(bits=4, axis=-1), r"fc2/kernel")(shared)
     ctree = compressed.compress(q, paux, saux, qaux)
     kinds = jax.tree.map(lambda x: type(x).__name__, ctree, is_leaf=compressed.is_compressed)
@@ -306,3 +305,87 @@ def test_write_is_atomic_and_validates(tmp_path):
         export.write(path, {"a": DenseTensor(np.zeros(3, np.float32))}, meta={"x": object()})
     assert path.read_bytes() == first  # a failed write leaves the old file intact
     assert sorted(os.listdir(tmp_path)) == ["m.jcz"]  # no temporary files left behind
+
+
+def test_compress_dispatches_on_aux_types_and_flattens_chains(tmp_path):
+    rng = np.random.default_rng(3)
+    params = {
+        "fc1": {"kernel": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32), "bias": jnp.zeros(32)},
+        "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32)},
+    }
+    t = chain(masked(magnitude(sparsity=0.75), "fc1/kernel"), chain(masked(kmeans(k=3), "fc1/kernel")))
+    out, aux = t(params)
+    assert isinstance(aux, ChainAux) and isinstance(aux[1], ChainAux)
+    by_chain = compressed.compress(out, aux, index_bits={"fc1": 6})
+    by_hand = compressed.compress(out, aux[0], aux[1][0], None, index_bits={"fc1": 6})
+    bits = [[x.nbits() for x in jax.tree.leaves(c, is_leaf=compressed.is_compressed)] for c in (by_chain, by_hand)]
+    assert bits[0] == bits[1]
+    fc1 = by_chain["fc1"]["kernel"]
+    assert isinstance(fc1, CodebookTensor) and fc1.index_bits == 6 and fc1.k == 3
+    assert isinstance(by_chain["conv"]["kernel"], DenseTensor)
+    # a factorised leaf is stored as the dense product its params hold
+    low, faux = masked(svd(rank=2), "conv/kernel")(params)
+    assert isinstance(faux, FactorAux)
+    stored = compressed.compress(low, faux)["conv"]["kernel"]
+    assert isinstance(stored, DenseTensor)
+    np.testing.assert_array_equal(stored.dequantize(), low["conv"]["kernel"])
+    # an aux that is no params transform's, or a bare mask tree, is refused by type
+    with pytest.raises(TypeError, match="UnitsAux"):
+        compressed.compress(params, UnitsAux({}, 0, 0))
+    with pytest.raises(TypeError, match="MaskAux, CodebookAux, GridAux"):
+        compressed.compress(out, aux[0].masks)
+    # index bits are a spec: resolved over the leaf names, checked, defaulting to the paper's widths
+    with pytest.raises(ValueError, match=r"index_bits=0 must be in \[1, 16\] \(leaf 'conv/kernel'\)"):
+        compressed.compress(out, aux, index_bits=0)
+    with pytest.raises(ValueError, match=r"index_bits: the patterns \['head'\] match none"):
+        compressed.compress(out, aux, index_bits={"head": 4})
+    with pytest.raises(TypeError, match="index_bits=4.5"):
+        compressed.compress(out, aux, index_bits=4.5)
+    assert compressed.compress(out, aux, index_bits=np.int64(7))["fc1"]["kernel"].index_bits == 7
+    assert compressed.compress(out, aux)["fc1"]["kernel"].index_bits == 5
+    assert compressed.paper_widths(None, params, ["fc1/kernel", "conv/kernel"], arg="bits") == {
+        "fc1/kernel": 5,
+        "conv/kernel": 8,
+    }
+    pruned, paux = masked(magnitude(sparsity=0.5), "conv/kernel")(params)
+    ctree = compressed.compress(pruned, MaskAux(paux.masks))
+    assert ctree["conv"]["kernel"].index_bits == 8
+    # a CodebookAux with codebooks the params do not hold is refused, naming the leaf
+    wrong = CodebookAux({g: c + 1 for g, c in aux[1][0].codebooks.items()}, aux[1][0].indices, {})
+    with pytest.raises(ValueError, match="fc1/kernel is not codebook"):
+        compressed.compress(out, wrong)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_non_finite_weights_are_refused_naming_the_leaf(tmp_path, bad):
+    params = {"fc1": {"kernel": jnp.ones((4, 4)).at[1, 2].set(bad), "bias": jnp.zeros(4)}}
+    with pytest.raises(ValueError, match="params/fc1/kernel contains NaN or Inf"):
+        compressed.compress(params)
+    with pytest.raises(ValueError, match="params/fc1/kernel contains NaN or Inf"):
+        export.write_dense(tmp_path / "m.jcz", params)
+    assert not (tmp_path / "m.jcz").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        export.write(tmp_path / "m.jcz", {"a": DenseTensor(np.zeros(3, np.float32))})
+        export.write_dense(tmp_path / "d.jcz", {"a": np.zeros(3, np.float32)})
+    finally:
+        os.umask(old)
+    for name in ("m.jcz", "d.jcz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_write_errors_name_the_users_path(tmp_path):
+    ctree = {"a": DenseTensor(np.zeros(3, np.float32))}
+    missing = tmp_path / "no" / "such" / "m.jcz"
+    with pytest.raises(FileNotFoundError) as e:
+        export.write(missing, ctree)
+    assert str(missing) in str(e.value) and ".tmp" not in str(e.value)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(OSError) as e:
+        export.write(tmp_path / "adir", ctree)
+    assert str(tmp_path / "adir") in str(e.value) and ".tmp" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["adir"]  # no temporary file left behind

@@ -9,14 +9,15 @@ import pytest
 from flax import nnx
 
 from jcompress import data, models, train, tree
+from jcompress.core.base import CodebookAux, masked
 from jcompress.sharing import (
     CentroidState,
     centroid_finetune,
     centroid_gradients,
+    codebook_aux,
+    kmeans,
     kmeans_1d,
-    kmeans_share,
     reconstruct,
-    sharing_aux,
 )
 
 
@@ -103,8 +104,10 @@ def test_valid_mask_and_errors():
     np.testing.assert_allclose(np.asarray(res.centroids), [1.5, 10.5])
     with pytest.raises(ValueError, match="exceeds the number of distinct"):
         kmeans_1d(x, k=5, valid=x != 0)
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match=r"k=0 must be in \[1, inf\]"):
         kmeans_1d(x, k=0)
+    with pytest.raises(ValueError, match=r"iters=0 must be in \[1, inf\]"):
+        kmeans_1d(x, k=2, iters=0)
     with pytest.raises(ValueError, match="init must be one of"):
         kmeans_1d(x, k=2, init="uniform")
     with pytest.raises(ValueError, match="key"):
@@ -138,9 +141,10 @@ def _check_shared(params, new, aux, k):
             np.testing.assert_array_equal(np.asarray(idx) == 0, w_old == 0)
 
 
-def test_kmeans_share_eager_and_jit_dict():
+def test_kmeans_eager_and_jit_dict():
     params = _params()
-    new, aux = kmeans_share(params, k=7)
+    new, aux = kmeans(k=7)(params)
+    assert isinstance(aux, CodebookAux)
     assert set(aux.codebooks) == {"fc1/kernel", "conv/kernel"}
     _check_shared(params, new, aux, 7)
     assert new["fc1"]["bias"] is params["fc1"]["bias"]
@@ -149,19 +153,24 @@ def test_kmeans_share_eager_and_jit_dict():
             len(np.unique(np.asarray(tree.get_by_name(new, name))[np.asarray(tree.get_by_name(params, name)) != 0]))
             == 7
         )
-    jnew, jaux = jax.jit(lambda p: kmeans_share(p, k=7))(params)
+    for name in ("fc1/kernel", "conv/kernel"):
+        w_old, w_new = (np.asarray(tree.get_by_name(p, name), np.float64) for p in (params, new))
+        want = np.sum((w_old - w_new) ** 2) / np.sum(w_old**2)
+        np.testing.assert_allclose(float(aux.errors[name]), want, rtol=1e-4)
+    jnew, jaux = jax.jit(lambda p: kmeans(k=7)(p))(params)
     chex.assert_trees_all_close(jnew, new)
     chex.assert_trees_all_equal(jaux.indices, aux.indices)
     np.testing.assert_array_equal(reconstruct(params, aux)["fc1"]["kernel"], new["fc1"]["kernel"])
 
 
-def test_kmeans_share_nnx_state():
+def test_kmeans_nnx_state():
     model = models.create("lenet300", input_shape=(8, 8, 1), num_classes=10)
     _, state, _ = nnx.split(model, nnx.Param, ...)
-    new, aux = kmeans_share(state, k=15, include=r"fc[12]/kernel")
+    t = masked(kmeans(k=15), r"fc[12]/kernel")
+    new, aux = t(state)
     assert isinstance(new, nnx.State)
     _check_shared(state, new, aux, 15)
-    jnew, _ = jax.jit(lambda s: kmeans_share(s, k=15, include=r"fc[12]/kernel"))(state)
+    jnew, _ = jax.jit(lambda s: t(s))(state)
     chex.assert_trees_all_close(tree.to_pure_dict(jnew), tree.to_pure_dict(new))
     np.testing.assert_array_equal(np.asarray(new["fc3"]["kernel"][...]), np.asarray(state["fc3"]["kernel"][...]))
     # centroid fine-tuning on the NNX State, eagerly and under jit
@@ -171,35 +180,63 @@ def test_kmeans_share_nnx_state():
         upd, _ = update(grads, tx.init(new), new)
         stepped = optax.apply_updates(new, upd)
         assert isinstance(stepped, nnx.State)
-        aux2 = sharing_aux(stepped, aux)  # raises unless every cluster is still tied
+        aux2 = codebook_aux(stepped, aux)  # raises unless every cluster is still tied
         assert not np.array_equal(aux2.codebooks["fc1/kernel"], aux.codebooks["fc1/kernel"])
 
 
 def test_shared_codebooks_and_k_per_layer():
     params = _params()
-    new, aux = kmeans_share(params, k=5, shared=True)
+    new, aux = kmeans(k=5, shared=True)(params)
     assert list(aux.codebooks) == ["shared"] and set(aux.indices["shared"]) == {"fc1/kernel", "conv/kernel"}
     _check_shared(params, new, aux, 5)
     values = np.concatenate([np.asarray(new["fc1"]["kernel"]).ravel(), np.asarray(new["conv"]["kernel"]).ravel()])
     assert len(np.unique(values[values != 0])) == 5
-    _, aux2 = kmeans_share(params, k={"conv": 3, "fc": 6}, shared=[r"fc\d"])
-    assert set(aux2.codebooks) == {r"fc\d", "conv/kernel"}
-    assert aux2.codebooks["conv/kernel"].shape == (4,) and aux2.codebooks[r"fc\d"].shape == (7,)
+    _, aux2 = kmeans(k={"conv": 3, "fc": 6}, shared={r"fc\d": "fc"})(params)
+    assert set(aux2.codebooks) == {"fc", "conv/kernel"}
+    assert aux2.codebooks["conv/kernel"].shape == (4,) and aux2.codebooks["fc"].shape == (7,)
     with pytest.raises(ValueError, match="different k"):
-        kmeans_share(params, k={"conv": 3, "fc": 6}, shared=True)
-    with pytest.raises(ValueError, match="matches no leaf"):
-        kmeans_share(params, k=3, include="nothing")
-    with pytest.raises(ValueError, match="matches no selected leaf"):
-        kmeans_share(params, k=3, shared=["nope"])
+        kmeans(k={"conv": 3, "fc": 6}, shared=True)(params)
+    with pytest.raises(ValueError, match="nothing.*match none of the leaves"):
+        masked(kmeans(k=3), "nothing")(params)
+    with pytest.raises(ValueError, match=r"shared: the patterns \['nope'\] match none"):
+        kmeans(k=3, shared={"nope": "g"})(params)
+    with pytest.raises(ValueError, match=r"k: no pattern covers \['fc1/kernel'\]"):
+        kmeans(k={"conv": 3})(params)
     bad = {"w": {"kernel": jnp.array([[0.0, 1.0], [1.0, 0.0]])}}
-    with pytest.raises(ValueError, match="w/kernel.*distinct"):
-        kmeans_share(bad, k=2)
+    with pytest.raises(ValueError, match="w/kernel.*k=2 exceeds the number of distinct values.*1"):
+        kmeans(k=2)(bad)
+    with pytest.raises(ValueError, match="k=0"):
+        kmeans(k=0)
+    with pytest.raises(TypeError, match="k=2.5"):
+        kmeans(k=2.5)
+    with pytest.raises(ValueError, match="init"):
+        kmeans(k=2, init="forgy")
+    with pytest.raises(ValueError, match="key=jax.random.key"):
+        kmeans(k=2, init="random")(params)
+    with pytest.raises(ValueError, match="fc1/kernel contains NaN"):
+        kmeans(k=2)({"fc1": {"kernel": jnp.ones((3, 3)).at[0, 0].set(jnp.nan)}})
+
+
+def test_k_equal_one_and_random_inits_with_key():
+    params = _params()
+    new, aux = kmeans(k=np.int32(1))(params)  # one centroid: the mean of the nonzero weights
+    _check_shared(params, new, aux, 1)
+    w = np.asarray(params["fc1"]["kernel"], np.float64)
+    np.testing.assert_allclose(float(aux.codebooks["fc1/kernel"][1]), w[w != 0].mean(), rtol=1e-5)
+    jnew, _ = jax.jit(lambda p: kmeans(k=1)(p))(params)
+    chex.assert_trees_all_close(jnew, new)
+    for init in ("random", "kmeans++"):
+        t = kmeans(k=4, init=init)
+        a, aux_a = t(params, key=jax.random.key(3))
+        b, _ = jax.jit(lambda p, key, t=t: t(p, key=key))(params, jax.random.key(3))
+        _check_shared(params, a, aux_a, 4)
+        chex.assert_trees_all_close(a, b)
 
 
 def test_centroid_finetune_hand_computation():
     w = jnp.array([[0.0, 1.0, 1.0], [3.0, 3.0, 0.0]])
     params = {"l": {"kernel": w, "bias": jnp.array([0.5, 0.5, 0.5])}}
-    new, aux = kmeans_share(params, k=2)
+    new, aux = kmeans(k=2)(params)
     np.testing.assert_array_equal(np.asarray(aux.codebooks["l/kernel"]), [0.0, 1.0, 3.0])
     grads = {"l": {"kernel": jnp.array([[9.0, 0.1, 0.2], [1.0, -3.0, 7.0]]), "bias": jnp.array([1.0, 2.0, 3.0])}}
     cg = centroid_gradients(grads, aux)["l/kernel"]
@@ -211,7 +248,7 @@ def test_centroid_finetune_hand_computation():
         out = optax.apply_updates(new, upd)
         np.testing.assert_allclose(np.asarray(s2.centroids["l/kernel"]), [0.0, 1.0 - 0.15, 3.0 + 1.0], rtol=1e-6)
         np.testing.assert_allclose(np.asarray(out["l"]["kernel"]), [[0.0, 0.85, 0.85], [4.0, 4.0, 0.0]], rtol=1e-6)
-        np.testing.assert_array_equal(sharing_aux(out, aux).codebooks["l/kernel"], s2.centroids["l/kernel"])
+        np.testing.assert_array_equal(codebook_aux(out, aux).codebooks["l/kernel"], s2.centroids["l/kernel"])
         np.testing.assert_allclose(np.asarray(out["l"]["bias"]), [0.0, -0.5, -1.0])
     frozen = centroid_finetune(optax.sgd(0.5), aux, train_others=False)
     upd, _ = frozen.update(grads, frozen.init(new), new)
@@ -231,13 +268,13 @@ def test_centroid_finetune_keeps_weights_tied_on_digits():
     pruned = jax.tree.map(
         lambda w: jnp.where(jnp.abs(w) >= jnp.median(jnp.abs(w)), w, 0.0) if w.ndim == 2 else w, res.params
     )
-    shared, aux = kmeans_share(pruned, k=7)
+    shared, aux = kmeans(k=7)(pruned)
     acc_shared = train.evaluate(fn.apply, shared, res.extra, ds.x_test, ds.y_test)["accuracy"]
     tx = centroid_finetune(optax.adam(1e-3), aux)
     ft = train.fit(
         fn.apply, jax.tree.map(jnp.copy, shared), res.extra, ds, tx=tx, epochs=3, batch_size=64, progress=False
     )
-    aux2 = sharing_aux(ft.params, aux)
+    aux2 = codebook_aux(ft.params, aux)
     assert isinstance(ft.state.opt_state, CentroidState)
     for g, members in aux2.indices.items():
         cb = np.asarray(aux2.codebooks[g])

@@ -1,6 +1,5 @@
-"""Pipelines (jcompress.pipeline): chain, fine-tune stages and the Deep Compression recipe."""
+"""The fine-tune stage of a chain (jcompress.pipeline.finetune) and the Deep Compression recipe."""
 
-import functools
 import os
 
 import jax
@@ -10,8 +9,8 @@ import optax
 import pytest
 
 from jcompress import compressed, data, export, models, pipeline, train, tree
-from jcompress.pruning.masks import PruneAux, magnitude_pruning
-from jcompress.sharing import SharingAux, kmeans_share
+from jcompress.core.base import ChainAux, CodebookAux, MaskAux, Transform, chain
+from jcompress.sharing import kmeans
 
 
 def _params():
@@ -22,22 +21,32 @@ def _params():
     }
 
 
+def _prune(fraction):
+    """Zero the ``fraction`` of each kernel with the smallest |w| (a MaskAux transform)."""
+
+    def apply(params, names, key):
+        def mask(name, w):
+            if name not in names:
+                return jnp.ones(w.shape, bool)
+            return jnp.abs(w) > jnp.quantile(jnp.abs(w), fraction)
+
+        masks = tree.map_with_names(mask, params)
+        return jax.tree.map(lambda w, m: jnp.where(m, w, 0), params, masks), MaskAux(masks)
+
+    return Transform(apply, "prune")
+
+
 def test_chain_threads_params_and_collects_aux():
     params = _params()
-    pipe = pipeline.chain(magnitude_pruning(sparsity=0.5), functools.partial(kmeans_share, k=3))
     seen = []
-    out, auxes = pipe(params, callback=lambda name, p, a: seen.append((name, len(a))))
-    assert isinstance(auxes[0], PruneAux) and isinstance(auxes[1], SharingAux)
-    assert [n for n, _ in seen] == ["fn", "kmeans_share"] and [c for _, c in seen] == [1, 2]
+    out, auxes = chain(_prune(0.5), kmeans(k=3))(params, callback=lambda name, p, a: seen.append((name, len(a))))
+    assert isinstance(auxes, ChainAux) and isinstance(auxes[0], MaskAux) and isinstance(auxes[1], CodebookAux)
+    assert seen == [("prune", 1), ("kmeans", 2)]
     # same as applying the transforms by hand
-    p1, _ = magnitude_pruning(sparsity=0.5)(params)
-    p2, _ = kmeans_share(p1, k=3)
+    p1, _ = _prune(0.5)(params)
+    p2, _ = kmeans(k=3)(p1)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), out, p2)
     assert int(np.count_nonzero(np.asarray(out["fc1"]["kernel"]))) == 300
-    with pytest.raises(ValueError, match="at least one stage"):
-        pipeline.chain()
-    with pytest.raises(TypeError, match="callable"):
-        pipeline.chain(3)
 
 
 def _grad_train_fn(steps=5):
@@ -57,14 +66,16 @@ def _grad_train_fn(steps=5):
 
 def test_finetune_keeps_masks_then_trains_centroids():
     params = _params()
-    pipe = pipeline.chain(
-        pipeline.stage(magnitude_pruning(sparsity=0.7), name="prune"),
+    pipe = chain(
+        _prune(0.7),
         pipeline.finetune(_grad_train_fn(), name="ft masks"),
-        pipeline.stage(functools.partial(kmeans_share, k=4), name="share"),
+        kmeans(k=4),
         pipeline.finetune(_grad_train_fn(), name="ft centroids"),
     )
     out, (paux, faux, saux, saux2) = pipe(params)
-    assert faux.kept == "masks"
+    assert pipe.names == ("prune", "ft masks", "kmeans", "ft centroids")
+    assert isinstance(faux, MaskAux) and faux.masks is paux.masks
+    assert isinstance(saux2, CodebookAux) and saux2.indices is saux.indices
     for name in ("fc1/kernel", "fc2/kernel"):
         mask = np.asarray(tree.get_by_name(paux.masks, name))
         w = np.asarray(tree.get_by_name(out, name))
@@ -82,9 +93,21 @@ def test_finetune_refuses_a_train_fn_that_ignores_wrap():
     def bad(params, wrap):
         return jax.tree.map(lambda w: w + 0.01 * jnp.arange(w.size).reshape(w.shape), params)
 
-    pipe = pipeline.chain(functools.partial(kmeans_share, k=3), pipeline.finetune(bad))
-    with pytest.raises(ValueError, match="no longer codebook"):
+    pipe = chain(kmeans(k=3), pipeline.finetune(bad))
+    with pytest.raises(ValueError, match="no longer tied.*wrap"):
         pipe(_params())
+
+
+def test_finetune_alone_and_after_a_nested_chain():
+    params = _params()
+    out, aux = pipeline.finetune(_grad_train_fn())(params)  # nothing before it: trains freely
+    assert aux is None and float(out["fc1"]["kernel"][0, 0]) != float(params["fc1"]["kernel"][0, 0])
+    # the stages before it may be a chain themselves: their auxes are looked into
+    out, auxes = chain(chain(_prune(0.5)), pipeline.finetune(_grad_train_fn()))(params)
+    mask = np.asarray(auxes[0][0].masks["fc1"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(out["fc1"]["kernel"]) != 0, mask)
+    with pytest.raises(TypeError, match="train_fn"):
+        pipeline.finetune(3)
 
 
 def test_deep_compression_on_digits(tmp_path):
@@ -103,7 +126,7 @@ def test_deep_compression_on_digits(tmp_path):
 
     run = pipeline.deep_compression(
         sparsity=0.75,
-        bits={"fc": 4},
+        bits={"kernel": 4},
         index_bits={"fc": 4},
         finetune_fn=train_fn,
         eval_fn=eval_fn,
@@ -139,7 +162,7 @@ def test_deep_compression_on_digits(tmp_path):
     sizes = [r["bytes"] for r in out.rows]
     assert sizes[0] > sizes[1] > sizes[3]  # pruning and sharing really shrink the file
     # Huffman coding shrinks the payloads (on a model this small the header can eat the gain)
-    fixed = compressed.compress(out.params, *out.auxes, huffman=False)
+    fixed = compressed.compress(out.params, out.auxes, index_bits=4, huffman=False)
     assert compressed.total_bits(out.compressed) < compressed.total_bits(fixed)
     assert out.rows[-1]["accuracy"] > 0.8
     assert out.rows[-1]["accuracy"] >= out.rows[1]["accuracy"] - 0.05
@@ -147,10 +170,32 @@ def test_deep_compression_on_digits(tmp_path):
     loaded = export.load_params(out.path)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, out.params)
     _, meta = export.read(out.path)
-    assert meta["model"] == "mlp" and meta["bits"] == {"fc": 4}
+    assert meta["model"] == "mlp" and meta["bits"] == {"kernel": 4}
     for name in ("fc1/kernel", "fc2/kernel", "fc3/kernel"):
         assert len(np.unique(np.asarray(tree.get_by_name(loaded, name)))) <= 16
-    with pytest.raises(ValueError, match="'conv'"):
-        pipeline.deep_compression(sparsity=0.5, bits={"fc": 4})(
-            {"c": {"kernel": jnp.ones((3, 3, 2, 2))}, "fc": {"kernel": jnp.ones((4, 4))}}
-        )
+    conv_and_fc = {"c": {"kernel": jnp.ones((3, 3, 2, 2))}, "fc": {"kernel": jnp.ones((4, 4))}}
+    with pytest.raises(ValueError, match=r"bits=17 must be in \[1, 16\] \(leaf 'c/kernel'\)"):
+        pipeline.deep_compression(sparsity=0.5, bits={"c/": 17})(conv_and_fc)
+    with pytest.raises(ValueError, match=r"index_bits: the patterns \['conv'\] match none"):
+        pipeline.deep_compression(sparsity=0.5, index_bits={"conv": 4})(conv_and_fc)
+    with pytest.raises(ValueError, match=r"leaves: the patterns \['head'\] match none"):
+        pipeline.deep_compression(sparsity=0.5, leaves="head")(conv_and_fc)
+
+
+def test_deep_compression_defaults_to_the_paper_widths_and_takes_one_bit(tmp_path):
+    rng = np.random.default_rng(1)
+    params = {
+        "conv": {"kernel": jnp.asarray(rng.standard_normal((5, 5, 16, 8)), jnp.float32)},
+        "fc": {"kernel": jnp.asarray(rng.standard_normal((72, 10)), jnp.float32), "bias": jnp.zeros(10)},
+    }
+    out = pipeline.deep_compression(sparsity=0.5, out_dir=tmp_path)(params)
+    leaves = dict(tree.named_leaves(out.compressed, is_leaf=compressed.is_compressed))
+    assert leaves["conv/kernel"].index_bits == 8 and leaves["fc/kernel"].index_bits == 5
+    assert leaves["conv/kernel"].k == 255 and leaves["fc/kernel"].k == 31
+    _, meta = export.read(out.path)
+    assert meta["bits"] == {"conv": 8, "fc": 5} and meta["index_bits"] == {"conv": 8, "fc": 5}
+    # bits=1: one centroid per layer (k = 1) plus the zero
+    out = pipeline.deep_compression(sparsity=0.5, bits=1, leaves="fc/kernel", out_dir=tmp_path)(params)
+    w = np.asarray(out.params["fc"]["kernel"])
+    assert len(np.unique(w)) == 2 and np.count_nonzero(w) == 360
+    np.testing.assert_array_equal(out.params["conv"]["kernel"], params["conv"]["kernel"])

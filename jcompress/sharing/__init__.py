@@ -1,17 +1,16 @@
 """Weight sharing: k-means codebooks (``kmeans``) and centroid fine-tuning (``finetune``)."""
 
-from jcompress.sharing.finetune import CentroidState, centroid_finetune, centroid_gradients, sharing_aux
-from jcompress.sharing.kmeans import INITS, KMeansResult, SharingAux, kmeans_1d, kmeans_share, reconstruct
+from jcompress.sharing.finetune import CentroidState, centroid_finetune, centroid_gradients, codebook_aux
+from jcompress.sharing.kmeans import INITS, KMeansResult, kmeans, kmeans_1d, reconstruct
 
 __all__ = [
     "INITS",
     "CentroidState",
     "KMeansResult",
-    "SharingAux",
     "centroid_finetune",
     "centroid_gradients",
+    "codebook_aux",
+    "kmeans",
     "kmeans_1d",
-    "kmeans_share",
     "reconstruct",
-    "sharing_aux",
 ]

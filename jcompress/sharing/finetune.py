@@ -10,7 +10,7 @@ optax optimizer so that:
 * the inner optimizer updates the centroids, which live in this transform's state;
 * the emitted updates move every weight of a cluster by the same delta, so after
   ``optax.apply_updates`` the params equal ``codebook[indices]`` **exactly**, with the
-  codebook read back from the params (:func:`sharing_aux`). Exactness: all weights of a
+  codebook read back from the params (:func:`codebook_aux`). Exactness: all weights of a
   cluster hold the same value and receive the same delta, so they stay equal. The
   centroids the inner optimizer sees are re-read from the params at every step (XLA may
   fuse the final addition differently in ``apply_updates`` than inside this transform,
@@ -21,10 +21,10 @@ unless ``train_others=False``. Use the transform as the whole optimizer passed t
 ``train.fit`` (do not chain transforms after it: they would change the updates).
 
 Example:
-  >>> shared, aux = kmeans_share(params, k=31)
+  >>> shared, aux = kmeans(k=31)(params)
   >>> tx = centroid_finetune(optax.adam(1e-4), aux)
   >>> res = train.fit(apply, shared, extra, ds, tx=tx, epochs=2)
-  >>> aux2 = sharing_aux(res.params, aux)   # the fine-tuned codebooks
+  >>> aux2 = codebook_aux(res.params, aux)   # the fine-tuned codebooks
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import numpy as np
 import optax
 
 from jcompress import tree
-from jcompress.sharing.kmeans import SharingAux
+from jcompress.core.base import CodebookAux
 
-__all__ = ["CentroidState", "centroid_finetune", "centroid_gradients", "sharing_aux"]
+__all__ = ["CentroidState", "centroid_finetune", "centroid_gradients", "codebook_aux"]
 
 
 class CentroidState(NamedTuple):
@@ -57,16 +57,16 @@ class CentroidState(NamedTuple):
     inner_state: Any
 
 
-def _shared_names(aux: SharingAux) -> dict[str, str]:
+def _shared_names(aux: CodebookAux) -> dict[str, str]:
     return {name: g for g, members in aux.indices.items() for name in members}
 
 
-def centroid_gradients(grads, aux: SharingAux) -> dict:
+def centroid_gradients(grads, aux: CodebookAux) -> dict:
     """``{group: (k + 1,) array}``: per-cluster sums of the weight gradients; entry 0 is 0.
 
     Args:
       grads: gradient pytree with the params' structure.
-      aux: the ``SharingAux`` whose indices define the clusters.
+      aux: the ``CodebookAux`` whose indices define the clusters.
     """
     flat = dict(tree.named_leaves(grads))
     out = {}
@@ -82,13 +82,13 @@ def centroid_gradients(grads, aux: SharingAux) -> dict:
 
 
 def centroid_finetune(
-    inner: optax.GradientTransformation, aux: SharingAux, *, train_others: bool = True
+    inner: optax.GradientTransformation, aux: CodebookAux, *, train_others: bool = True
 ) -> optax.GradientTransformation:
     """Wrap ``inner`` so that it trains the centroids of ``aux`` with the assignment fixed.
 
     Args:
       inner: the optimizer for the centroids (and the unshared leaves), e.g. ``optax.adam(1e-4)``.
-      aux: ``SharingAux`` from :func:`jcompress.sharing.kmeans_share`; the params passed
+      aux: the ``CodebookAux`` of :func:`jcompress.sharing.kmeans`; the params passed
         to ``init`` must equal ``codebook[indices]`` on its leaves (checked when concrete).
       train_others: also train the leaves ``aux`` does not cover (else they stay fixed).
 
@@ -109,7 +109,9 @@ def centroid_finetune(
         flat = dict(tree.named_leaves(params))
         for name, g in shared.items():
             if name not in flat:
-                raise ValueError(f"SharingAux names leaf {name!r} which the params do not have; leaves: {sorted(flat)}")
+                raise ValueError(
+                    f"CodebookAux names leaf {name!r} which the params do not have; leaves: {sorted(flat)}"
+                )
             idx = aux.indices[g][name]
             if flat[name].shape != idx.shape:
                 raise ValueError(f"params/{name} has shape {flat[name].shape} but its indices have {idx.shape}")
@@ -118,7 +120,7 @@ def centroid_finetune(
                 np.asarray(aux.codebooks[g])[np.asarray(idx)], np.asarray(w)
             ):
                 raise ValueError(
-                    f"params/{name} is not codebook[indices] of the SharingAux; pass the params that kmeans_share returned"
+                    f"params/{name} is not codebook[indices] of the CodebookAux; pass the params that kmeans returned"
                 )
         # copies: a training loop that donates its state must not delete the caller's aux
         centroids = {g: jnp.array(c, copy=True) for g, c in aux.codebooks.items()}
@@ -128,7 +130,7 @@ def centroid_finetune(
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("centroid_finetune needs params in update(grads, state, params)")
-        now = SharingAux(state.centroids, state.indices, None)
+        now = CodebookAux(state.centroids, state.indices, None)
         current = _read_centroids(params, now, state.centroids)
         inner_grads = {"centroids": centroid_gradients(grads, now), "others": split(grads)}
         inner_params = {"centroids": current, "others": split(params)}
@@ -149,7 +151,7 @@ def centroid_finetune(
     return optax.GradientTransformation(init, update)
 
 
-def _read_centroids(params, aux: SharingAux, fallback: dict) -> dict:
+def _read_centroids(params, aux: CodebookAux, fallback: dict) -> dict:
     """The codebooks as the params hold them: the value of each cluster's weights.
 
     All weights of a cluster are equal, so their maximum is that value; a cluster with
@@ -167,8 +169,11 @@ def _read_centroids(params, aux: SharingAux, fallback: dict) -> dict:
     return out
 
 
-def sharing_aux(params, aux: SharingAux) -> SharingAux:
+def codebook_aux(params, aux: CodebookAux) -> CodebookAux:
     """``aux`` with the codebooks that fine-tuned ``params`` hold (params are ``codebook[indices]``).
+
+    The indices and inertia are those of ``aux``; ``errors`` is None (the clustering
+    errors do not describe trained weights).
 
     Raises:
       ValueError: when the weights of a cluster are no longer tied (the params were not
@@ -180,4 +185,4 @@ def sharing_aux(params, aux: SharingAux) -> SharingAux:
         for name, idx in members.items():
             if not np.array_equal(np.asarray(books[g])[np.asarray(idx)], np.asarray(flat[name])):
                 raise ValueError(f"params/{name} is not codebook[indices]: its shared weights are no longer tied")
-    return SharingAux(books, aux.indices, aux.inertia)
+    return CodebookAux(books, aux.indices, aux.inertia, None)

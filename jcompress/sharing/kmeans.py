@@ -30,22 +30,20 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree
+from jcompress.core import base
+from jcompress.core import spec as spec_lib
 
-__all__ = ["INITS", "KMeansResult", "SharingAux", "kmeans_1d", "kmeans_share", "reconstruct"]
+__all__ = ["INITS", "KMeansResult", "kmeans", "kmeans_1d", "reconstruct"]
 
 INITS = ("linear", "density", "random", "kmeans++")
 _MIN_PADDED = 1 << 16  # kmeans_1d pads its input to at least this many entries
-
-KSpec = int | Mapping[str, int] | Callable[[str, Any], int]
 
 
 class KMeansResult(NamedTuple):
@@ -67,25 +65,6 @@ class KMeansResult(NamedTuple):
     history: jax.Array | None
 
 
-class SharingAux(NamedTuple):
-    """What :func:`kmeans_share` did; the grouping is encoded in the dict structure.
-
-    Attributes:
-      codebooks: ``{group: (k + 1,) array}``; entry 0 is the exact zero, entries ``1..k``
-        the sorted centroids, in the dtype of the group's leaves.
-      indices: ``{group: {leaf name: int32 array of the leaf's shape}}`` into the group's
-        codebook; 0 marks an exactly-zero (pruned) weight.
-      inertia: ``{group: scalar}`` within-cluster sum of squares of the nonzero weights.
-
-    A group is named after its leaf when the leaf has its own codebook, ``'shared'`` for
-    ``shared=True``, or after the regex that formed it.
-    """
-
-    codebooks: dict
-    indices: dict
-    inertia: dict
-
-
 def _sortable(v: jax.Array) -> jax.Array:
     """An int32 key with the order of float32 ``v`` (sorting ints is much faster on CPU)."""
     i = jax.lax.bitcast_convert_type(v, jnp.int32)
@@ -103,6 +82,8 @@ def _count(a: jax.Array, q: jax.Array, *, strict: bool) -> jax.Array:
     (it compiles several times faster than ``jnp.searchsorted`` nested in the Lloyd loop).
     """
     n = a.shape[0]
+    if n == 0:  # k = 1: no midpoints, every query is in the one cluster
+        return jnp.zeros(q.shape, jnp.int32)
     top = max(n.bit_length() - 1, 0)
 
     def body(i, pos):
@@ -279,7 +260,7 @@ def kmeans_1d(
       iters: maximum Lloyd iterations (>= 1); stops earlier when the assignment is stable.
       key: PRNG key, required for ``'random'`` and ``'kmeans++'``.
       valid: optional bool array of ``x``'s shape; only these values are clustered (the
-        others get label -1). ``kmeans_share`` passes ``x != 0``.
+        others get label -1). :func:`kmeans` passes ``x != 0``.
       history: also return the inertia after every iteration (``O(n log k)`` each).
 
     Returns:
@@ -295,11 +276,8 @@ def kmeans_1d(
     """
     x = tree.as_float_array(x, "x").reshape(-1).astype(jnp.float32)
     n = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    k = int(k)
-    if not isinstance(iters, (int, np.integer)) or iters < 1:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    k = spec_lib.check_value(k, arg="k", kind=int, lo=1)
+    iters = spec_lib.check_value(iters, arg="iters", kind=int, lo=1)
     explicit = not isinstance(init, str)
     if explicit:
         init_arr = jnp.asarray(init, jnp.float32).reshape(-1)
@@ -337,37 +315,27 @@ def kmeans_1d(
     return res._replace(labels=res.labels[:n])
 
 
-def _k_for(k: KSpec, name: str, leaf) -> int:
-    if callable(k):
-        return int(k(name, leaf))
-    if isinstance(k, Mapping):
-        for pattern, value in k.items():
-            if re.search(pattern, name):
-                return int(value)
-        raise ValueError(f"k: no pattern in {list(k)} matches leaf {name!r}; add one (e.g. '.*': 31)")
-    return k
-
-
 def _groups(names: list[str], shared) -> list[tuple[str, list[str]]]:
+    """``[(group, members)]``: which leaves share a codebook (see :func:`kmeans`'s ``shared``)."""
     if shared is True:
         return [("shared", list(names))]
     if shared is False or shared is None:
         return [(n, [n]) for n in names]
-    patterns = [shared] if isinstance(shared, str) else list(shared)
+    labels = spec_lib.resolve(shared, names, arg="shared", default=None)
     groups: dict[str, list[str]] = {}
     own: list[tuple[str, list[str]]] = []
     for n in names:
-        for p in patterns:
-            regexes = [p] if isinstance(p, str) else list(p)
-            if any(re.search(r, n) for r in regexes):
-                groups.setdefault("|".join(regexes), []).append(n)
-                break
-        else:
+        label = labels[n]
+        if label is None or label is False:
             own.append((n, [n]))
-    for p in patterns:
-        label = p if isinstance(p, str) else "|".join(p)
-        if label not in groups:
-            raise ValueError(f"shared: group {label!r} matches no selected leaf; selected leaves are {names}")
+        elif isinstance(label, str):
+            if label in names and label != n:
+                raise ValueError(f"shared: group name {label!r} is also a leaf name; pick another label")
+            groups.setdefault(label, []).append(n)
+        else:
+            raise TypeError(
+                f"shared: the value for {n!r} is {label!r}; a group is named by a str (None: the leaf's own codebook)"
+            )
     return list(groups.items()) + own
 
 
@@ -376,7 +344,7 @@ def _flatten_group(arrays, *, length, preserve_zeros):
     """A group's leaves as one float32 vector padded to ``length``, and its valid entries.
 
     One compiled function per group shape, instead of a compilation for each of the
-    eager operations it replaces (on CPU those dominated ``kmeans_share`` for models with
+    eager operations it replaces (on CPU those dominated k-means sharing for models with
     many layer shapes).
     """
     flat = jnp.concatenate([a.reshape(-1).astype(jnp.float32) for a in arrays])
@@ -395,82 +363,98 @@ def _unflatten_group(centroids, labels, *, shapes, dtype):
     return codebook, leaf_indices, [codebook[i] for i in leaf_indices]
 
 
-def kmeans_share(
-    params,
+def kmeans(
     *,
-    k: KSpec,
-    include: tree.Selection = None,
-    exclude: tree.Selection = None,
+    k: spec_lib.Spec,
     init: str = "linear",
     iters: int = 300,
-    key: jax.Array | None = None,
-    shared: bool | str | Sequence[str | Sequence[str]] = False,
+    shared: bool | spec_lib.Spec = False,
     preserve_zeros: bool = True,
-):
-    """Replace each selected weight by its k-means centroid (weight sharing).
+) -> base.Transform:
+    """Weight sharing: replace each weight by its k-means centroid (Deep Compression).
 
     Args:
-      params: parameter pytree (dict or NNX State); float leaves.
-      k: centroids per codebook for the nonzero weights: an int, ``{regex: k}`` (first
-        match wins), or ``(name, leaf) -> k``. Leaves sharing a codebook must agree.
-        ``k = 2**b - 1`` gives ``b``-bit indices for a pruned layer (index 0 is the zero).
-      include, exclude: leaf selection (default: Dense and conv kernels).
-      init: see :func:`kmeans_1d`.
+      k: centroids per codebook for the nonzero weights, as a spec (an int, or
+        ``{regex: k}`` / ``[(regex, k)]``, first match wins). Leaves sharing a codebook
+        must agree. ``k = 2**b - 1`` gives ``b``-bit indices for a pruned layer (index 0 is
+        the zero). ``k`` larger than a group's distinct nonzero values is refused.
+      init: ``'linear'`` (the paper's best), ``'density'``, ``'random'`` or ``'kmeans++'``
+        (the last two need ``key`` at call time; group ``i`` uses ``fold_in(key, i)``).
       iters: maximum Lloyd iterations.
-      key: PRNG key for ``'random'``/``'kmeans++'`` (folded with the group number).
-      shared: ``False``: one codebook per leaf; ``True``: one for all selected leaves; a
-        list of regexes (or lists of regexes): one codebook per group, leaves matching no
-        group keep their own.
+      shared: ``False``: one codebook per leaf; ``True``: one for all touched leaves; a
+        spec of group names (``{regex: 'group'}``, first match wins): the leaves with the
+        same name share a codebook, leaves that no pattern covers keep their own.
       preserve_zeros: keep exact zeros at zero and out of the clustering (default).
 
     Returns:
-      ``(new_params, SharingAux)``: same structure as ``params``; unselected leaves are
-      returned unchanged; each selected leaf equals ``codebook[indices]`` exactly.
+      a :class:`~jcompress.core.base.Transform`; ``t(params, *, key=None)`` returns
+      ``(new_params, CodebookAux)``. ``new_params`` has the structure of ``params``; each
+      touched leaf (Dense and conv kernels by default, see
+      :func:`jcompress.core.base.masked`) equals ``codebooks[g][indices[g][name]]``
+      exactly, in its own dtype; the other leaves are unchanged. A group is named after
+      its leaf when the leaf has its own codebook, ``'shared'`` for ``shared=True``, or by
+      its label. ``aux.errors[name]`` is ``||W - W_shared||^2 / ||W||^2``.
 
     Raises:
-      ValueError: selection matching nothing, bad ``k``, a group whose leaves disagree on
-        ``k`` or dtype, NaN weights, ``k`` above the distinct nonzero values of a group.
+      ValueError naming the leaf or group: bad ``k``, a group whose leaves disagree on
+        ``k`` or dtype, NaN weights, ``k`` above the distinct nonzero values of a group;
+        TypeError for integer leaves.
 
     Example:
-      >>> new, aux = kmeans_share(params, k=31, include=r'fc\\d/kernel')
+      >>> new, aux = kmeans(k=31)(params)
       >>> aux.codebooks['fc1/kernel'].shape
       (32,)
+      >>> new, aux = kmeans(k={'conv': 255, 'fc': 31}, shared={r'fc[12]': 'hidden'})(params)
     """
-    tree.check_finite(params)
-    names = tree.selected_names(params, tree.select(params, include, exclude))
-    leaves = dict(tree.named_leaves(params))
-    updates: dict[str, jax.Array] = {}
-    codebooks, indices, inertia = {}, {}, {}
-    plans = []
-    for group, members in _groups(names, shared):
-        arrays = [tree.as_float_array(leaves[m], m) for m in members]
-        ks = {_k_for(k, m, leaves[m]) for m in members}
-        dtypes = {a.dtype for a in arrays}
-        if len(ks) != 1:
-            raise ValueError(f"leaves {members} share codebook {group!r} but get different k {sorted(ks)}")
-        if len(dtypes) != 1:
-            raise ValueError(f"leaves {members} share codebook {group!r} but have dtypes {sorted(map(str, dtypes))}")
-        plans.append((group, members, arrays, ks.pop(), dtypes.pop()))
-    # Every group is padded (with invalid entries) to the longest one, so that all groups
-    # with the same k run the same compiled k-means.
-    length = max(sum(a.size for a in arrays) for _, _, arrays, _, _ in plans)
-    for gi, (group, members, arrays, kg, dtype) in enumerate(plans):
-        flat, valid = _flatten_group(arrays, length=length, preserve_zeros=preserve_zeros)
-        gkey = None if key is None else jax.random.fold_in(key, gi)
-        try:
-            res = kmeans_1d(flat, k=kg, init=init, iters=iters, key=gkey, valid=valid)
-        except ValueError as e:
-            raise ValueError(f"k-means of {group!r}: {e}") from None
-        codebook, leaf_indices, leaf_values = _unflatten_group(
-            res.centroids, res.labels, shapes=tuple(a.shape for a in arrays), dtype=jnp.dtype(dtype)
-        )
-        codebooks[group], inertia[group] = codebook, res.inertia
-        indices[group] = dict(zip(members, leaf_indices))
-        updates.update(zip(members, leaf_values))
-    return tree.set_by_name(params, updates), SharingAux(codebooks, indices, inertia)
+    if init not in INITS:
+        raise ValueError(f"init={init!r} must be one of {INITS}")
+    iters = spec_lib.check_value(iters, arg="iters", kind=int, lo=1)
+    if not spec_lib.is_pairs(k):
+        spec_lib.check_value(k, arg="k", kind=int, lo=1)
+
+    def apply(params, names, key):
+        if init in ("random", "kmeans++"):
+            key = base.require_key(key, what=f"kmeans(init={init!r})")
+        ks = spec_lib.resolve(k, names, arg="k")
+        leaves = dict(tree.named_leaves(params))
+        tree.check_finite({n: leaves[n] for n in names})
+        plans = []
+        for group, members in _groups(list(names), shared):
+            arrays = [tree.as_float_array(leaves[m], m) for m in members]
+            group_k = {spec_lib.check_value(ks[m], arg=f"k for {m!r}", kind=int, lo=1) for m in members}
+            dtypes = {a.dtype for a in arrays}
+            if len(group_k) != 1:
+                raise ValueError(f"leaves {members} share codebook {group!r} but get different k {sorted(group_k)}")
+            if len(dtypes) != 1:
+                raise ValueError(
+                    f"leaves {members} share codebook {group!r} but have dtypes {sorted(map(str, dtypes))}"
+                )
+            plans.append((group, members, arrays, group_k.pop(), dtypes.pop()))
+        # Every group is padded (with invalid entries) to the longest one, so that all groups
+        # with the same k run the same compiled k-means.
+        length = max(sum(a.size for a in arrays) for _, _, arrays, _, _ in plans)
+        codebooks, indices, inertia, errors, updates = {}, {}, {}, {}, {}
+        for gi, (group, members, arrays, kg, dtype) in enumerate(plans):
+            flat, valid = _flatten_group(arrays, length=length, preserve_zeros=preserve_zeros)
+            gkey = None if key is None else jax.random.fold_in(key, gi)
+            try:
+                res = kmeans_1d(flat, k=kg, init=init, iters=iters, key=gkey, valid=valid)
+            except ValueError as e:
+                raise ValueError(f"k-means of {group!r}: {e}") from None
+            codebook, leaf_indices, leaf_values = _unflatten_group(
+                res.centroids, res.labels, shapes=tuple(a.shape for a in arrays), dtype=jnp.dtype(dtype)
+            )
+            codebooks[group], inertia[group] = codebook, res.inertia
+            indices[group] = dict(zip(members, leaf_indices))
+            for m, a, v in zip(members, arrays, leaf_values):
+                updates[m] = v
+                errors[m] = base.relative_error(a, v)
+        return tree.set_by_name(params, updates), base.CodebookAux(codebooks, indices, inertia, errors)
+
+    return base.Transform(apply, "kmeans")
 
 
-def reconstruct(params, aux: SharingAux):
+def reconstruct(params, aux: base.CodebookAux):
     """``params`` with every shared leaf set to ``codebook[indices]`` (others unchanged)."""
     updates = {m: aux.codebooks[g][i] for g, members in aux.indices.items() for m, i in members.items()}
     return tree.set_by_name(params, updates)

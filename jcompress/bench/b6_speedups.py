@@ -8,13 +8,13 @@ interleaved rounds of ``report.measure_latency``, a median of 10 calls after war
 quick mode: 2 rounds of 5 calls):
 
 * ``B6 hard pruning 50% hidden neurons``: dense latency / latency of the model from
-  :func:`jcompress.pruning.surgery.hard_prune` after removing the half of ``fc1`` and
+  :func:`jcompress.nnx.surgery.hard_prune` after removing the half of ``fc1`` and
   ``fc2`` neurons with the smallest L2 norm (about 3.4x fewer FLOPs); target ``>= 1.8``.
-  Detail: FLOP ratio (``report.layer_flops``), parameter ratio, ratio of the saved
+  Detail: FLOP ratio (``surgery.forward_flops``), parameter ratio, ratio of the saved
   ``checkpoint.save_model`` directories' sizes, and the largest difference between the
   small model's logits and the masked dense model's (must be float32 rounding).
-* ``B6 SVD rank 1/8``: dense latency / latency of ``jcompress.lowrank.factorize_dense``
-  with ``rank_fraction=1/8`` on the hidden layers ``fc1`` and ``fc2`` (the 10-way output
+* ``B6 SVD rank 1/8``: dense latency / latency of ``jcompress.nnx.factorize.factorize``
+  with rank ``min(in, out) / 8`` on the hidden layers ``fc1`` and ``fc2`` (the 10-way output
   layer is left dense); target ``>= 3``. Detail as above, plus the relative logit error
   (SVD truncation is lossy, so it is reported, not required to be small).
 """
@@ -47,11 +47,11 @@ def _forward(model):
     return jax.jit(lambda p, e, x: fn.apply(p, e, x)[0]), fn
 
 
-def _saved_bytes(directory: Path, config: dict, model) -> int:
+def _saved_bytes(directory: Path, config: dict, model, meta: dict | None = None) -> int:
     from jcompress import checkpoint, models, report
 
     fn = models.functional(model)
-    checkpoint.save_model(directory, config, fn.params, fn.extra)
+    checkpoint.save_model(directory, config, fn.params, fn.extra, meta=meta)
     return report.dir_size(directory)
 
 
@@ -60,10 +60,12 @@ def run(quick: bool) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from jcompress import models, report
+    from jcompress import models
     from jcompress import tree as jtree
+    from jcompress.core.base import masked
+    from jcompress.core.patterns import Units
+    from jcompress.nnx import factorize, surgery
     from jcompress.pruning import masks as masks_lib
-    from jcompress.pruning import scores, surgery
 
     width = 1024 if quick else 4096
     config = {"name": "mlp", "input_shape": [784], "num_classes": 10, "widths": [width, width], "seed": 0}
@@ -72,30 +74,24 @@ def run(quick: bool) -> list[dict]:
     dense_fwd, dense_fn = _forward(dense)
 
     hidden = r"^fc[12]/kernel$"
-    masks = masks_lib.make_masks(
-        scores.magnitude(dense_fn.params), sparsity=0.5, selection=hidden, pattern="structured", norm="l2"
-    )
-    small = surgery.hard_prune(dense, masks, config=config)
-    small_fwd, small_fn = _forward(small.model)
+    _, mask_aux = masked(masks_lib.magnitude(sparsity=0.5, pattern=Units(norm="l2")), hidden)(dense_fn.params)
+    masks = mask_aux.masks
+    small, units = surgery.hard_prune(masks, input_shape=(784,))(dense)
+    small_fwd, small_fn = _forward(small)
     forwards = {
         "dense": (dense_fwd, (dense_fn.params, dense_fn.extra, x)),
         "pruned": (small_fwd, (small_fn.params, small_fn.extra, x)),
     }
 
-    lowrank = None
-    try:
-        from jcompress import lowrank
-    except ImportError:
-        pass
-    if lowrank is not None and hasattr(lowrank, "factorize_dense"):
-        factored, svd_aux = lowrank.factorize_dense(dense, rank_fraction=1 / 8, include=[r"^fc[12]$"])
-        svd_fwd, svd_fn = _forward(factored)
-        forwards["svd"] = (svd_fwd, (svd_fn.params, svd_fn.extra, x))
+    ranks = {"fc1": round(min(784, width) / 8), "fc2": round(width / 8)}
+    factored, svd_aux = masked(factorize.factorize(rank=ranks), hidden)(dense)
+    svd_fwd, svd_fn = _forward(factored)
+    forwards["svd"] = (svd_fwd, (svd_fn.params, svd_fn.extra, x))
 
     seconds = _latency(forwards, rounds=2 if quick else 3, repeats=5 if quick else 10)
     flops = {
-        "dense": sum(report.layer_flops(dense, (784,)).values()),
-        "pruned": sum(report.layer_flops(small.model, (784,)).values()),
+        "dense": sum(surgery.forward_flops(dense, (784,)).values()),
+        "pruned": sum(surgery.forward_flops(small, (784,)).values()),
     }
     params = {"dense": jtree.tree_size(dense_fn.params), "pruned": jtree.tree_size(small_fn.params)}
     ref = np.asarray(dense_fwd(masks_lib.apply_masks(dense_fn.params, masks), dense_fn.extra, x))
@@ -104,16 +100,9 @@ def run(quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         size = {
             "dense": _saved_bytes(Path(tmp) / "dense", config, dense),
-            "pruned": _saved_bytes(Path(tmp) / "pruned", small.config, small.model),
+            "pruned": _saved_bytes(Path(tmp) / "pruned", config, small, {"shapes": surgery.leaf_shapes(small)}),
+            "svd": _saved_bytes(Path(tmp) / "svd", config, factored, {"factorize": {"ranks": svd_aux.ranks}}),
         }
-        if "svd" in forwards:
-            lowrank.save(
-                Path(tmp) / "svd",
-                factored,
-                config=config,
-                ranks={k.removesuffix("/kernel"): int(r) for k, r in svd_aux.ranks.items()},
-            )
-            size["svd"] = report.dir_size(Path(tmp) / "svd")
     arch = f"784-{width}-{width}-10, batch 256"
     ratio = seconds["dense"] / seconds["pruned"]
     rows = [
@@ -129,38 +118,27 @@ def run(quick: bool) -> list[dict]:
             "file_size_ratio": size["dense"] / size["pruned"],
             "file_bytes_dense": size["dense"],
             "file_bytes_pruned": size["pruned"],
-            "widths_pruned": small.config["widths"],
+            "widths_pruned": [len(units.kept["fc1"]), len(units.kept["fc2"])],
             "max_abs_logit_diff_vs_masked": diff,
             "max_abs_logit": scale,
         }
     ]
-    if "svd" in forwards:
-        out = np.asarray(svd_fwd(svd_fn.params, svd_fn.extra, x))
-        dense_out = np.asarray(dense_fwd(dense_fn.params, dense_fn.extra, x))
-        svd_ratio = seconds["dense"] / seconds["svd"]
-        svd_flops = sum(report.layer_flops(factored, (784,)).values())
-        rows.append(
-            {
-                "name": f"B6 SVD rank 1/8 on fc1, fc2 ({arch})",
-                "ratio": svd_ratio,
-                "target": ">= 3",
-                "met": bool(svd_ratio >= 3),
-                "seconds_dense": seconds["dense"],
-                "seconds_svd": seconds["svd"],
-                "flops_ratio": flops["dense"] / svd_flops,
-                "params_ratio": params["dense"] / jtree.tree_size(svd_fn.params),
-                "file_size_ratio": size["dense"] / size["svd"],
-                "relative_logit_error": float(np.linalg.norm(out - dense_out) / np.linalg.norm(dense_out)),
-            }
-        )
-    else:
-        rows.append(
-            {
-                "name": f"B6 SVD rank 1/8 ({arch})",
-                "ratio": float("nan"),
-                "target": ">= 3",
-                "met": False,
-                "note": "jcompress.lowrank.factorize_dense is not available",
-            }
-        )
+    out = np.asarray(svd_fwd(svd_fn.params, svd_fn.extra, x))
+    dense_out = np.asarray(dense_fwd(dense_fn.params, dense_fn.extra, x))
+    svd_ratio = seconds["dense"] / seconds["svd"]
+    svd_flops = sum(surgery.forward_flops(factored, (784,)).values())
+    rows.append(
+        {
+            "name": f"B6 SVD rank 1/8 on fc1, fc2 ({arch})",
+            "ratio": svd_ratio,
+            "target": ">= 3",
+            "met": bool(svd_ratio >= 3),
+            "seconds_dense": seconds["dense"],
+            "seconds_svd": seconds["svd"],
+            "flops_ratio": flops["dense"] / svd_flops,
+            "params_ratio": params["dense"] / jtree.tree_size(svd_fn.params),
+            "file_size_ratio": size["dense"] / size["svd"],
+            "relative_logit_error": float(np.linalg.norm(out - dense_out) / np.linalg.norm(dense_out)),
+        }
+    )
     return rows

@@ -709,7 +709,9 @@ def lowrank_candidate(rank_fraction: float, *, lr: float = 1e-3) -> Candidate:
     def build(s: Subject) -> Built:
         import optax
 
-        from jcompress import lowrank, models
+        from jcompress import models
+        from jcompress.core.base import masked
+        from jcompress.nnx import factorize
 
         if s.model is None or s.input_shape is None:
             raise ValueError("low-rank factorisation changes the layers: pass the NNX model and inputs= to advise")
@@ -721,7 +723,8 @@ def lowrank_candidate(rank_fraction: float, *, lr: float = 1e-3) -> Candidate:
         ranks = {n: r for n, r in ranks.items() if r * sum(layers[n]) < layers[n][0] * layers[n][1]}
         if not ranks:
             raise ValueError(f"no hidden Dense layer gets smaller at rank fraction {rank_fraction}")
-        small, aux = lowrank.factorize_dense(s.model, ranks=ranks)
+        kernels = [f"^{n}/kernel$" for n in ranks]
+        small, aux = masked(factorize.factorize(rank=dict(zip(kernels, ranks.values()))), kernels)(s.model)
         fn = models.functional(small)
         apply = lambda p, x: fn.apply(p, fn.extra, x)[0]
         params = _finetune(s, apply, fn.params, optax.adam(lr))
@@ -733,19 +736,19 @@ def lowrank_candidate(rank_fraction: float, *, lr: float = 1e-3) -> Candidate:
 
 
 def structured_candidate(
-    fraction: float, *, config: dict | None = None, lr: float = 1e-3, score_fn: Callable | None = None,
-    label: str = "remove neurons",
+    fraction: float, *, lr: float = 1e-3, score_fn: Callable | None = None, label: str = "remove neurons"
 ) -> Candidate:
     """Structured hard pruning: drop ``fraction`` of the hidden units (surgery), then fine-tune.
 
-    Units of the hidden layers (every removable layer of ``pruning.surgery`` except the
-    output) are ranked by the L2 norm of their kernel column, or by ``score_fn(subject)``
-    (a score tree, e.g. ``scores.unit_scores`` of neuron entropies), and the lowest are
-    removed: the new model is really smaller and faster. Needs the NNX model.
+    Units of the hidden layers (the layers whose units ``nnx.surgery.coupling`` finds
+    removable and that write their units alone, so not the output nor a residual stream)
+    are ranked by the L2 norm of their kernel column, or by ``score_fn(subject)`` (a score
+    tree, e.g. ``scores.unit_scores`` of neuron entropies), and the lowest are removed with
+    their biases and norm entries: the new model is really smaller and faster. Needs the
+    NNX model and inputs.
 
     Args:
       fraction: fraction of the units of each hidden layer removed, in [0, 1).
-      config: the model's ``models.create`` config (inferred for MLPs; required otherwise).
       lr, score_fn, label: fine-tune rate, unit scores, name prefix.
     """
 
@@ -756,14 +759,16 @@ def structured_candidate(
         from jcompress.core.patterns import Units
         from jcompress.pruning import masks as masks_lib
         from jcompress.pruning import scores as scores_lib
-        from jcompress.pruning import surgery
+        from jcompress.nnx import surgery
 
-        if s.model is None:
-            raise ValueError("structured hard pruning builds a smaller model and needs the NNX model; pass it to advise")
-        layers = [r.layer + "/kernel" for r in surgery.removable_layers(s.model)]
+        if s.model is None or s.input_shape is None:
+            raise ValueError("structured hard pruning builds a smaller model: pass the NNX model and inputs= to advise")
+        groups = surgery.coupling(s.model, input_shape=s.input_shape)
+        layers = [g.producers[0] for g in groups if g.reason is None and len(g.producers) == 1]
         scores = scores_lib.magnitude_scores(s.params) if score_fn is None else score_fn(s)
         masks = masks_lib.make_masks(scores, layers, sparsity=fraction, pattern=Units(norm="l2"))
-        small = surgery.hard_prune(s.model, masks, config=config).model
+        masks = surgery.complete_masks(s.model, masks, input_shape=s.input_shape)
+        small, _ = surgery.hard_prune(masks, input_shape=s.input_shape)(s.model)
         fn = models.functional(small)
         apply = lambda p, x: fn.apply(p, fn.extra, x)[0]
         params = _finetune(s, apply, fn.params, optax.adam(lr))

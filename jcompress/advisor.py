@@ -757,9 +757,9 @@ def structured_candidate(
 
         from jcompress import models
         from jcompress.core.patterns import Units
+        from jcompress.nnx import surgery
         from jcompress.pruning import masks as masks_lib
         from jcompress.pruning import scores as scores_lib
-        from jcompress.nnx import surgery
 
         if s.model is None or s.input_shape is None:
             raise ValueError("structured hard pruning builds a smaller model: pass the NNX model and inputs= to advise")

@@ -58,6 +58,7 @@ __all__ = [
     "dequantize",
     "grid_from_range",
     "quantize_leaf",
+    "range_grid",
     "round_codes",
 ]
 
@@ -147,6 +148,18 @@ def grid_from_range(lo: jax.Array, hi: jax.Array, *, bits: int, symmetric: bool)
     scale = (hi - lo) / (qmax - qmin)
     zp = jnp.clip(jnp.round(-lo / _safe(scale)), qmin, qmax).astype(jnp.int32)
     return scale, zp
+
+
+def range_grid(v: jax.Array, *, axis: int, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+    """The min-max grid of ``v`` over ``axis`` (kept as size 1): ``(scale, zero_point)``.
+
+    A symmetric grid needs only ``max |v|`` (one reduction instead of a min and a max,
+    which matters when ``v`` is computed on the fly, e.g. ``where(mask, w, 0)``).
+    """
+    if symmetric:
+        amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+        return grid_from_range(-amax, amax, bits=bits, symmetric=True)
+    return grid_from_range(v.min(axis=axis, keepdims=True), v.max(axis=axis, keepdims=True), bits=bits, symmetric=False)
 
 
 def round_codes(
@@ -267,12 +280,7 @@ def quantize_leaf(
         k = w.size // w.shape[axis] if w.shape[axis] else 0
         group_size = check_group_size(group_size, k, where=f" (the elements per channel of shape {tuple(w.shape)})")
     v = _grouped(w.astype(jnp.float32), axis, group_size)
-    if symmetric:  # one reduction instead of a min and a max
-        amax = jnp.max(jnp.abs(v), axis=1, keepdims=True)
-        lo, hi = -amax, amax
-    else:
-        lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
-    scale, zp = grid_from_range(lo, hi, bits=bits, symmetric=symmetric)
+    scale, zp = range_grid(v, axis=1, bits=bits, symmetric=symmetric)
     codes = round_codes(
         _one_group_2d(v), _one_group_2d(scale), _one_group_2d(zp), bits=bits, symmetric=symmetric,
         rounding=rounding, key=key,

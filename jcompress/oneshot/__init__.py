@@ -1,37 +1,32 @@
-"""One-shot compression from calibration data: OBS/OBC, SparseGPT, Wanda, GPTQ.
+"""One-shot compression from calibration data: OBS, SparseGPT, Wanda, GPTQ.
 
 Each method compresses a trained model's Dense layers without retraining, using only
 ``H = sum x x^T`` of every layer's inputs on a few hundred calibration sequences:
 
-* :mod:`~jcompress.oneshot.calibration`: collect ``H`` per layer (streaming, optionally
-  layer by layer on the already-compressed model) and the shared per-layer driver;
-* :mod:`~jcompress.oneshot.obs`: exact greedy OBS pruning, row by row (small layers);
-* :mod:`~jcompress.oneshot.sparsegpt`: SparseGPT (unstructured, N:M, optional joint
-  quantization);
-* :mod:`~jcompress.oneshot.wanda`: Wanda (``|W| * ||X||``) and the magnitude baseline;
-* :mod:`~jcompress.oneshot.gptq`: GPTQ (2..8 bits, groups, activation order) and the
-  round-to-nearest baseline.
+* :func:`calibrate`: ``{kernel name: LayerStats}`` of a model on calibration inputs;
+  :func:`sequential`: calibrate and compress layer after layer, each on the
+  already-compressed layers before it (the papers' procedure);
+* :func:`sparsegpt`: SparseGPT (unstructured or ``NM(n, m)``, optional joint quantization);
+* :func:`wanda`: Wanda (``|W| * ||X||``, no weight update);
+* :func:`obs`: exact greedy OBS pruning, row by row (small layers);
+* :func:`gptq`: GPTQ (groups, activation order; exact zeros kept).
 
-Every solver is ``solver(params, stats, *, hyperparameters) -> (new_params, aux)`` with
-``aux.errors[name] = ||X K - X K'||^2 / ||X K||^2``.
+Every method is a factory ``method(stats, *, hyperparameters) -> Transform`` whose aux
+(``MaskAux`` or ``GridAux``) reports ``errors[name] = ||X K - X K'||^2 / ||X K||^2`` on
+the calibration data. The solvers share the OBS column loop of
+:mod:`jcompress.core.obs_loop` and the grid of :mod:`jcompress.core.grid`.
 
 Example:
-  >>> from jcompress.oneshot import calibration, sparsegpt
-  >>> stats = calibration.linear_input_stats(model, fwd, batches, token_mask=mask_fn)
-  >>> params, aux = sparsegpt.prune(params, stats, sparsity=0.5)
+  >>> stats = jc.oneshot.calibrate(model, batches)
+  >>> t = jc.chain(jc.oneshot.sparsegpt(stats, sparsity=0.5), jc.oneshot.gptq(stats, bits=4))
+  >>> params, aux = t(nnx.state(model, nnx.Param))
+  >>> jc.export.write('m.jcz', jc.compressed.compress(params, aux))
 """
 
-from jcompress.oneshot import calibration, gptq, obs, sparsegpt, wanda
-from jcompress.oneshot.calibration import LayerStats, linear_input_stats, relative_error, sequential
+from jcompress.oneshot.calibration import LayerStats, calibrate, sequential
+from jcompress.oneshot.gptq import gptq
+from jcompress.oneshot.obs import obs
+from jcompress.oneshot.sparsegpt import sparsegpt
+from jcompress.oneshot.wanda import wanda
 
-__all__ = [
-    "LayerStats",
-    "calibration",
-    "gptq",
-    "linear_input_stats",
-    "obs",
-    "relative_error",
-    "sequential",
-    "sparsegpt",
-    "wanda",
-]
+__all__ = ["LayerStats", "calibrate", "gptq", "obs", "sequential", "sparsegpt", "wanda"]

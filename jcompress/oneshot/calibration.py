@@ -1,41 +1,37 @@
-"""Calibration statistics for one-shot compression: each Dense layer's input second moment.
+"""Calibration statistics for one-shot compression, and the layer-by-layer driver.
 
-One-shot methods (OBS/OBC, SparseGPT, GPTQ, Wanda) compress a layer ``y = x @ K`` (Flax
+One-shot methods (OBS, SparseGPT, GPTQ, Wanda) compress a layer ``y = x @ K`` (Flax
 kernel ``K`` of shape ``(in, out)``) so that its outputs on calibration data change as
 little as possible. All they need from the data is
 
     H = sum over calibration tokens of x x^T        (in, in), float32
 
-and the token count. :func:`linear_input_stats` streams batches through a model and adds
-up ``H`` for every selected ``nnx.Linear``; activations are never kept, only one
-``(in, in)`` matrix per selected layer.
+and the token count. :func:`calibrate` streams batches through a model and adds up ``H``
+for every ``nnx.Linear`` (through the layer hook :mod:`jcompress.nnx.hooks`, under
+``jax.jit``: only the sums leave the compiled function, so activations are never kept
+and XLA drops the part of the network after the last calibrated layer). Statistics are
+keyed by kernel leaf name (``layers/0/query/kernel``), the names every transform uses.
 
-How inputs are captured: while the forward pass is traced under ``jax.jit``,
-``nnx.Linear.__call__`` is temporarily wrapped so that each call of a selected layer adds
-``x^T x`` (over the tokens that ``token_mask`` marks as real, so padding never counts)
-to an output of the jitted function, keyed by the kernel's name (``layers/0/query/kernel``).
-Because only those sums leave the function, XLA drops the part of the network after the
-last selected layer.
+:func:`sequential` runs the calibrate -> compress loop as SparseGPT and GPTQ do: the
+layers are compressed group by group (one layer each by default, in the order the
+forward pass calls them; for a transformer, one block at a time with
+:func:`jcompress.models.bert.layer_groups`) and each group is calibrated on the outputs
+of the already-compressed groups before it, so later layers correct earlier layers' errors.
 
-:func:`sequential` runs the calibrate -> compress loop as SparseGPT and GPTQ do: the layers
-are compressed group by group (for a transformer, one block at a time, see
-:func:`jcompress.models.bert.layer_groups`) and each group is calibrated on the outputs of
-the already-compressed groups before it, so later layers correct earlier layers' errors.
-
-:func:`relative_error` is the per-layer figure every solver reports:
-``||X K - X K'||^2 / ||X K||^2 = tr(dK^T H dK) / tr(K^T H K)``.
+:func:`layer_transform` is how every one-shot factory becomes a transform: it validates
+the statistics, runs a per-layer solver on the calibrated kernels and reports
+``errors[name] = ||X K - X K'||^2 / ||X K||^2 = tr(dK^T H dK) / tr(K^T H K)``.
 
 Example:
-  >>> fwd = lambda m, batch: m(batch[0], batch[1])
-  >>> stats = linear_input_stats(model, fwd, batches, token_mask=lambda b: b[1])
+  >>> stats = jc.oneshot.calibrate(model, batches, forward=lambda m, b: m(b[0], b[1]), token_mask=lambda b: b[1])
   >>> stats['layers/0/query/kernel'].h.shape
   (384, 384)
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -43,16 +39,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jcompress import tree
+from jcompress.core import base
+from jcompress.nnx import hooks
 
-__all__ = [
-    "LayerStats",
-    "SequentialAux",
-    "layer_items",
-    "linear_input_stats",
-    "map_layers",
-    "relative_error",
-    "sequential",
-]
+__all__ = ["LayerStats", "calibrate", "layer_transform", "linear_kernels", "mask_tree", "merge_auxes", "sequential"]
 
 
 class LayerStats(NamedTuple):
@@ -68,114 +58,111 @@ class LayerStats(NamedTuple):
     count: jax.Array
 
 
-class SequentialAux(NamedTuple):
-    """What :func:`sequential` returns besides the compressed model.
-
-    Attributes:
-      errors: ``{kernel name: relative output error}`` over all groups, measured on
-        each layer's own calibration inputs.
-      steps: the solver's aux for each group, in order.
-    """
-
-    errors: dict
-    steps: list
+def linear_kernels(model: nnx.Module) -> dict[str, str]:
+    """``{kernel leaf name: layer name}`` of every ``nnx.Linear`` of ``model``, in graph order."""
+    return {f"{n}/kernel": n for n, m in hooks.layers(model).items() if isinstance(m, nnx.Linear)}
 
 
-@contextlib.contextmanager
-def _capture_linear_inputs(model: nnx.Module, wanted: set[str], weights: jax.Array | None, sink: dict):
-    """Within the block, calls of the selected ``nnx.Linear`` layers add x^T x to ``sink``."""
-    names = {id(node): "/".join(str(p) for p in path) + "/kernel" for path, node in nnx.iter_graph(model)}
-    original = nnx.Linear.__call__
-
-    def call(self, x, *args, **kwargs):
-        name = names.get(id(self))
-        if name in wanted:
-            x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-            if weights is None:
-                w = jnp.ones((x2.shape[0],), jnp.float32)
-            else:
-                if weights.size != x2.shape[0]:
-                    raise ValueError(
-                        f"token_mask has {weights.size} entries but {name} sees inputs of shape {x.shape}; "
-                        "the mask must cover every leading position of each Linear's input"
-                    )
-                w = weights.reshape(-1).astype(jnp.float32)
-            h = (x2 * w[:, None]).T @ x2
-            prev = sink.get(name)
-            sink[name] = LayerStats(h, w.sum()) if prev is None else LayerStats(prev.h + h, prev.count + w.sum())
-        return original(self, x, *args, **kwargs)
-
-    nnx.Linear.__call__ = call
-    try:
-        yield
-    finally:
-        nnx.Linear.__call__ = original
-
-
-def _selected_kernels(model: nnx.Module, include, exclude) -> list[str]:
-    params = nnx.state(model, nnx.Param)
-    linear = {
-        "/".join(str(p) for p in path) + "/kernel"
-        for path, node in nnx.iter_graph(model)
-        if isinstance(node, nnx.Linear)
-    }
-    selected = tree.selected_names(params, tree.select(params, include, exclude))
-    leaves = dict(tree.named_leaves(params))
-    not_linear = [n for n in selected if n not in linear and tree.default_selection(n, leaves[n])]
-    if not_linear:
+def _check_names(model: nnx.Module, names) -> list[str]:
+    kernels = linear_kernels(model)
+    if names is None:
+        if not kernels:
+            raise ValueError("the model has no nnx.Linear layer; one-shot calibration captures Dense inputs")
+        return list(kernels)
+    names = list(names)
+    bad = [n for n in names if n not in kernels]
+    if bad:
         raise ValueError(
-            f"selection picks {not_linear[:5]}, which are not kernels of nnx.Linear layers; one-shot "
-            "calibration captures Dense inputs only. Narrow include= or add these to exclude=."
+            f"names {bad[:5]} are not kernels of nnx.Linear layers; one-shot calibration captures Dense inputs. "
+            f"The Linear kernels are {list(kernels)[:8]}"
         )
-    chosen = [n for n in selected if n in linear]  # biases and norms in the selection are ignored
-    if not chosen:
-        raise ValueError(
-            f"include={include!r} exclude={exclude!r} selects no nnx.Linear kernel; they are {sorted(linear)[:8]}"
-        )
-    return chosen
+    if not names:
+        raise ValueError("names is empty; give the kernels to calibrate or None for all nnx.Linear kernels")
+    return names
 
 
-def linear_input_stats(
+def _as_batches(inputs) -> list:
+    if hasattr(inputs, "shape"):
+        return [inputs]
+    return list(inputs)
+
+
+def _default_forward(model, batch):
+    return model(batch)
+
+
+def calibrate(
     model: nnx.Module,
-    forward: Callable[[nnx.Module, Any], Any],
-    batches: Iterable[Any],
+    inputs,
     *,
-    include: tree.Selection = None,
-    exclude: tree.Selection = None,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
     token_mask: Callable[[Any], jax.Array] | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, LayerStats]:
-    """Sum ``x x^T`` over calibration data for every selected ``nnx.Linear``.
+    """Sum ``x x^T`` over calibration data for the ``nnx.Linear`` kernels of ``model``.
 
     Args:
       model: the NNX model (not modified).
+      inputs: one input array (one batch), or a list (any iterable) of batches; a batch
+        is whatever ``forward`` takes.
       forward: ``forward(model, batch)`` runs the model on one batch (its result is
-        ignored); it is traced with ``jax.jit``.
-      batches: an iterable of batches (any pytrees of arrays).
-      include: which kernels to calibrate (regexes over names such as
-        ``layers/0/query/kernel``, a predicate, or ``None`` for all Dense/conv kernels);
-        every selected leaf must be the kernel of an ``nnx.Linear`` that ``forward`` calls.
-      exclude: kernels to leave out (wins over ``include``).
+        ignored; traced with ``jax.jit``); default ``model(batch)``.
       token_mask: ``token_mask(batch)`` gives, for every leading position of the Linear
         inputs (``(batch, seq)`` for a transformer), 1 for tokens to count and 0 for
         padding; ``None`` counts every position.
+      names: the kernel leaf names to calibrate (default: every ``nnx.Linear`` kernel).
 
     Returns:
-      ``{kernel name: LayerStats(h (in, in) float32, count)}``.
+      ``{kernel name: LayerStats(h (in, in) float32, count)}`` in ``names`` order.
 
     Raises:
-      ValueError: empty ``batches``, a selection that is not Linear kernels, or a selected
-        layer that ``forward`` never calls.
+      ValueError: empty inputs; names that are not Linear kernels; a layer ``forward``
+        never calls; inputs whose width does not fit a layer (naming the layer); a layer
+        that saw no token (every position masked out).
+
+    Example:
+      >>> stats = calibrate(model, [x[:256], x[256:512]])
+      >>> stats['fc1/kernel'].count
+      Array(512., dtype=float32)
     """
-    wanted = _selected_kernels(model, include, exclude)
+    wanted = _check_names(model, names)
+    batches = _as_batches(inputs)
+    if not batches:
+        raise ValueError("inputs is empty; pass at least one calibration batch")
+    forward = _default_forward if forward is None else forward
     graphdef, state = nnx.split(model)
-    wanted_set = set(wanted)
+    kernels = linear_kernels(model)
+    layer_names = [kernels[n] for n in wanted]
 
     @jax.jit
     def batch_stats(state, batch):
         m = nnx.merge(graphdef, state)
-        sink: dict = {}
+        widths = {n: layer.in_features for n, layer in hooks.layers(m).items()}
         weights = None if token_mask is None else jnp.asarray(token_mask(batch))
-        with _capture_linear_inputs(m, wanted_set, weights, sink):
+        sink: dict = {}
+
+        def add(name, x, op):
+            if x.shape[-1] != widths[name]:
+                raise ValueError(
+                    f"layer {name} gets calibration inputs of width {x.shape[-1]} (shape {tuple(x.shape)}) but its kernel "
+                    f"takes {widths[name]} inputs; check the shape of the calibration inputs and forward="
+                )
+            x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            if weights is None:
+                w = jnp.ones((x2.shape[0],), jnp.float32)
+            elif weights.size != x2.shape[0]:
+                raise ValueError(
+                    f"token_mask has {weights.size} entries but layer {name} sees inputs of shape {x.shape}; "
+                    "the mask must cover every leading position of each Linear's input"
+                )
+            else:
+                w = weights.reshape(-1).astype(jnp.float32)
+            h = (x2 * w[:, None]).T @ x2
+            prev = sink.get(name)
+            sink[name] = LayerStats(h, w.sum()) if prev is None else LayerStats(prev.h + h, prev.count + w.sum())
+            return op(x)
+
+        with hooks.intercept(m, add, names=layer_names):
             forward(m, batch)
         return sink
 
@@ -183,157 +170,211 @@ def linear_input_stats(
     for batch in batches:
         got = batch_stats(state, batch)
         total = got if total is None else jax.tree.map(jnp.add, total, got)
-    if total is None:
-        raise ValueError("batches is empty; pass at least one calibration batch")
-    missing = [n for n in wanted if n not in total]
+    missing = [n for n in wanted if kernels[n] not in total]
     if missing:
-        raise ValueError(f"forward never called the Linear layers {missing[:5]}; check forward= or include=")
-    return {n: total[n] for n in wanted}
+        raise ValueError(f"forward never called the Linear layers of {missing[:5]}; check forward= or names=")
+    stats = {n: total[kernels[n]] for n in wanted}
+    empty = [n for n, s in stats.items() if float(s.count) == 0]
+    if empty:
+        raise ValueError(f"no calibration token reached {empty[:5]} (token_mask is 0 everywhere); check token_mask")
+    return stats
 
 
-def relative_error(kernel: jax.Array, new_kernel: jax.Array, h: jax.Array) -> jax.Array:
-    """``||X K - X K'||^2 / ||X K||^2`` from ``H = X^T X``; kernels ``(in, out)``, float32 scalar."""
-    k = kernel.astype(jnp.float32)
-    d = new_kernel.astype(jnp.float32) - k
-    num = jnp.sum(d * (h @ d))
-    den = jnp.sum(k * (h @ k))
-    return num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)
+# ----------------------------------------------------------------------------------------
+# From a per-layer solver to a transform
+# ----------------------------------------------------------------------------------------
 
 
-def layer_items(
-    params: tree.PyTree, stats: dict, include: tree.Selection = None
-) -> list[tuple[str, jax.Array, jax.Array]]:
-    """``[(name, kernel, h)]`` for the leaves a solver compresses, after validating them.
-
-    The layers are those named in ``stats``, narrowed by ``include`` when given.
-
-    Raises:
-      KeyError: a name in ``stats`` is not a leaf of ``params``.
-      ValueError: empty stats, a kernel that is not 2-D, an ``h`` whose shape is not
-        ``(in, in)``, non-finite values, or ``include`` matching none of the layers.
-      TypeError: integer kernels or statistics.
-    """
-    if not stats:
-        raise ValueError("stats is empty; compute it with linear_input_stats(...)")
-    leaves = dict(tree.named_leaves(params))
-    missing = [n for n in stats if n not in leaves]
-    if missing:
-        raise KeyError(f"stats names {missing[:5]} are not leaves of params (leaves: {list(leaves)[:8]} ...)")
-    names = list(stats)
-    if include is not None:
-        picked = set(tree.selected_names(params, include))
-        names = [n for n in names if n in picked]
-        if not names:
-            raise ValueError(f"include={include!r} matches none of the calibrated layers {list(stats)[:6]}")
-    items = []
-    for name in names:
-        kernel = tree.as_float_array(leaves[name], f"params/{name}")
-        h = stats[name].h if isinstance(stats[name], LayerStats) else stats[name]
+def _check_stats(stats: dict) -> dict[str, jax.Array]:
+    """``{name: h}`` from ``{name: LayerStats or (in, in) array}``; refuses empty or zero-token statistics."""
+    if not isinstance(stats, dict) or not stats:
+        raise ValueError("stats is empty; compute it with jc.oneshot.calibrate(model, inputs)")
+    out = {}
+    for name, s in stats.items():
+        h = s.h if isinstance(s, LayerStats) else s
         h = tree.as_float_array(h, f"stats/{name}")
-        if kernel.ndim != 2:
+        if h.ndim != 2 or h.shape[0] != h.shape[1]:
+            raise ValueError(f"stats/{name} has shape {h.shape}; it must be a square (in, in) matrix")
+        if isinstance(s, LayerStats) and not isinstance(s.count, jax.core.Tracer) and float(s.count) <= 0:
             raise ValueError(
-                f"params/{name} has shape {kernel.shape}; one-shot solvers need a 2-D Dense kernel (in, out)"
+                f"stats/{name} counts {float(s.count)} calibration tokens; calibrate on inputs with at least one "
+                "real token (check token_mask)"
             )
-        if h.shape != (kernel.shape[0],) * 2:
-            raise ValueError(
-                f"stats/{name} has shape {h.shape} but the kernel {kernel.shape} needs ({kernel.shape[0]}, {kernel.shape[0]})"
-            )
-        tree.check_finite({name: kernel}, "params")
         tree.check_finite({name: h}, "stats")
-        items.append((name, kernel, h))
-    return items
+        if not isinstance(h, jax.core.Tracer) and not bool(jnp.any(h != 0)):
+            raise ValueError(f"stats/{name} is all zero (no calibration input reached the layer); recalibrate")
+        out[name] = h
+    return out
 
 
-def map_layers(
-    params: tree.PyTree,
-    stats: dict | None,
-    include: tree.Selection,
-    fn: Callable[[str, jax.Array, jax.Array | None], tuple[jax.Array, dict]],
-) -> tuple[tree.PyTree, dict[str, dict]]:
-    """Apply ``fn(name, kernel, h) -> (new_kernel, extras)`` to each layer a solver compresses.
+def layer_transform(
+    stats: dict,
+    solve: Callable[[str, jax.Array, jax.Array], tuple[jax.Array, dict]],
+    make_aux: Callable[[Any, dict, dict], Any],
+    *,
+    name: str,
+) -> base.Transform:
+    """A transform running ``solve(name, kernel, h) -> (new_kernel, extras)`` on the calibrated kernels.
 
-    With ``stats``, the layers are those of :func:`layer_items` and ``extras['error']`` is
-    added (:func:`relative_error` against the undamped ``h``). Without stats (data-free
-    baselines such as magnitude pruning and round-to-nearest), the layers are the 2-D
-    kernels that ``include`` selects and ``fn`` gets ``h=None``.
+    Args:
+      stats: ``{kernel name: LayerStats}`` (or ``{name: H}``); the transform's leaves are
+        these names (narrowed by :func:`jcompress.core.base.masked`).
+      solve: the per-layer solver; ``kernel`` is the 2-D float kernel ``(in, out)``,
+        ``h`` its ``(in, in)`` statistic. ``new_kernel`` is cast to the kernel's dtype.
+      make_aux: ``make_aux(params, extras, errors) -> aux`` with ``extras = {name: extras}``
+        and ``errors = {name: relative output error}`` (:func:`jcompress.core.base.relative_error`).
+      name: the transform's label.
 
-    Returns the params with those kernels replaced (same structure and dtypes; other leaves
-    untouched) and ``{name: extras}``.
+    Returns:
+      a :class:`~jcompress.core.base.Transform`.
     """
-    if stats is None:
-        items = []
-        for name, kernel in tree.iter_selected(params, include):
-            kernel = tree.as_float_array(kernel, f"params/{name}")
+    hs = _check_stats(stats)
+
+    def leaves(params):
+        present = {n for n, _ in tree.named_leaves(params)}
+        missing = [n for n in hs if n not in present]
+        if missing:
+            raise ValueError(f"stats names {missing[:5]} are not leaves of params (leaves: {sorted(present)[:8]} ...)")
+        return list(hs)
+
+    def apply(params, names, key):
+        leaves_by_name = dict(tree.named_leaves(params))
+        updates, extras, errors = {}, {}, {}
+        for n in names:
+            if n not in hs:
+                raise ValueError(f"{name}: no calibration statistics for {n}; calibrate it (jc.oneshot.calibrate) or leave it out")
+            kernel = tree.as_float_array(leaves_by_name[n], f"params/{n}")
+            h = hs[n]
             if kernel.ndim != 2:
+                raise ValueError(f"params/{n} has shape {kernel.shape}; one-shot solvers need a 2-D Dense kernel (in, out)")
+            if h.shape != (kernel.shape[0],) * 2:
                 raise ValueError(
-                    f"params/{name} has shape {kernel.shape}; only 2-D Dense kernels (in, out) are handled"
+                    f"stats/{n} has shape {h.shape} but the kernel {kernel.shape} needs ({kernel.shape[0]}, {kernel.shape[0]})"
                 )
-            tree.check_finite({name: kernel}, "params")
-            items.append((name, kernel, None))
-    else:
-        items = layer_items(params, stats, include)
-    updates, extras = {}, {}
-    for name, kernel, h in items:
-        new_kernel, extra = fn(name, kernel, h)
-        updates[name] = new_kernel.astype(kernel.dtype)
-        extras[name] = extra if h is None else {**extra, "error": relative_error(kernel, new_kernel, h)}
-    return tree.set_by_name(params, updates), extras
+            tree.check_finite({n: kernel}, "params")
+            new_kernel, extras[n] = solve(n, kernel, h)
+            errors[n] = base.relative_error(kernel, new_kernel, h)
+            updates[n] = new_kernel.astype(kernel.dtype)
+        new_params = tree.set_by_name(params, updates)
+        return new_params, make_aux(new_params, extras, errors)
+
+    return base.Transform(apply, name, leaves=leaves)
+
+
+def mask_tree(params, masks: dict) -> Any:
+    """The params-shaped bool tree: ``masks[name]`` where given, all True elsewhere."""
+    return tree.map_with_names(lambda n, x: masks[n] if n in masks else jnp.ones(jnp.shape(x), bool), params)
+
+
+# ----------------------------------------------------------------------------------------
+# Sequential (layer by layer) calibration
+# ----------------------------------------------------------------------------------------
+
+
+def merge_auxes(auxes: Sequence[Any]) -> Any:
+    """One aux from the auxes of the groups of :func:`sequential` (same type, disjoint layers).
+
+    Masks are combined with AND (each group's masks are all True outside its layers),
+    grids and errors are united; a :class:`ChainAux` is merged stage by stage.
+    """
+    first = auxes[0]
+    if isinstance(first, base.ChainAux):
+        return base.ChainAux(first.names, tuple(merge_auxes([a.auxes[i] for a in auxes]) for i in range(len(first))))
+    errors = None if first.errors is None else {n: e for a in auxes for n, e in a.errors.items()}
+    if isinstance(first, base.MaskAux):
+        masks = jax.tree.map(lambda *m: jnp.logical_and.reduce(jnp.stack(m)), *[a.masks for a in auxes])
+        return base.MaskAux(masks, None, errors)
+    if isinstance(first, base.GridAux):
+        return base.GridAux({n: g for a in auxes for n, g in a.grids.items()}, errors)
+    raise TypeError(f"sequential merges MaskAux, GridAux and ChainAux of them; the transform returned {type(first).__name__}")
+
+
+def _call_order(model: nnx.Module, batch, forward, layer_names: list[str]) -> list[str]:
+    """The layers of ``layer_names`` in the order ``forward`` calls them (traced once, not run)."""
+    order: list[str] = []
+
+    def note(name, x, op):
+        if name not in order:
+            order.append(name)
+        return op(x)
+
+    graphdef, state = nnx.split(model)
+
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        with hooks.intercept(m, note, names=layer_names):
+            forward(m, batch)
+        return 0
+
+    jax.eval_shape(run, state)
+    return order
 
 
 def sequential(
     model: nnx.Module,
-    forward: Callable[[nnx.Module, Any], Any],
-    batches: Sequence[Any],
+    inputs,
+    make_transform: Callable[[dict], Any],
     *,
-    solver: Callable[[dict, dict], tuple[dict, Any]],
-    groups: Sequence[str],
-    include: tree.Selection = None,
-    exclude: tree.Selection = None,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
     token_mask: Callable[[Any], jax.Array] | None = None,
-) -> tuple[nnx.Module, SequentialAux]:
+    names: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
+    key: jax.Array | None = None,
+) -> tuple[nnx.Module, Any]:
     """Calibrate and compress group after group, each on the already-compressed model.
 
     Args:
       model: the NNX model (not modified; a new one is returned).
-      forward, token_mask: as in :func:`linear_input_stats`.
-      batches: a sequence (it is read once per group).
-      solver: ``solver(params, stats) -> (params, aux)`` on the model's params as a pure
-        dict, compressing the layers named in ``stats`` (for example
-        ``functools.partial(sparsegpt.prune, sparsity=0.5)``); ``aux.errors`` must map
-        names to errors.
-      groups: regexes over kernel names, in network order; group ``g`` holds the selected
-        kernels that match ``groups[g]`` and no earlier group (for BERT,
-        ``bert.layer_groups(cfg)``: one transformer layer each).
-      include, exclude: the kernels to compress.
+      inputs, forward, token_mask: as in :func:`calibrate` (inputs are read once per group).
+      make_transform: ``stats -> transform``, called with each group's statistics, e.g.
+        ``lambda stats: jc.oneshot.sparsegpt(stats, sparsity=0.5)`` (or a :func:`chain` of
+        one-shot transforms on the same statistics).
+      names: the kernels to compress (default: every ``nnx.Linear`` kernel).
+      groups: regexes over kernel names, in network order; group ``g`` holds the kernels
+        that match ``groups[g]`` and no earlier group (for BERT, ``bert.layer_groups(cfg)``:
+        one transformer layer each). Default: one kernel per group, in the order the
+        forward pass calls the layers.
+      key: split into one key per group for the transforms.
 
     Returns:
-      ``(compressed model, SequentialAux)``.
-    """
-    import re
+      ``(compressed model, aux)``: the groups' auxes merged (:func:`merge_auxes`), so
+      ``errors`` covers every kernel, measured on its own calibration inputs.
 
-    if isinstance(batches, Iterable) and not isinstance(batches, Sequence):
-        raise TypeError("batches must be a sequence (list/tuple); sequential() reads it once per group")
-    chosen = _selected_kernels(model, include, exclude)
-    patterns = [re.compile(g) for g in groups]
-    remaining = list(chosen)
+    Example:
+      >>> model4, aux = sequential(model, batches, lambda s: jc.oneshot.gptq(s, bits=4))
+    """
+    wanted = _check_names(model, names)
+    batches = _as_batches(inputs)
+    if not batches:
+        raise ValueError("inputs is empty; pass at least one calibration batch")
+    fwd = _default_forward if forward is None else forward
+    if groups is None:
+        kernels = linear_kernels(model)
+        order = _call_order(model, batches[0], fwd, [kernels[n] for n in wanted])
+        layer_to_kernel = {kernels[n]: n for n in wanted}
+        members = [[layer_to_kernel[layer]] for layer in order]
+        called = {n for g in members for n in g}
+        remaining = [n for n in wanted if n not in called]
+        if remaining:
+            raise ValueError(f"forward never called the Linear layers of {remaining[:5]}; check forward= or names=")
+    else:
+        remaining = list(wanted)
+        members = []
+        for g in groups:
+            pat = re.compile(g)
+            picked = [n for n in remaining if pat.search(n)]
+            if picked:
+                members.append(picked)
+                remaining = [n for n in remaining if n not in picked]
+        if remaining:
+            raise ValueError(f"kernels {remaining[:5]} match no entry of groups={list(groups)[:4]}...; add a group for them")
+    keys = [None] * len(members) if key is None else list(jax.random.split(key, len(members)))
     work = nnx.clone(model)  # the caller's model keeps its weights
-    errors: dict = {}
-    steps = []
-    for pat in patterns:
-        members = [n for n in remaining if pat.search(n)]
-        if not members:
-            continue
-        remaining = [n for n in remaining if n not in members]
-        picked = set(members)
-        stats = linear_input_stats(work, forward, batches, include=lambda n, _, p=picked: n in p, token_mask=token_mask)
-        p_state = nnx.state(work, nnx.Param)
-        new_params, aux = solver(nnx.to_pure_dict(p_state), stats)
-        nnx.replace_by_pure_dict(p_state, new_params)
-        nnx.update(work, p_state)
-        errors.update({n: float(e) for n, e in aux.errors.items()})
-        steps.append(aux)
-    if remaining:
-        raise ValueError(
-            f"kernels {remaining[:5]} match no entry of groups={list(groups)[:4]}...; add a group for them"
-        )
-    return work, SequentialAux(errors, steps)
+    auxes = []
+    for group, k in zip(members, keys):
+        stats = calibrate(work, batches, forward=forward, token_mask=token_mask, names=group)
+        graphdef, params, rest = nnx.split(work, nnx.Param, ...)
+        new_params, aux = make_transform(stats)(params, key=k)
+        work = nnx.merge(graphdef, new_params, rest)
+        auxes.append(aux)
+    return work, merge_auxes(auxes)

@@ -1,167 +1,45 @@
 """GPTQ (Frantar et al. 2023): one-shot weight quantization with OBS error feedback.
 
-GPTQ runs SparseGPT's column loop (:func:`jcompress.oneshot.sparsegpt.obs_column_loop`)
-with nothing pruned: each column ``w`` of ``W = kernel.T`` (``(out, in)``) is rounded to
-its fixed grid, ``q = round_to_grid(w)``, and the rounding error is pushed onto the
-columns not yet quantized, ``W[:, i:] -= ((w - q) / U_ii) U[i, i:]``, with ``U`` the upper
-Cholesky factor of the dampened ``H^-1`` (``H = sum x x^T``).
+GPTQ runs the OBS column loop (:mod:`jcompress.core.obs_loop`) with nothing pruned: each
+column ``w`` of ``W = kernel.T`` (``(out, in)``) is rounded to its fixed grid and the
+rounding error is pushed onto the columns not yet quantized,
+``W[:, i:] -= ((w - q) / U_ii) U[i, i:]``, with ``U`` the upper Cholesky factor of the
+dampened ``H^-1`` (``H = sum x x^T``). Weights that are exactly zero stay zero (they are
+held at zero in the loop, their error fed forward like a pruned weight's), so a SparseGPT
+result quantized by GPTQ keeps its sparsity: ``chain(sparsegpt(...), gptq(...))``.
 
-The grid: min-max per output unit and per group of ``group_size`` consecutive inputs
-(one group spanning all inputs when ``group_size`` is ``None``), asymmetric by default:
-``scale = (max - min) / (2^bits - 1)`` with the range widened to contain 0,
-``zero = round(-min / scale)``, code ``= clip(round(w / scale) + zero, 0, 2^bits - 1)``
-and value ``scale * (code - zero)``. Symmetric grids use ``max = max|w|``, ``min = -max``
-and ``zero = 2^(bits-1)``. As in the reference implementation, a group's grid is computed
-when the loop reaches the block it starts in, from the weights as the earlier columns'
-error feedback left them; with activation order (or ``static_groups=True``) every grid is
-computed once from the original weights before the loop (the reference's
-``static_groups`` variant), so the groups stay contiguous in the original input order and
-need no per-input group index.
+The grid is :mod:`jcompress.core.grid`'s, per output unit and per group of
+``group_size`` consecutive inputs (one group spanning all inputs when ``group_size`` is
+``None``), asymmetric by default as in the reference implementation (the min-max range
+widened to contain 0, unsigned codes, integer zero point). As in the reference, a
+group's grid is computed when the loop reaches the block it starts in, from the weights
+as the earlier columns' error feedback left them; with activation order (or
+``static_groups=True``) every grid is computed once from the original weights before the
+loop (the reference's ``static_groups`` variant), so the groups stay contiguous in the
+original input order and need no per-input group index.
 
 Activation order (``act_order=True``): columns are processed in decreasing ``diag(H)``
 (the inputs with the most energy first, while the most unquantized columns remain to
 absorb their error) and put back in their original order afterwards.
 
-:func:`rtn` is the round-to-nearest baseline on exactly the same grid, so
-``quantize`` vs ``rtn`` isolates GPTQ's error feedback. :func:`min_max_grid` and
-:func:`round_to_grid` are the small grid helpers (rounding to a given scale and zero
-point), shared with SparseGPT's joint quantization.
+The round-to-nearest baseline on the same grid is ``jc.quant.quantize(bits=b,
+symmetric=False)`` (one grid per output unit, ``axis=-1``), so the two isolate GPTQ's
+error feedback.
 
 Example:
-  >>> new_params, aux = quantize(params, stats, bits=4, group_size=128, act_order=True)
-  >>> aux.codes['layers/0/query/kernel'].dtype, aux.errors['layers/0/query/kernel']
+  >>> params4, aux = jc.oneshot.gptq(stats, bits=4, group_size=128, act_order=True)(params)
+  >>> aux.grids['layers/0/query/kernel'].codes.dtype, aux.errors['layers/0/query/kernel']
 """
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 
-from jcompress import tree
-from jcompress.oneshot import calibration
-from jcompress.oneshot.sparsegpt import check_factor_ok, inverse_hessian_factor, obs_column_loop
+from jcompress.core import base, grid, spec
+from jcompress.core.obs_loop import check_factor_ok, inverse_hessian_factor, obs_column_loop
+from jcompress.oneshot.calibration import layer_transform
 
-__all__ = [
-    "GPTQAux",
-    "check_bits",
-    "dequantize",
-    "min_max_grid",
-    "quant_params",
-    "quantize",
-    "quantize_matrix",
-    "round_to_grid",
-    "rtn",
-    "storage_bits",
-]
-
-
-class GPTQAux(NamedTuple):
-    """Per-layer results, keyed by kernel name (kernel layout: inputs first).
-
-    Attributes:
-      codes: ``(in, out)`` uint8 integer codes in ``[0, 2^bits - 1]``.
-      scale: ``(groups, out)`` float32 step of each group's grid.
-      zero: ``(groups, out)`` float32 (integral) zero point of each group.
-      errors: float32 ``||X K - X K'||^2 / ||X K||^2`` (only with calibration stats).
-      group_size: inputs per group (``in`` when one group spans the whole input).
-      bits: the code width.
-    """
-
-    codes: dict
-    scale: dict
-    zero: dict
-    errors: dict
-    group_size: dict
-    bits: int
-
-
-def check_bits(bits) -> None:
-    """ValueError unless ``bits`` is an int in 2..8."""
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"bits={bits!r} must be an int from 2 to 8")
-
-
-def min_max_grid(w: jax.Array, *, bits: int, symmetric: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Grid of each row of ``w`` ``(rows, n)``: ``(scale, zero)``, each ``(rows, 1)`` float32.
-
-    The row's range ``[min(w, 0), max(w, 0)]`` is split into ``2^bits - 1`` steps; an
-    all-zero row gets the range [-1, 1] so that the scale is never 0.
-    """
-    maxq = 2**bits - 1
-    lo = jnp.minimum(w.min(axis=1, keepdims=True), 0.0)
-    hi = jnp.maximum(w.max(axis=1, keepdims=True), 0.0)
-    if symmetric:
-        hi = jnp.maximum(-lo, hi)
-        lo = -hi
-    empty = (lo == 0) & (hi == 0)
-    lo, hi = jnp.where(empty, -1.0, lo), jnp.where(empty, 1.0, hi)
-    scale = (hi - lo) / maxq
-    zero = jnp.full_like(scale, (maxq + 1) / 2) if symmetric else jnp.round(-lo / scale)
-    return scale, zero
-
-
-def round_to_grid(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int) -> tuple[jax.Array, jax.Array]:
-    """Round ``w`` to a given grid: ``(codes uint8, values float32)``, broadcasting ``scale``/``zero``."""
-    codes = jnp.clip(jnp.round(w / scale) + zero, 0, 2**bits - 1)
-    return codes.astype(jnp.uint8), scale * (codes - zero)
-
-
-def _group_grid(w: jax.Array, *, bits: int, group_size: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
-    """Per-group grid of ``w`` ``(rows, cols)``: ``(scale, zero)`` ``(rows, groups)``."""
-    rows, cols = w.shape
-    groups = -(-cols // group_size)
-    padded = jnp.pad(w, ((0, 0), (0, groups * group_size - cols)))
-    pieces = padded.reshape(rows, groups, group_size)
-    # padding zeros never move a range that is already widened to contain 0
-    scale, zero = min_max_grid(pieces.reshape(rows * groups, group_size), bits=bits, symmetric=symmetric)
-    return scale.reshape(rows, groups), zero.reshape(rows, groups)
-
-
-def _check_group_size(group_size, cols: int) -> int:
-    if group_size is None:
-        return cols
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} must be a positive int or None")
-    return min(group_size, cols)
-
-
-def quantize_matrix(
-    kernel: jax.Array,
-    h: jax.Array,
-    *,
-    bits: int,
-    group_size: int | None = None,
-    act_order: bool = False,
-    static_groups: bool | None = None,
-    symmetric: bool = False,
-    block_size: int = 128,
-    damp: float = 0.01,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """GPTQ on one Flax kernel ``(in, out)`` with ``h`` ``(in, in)``; arguments as in :func:`quantize`.
-
-    Returns:
-      ``(dequantized kernel (in, out) float32, codes (in, out) uint8, scale (groups, out),
-      zero (groups, out))``.
-    """
-    check_bits(bits)
-    g = _check_group_size(group_size, kernel.shape[0])
-    static = _check_static_groups(static_groups, act_order)
-    values, codes, scale, zero, ok = _quantize_matrix_impl(
-        kernel,
-        h,
-        bits=bits,
-        group_size=g,
-        act_order=act_order,
-        static=static or g >= kernel.shape[0],  # one group: both ways are the same grid
-        symmetric=symmetric,
-        block=block_size,
-        damp=damp,
-    )
-    check_factor_ok(ok)
-    return values, codes, scale, zero
+__all__ = ["gptq", "quantize_matrix"]
 
 
 def _check_static_groups(static_groups, act_order: bool) -> bool:
@@ -177,52 +55,16 @@ def _check_static_groups(static_groups, act_order: bool) -> bool:
     return static_groups
 
 
-def _quantize_matrix_impl(kernel, h, *, bits, group_size, act_order, static, symmetric, block, damp):
-    wp, u, perm, scale, zero, scale_cols, zero_cols = _prepare(
-        kernel, h, bits=bits, group_size=group_size, act_order=act_order, symmetric=symmetric, damp=damp
-    )
-    regrid = None if static else (group_size, functools.partial(min_max_grid, bits=bits, symmetric=symmetric))
-    new_wp, _, used_scale, used_zero = obs_column_loop(
-        wp,
-        u,
-        scale_cols[:, perm],
-        zero_cols[:, perm],
-        block=block,
-        counts=None,
-        n_m=None,
-        maxq=2**bits - 1,
-        regrid=regrid,
-    )
-    if not static:  # no act_order here, so the loop's columns are the original ones
-        scale_cols, zero_cols = used_scale, used_zero
-        scale, zero = used_scale[:, ::group_size], used_zero[:, ::group_size]
-    new_w = jnp.zeros_like(new_wp).at[:, perm].set(new_wp)
-    codes, values = round_to_grid(new_w, scale_cols, zero_cols, bits=bits)
-    return values.T, codes.T, scale.T, zero.T, jnp.all(jnp.isfinite(u))
+def _group_grid(w, *, g: int, bits: int, symmetric: bool):
+    """Per-group grids of ``w`` ``(rows, cols)``: ``(scale, zero_point)``, each ``(rows, cols // g)``."""
+    rows, cols = w.shape
+    s, z = grid.range_grid(w.reshape(rows, cols // g, g), axis=2, bits=bits, symmetric=symmetric)
+    return s[..., 0], z[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "act_order", "symmetric"))
-def _prepare(kernel, h, *, bits, group_size, act_order, symmetric, damp):
-    """Permuted ``W`` (out, in), ``U`` of the permuted H, the permutation and the grids."""
-    cols = kernel.shape[0]
-    w = kernel.astype(jnp.float32).T
-    scale, zero = _group_grid(w, bits=bits, group_size=group_size, symmetric=symmetric)
-    col_group = jnp.arange(cols) // group_size
-    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(cols)
-    u, dead = inverse_hessian_factor(h[perm][:, perm], damp=damp)
-    wp = jnp.where(dead[None, :], 0.0, w[:, perm])
-    return wp, u, perm, scale, zero, scale[:, col_group], zero[:, col_group]
-
-
-def dequantize(codes: jax.Array, scale: jax.Array, zero: jax.Array, *, group_size: int) -> jax.Array:
-    """Kernel ``(in, out)`` float32 from codes ``(in, out)`` and per-group ``scale``/``zero`` ``(groups, out)``."""
-    group = jnp.arange(codes.shape[0]) // group_size
-    return scale[group] * (codes.astype(jnp.float32) - zero[group])
-
-
-def quantize(
-    params: tree.PyTree,
-    stats: dict,
+def quantize_matrix(
+    kernel,
+    h,
     *,
     bits: int,
     group_size: int | None = None,
@@ -231,126 +73,103 @@ def quantize(
     symmetric: bool = False,
     block_size: int = 128,
     damp: float = 0.01,
-    include: tree.Selection = None,
-) -> tuple[tree.PyTree, GPTQAux]:
-    """Quantize the calibrated Dense kernels of ``params`` with GPTQ.
-
-    Args:
-      params: the parameter pytree (plain dict or NNX State); only the kernels named in
-        ``stats`` (narrowed by ``include``) change, and they come back dequantized
-        (float, exactly on the grid); the codes and grids are in the aux.
-      stats: ``{kernel name: LayerStats}`` from
-        :func:`jcompress.oneshot.calibration.linear_input_stats`.
-      bits: code width, 2..8.
-      group_size: inputs sharing one scale/zero point (e.g. 128); ``None`` for one grid
-        per output unit.
-      act_order: process inputs in decreasing ``diag(H)``.
-      static_groups: ``False``: a group's grid is computed when the loop reaches its block,
-        from the weights updated by all earlier columns (the reference implementation's
-        default); ``True``: every grid is computed from the original weights before the
-        loop (its ``static_groups`` option, needed with ``act_order`` to keep groups of
-        contiguous inputs). ``None`` (default): static with ``act_order``, else not.
-      symmetric: symmetric grid instead of asymmetric (min-max).
-      block_size: columns per lazy-update block (128).
-      damp: diagonal dampening as a fraction of the mean of ``diag(H)`` (0.01).
-      include: optional selection narrowing the calibrated layers.
+) -> tuple[jnp.ndarray, grid.QuantParams]:
+    """GPTQ on one Flax kernel ``(in, out)`` with ``h`` ``(in, in)``; arguments as in :func:`gptq`.
 
     Returns:
-      ``(new_params, GPTQAux)``.
+      ``(dequantized kernel (in, out) float32, QuantParams)``: int32 codes ``(in, out)``,
+      ``scale`` / ``zero_point`` ``(groups, out)``, ``axis=1``; the kernel is exactly
+      ``grid.dequantize`` of the grid, and is 0 wherever ``kernel`` is 0.
     """
-    check_bits(bits)
-    if not (isinstance(block_size, int) and block_size > 0):
-        raise ValueError(f"block_size={block_size!r} must be a positive int")
-    _check_static_groups(static_groups, act_order)
-
-    def one(name, kernel, h):
-        values, codes, scale, zero = quantize_matrix(
-            kernel,
-            h,
-            bits=bits,
-            group_size=group_size,
-            act_order=act_order,
-            static_groups=static_groups,
-            symmetric=symmetric,
-            block_size=block_size,
-            damp=damp,
-        )
-        return values, {
-            "codes": codes,
-            "scale": scale,
-            "zero": zero,
-            "g": _check_group_size(group_size, kernel.shape[0]),
-        }
-
-    new_params, extras = calibration.map_layers(params, stats, include, one)
-    return new_params, _aux(extras, bits)
-
-
-def _aux(extras: dict, bits: int) -> GPTQAux:
-    return GPTQAux(
-        codes={n: e["codes"] for n, e in extras.items()},
-        scale={n: e["scale"] for n, e in extras.items()},
-        zero={n: e["zero"] for n, e in extras.items()},
-        errors={n: e["error"] for n, e in extras.items() if "error" in e},
-        group_size={n: e["g"] for n, e in extras.items()},
-        bits=bits,
-    )
+    bits = grid.check_bits(bits, symmetric)
+    cols = kernel.shape[0]
+    g = grid.check_group_size(group_size, cols, where=f" (the {cols} inputs of the kernel)") or cols
+    static = _check_static_groups(static_groups, act_order) or g == cols  # one group: both ways agree
+    w = kernel.astype(jnp.float32).T
+    zero = w == 0  # kept at zero
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(cols)
+    u, dead = inverse_hessian_factor(h[perm][:, perm], damp=damp)
+    check_factor_ok(u)
+    wp = jnp.where(dead[None, :], 0.0, w[:, perm])
+    col_group = jnp.arange(cols) // g
+    quant = (bits, bool(symmetric))
+    if static:
+        scale, zp = _group_grid(w, g=g, bits=bits, symmetric=symmetric)
+        new_wp, _, _, _ = obs_column_loop(
+            wp, u, block=block_size, fixed=zero[:, perm], quant=quant,
+            scale=scale[:, col_group][:, perm], zero_point=zp[:, col_group][:, perm],
+        )  # fmt: skip
+    else:  # no act_order here, so the loop's columns are the original ones
+        new_wp, _, scale_cols, zp_cols = obs_column_loop(wp, u, block=block_size, fixed=zero, quant=quant, regrid=g)
+        scale, zp = scale_cols[:, ::g], zp_cols[:, ::g]
+    new_w = jnp.zeros_like(new_wp).at[:, perm].set(new_wp)
+    codes = grid.round_codes(new_w, scale[:, col_group], zp[:, col_group], bits=bits, symmetric=symmetric)
+    qp = grid.QuantParams(codes.T, scale.T, zp.T, bits, bool(symmetric), 1, None if g == cols else g)
+    return grid.dequantize(qp), qp
 
 
-def rtn(
-    params: tree.PyTree,
+def gptq(
+    stats: dict,
     *,
-    bits: int,
+    bits: spec.Spec = 4,
     group_size: int | None = None,
+    act_order: bool = False,
     symmetric: bool = False,
-    include: tree.Selection = None,
-    stats: dict | None = None,
-) -> tuple[tree.PyTree, GPTQAux]:
-    """Round-to-nearest baseline on the same grid as :func:`quantize` (no data needed).
+    damp: float = 0.01,
+    block_size: int = 128,
+    static_groups: bool | None = None,
+) -> base.Transform:
+    """GPTQ on the calibrated Dense kernels.
 
     Args:
-      params: the parameter pytree; the selected 2-D kernels come back dequantized.
-      bits, group_size, symmetric: as in :func:`quantize`.
-      include: selection of kernels (default: all Dense/conv kernels, which must be 2-D)
-        when ``stats`` is ``None``; with ``stats``, the calibrated layers narrowed by it.
-      stats: optional calibration stats; only used to report ``errors``.
+      stats: ``{kernel name: LayerStats}`` from :func:`jcompress.oneshot.calibrate`; the
+        transform touches these kernels (narrow them with :func:`jcompress.core.masked`).
+      bits: code width (2..8 usual): a value or a ``{regex: bits}`` spec.
+      group_size: inputs sharing one grid (e.g. 128); it must divide every touched
+        kernel's inputs; ``None`` for one grid per output unit.
+      act_order: process inputs in decreasing ``diag(H)``.
+      symmetric: the grid's convention (:mod:`jcompress.core.grid`); asymmetric by default.
+      damp: diagonal dampening as a fraction of the mean of ``diag(H)`` (0.01).
+      block_size: columns per lazy-update block (128).
+      static_groups: ``False``: a group's grid is computed when the loop reaches its
+        block (the reference's default); ``True``: from the original weights before the
+        loop (needed with ``act_order``). ``None``: static with ``act_order``, else not.
+
+    Returns:
+      a :class:`~jcompress.core.base.Transform`: ``(params, GridAux)``; the touched
+      kernels come back dequantized (float, exactly on the grid, zeros kept), the codes in
+      ``aux.grids``, relative output errors in ``aux.errors``.
+
+    Raises:
+      ValueError: bad bits, a group size that does not divide a calibrated kernel's
+        inputs (at construction), ``act_order`` with ``static_groups=False``.
+
+    Example:
+      >>> t = jc.chain(jc.oneshot.sparsegpt(stats, sparsity=0.5), jc.oneshot.gptq(stats, bits=4))
+      >>> params, aux = t(params)
+      >>> jc.compressed.compress(params, aux)      # sparse layout, 4-bit codes
     """
-    check_bits(bits)
+    values = [v for _, v in spec.pairs(bits, arg="bits")] if spec.is_pairs(bits) else [bits]
+    for v in values:
+        grid.check_bits(v, symmetric)
+    _check_static_groups(static_groups, act_order)
+    block_size = spec.check_value(block_size, arg="block_size", kind=int, lo=1)
+    damp = spec.check_value(damp, arg="damp", kind=float, lo=0.0, hi=10.0, hi_open=True)
+    if group_size is not None:
+        group_size = spec.check_value(group_size, arg="group_size", kind=int, lo=1)
+        for name, s in stats.items():
+            n_in = (s.h if hasattr(s, "h") else s).shape[0]
+            grid.check_group_size(group_size, n_in, where=f" (the {n_in} inputs of {name})")
+    per_leaf = spec.resolve(bits, list(stats), arg="bits")
 
-    def one(name, kernel, h):
-        g = _check_group_size(group_size, kernel.shape[0])
-        w = kernel.astype(jnp.float32).T
-        scale, zero = _group_grid(w, bits=bits, group_size=g, symmetric=symmetric)
-        col_group = jnp.arange(w.shape[1]) // g
-        codes, values = round_to_grid(w, scale[:, col_group], zero[:, col_group], bits=bits)
-        return values.T, {"codes": codes.T, "scale": scale.T, "zero": zero.T, "g": g}
+    def solve(name, kernel, h):
+        new_k, qp = quantize_matrix(
+            kernel, h, bits=per_leaf[name], group_size=group_size, act_order=act_order, static_groups=static_groups,
+            symmetric=symmetric, block_size=block_size, damp=damp,
+        )  # fmt: skip
+        return new_k, qp
 
-    new_params, extras = calibration.map_layers(params, stats, include, one)
-    return new_params, _aux(extras, bits)
+    def make_aux(params, extras, errors):
+        return base.GridAux(dict(extras), errors)
 
-
-def quant_params(aux: GPTQAux) -> dict:
-    """``{name: jcompress.quant.QuantParams}`` for the layers of ``aux`` (for
-    ``jcompress.compressed.compress`` / ``jcompress.export``): unsigned codes with an
-    integer zero point, ``axis=1`` (one grid per output unit and group)."""
-    from jcompress import quant
-
-    out = {}
-    for n, codes in aux.codes.items():
-        g = aux.group_size[n]
-        out[n] = quant.QuantParams(
-            codes=jnp.asarray(codes, jnp.int32),
-            scale=jnp.asarray(aux.scale[n], jnp.float32),
-            zero_point=jnp.asarray(aux.zero[n], jnp.int32),
-            bits=aux.bits,
-            symmetric=False,
-            axis=1,
-            group_size=None if g >= codes.shape[0] else g,
-        )
-    return out
-
-
-def storage_bits(aux: GPTQAux) -> dict[str, int]:
-    """Bits to store each quantized kernel: codes at ``bits`` each, plus per group a
-    float32 scale and a ``bits``-wide zero point."""
-    return {n: int(aux.codes[n].size * aux.bits + aux.scale[n].size * (32 + aux.bits)) for n in aux.codes}
+    return layer_transform(stats, solve, make_aux, name="gptq")

@@ -19,37 +19,24 @@ processed ``row_batch`` at a time to bound memory); SparseGPT
 (:mod:`jcompress.oneshot.sparsegpt`) approximates it at scale.
 
 Example:
-  >>> new_params, aux = prune(params, stats, sparsity=0.5)
+  >>> params, aux = jc.oneshot.obs(stats, sparsity=0.5)(params)
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jcompress import tree
-from jcompress.oneshot import calibration
+from jcompress.core import base, spec, topk
+from jcompress.core.obs_loop import check_factor_ok, inverse_hessian_factor
+from jcompress.core.patterns import Unstructured
+from jcompress.oneshot.calibration import layer_transform, mask_tree
+from jcompress.oneshot.sparsegpt import check_sparsity
 
-__all__ = ["OBSAux", "prune", "prune_matrix", "prune_row"]
-
-
-class OBSAux(NamedTuple):
-    """Per-layer results keyed by kernel name.
-
-    Attributes:
-      masks: bool ``(in, out)``, True where kept.
-      errors: float32 relative output error ``||X K - X K'||^2 / ||X K||^2``.
-      losses: ``(k, out)`` float32, the OBS loss ``w_q^2 / (2 [H^-1]_qq)`` of each removal
-        in order (their sum is half the output error of the row on the dampened H).
-    """
-
-    masks: dict
-    errors: dict
-    losses: dict
+__all__ = ["obs", "prune_matrix", "prune_row"]
 
 
 def prune_row(w: jax.Array, hinv: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -88,55 +75,51 @@ def _prune_rows(w: jax.Array, hinv: jax.Array, *, k: int, row_batch: int):
 def prune_matrix(kernel: jax.Array, h: jax.Array, *, sparsity: float, damp: float = 0.01, row_batch: int = 32):
     """OBS on one Flax kernel ``(in, out)`` with ``h`` ``(in, in)``.
 
+    ``H^-1 = U^T U`` from :func:`jcompress.core.obs_loop.inverse_hessian_factor` (the
+    dampening and dead-input rule of SparseGPT and GPTQ; dead inputs' weights are zeroed).
+
     Returns:
       ``(new_kernel (in, out) float32, keep mask (in, out) bool, losses (k, out))``.
     """
-    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity={sparsity!r} must be a float in [0, 1)")
     n_in = kernel.shape[0]
-    k = round(float(sparsity) * n_in)
-    h = h.astype(jnp.float32)
-    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(n_in, dtype=h.dtype)
-    hinv = jnp.linalg.inv(h)
-    if not isinstance(hinv, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(hinv))):
-        raise ValueError("H is singular even after dampening; raise damp= (e.g. 0.1)")
-    new_w, pruned, losses = _prune_rows(kernel.astype(jnp.float32).T, hinv, k=k, row_batch=row_batch)
+    k = topk.pruned_count(sparsity, n_in)
+    u, dead = inverse_hessian_factor(h, damp=damp)
+    check_factor_ok(u)
+    hinv = u.T @ u
+    w = jnp.where(dead[None, :], 0.0, kernel.astype(jnp.float32).T)
+    new_w, pruned, losses = _prune_rows(w, hinv, k=k, row_batch=row_batch)
     return new_w.T, ~pruned.T, losses.T
 
 
-def prune(
-    params: tree.PyTree,
-    stats: dict,
-    *,
-    sparsity: float,
-    damp: float = 0.01,
-    row_batch: int = 32,
-    include: tree.Selection = None,
-) -> tuple[tree.PyTree, OBSAux]:
-    """Exact greedy OBS pruning of the calibrated Dense kernels of ``params``.
+def obs(stats: dict, *, sparsity: spec.Spec = 0.5, damp: float = 0.01, row_batch: int = 32) -> base.Transform:
+    """Exact greedy OBS pruning of the calibrated Dense kernels (small layers).
 
     Args:
-      params: parameter pytree (dict or NNX State); only kernels named in ``stats``
-        (narrowed by ``include``) change.
-      stats: ``{kernel name: LayerStats}`` from
-        :func:`jcompress.oneshot.calibration.linear_input_stats`.
-      sparsity: fraction of each output unit's weights removed, in [0, 1).
-      damp: diagonal dampening as a fraction of the mean of ``diag(H)``; use 0 for the
+      stats: ``{kernel name: LayerStats}`` from :func:`jcompress.oneshot.calibrate`; the
+        transform touches these kernels (narrow them with :func:`jcompress.core.masked`).
+      sparsity: fraction of each output unit's weights removed, in [0, 1): a value or a
+        ``{regex: value}`` spec.
+      damp: diagonal dampening as a fraction of the mean of ``diag(H)``; 0 for the
         undampened problem when ``H`` is well conditioned.
       row_batch: rows solved at once (memory ``row_batch * in^2`` floats).
-      include: optional selection narrowing the calibrated layers.
 
     Returns:
-      ``(new_params, OBSAux)``.
+      a :class:`~jcompress.core.base.Transform`: ``(params, MaskAux)`` with params-shaped
+      masks (True = kept) and relative output errors.
+
+    Example:
+      >>> params, aux = jc.oneshot.obs(stats, sparsity=0.5)(params)
     """
+    check_sparsity(sparsity, Unstructured())
+    damp = spec.check_value(damp, arg="damp", kind=float, lo=0.0, hi=10.0, hi_open=True)
+    row_batch = spec.check_value(row_batch, arg="row_batch", kind=int, lo=1)
+    per_leaf = spec.resolve(sparsity, list(stats), arg="sparsity")
 
-    def one(name, kernel, h):
-        new_k, keep, losses = prune_matrix(kernel, h, sparsity=sparsity, damp=damp, row_batch=row_batch)
-        return new_k, {"mask": keep, "losses": losses}
+    def solve(name, kernel, h):
+        new_k, keep, _ = prune_matrix(kernel, h, sparsity=per_leaf[name], damp=damp, row_batch=row_batch)
+        return new_k, {"mask": keep}
 
-    new_params, extras = calibration.map_layers(params, stats, include, one)
-    return new_params, OBSAux(
-        masks={n: e["mask"] for n, e in extras.items()},
-        errors={n: e["error"] for n, e in extras.items()},
-        losses={n: e["losses"] for n, e in extras.items()},
-    )
+    def make_aux(params, extras, errors):
+        return base.MaskAux(mask_tree(params, {n: e["mask"] for n, e in extras.items()}), None, errors)
+
+    return layer_transform(stats, solve, make_aux, name="obs")

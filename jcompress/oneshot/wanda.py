@@ -7,72 +7,25 @@ For a Dense layer with Flax kernel ``K`` ``(in, out)`` and calibration statistic
 
 and the weights with the smallest scores are removed **within each output unit** (each
 column of ``K``, each row of the papers' ``W``): exactly ``round(sparsity * in)`` per
-output, or for N:M the ``M - N`` smallest of every ``M`` consecutive inputs. The kept
-weights are left as they are.
-
-:func:`magnitude` is the usual baseline of the Wanda and SparseGPT papers: score ``|K|``
-compared across the whole layer (exactly ``round(sparsity * in * out)`` zeros), or per
-N:M group. :func:`smallest_mask` is the exact selection both use.
+output, or for ``NM(n, m)`` the ``m - n`` smallest of every ``m`` consecutive inputs. The
+kept weights are left as they are. The papers' magnitude baseline (``|K|`` compared
+across the whole layer) is ``jc.pruning.magnitude(sparsity=...)``.
 
 Example:
-  >>> new_params, aux = prune(params, stats, sparsity=0.5)
-  >>> new_params, aux = magnitude(params, n_m=(2, 4))
+  >>> params, aux = jc.oneshot.wanda(stats, sparsity=0.5)(params)
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from jcompress import tree
-from jcompress.oneshot import calibration
-from jcompress.oneshot.sparsegpt import check_sparsity_args
-from jcompress.core import topk
+from jcompress.core import base, spec, topk
+from jcompress.core.patterns import Unstructured
+from jcompress.oneshot.calibration import layer_transform, mask_tree
+from jcompress.oneshot.sparsegpt import check_sparsity, nm_of
 
-__all__ = ["WandaAux", "magnitude", "prune", "smallest_mask", "wanda_scores"]
-
-
-class WandaAux(NamedTuple):
-    """Per-layer results keyed by kernel name.
-
-    Attributes:
-      masks: bool ``(in, out)``, True where the weight is kept.
-      errors: float32 relative output error (only when calibration stats are given).
-    """
-
-    masks: dict
-    errors: dict
-
-
-def smallest_mask(
-    score: jax.Array, *, sparsity: float | None = None, n_m: tuple | None = None, per_output: bool = True
-) -> jax.Array:
-    """Keep-mask ``(in, out)`` removing the lowest ``score`` entries, with exact counts.
-
-    Args:
-      score: ``(in, out)`` scores (kernel layout).
-      sparsity: remove ``round(sparsity * in)`` per output column when ``per_output``,
-        else ``round(sparsity * in * out)`` over the whole matrix.
-      n_m: ``(N, M)``: keep the ``N`` largest of every ``M`` consecutive inputs of each
-        output (``in`` must be a multiple of ``M``).
-      per_output: compare within each output unit (Wanda) or across the layer.
-
-    Returns:
-      bool ``(in, out)``; ties are broken by position (the lower index is removed first, as a stable sort would).
-    """
-    check_sparsity_args(sparsity, n_m)
-    n_in, n_out = score.shape
-    if n_m is not None:
-        n, m = n_m
-        if n_in % m:
-            raise ValueError(f"{n_in} inputs are not a multiple of M={m}; N:M groups need whole groups")
-        groups = score.reshape(n_in // m, m, n_out)
-        return ~topk.remove_smallest(groups, m - n, axis=1).reshape(n_in, n_out)
-    if per_output:
-        return ~topk.remove_smallest(score, round(float(sparsity) * n_in), axis=0)
-    return ~topk.remove_smallest(score, round(float(sparsity) * score.size))
+__all__ = ["wanda", "wanda_scores"]
 
 
 def wanda_scores(kernel: jax.Array, h: jax.Array) -> jax.Array:
@@ -80,67 +33,38 @@ def wanda_scores(kernel: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.abs(kernel) * jnp.sqrt(jnp.maximum(jnp.diag(h), 0.0))[:, None]
 
 
-def prune(
-    params: tree.PyTree,
-    stats: dict,
-    *,
-    sparsity: float | None = None,
-    n_m: tuple[int, int] | None = None,
-    include: tree.Selection = None,
-) -> tuple[tree.PyTree, WandaAux]:
-    """Wanda on the calibrated Dense kernels of ``params``.
+def wanda(stats: dict, *, sparsity: spec.Spec = 0.5, pattern=Unstructured()) -> base.Transform:
+    """Wanda on the calibrated Dense kernels.
 
     Args:
-      params: parameter pytree (dict or NNX State); kernels named in ``stats`` (narrowed
-        by ``include``) get their pruned entries set to 0, all else is unchanged.
-      stats: ``{kernel name: LayerStats}`` from
-        :func:`jcompress.oneshot.calibration.linear_input_stats`.
-      sparsity: fraction removed per output unit, in [0, 1).
-      n_m: ``(N, M)`` semi-structured pattern instead of ``sparsity``.
-      include: optional selection narrowing the calibrated layers.
+      stats: ``{kernel name: LayerStats}`` from :func:`jcompress.oneshot.calibrate`; the
+        transform touches these kernels (narrow them with :func:`jcompress.core.masked`).
+      sparsity: fraction removed per output unit, in [0, 1): a value or a ``{regex:
+        value}`` spec; with ``NM`` None or the pattern's ``1 - n/m``.
+      pattern: ``Unstructured()`` or ``NM(n, m)`` (groups along the inputs, ``axis=-2``).
 
     Returns:
-      ``(new_params, WandaAux)``.
-    """
-    check_sparsity_args(sparsity, n_m)
+      a :class:`~jcompress.core.base.Transform`: ``(params, MaskAux)``; pruned entries
+      are set to 0, everything else is unchanged; masks params-shaped (True = kept).
 
-    def one(name, kernel, h):
-        keep = smallest_mask(wanda_scores(kernel, h), sparsity=sparsity, n_m=n_m, per_output=True)
+    Example:
+      >>> params, aux = jc.oneshot.wanda(stats, pattern=jc.NM(2, 4))(params)
+    """
+    n_m = nm_of(pattern, method="wanda")
+    check_sparsity(sparsity, pattern)
+    per_leaf = spec.resolve(sparsity, list(stats), arg="sparsity") if n_m is None else {}
+
+    def solve(name, kernel, h):
+        score = wanda_scores(kernel, h)
+        if n_m is not None:
+            if kernel.shape[0] % n_m[1]:
+                raise ValueError(f"{name} has {kernel.shape[0]} inputs, not a multiple of m={n_m[1]}")
+            keep = topk.nm_keep_mask(score, n=n_m[0], m=n_m[1], axis=0)
+        else:
+            keep = ~topk.remove_smallest(score, topk.pruned_count(per_leaf[name], kernel.shape[0]), axis=0)
         return jnp.where(keep, kernel, 0), {"mask": keep}
 
-    new_params, extras = calibration.map_layers(params, stats, include, one)
-    return new_params, _aux(extras)
+    def make_aux(params, extras, errors):
+        return base.MaskAux(mask_tree(params, {n: e["mask"] for n, e in extras.items()}), None, errors)
 
-
-def magnitude(
-    params: tree.PyTree,
-    *,
-    sparsity: float | None = None,
-    n_m: tuple[int, int] | None = None,
-    include: tree.Selection = None,
-    stats: dict | None = None,
-) -> tuple[tree.PyTree, WandaAux]:
-    """Layer-wise magnitude pruning (the papers' baseline), exact counts.
-
-    Args:
-      params: parameter pytree.
-      sparsity, n_m: as in :func:`prune`, but unstructured sparsity compares ``|K|``
-        across the whole layer.
-      include: the kernels to prune (default: all 2-D Dense kernels) when ``stats`` is
-        ``None``; with ``stats``, the calibrated layers narrowed by it.
-      stats: optional calibration stats, only used to report ``errors``.
-    """
-    check_sparsity_args(sparsity, n_m)
-
-    def one(name, kernel, h):
-        keep = smallest_mask(jnp.abs(kernel), sparsity=sparsity, n_m=n_m, per_output=False)
-        return jnp.where(keep, kernel, 0), {"mask": keep}
-
-    new_params, extras = calibration.map_layers(params, stats, include, one)
-    return new_params, _aux(extras)
-
-
-def _aux(extras: dict) -> WandaAux:
-    return WandaAux(
-        {n: e["mask"] for n, e in extras.items()}, {n: e["error"] for n, e in extras.items() if "error" in e}
-    )
+    return layer_transform(stats, solve, make_aux, name="wanda")

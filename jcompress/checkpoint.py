@@ -90,9 +90,9 @@ def load_model(directory: str | Path, step: int | None = None, *, build=None):
       directory: the checkpoint directory.
       step: the step to load (default: the latest).
       build: ``build(meta) -> nnx.Module`` making the model to restore into, for models
-        that are not ``models.create(**meta['model'])`` as such (e.g. factorised ones,
-        ``jcompress.lowrank.load``); it may raise ValueError when the metadata lacks
-        what it needs.
+        that are not ``models.create(**meta['model'])`` as such (factorised ones:
+        ``jcompress.nnx.factorize.rebuild``; hard-pruned ones: ``jcompress.nnx.surgery.resize``);
+        it may raise ValueError when the metadata lacks what it needs.
 
     Returns:
       ``(model, config, meta)``: the NNX model holding the saved params and extra state,

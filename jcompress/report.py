@@ -16,7 +16,6 @@ Two kinds of numbers are kept apart:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import time
@@ -29,34 +28,9 @@ import numpy as np
 from flax import nnx
 
 from jcompress import tree
+from jcompress.nnx import hooks
 
 __all__ = ["layer_flops", "measure_latency", "param_report", "format_table", "save_json", "dir_size"]
-
-
-@contextlib.contextmanager
-def _record_outputs(model: nnx.Module, sink: dict):
-    names = {id(node): "/".join(str(p) for p in path) for path, node in nnx.iter_graph(model)}
-    originals = {cls: cls.__call__ for cls in (nnx.Linear, nnx.Conv)}
-
-    def wrap(cls):
-        orig = originals[cls]
-
-        def call(self, x, *args, **kwargs):
-            y = orig(self, x, *args, **kwargs)
-            name = names.get(id(self))
-            if name is not None:
-                sink[name] = (self, x.shape, y.shape)
-            return y
-
-        return call
-
-    try:
-        for cls in originals:
-            cls.__call__ = wrap(cls)
-        yield
-    finally:
-        for cls, orig in originals.items():
-            cls.__call__ = orig
 
 
 def layer_flops(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, int]:
@@ -70,13 +44,19 @@ def layer_flops(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, int]
       >>> layer_flops(models.create('lenet300', input_shape=(28, 28, 1), num_classes=10), (28, 28, 1))
       {'fc1/kernel': 470400, 'fc2/kernel': 60000, 'fc3/kernel': 2000}
     """
-    sink: dict = {}
+    shapes: dict = {}
+
+    def record(name, x, op):
+        y = op(x)
+        shapes[name] = y.shape
+        return y
+
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    with _record_outputs(model, sink):
+    with hooks.intercept(model, record) as layers:
         jax.eval_shape(lambda inp: model(inp), x)
     out = {}
-    for name, (module, _, yshape) in sink.items():
-        kshape = module.kernel.get_value().shape
+    for name, yshape in shapes.items():
+        kshape = layers[name].kernel.get_value().shape
         positions = int(np.prod(yshape[1:-1])) if len(yshape) > 2 else 1
         out[f"{name}/kernel"] = int(2 * np.prod(kshape) * positions)
     return out

@@ -9,7 +9,7 @@ the same number of epochs at lr 3e-4:
     weight magnitudes every ``dt`` steps (1/40 of the budget) on the cubic schedule
     ``s_t = s_f (1 - (1 - t / (n dt))^3)``, from 0 to the target over the first two
     thirds of the budget, then training on with the masks fixed;
-  * ``one-shot``: ``jcompress.pruning.magnitude_pruning`` to the target at once, then
+  * ``one-shot``: ``jcompress.pruning.magnitude`` to the target at once, then
     fine-tuning with ``keep_masked`` for the whole budget.
 Every kernel is pruned to the target sparsity (layer-wise, biases not pruned), at 50, 75,
 90, 95 and 98%. Two reference rows: ``one-shot, no fine-tuning`` (accuracy right after
@@ -35,6 +35,7 @@ import optax
 from experiments import common
 from jcompress import data as data_lib
 from jcompress import pruning
+from jcompress.core.spec import select_names
 from jcompress.pruning import optim as pruning_optim
 
 __all__ = ["SPARSITIES", "CONFIG", "run"]
@@ -55,7 +56,7 @@ def _schedule(steps: int) -> dict:
 
 
 def _measured(params) -> float:
-    return pruning.sparsity_summary(params, selection=KERNELS)["total"]["sparsity"]
+    return pruning.sparsity_summary(params, names=select_names(params, KERNELS))["total"]["sparsity"]
 
 
 def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
@@ -73,10 +74,10 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
     }]
     for s in cfg["sparsities"]:
         tx = optax.chain(
-            optax.adam(cfg["prune_lr"]), pruning_optim.gradual_pruning(final_sparsity=s, include=KERNELS, **sched)
+            optax.adam(cfg["prune_lr"]), pruning_optim.gradual_pruning(final_sparsity=s, **sched)
         )
         gradual = common.fit(net.apply, net.params, net.extra, ds, tx=tx, epochs=budget, batch_size=bs)
-        pruned, aux = pruning.magnitude_pruning(sparsity=s, include=KERNELS)(net.params)
+        pruned, aux = pruning.magnitude(sparsity=s)(net.params)  # the kernels, as gradual pruning
         tx = optax.chain(optax.adam(cfg["prune_lr"]), pruning_optim.keep_masked(aux.masks))
         oneshot = common.fit(net.apply, pruned, net.extra, ds, tx=tx, epochs=budget, batch_size=bs)
         for method, params, epochs in (

@@ -94,9 +94,7 @@ def _prune_and_retrain(net: common.Trained, ds, cfg: dict, *, target: dict):
     for r in range(1, rounds + 1):
         # Geometric schedule: the kept fraction of each layer shrinks by the same factor per round.
         sparsity = {name: 1.0 - kept ** (r / rounds) for name, kept in target.items()}
-        masks = pruning.make_masks(
-            scores.magnitude(params), sparsity=sparsity, selection=list(target), existing=masks
-        )
+        masks = pruning.make_masks(scores.magnitude_scores(params), list(target), sparsity=sparsity, existing=masks)
         params = pruning.apply_masks(params, masks)
         pruned_acc = common.accuracy(net.apply, params, extra, ds)
         tx = optax.chain(_optimizer(cfg, lr / 10), pruning_optim.keep_masked(masks))

@@ -7,8 +7,8 @@ Command::
 What it does: trains LeNet-300-100 on ``mnist5k`` (4,000 train / 1,000 test MNIST digits)
 and applies, each to the same trained weights, magnitude / Taylor / SNIP / OBD (Fisher
 diagonal) pruning at 90%, neuron-entropy structured pruning and L2 structured hard
-pruning (``pruning/surgery.py``: the removed neurons are gone), truncated SVD
-(``lowrank.factorize_dense`` of the hidden layers), k-means weight sharing (5 bits), int8
+pruning (``nnx/surgery.py``: the removed neurons are gone), truncated SVD
+(``nnx/factorize.py`` on the hidden layers), k-means weight sharing (5 bits), int8
 and int4 post-training quantization, int4 QAT, distillation into a 4x narrower MLP, and
 the combinations prune + int8 and prune + sharing + Huffman (Deep Compression). Pruning,
 sharing, QAT and the new architectures get a short fine-tune (2 epochs, 1 in quick mode).
@@ -69,19 +69,18 @@ def _score_candidates(ds) -> list[advisor.Candidate]:
     batches = [(jnp.asarray(ds.x_train[i : i + 128]), jnp.asarray(ds.y_train[i : i + 128])) for i in range(0, 512, 128)]
 
     def taylor(s):
-        return jax.jit(lambda p: scores.taylor(p, jax.grad(_loss_fn(s.apply_fn))(p, batch)))(s.params)
+        return jax.jit(lambda p: scores.taylor_scores(p, jax.grad(_loss_fn(s.apply_fn))(p, batch)))(s.params)
 
     def snip(s):
-        return jax.jit(lambda p: scores.snip(_loss_fn(s.apply_fn), p, batch))(s.params)
+        return jax.jit(lambda p: scores.snip_scores(_loss_fn(s.apply_fn), p, batch))(s.params)
 
     def obd(s):
-        return jax.jit(lambda p: scores.obd(p, scores.fisher_diagonal(_loss_fn(s.apply_fn), p, batches)))(s.params)
+        return jax.jit(lambda p: scores.obd_scores(p, scores.fisher_diagonal(_loss_fn(s.apply_fn), p, batches)))(s.params)
 
-    sel = {"selection": r"kernel$"}
-    return [
-        advisor.pruning_candidate(SPARSITY, score_fn=taylor, label="Taylor prune", **sel),
-        advisor.pruning_candidate(SPARSITY, score_fn=snip, label="SNIP prune", **sel),
-        advisor.pruning_candidate(SPARSITY, score_fn=obd, label="OBD prune", **sel),
+    return [  # the kernels are pruned
+        advisor.pruning_candidate(SPARSITY, score_fn=taylor, label="Taylor prune"),
+        advisor.pruning_candidate(SPARSITY, score_fn=snip, label="SNIP prune"),
+        advisor.pruning_candidate(SPARSITY, score_fn=obd, label="OBD prune"),
     ]
 
 
@@ -103,7 +102,7 @@ def _prune_int8_candidate() -> advisor.Candidate:
     """Magnitude pruning to 90% + fine-tune with masks kept, then per-tensor int8 of the survivors."""
 
     def build(s: advisor.Subject) -> advisor.Built:
-        pruned, paux = jax.jit(masks_lib.magnitude_pruning(sparsity=SPARSITY, scope="global"))(s.params)
+        pruned, paux = jax.jit(masks_lib.magnitude(sparsity=SPARSITY, scope="global"))(s.params)
         tx = optax.chain(optax.adam(LR), optim.keep_masked(paux.masks))
         tuned = masks_lib.apply_masks(s.finetune_fn(s.apply_fn, pruned, tx=tx, epochs=s.epochs), paux.masks)
         qparams, qaux = jax.jit(quant.quantize(bits=8, axis=None))(tuned)

@@ -19,7 +19,7 @@ Every technique lives in a module named after it:
 
 Example:
   >>> import jcompress as jc
-  >>> params, prune_aux = jc.pruning.magnitude_pruning(sparsity=0.9)(params)
+  >>> params, prune_aux = jc.pruning.magnitude(sparsity=0.9)(params)
   >>> params, share_aux = jc.sharing.kmeans_share(params, k=32)
   >>> jc.export.write('model.jcz', jc.compressed.compress(params, prune_aux, share_aux))
 """

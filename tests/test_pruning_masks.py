@@ -15,8 +15,12 @@ from jax.sharding import PartitionSpec as P
 
 from jcompress import models, tree
 from jcompress.core import topk
+from jcompress.core import MaskAux, masked
+from jcompress.core.patterns import NM, Block, Units
+from jcompress.core.spec import select_names
 from jcompress.pruning import scores, summary
-from jcompress.pruning.masks import apply_masks, erk_densities, magnitude_pruning, make_masks, prune
+from jcompress.pruning.masks import apply_masks, erk_densities, magnitude, make_masks
+from jcompress.pruning.masks import random as jc_random
 
 
 def _zeros(m):
@@ -210,7 +214,7 @@ def test_topk_bad_input():
 )
 def test_unstructured_exact_and_equal_to_reference(shapes, sparsity, scope, seed):
     s = _tied_scores(np.random.default_rng(seed), shapes)
-    m = make_masks(s, sparsity=sparsity, scope=scope, selection="kernel")
+    m = make_masks(s, sparsity=sparsity, scope=scope, allow_empty=True)  # counts are checked, empty or not
     got = [np.asarray(x) for _, x in tree.named_leaves(m)]
     vals = [np.asarray(x) for _, x in tree.named_leaves(s)]
     if scope == "layer":
@@ -237,9 +241,7 @@ def test_nm_every_group_has_exactly_m_minus_n_zeros(rows, cols, nm, axis, seed):
     shape = [rows, cols]
     shape[axis] *= m
     s = _tied_scores(np.random.default_rng(seed), [tuple(shape)])
-    mask = np.asarray(
-        make_masks(s, sparsity=None, pattern="nm", n=n, m=m, axis=axis, selection="kernel")["l0"]["kernel"]
-    )
+    mask = np.asarray(make_masks(s, sparsity=None, pattern=NM(n, m, axis=axis))["l0"]["kernel"])
     groups = np.moveaxis(mask, axis, -1).reshape(-1, m)
     assert np.all(groups.sum(axis=1) == n)
     # within a group the kept scores are the n largest (ties: higher index kept)
@@ -257,9 +259,7 @@ def test_nm_every_group_has_exactly_m_minus_n_zeros(rows, cols, nm, axis, seed):
 )
 def test_structured_removes_whole_units(shape, sparsity, norm, seed):
     s = _tied_scores(np.random.default_rng(seed), [shape])
-    mask = np.asarray(
-        make_masks(s, sparsity=sparsity, pattern="structured", norm=norm, selection="kernel")["l0"]["kernel"]
-    )
+    mask = np.asarray(make_masks(s, sparsity=sparsity, pattern=Units(norm=norm), allow_empty=True)["l0"]["kernel"])
     units = mask.reshape(-1, shape[-1])
     per_unit = units.all(axis=0)
     assert np.all(per_unit | ~units.any(axis=0))  # each unit all kept or all pruned
@@ -279,7 +279,7 @@ def test_block_pattern_exact_blocks(scope):
         "a": {"kernel": jnp.asarray(rng.random((8, 12), np.float32))},
         "b": {"kernel": jnp.asarray(rng.random((2, 2, 4, 6), np.float32))},
     }
-    m = make_masks(s, sparsity=0.5, pattern="block", block=(2, 3), scope=scope)
+    m = make_masks(s, sparsity=0.5, pattern=Block(2, 3), scope=scope)
     total_blocks = 0
     pruned_blocks = 0
     for _, mask in tree.named_leaves(m):
@@ -312,19 +312,24 @@ def test_sparsity_dict_per_layer(lenet):
     _, params = lenet
     names = tree.selected_names(params)
     want = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
-    m = make_masks(scores.magnitude(params), sparsity=want)
+    m = make_masks(scores.magnitude_scores(params), sparsity=want)
     for n, x in tree.named_leaves(m):
         if n in want:
             assert _zeros(x) == topk.pruned_count(want[n], x.size)
-    with pytest.raises(ValueError, match="missing"):
-        make_masks(scores.magnitude(params), sparsity={names[0]: 0.5})
+    with pytest.raises(ValueError, match=r"no pattern covers .*fc1/kernel"):
+        make_masks(scores.magnitude_scores(params), sparsity={names[0]: 0.5})
+    # first match wins: fc1 gets 0.5, every other kernel 0.9
+    _, aux = magnitude(sparsity=[("fc1", 0.5), (".*", 0.9)])(params)
+    for n, x in tree.named_leaves(aux.masks):
+        if n in names:
+            assert _zeros(x) == topk.pruned_count(0.5 if n.startswith("fc1") else 0.9, x.size), n
 
 
 def test_existing_masks_stay_pruned(lenet):
     _, params = lenet
-    rnd = scores.random(params, key=jax.random.key(0))
+    rnd = scores.random_scores(params, key=jax.random.key(0))
     first = make_masks(rnd, sparsity=0.5)
-    second = make_masks(scores.random(params, key=jax.random.key(1)), sparsity=0.7, existing=first)
+    second = make_masks(scores.random_scores(params, key=jax.random.key(1)), sparsity=0.7, existing=first)
     for (_, a), (_, b) in zip(tree.named_leaves(first), tree.named_leaves(second)):
         assert not np.any(np.asarray(b) & ~np.asarray(a))
 
@@ -333,24 +338,20 @@ def test_existing_masks_stay_pruned(lenet):
 
 _CONFIGS = [
     {"sparsity": 0.8},
-    {"sparsity": 0.8, "scope": "global"},
+    {"sparsity": 0.8, "scope": "global", "allow_empty": True},  # at init conv2's weights are all below the threshold
     {"sparsity": 0.9, "distribution": "erk"},
-    {
-        "sparsity": None,
-        "pattern": "nm",
-        "n": 2,
-        "m": 4,
-        "include": ["conv2/kernel", "fc2/kernel"],
-    },  # m divides their input axis
-    {"sparsity": 0.5, "pattern": "block", "block": (5, 2)},
-    {"sparsity": 0.5, "pattern": "structured", "norm": "l2"},
+    {"sparsity": None, "pattern": NM(2, 4), "select": ["conv2/kernel", "fc2/kernel"]},  # m divides their input axis
+    {"sparsity": 0.5, "pattern": Block(5, 2)},
+    {"sparsity": 0.5, "pattern": Units(norm="l2")},
 ]
 
 
 @pytest.mark.parametrize("config", _CONFIGS)
 def test_jit_state_dict_and_determinism_agree(lenet, config):
     state, params = lenet
-    fn = magnitude_pruning(**config)
+    config = dict(config)
+    select = config.pop("select", None)
+    fn = magnitude(**config) if select is None else masked(magnitude(**config), select)
     new, aux = fn(params)
     new_j, aux_j = jax.jit(fn)(params)
     new_s, aux_s = fn(state)
@@ -367,16 +368,22 @@ def test_jit_state_dict_and_determinism_agree(lenet, config):
         np.testing.assert_array_equal(got, np.where(m, np.asarray(w), 0))
         if n.endswith("bias"):
             assert m.all()
-    assert set(aux.thresholds) == set(tree.selected_names(params, config.get("include")))
+    assert isinstance(aux, MaskAux)
+    assert set(aux.errors) == set(select_names(params, select))
+    for n, e in aux.errors.items():
+        w = np.asarray(tree.get_by_name(params, n), np.float64)
+        d = w - np.asarray(tree.get_by_name(new, n), np.float64)
+        np.testing.assert_allclose(float(e), np.sum(d * d) / np.sum(w * w), rtol=1e-5)
 
 
-def test_thresholds_separate_kept_from_pruned(lenet):
+def test_kept_scores_are_above_pruned_scores(lenet):
     _, params = lenet
-    _, aux = prune(params, scores.magnitude(params), sparsity=0.7)
-    for n, t in aux.thresholds.items():
+    _, aux = magnitude(sparsity=0.7)(params)
+    for n in select_names(params, None):
         w = np.abs(np.asarray(tree.get_by_name(params, n)))
         m = np.asarray(tree.get_by_name(aux.masks, n))
-        assert np.min(w[m]) == t and np.all(w[~m] <= t)
+        np.testing.assert_array_equal(np.asarray(tree.get_by_name(aux.scores, n)), w)
+        assert np.min(w[m]) >= np.max(w[~m])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -384,28 +391,34 @@ def test_thresholds_separate_kept_from_pruned(lenet):
 
 def test_bad_inputs(lenet):
     _, params = lenet
-    s = scores.magnitude(params)
+    s = scores.magnitude_scores(params)
     for bad in (1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="sparsity"):
+        with pytest.raises(ValueError, match="sparsity|emptied"):
             make_masks(s, sparsity=bad)
     with pytest.raises(TypeError, match="sparsity"):
         make_masks(s, sparsity="0.5")
     with pytest.raises(ValueError, match="does not divide"):
-        make_masks({"w": {"kernel": jnp.ones((6, 4))}}, sparsity=None, pattern="nm", n=2, m=4, axis=0)
+        make_masks({"w": {"kernel": jnp.ones((6, 4))}}, sparsity=None, pattern=NM(2, 4, axis=0))
     with pytest.raises(ValueError, match="contradicts"):
-        make_masks(s, sparsity=0.3, pattern="nm")
+        make_masks(s, ["fc2/kernel"], sparsity=0.3, pattern=NM(2, 4))
     with pytest.raises(ValueError, match="does not tile"):
-        make_masks({"w": {"kernel": jnp.ones((6, 4))}}, sparsity=0.5, pattern="block", block=(4, 4))
-    with pytest.raises(ValueError, match="matches no leaf"):
-        make_masks(s, sparsity=0.5, selection=r"nothing_here")
+        make_masks({"w": {"kernel": jnp.ones((6, 4))}}, sparsity=0.5, pattern=Block(4, 4))
+    with pytest.raises(ValueError, match="match none of the leaves"):
+        masked(magnitude(sparsity=0.5), r"nothing_here")(params)
     with pytest.raises(ValueError, match="scope"):
         make_masks(s, sparsity=0.5, scope="model")
     with pytest.raises(ValueError, match="global"):
         make_masks(s, sparsity=0.5, scope="global", distribution="erk")
+    with pytest.raises(ValueError, match="single float"):
+        magnitude(sparsity={"fc": 0.5}, scope="global")
+    with pytest.raises(TypeError, match="pattern"):
+        magnitude(sparsity=0.5, pattern="nm")
     with pytest.raises(TypeError, match="floating"):
         make_masks({"w": {"kernel": jnp.ones((4, 4), jnp.int32)}}, sparsity=0.5)
     with pytest.raises(TypeError, match="params/w/kernel"):
-        magnitude_pruning(sparsity=0.5)({"w": {"kernel": jnp.ones((4, 4), jnp.int32)}})
+        magnitude(sparsity=0.5)({"w": {"kernel": jnp.ones((4, 4), jnp.int32)}})
+    with pytest.raises(ValueError, match="key="):
+        jc_random(sparsity=0.5)(params)
     with pytest.raises(ValueError, match="NaN"):
         make_masks({"w": {"kernel": jnp.full((4, 4), jnp.nan)}}, sparsity=0.5)
     m = make_masks(s, sparsity=0.5)
@@ -425,9 +438,10 @@ def test_bad_inputs(lenet):
 
 def test_summary_counts_and_table(lenet):
     _, params = lenet
-    new, aux = magnitude_pruning(sparsity=0.75)(params)
-    sm = summary.sparsity_summary(aux.masks, selection="kernel")
-    sp = summary.sparsity_summary(new, selection="kernel")
+    new, aux = magnitude(sparsity=0.75)(params)
+    kernels = select_names(params, "kernel")
+    sm = summary.sparsity_summary(aux.masks, names=kernels)
+    sp = summary.sparsity_summary(new, names=kernels)
     for n, c in sm["layers"].items():
         assert c["zeros"] == topk.pruned_count(0.75, c["size"])
         assert sp["layers"][n]["zeros"] >= c["zeros"]  # a kept weight may itself be 0
@@ -436,3 +450,61 @@ def test_summary_counts_and_table(lenet):
     assert "total" in table and re.search(r"fc1/kernel\s+[\d,]+\s+[\d,]+\s+75\.00%", table)
     full = summary.sparsity_summary(aux.masks)
     assert full["layers"]["fc1/bias"]["zeros"] == 0
+
+
+# ----------------------------------------------------------------------------- validation (no silent empty layers)
+
+
+@pytest.mark.parametrize(
+    "pattern, sparsity, what",
+    [(None, 1.0, "weight"), (None, 0.97, "weight"), (Units(), 0.9, "unit"), (Block(2, 2), 0.9, "block")],
+)
+def test_emptying_a_layer_raises_unless_allowed(pattern, sparsity, what):
+    params = {"fc1": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}, "fc2": {"kernel": jnp.ones((4, 16))}}
+    kw = {} if pattern is None else {"pattern": pattern}
+    t = masked(magnitude(sparsity=sparsity, **kw), "fc1")
+    with pytest.raises(ValueError, match=rf"fc1/kernel \(shape \(4, 4\), 16 weights\) would lose every {what}"):
+        t(params)
+    with pytest.raises(ValueError, match="allow_empty=True"):
+        jax.jit(t)(params)  # the counts are static: the check also runs under jit
+    new, aux = masked(magnitude(sparsity=sparsity, allow_empty=True, **kw), "fc1")(params)
+    assert not np.asarray(aux.masks["fc1"]["kernel"]).any() and not np.asarray(new["fc1"]["kernel"]).any()
+    assert np.asarray(aux.masks["fc2"]["kernel"]).all()
+
+
+def test_global_scope_never_empties_a_layer_silently():
+    params = {"big": {"kernel": jnp.full((8, 8), 10.0)}, "small": {"kernel": jnp.full((2, 2), 0.1)}}
+    with pytest.raises(ValueError, match=r"small/kernel \(shape \(2, 2\), 4 weights\)"):
+        magnitude(sparsity=0.06, scope="global")(params)
+    _, aux = magnitude(sparsity=0.06, scope="global", allow_empty=True)(params)
+    assert int(np.sum(aux.masks["big"]["kernel"])) == 64 and not np.asarray(aux.masks["small"]["kernel"]).any()
+    with pytest.raises(ValueError, match="emptied"):
+        magnitude(sparsity=1.0, scope="global")(params)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_non_finite_weights_are_rejected_with_the_leaf_name(bad):
+    params = {"fc1": {"kernel": jnp.ones((4, 4)).at[1, 2].set(bad)}, "fc2": {"kernel": jnp.ones((4, 4))}}
+    for t in (magnitude(sparsity=0.5), jc_random(sparsity=0.5), magnitude(sparsity=0.5, scope="global")):
+        with pytest.raises(ValueError, match=r"params/fc1/kernel contains NaN or inf"):
+            t(params, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("sparsity", [np.float32(0.5), np.float64(0.5), jnp.float32(0.5), 0.5])
+def test_numpy_and_jax_scalars_are_accepted_as_sparsity(lenet, sparsity):
+    _, params = lenet
+    want = magnitude(sparsity=0.5)(params)[1].masks
+    chex.assert_trees_all_equal(magnitude(sparsity=sparsity)(params)[1].masks, want)
+    chex.assert_trees_all_equal(magnitude(sparsity={"kernel": sparsity})(params)[1].masks, want)
+    assert topk.pruned_count(sparsity, 10) == 5
+
+
+def test_random_pruning_needs_a_key_and_is_exact(lenet):
+    _, params = lenet
+    t = jc_random(sparsity=0.6)
+    _, a = t(params, key=jax.random.key(0))
+    _, b = jax.jit(t)(params, key=jax.random.key(0))
+    chex.assert_trees_all_equal(a.masks, b.masks)
+    for n in select_names(params, None):
+        x = np.asarray(tree.get_by_name(a.masks, n))
+        assert _zeros(x) == topk.pruned_count(0.6, x.size)

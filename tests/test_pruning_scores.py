@@ -10,6 +10,9 @@ import pytest
 from flax import nnx
 
 from jcompress import models, tree
+import jcompress as jc
+from jcompress import pruning
+from jcompress.core.patterns import Units
 from jcompress.pruning import make_masks, scores
 
 
@@ -42,10 +45,10 @@ def _exact_hessian_diag(loss_fn, params, batch):
 def test_magnitude_taylor_obd_formulas():
     p = _tiny_params()
     g = jax.tree.map(lambda x: jnp.ones_like(x) * 2.0, p)
-    chex.assert_trees_all_close(scores.magnitude(p), jax.tree.map(jnp.abs, p))
-    chex.assert_trees_all_close(scores.taylor(p, g), jax.tree.map(lambda w: jnp.abs(2 * w), p))
-    chex.assert_trees_all_close(scores.obd(p, g), jax.tree.map(lambda w: w**2, p))
-    s = scores.magnitude(p, selection="fc1/kernel")
+    chex.assert_trees_all_close(scores.magnitude_scores(p), jax.tree.map(jnp.abs, p))
+    chex.assert_trees_all_close(scores.taylor_scores(p, g), jax.tree.map(lambda w: jnp.abs(2 * w), p))
+    chex.assert_trees_all_close(scores.obd_scores(p, g), jax.tree.map(lambda w: w**2, p))
+    s = scores.magnitude_scores(p, names=["fc1/kernel"])
     assert float(jnp.sum(s["fc2"]["kernel"])) == 0.0 and float(jnp.sum(s["fc1"]["kernel"])) > 0
 
 
@@ -53,27 +56,27 @@ def test_scores_on_nnx_state_match_dict():
     model = models.create("lenet300", input_shape=(4, 4, 1), num_classes=3)
     _, state = nnx.split(model, nnx.Param)
     d = tree.to_pure_dict(state)
-    out = scores.magnitude(state)
+    out = scores.magnitude_scores(state)
     assert isinstance(out, nnx.State)
-    chex.assert_trees_all_close(tree.to_pure_dict(out), scores.magnitude(d))
-    r1 = scores.random(state, key=jax.random.key(3))
-    r2 = scores.random(d, key=jax.random.key(3))
+    chex.assert_trees_all_close(tree.to_pure_dict(out), scores.magnitude_scores(d))
+    r1 = scores.random_scores(state, key=jax.random.key(3))
+    r2 = scores.random_scores(d, key=jax.random.key(3))
     chex.assert_trees_all_close(tree.to_pure_dict(r1), r2)
 
 
 def test_random_is_deterministic_and_per_leaf():
     p = _tiny_params()
-    a = scores.random(p, key=jax.random.key(0))
-    b = jax.jit(lambda q: scores.random(q, key=jax.random.key(0)))(p)
+    a = scores.random_scores(p, key=jax.random.key(0))
+    b = jax.jit(lambda q: scores.random_scores(q, key=jax.random.key(0)))(p)
     chex.assert_trees_all_close(a, b)
-    c = scores.random(p, key=jax.random.key(1))
+    c = scores.random_scores(p, key=jax.random.key(1))
     assert not np.allclose(a["fc1"]["kernel"], c["fc1"]["kernel"])
     assert all(float(x.min()) >= 0 and float(x.max()) < 1 for x in jax.tree.leaves(a))
 
 
 def test_snip_is_normalised_connection_sensitivity():
     p, batch = _tiny_params(), _batch()
-    s = scores.snip(_mlp_loss, p, batch)
+    s = scores.snip_scores(_mlp_loss, p, batch)
     g = jax.grad(_mlp_loss)(p, batch)
     raw = jax.tree.map(lambda w, gg: jnp.abs(w * gg), p, g)
     total = sum(float(jnp.sum(x)) for x in jax.tree.leaves(raw))
@@ -170,7 +173,7 @@ def test_neuron_entropy_values_and_unit_scores():
     s = scores.unit_scores(params, {"fc1/kernel": ents[0], "fc2/kernel": ents[1]})
     np.testing.assert_array_equal(np.asarray(s["fc1"]["kernel"]), np.broadcast_to(np.asarray(ents[0]), (6, 8)))
     assert float(jnp.sum(s["fc3"]["kernel"])) == 0.0
-    m = make_masks(s, sparsity=0.25, pattern="structured", selection=["fc1/kernel", "fc2/kernel"])
+    m = make_masks(s, ["fc1/kernel", "fc2/kernel"], sparsity=0.25, pattern=Units())
     dropped = ~np.asarray(m["fc1"]["kernel"]).any(axis=0)
     assert dropped.sum() == 2 and np.all(np.asarray(ents[0])[dropped].max() <= np.asarray(ents[0])[~dropped].min())
 
@@ -178,9 +181,9 @@ def test_neuron_entropy_values_and_unit_scores():
 def test_score_bad_inputs():
     p = _tiny_params()
     with pytest.raises(TypeError, match="params/fc1/kernel"):
-        scores.magnitude({"fc1": {"kernel": jnp.ones((2, 2), jnp.int32)}})
+        scores.magnitude_scores({"fc1": {"kernel": jnp.ones((2, 2), jnp.int32)}})
     with pytest.raises(ValueError, match="structure"):
-        scores.taylor(p, {"fc1": p["fc1"]})
+        scores.taylor_scores(p, {"fc1": p["fc1"]})
     with pytest.raises(ValueError, match="bins"):
         scores.neuron_entropy([jnp.ones((4, 2))], bins=1)
     with pytest.raises(ValueError, match="num_samples"):
@@ -191,3 +194,45 @@ def test_score_bad_inputs():
         scores.unit_scores(p, {"fc9/kernel": jnp.ones(3)})
     with pytest.raises(ValueError, match="shape"):
         scores.unit_scores(p, {"fc1/kernel": jnp.ones(3)})
+    with pytest.raises(ValueError, match="not leaves"):
+        scores.magnitude_scores(p, names=["fc9/kernel"])
+    with pytest.raises(TypeError, match="list of leaf names"):
+        scores.magnitude_scores(p, names="fc1/kernel")
+
+
+def _expected_masks(p, score_tree, sparsity):
+    """Reference: per kernel, keep the largest scores (stable ties) with exact counts."""
+    out = {}
+    for name in ("fc1/kernel", "fc2/kernel"):
+        v = np.asarray(tree.get_by_name(score_tree, name), np.float32).ravel()
+        k = v.size - int(np.floor(sparsity * v.size + 0.5))
+        keep = np.zeros(v.size, bool)
+        keep[np.argsort(v, kind="stable")[v.size - k :]] = True
+        out[name] = keep.reshape(np.shape(tree.get_by_name(p, name)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["taylor", "snip", "obd", "by_scores"])
+def test_score_transforms_prune_by_their_scores(kind):
+    p, batch = _tiny_params(), _batch()
+    g = jax.grad(_mlp_loss)(p, batch)
+    h = jax.tree.map(lambda x: jnp.abs(x) + 0.5, g)
+    t, want_scores = {
+        "taylor": (pruning.taylor(g, sparsity=0.5), scores.taylor_scores(p, g)),
+        "snip": (pruning.snip(_mlp_loss, batch, sparsity=0.5), scores.snip_scores(_mlp_loss, p, batch)),
+        "obd": (pruning.obd(h, sparsity=0.5), scores.obd_scores(p, h)),
+        "by_scores": (pruning.by_scores(scores.obd_scores(p, h), sparsity=0.5), scores.obd_scores(p, h)),
+    }[kind]
+    want = _expected_masks(p, want_scores, 0.5)
+    for new, aux in (t(p), jax.jit(t)(p)):
+        assert isinstance(aux, jc.core.MaskAux)
+        for name, keep in want.items():
+            np.testing.assert_array_equal(np.asarray(tree.get_by_name(aux.masks, name)), keep)
+            w = np.asarray(tree.get_by_name(p, name))
+            np.testing.assert_array_equal(np.asarray(tree.get_by_name(new, name)), np.where(keep, w, 0))
+            err = float(np.sum((w * ~keep) ** 2) / np.sum(w**2))
+            np.testing.assert_allclose(float(aux.errors[name]), err, rtol=1e-5)
+        assert np.asarray(aux.masks["fc1"]["bias"]).all()
+        np.testing.assert_array_equal(np.asarray(new["fc1"]["bias"]), np.asarray(p["fc1"]["bias"]))
+    with pytest.raises(ValueError, match="structure"):
+        pruning.taylor({"fc1": p["fc1"]}, sparsity=0.5)(p)

@@ -15,6 +15,8 @@ from flax import nnx
 from jcompress import data, models, train
 from jcompress import tree as jtree
 from jcompress.core import topk
+from jcompress.core.patterns import Units
+from jcompress.core.spec import selection_tree
 from jcompress.pruning import dynamic, iterative, lottery, optim, schedules, scores
 from jcompress.pruning import masks as masks_lib
 
@@ -60,7 +62,7 @@ def _flat(tree):
 
 def test_keep_masked_keeps_zeros_through_adamw_training_on_digits(digits):
     fn = models.functional(_model((64, 32)))
-    masks = masks_lib.make_masks(scores.magnitude(fn.params), sparsity=0.8, scope="global")
+    masks = masks_lib.make_masks(scores.magnitude_scores(fn.params), sparsity=0.8, scope="global")
     params = masks_lib.apply_masks(fn.params, masks)
     tx = optax.chain(optax.adamw(1e-2, weight_decay=1e-2), optim.keep_masked(masks))
     state = train.init_state(params, fn.extra, tx)
@@ -87,7 +89,7 @@ def test_keep_masked_keeps_zeros_through_adamw_training_on_digits(digits):
 @pytest.mark.parametrize("jit", [False, True])
 def test_keep_masked_zeroes_updates_exactly(kind, jit):
     params = _params(kind)
-    masks = masks_lib.make_masks(scores.random(params, key=jax.random.key(0)), sparsity=0.5)
+    masks = masks_lib.make_masks(scores.random_scores(params, key=jax.random.key(0)), sparsity=0.5)
     tx = optim.keep_masked(jtree.to_pure_dict(masks))  # a pure dict is accepted for a State
     state = tx.init(params)
     grads = _noise(params, 1)
@@ -125,7 +127,12 @@ def test_l1_l2_add_the_penalty_gradient_to_selected_leaves(kind, jit):
     grads = _noise(params, 3)
     cases = (
         (optim.l1(0.3), lambda w: 0.3 * np.sign(w), {"fc1/kernel", "fc2/kernel", "fc3/kernel"}),
-        (optim.l2(0.3, include=r"fc1/"), lambda w: 0.3 * w, {"fc1/kernel", "fc1/bias"}),
+        (optax.masked(optim.l2(0.3), selection_tree(r"fc1/")), lambda w: 0.3 * w, {"fc1/kernel"}),
+        (
+            optax.masked(optim.l2(0.3), selection_tree(r"fc[23]/kernel")),
+            lambda w: 0.3 * w,
+            {"fc2/kernel", "fc3/kernel"},
+        ),
     )
     for tx, penalty_grad, picked in cases:
         update = jax.jit(tx.update) if jit else tx.update
@@ -146,8 +153,8 @@ def test_regularisers_reject_bad_input():
     params = _params("dict")
     with pytest.raises(ValueError, match="params"):
         optim.l2(0.1).update(params, optax.EmptyState())
-    with pytest.raises(ValueError, match="matches no leaf"):
-        optim.l2(0.1, include="nothing_here").update(params, optax.EmptyState(), params)
+    with pytest.raises(ValueError, match="match none of the leaves"):
+        optax.masked(optim.l2(0.1), selection_tree("nothing_here")).init(params)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -219,7 +226,7 @@ def test_gradual_pruning_exact_counts_every_step(kind):
             assert int(np.sum(p[n] == 0)) == want, (t, n)  # survivors are nonzero
         assert m["fc1/bias"].all()  # biases are never pruned
         if kind == "dict" and t in (7, 15):  # pruning steps: magnitude masks of the weights before the step
-            ref = masks_lib.make_masks(scores.magnitude(before), sparsity=sched(t), existing=prev)
+            ref = masks_lib.make_masks(scores.magnitude_scores(before), sparsity=sched(t), existing=prev)
             chex.assert_trees_all_equal(_flat(ref), m)
         prev = masks
     assert sched(19) == pytest.approx(0.85)
@@ -248,7 +255,7 @@ def test_gradual_pruning_global_scope_counts():
         pruned = sum(int(np.sum(~m)) for n, m in _flat(masks).items() if n.endswith("kernel"))
         assert pruned == topk.pruned_count(sched(t), total)
         if t == 4:
-            ref = masks_lib.make_masks(scores.magnitude(before), sparsity=0.6, scope="global", existing=prev)
+            ref = masks_lib.make_masks(scores.magnitude_scores(before), sparsity=0.6, scope="global", existing=prev)
             chex.assert_trees_all_equal(ref, masks)
         prev = masks
 
@@ -287,10 +294,12 @@ def test_gradual_pruning_rejects_bad_arguments():
         optim.gradual_pruning(final_sparsity=0.5, begin_step=0, end_step=10, frequency=3)
     with pytest.raises(ValueError, match="scope"):
         optim.gradual_pruning(final_sparsity=0.5, begin_step=0, end_step=10, frequency=5, scope="model")
-    with pytest.raises(ValueError, match="structured"):
+    with pytest.raises(ValueError, match="Units"):
         optim.gradual_pruning(
-            final_sparsity=0.5, begin_step=0, end_step=10, frequency=5, scope="global", pattern="structured"
+            final_sparsity=0.5, begin_step=0, end_step=10, frequency=5, scope="global", pattern=Units()
         )
+    with pytest.raises(TypeError, match="pattern"):
+        optim.gradual_pruning(final_sparsity=0.5, begin_step=0, end_step=10, frequency=5, pattern="structured")
     tx = optim.gradual_pruning(final_sparsity=0.5, begin_step=0, end_step=10, frequency=5)
     params = _params("dict")
     with pytest.raises(ValueError, match="params"):
@@ -325,7 +334,7 @@ def _rigl_reference(w, g, mask, frac):
 )
 def test_dynamic_sparse_training_keeps_counts_and_rewires(kind, jit, method):
     params = _noise(_params(kind), 7)
-    masks = masks_lib.make_masks(scores.random(params, key=jax.random.key(1)), sparsity=0.8, distribution="erk")
+    masks = masks_lib.make_masks(scores.random_scores(params, key=jax.random.key(1)), sparsity=0.8, distribution="erk")
     params = masks_lib.apply_masks(params, masks)
     common = {"masks": masks, "delta_t": 3, "end_step": 12, "drop_fraction": 0.5}
     if method == "rigl":
@@ -381,7 +390,11 @@ def test_prune_round_counts_and_output_rate(kind):
     masks = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
     for r in range(3):
         alive = {n: int(m.sum()) for n, m in _flat(masks).items()}
-        new = lottery.prune_round(params, masks, rate=0.2, output_rate=0.1, output_layer="fc3")
+        t = lottery.prune_round(masks, rate=0.2, output_rate=0.1, output_layer="fc3")
+        pruned, aux = t(params)
+        new = aux.masks
+        chex.assert_trees_all_equal(jtree.to_pure_dict(jax.jit(t)(params)[1].masks), jtree.to_pure_dict(new))
+        chex.assert_trees_all_equal(jtree.to_pure_dict(pruned), jtree.to_pure_dict(masks_lib.apply_masks(params, new)))
         got = _flat(new)
         for n, m in got.items():
             if not n.endswith("kernel"):
@@ -400,7 +413,8 @@ def test_rewind_restores_snapshot_values_exactly():
     init = _noise(_params("state"), 9)
     snap = lottery.snapshot(init)
     trained = _noise(init, 10)
-    masks = lottery.prune_round(trained, jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), init), rate=0.5)
+    _, aux = lottery.prune_round(jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), init), rate=0.5)(trained)
+    masks = aux.masks
     ticket = lottery.rewind(snap, masks)
     t, s, m = _flat(ticket), _flat(init), _flat(masks)
     for n in t:

@@ -1,28 +1,42 @@
-"""Pruning: importance scores, exact masks (layer/global, N:M, block, structured), the
-linear-time global threshold, training with sparsity, and hard pruning.
+"""Pruning: transforms with exact counts (layer/global, ERK, N:M, block, units), importance
+scores, and training with sparsity.
+
+The transforms ``magnitude``, ``random``, ``taylor(grads)``, ``snip(loss_fn, batch)``,
+``obd(hessian_diag)`` and ``by_scores(scores)`` each take ``sparsity=``, ``pattern=``,
+``scope=`` and ``distribution=`` and return ``(params, MaskAux)``:
+
+  >>> params, aux = jc.pruning.magnitude(sparsity=0.9, scope='global')(params)
 
 Modules, one per idea:
+  masks    the pruning transforms, make_masks / apply_masks, ERK densities
   scores   importance scores (magnitude, Taylor, SNIP, OBD with Fisher/Hutchinson
            Hessian diagonals, neuron entropy)
-  masks    make_masks / apply_masks / prune and the magnitude_pruning factory
   summary  per-layer and total sparsity
   schedules  sparsity as a function of the step (Zhu-Gupta cubic, linear, one-shot)
   optim    optax transforms: keep_masked, l1 / l2, gradual_pruning, soft_filter_pruning
   dynamic  RigL and SET dynamic sparse training
   lottery  iterative magnitude pruning with rewinding (lottery tickets) and its controls
   iterative  prune, evaluate, undo when accuracy drops, repeat
-  surgery  hard pruning: physically remove neurons / channels / filters
-Training-time pruning (schedules, optim, dynamic, lottery, iterative, surgery) builds on
+Training-time pruning (schedules, optim, dynamic, lottery, iterative) builds on
 these; import those submodules directly (``from jcompress.pruning import optim``).
 """
 
-from jcompress.pruning import dynamic, iterative, lottery, masks, optim, schedules, scores, summary, surgery
+from jcompress.pruning import dynamic, iterative, lottery, masks, optim, schedules, scores, summary
 from jcompress.pruning.dynamic import rigl, sparse_evolutionary
 from jcompress.pruning.iterative import iterative_pruning
 from jcompress.pruning.lottery import find_ticket, prune_round, rewind, snapshot
 from jcompress.pruning.optim import find_masks, gradual_pruning, keep_masked, l1, l2, soft_filter_pruning
-from jcompress.pruning.surgery import complete_masks, hard_prune, hard_prune_report, unit_masks
-from jcompress.pruning.masks import PruneAux, apply_masks, erk_densities, magnitude_pruning, make_masks, nm_masks, prune
+from jcompress.pruning.masks import (
+    apply_masks,
+    by_scores,
+    erk_densities,
+    magnitude,
+    make_masks,
+    obd,
+    random,
+    snip,
+    taylor,
+)
 from jcompress.pruning.summary import format_summary, sparsity_summary
 
 __all__ = [
@@ -31,7 +45,6 @@ __all__ = [
     "lottery",
     "optim",
     "schedules",
-    "surgery",
     "rigl",
     "sparse_evolutionary",
     "iterative_pruning",
@@ -45,19 +58,17 @@ __all__ = [
     "l1",
     "l2",
     "soft_filter_pruning",
-    "complete_masks",
-    "hard_prune",
-    "hard_prune_report",
-    "unit_masks",
-    "PruneAux",
     "apply_masks",
+    "by_scores",
     "erk_densities",
     "format_summary",
-    "magnitude_pruning",
+    "magnitude",
     "make_masks",
     "masks",
-    "nm_masks",
-    "prune",
+    "obd",
+    "random",
+    "snip",
+    "taylor",
     "scores",
     "sparsity_summary",
     "summary",

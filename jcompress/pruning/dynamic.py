@@ -20,8 +20,8 @@ into its state. The gradient they see is dense: ``jax.grad`` of the loss at spar
 params has entries for inactive weights too, which is what RigL's growth criterion uses.
 
 Example:
-  >>> masks = make_masks(scores.random(params, key=k), sparsity=0.9, distribution='erk')
-  >>> params = apply_masks(params, masks)
+  >>> params, aux = jc.pruning.random(sparsity=0.9, distribution='erk')(params, key=k)
+  >>> masks = aux.masks
   >>> tx = rigl(optax.adam(1e-3), masks=masks, delta_t=100, end_step=7500)
 """
 
@@ -35,6 +35,7 @@ import optax
 from jax import lax
 
 from jcompress import tree as jtree
+from jcompress.core.base import default_leaves
 from jcompress.core.topk import keep_largest
 from jcompress.pruning.optim import as_mask_tree
 
@@ -81,8 +82,6 @@ def _dynamic(
     delta_t: int,
     end_step: int,
     drop_fraction: float,
-    include,
-    exclude,
     grow: str,
     key: jax.Array | None,
 ) -> optax.GradientTransformation:
@@ -91,13 +90,13 @@ def _dynamic(
 
     def init(params):
         m = as_mask_tree(params, masks)
-        names = [n for n, s in jtree.named_leaves(jtree.select(params, include, exclude)) if s]
+        names = default_leaves(params)
         for n in names:
             jtree.as_float_array(jtree.get_by_name(params, n), f"params/{n}")
         return DynamicSparseState(jnp.zeros((), jnp.int32), m, key_data, inner.init(params))
 
     def regrow(params, grads, masks_tree, t, key_raw):
-        names = [n for n, s in jtree.named_leaves(jtree.select(params, include, exclude)) if s]
+        names = default_leaves(params)
         w, g, old = (dict(jtree.named_leaves(x)) for x in (params, grads, masks_tree))
         frac = update_fraction(t, drop_fraction=drop_fraction, end_step=end_step)
         new = {}
@@ -147,21 +146,19 @@ def rigl(
     delta_t: int = 100,
     end_step: int,
     drop_fraction: float = 0.3,
-    include=None,
-    exclude=None,
 ) -> optax.GradientTransformation:
     """RigL (Evci et al. 2020): drop by magnitude, grow by gradient magnitude.
 
     Args:
       inner: the optimizer to wrap (its moments of grown and dropped weights are reset).
       masks: initial bool masks (params structure or its pure dict; True = active),
-        e.g. random ERK masks from ``make_masks(scores.random(...), distribution='erk')``.
+        e.g. the random ERK masks of ``jc.pruning.random(sparsity=0.9, distribution='erk')``.
         Apply them to the params before training.
       delta_t: steps between connectivity updates (the paper uses 100).
       end_step: ``T_end``; no updates from this step on (the paper: 75% of training).
       drop_fraction: ``alpha``, the fraction updated at step 0 of the cosine decay (0.3).
-      include, exclude: which leaves are rewired (default kernels); other leaves keep
-        their masks (usually all True) and are only masked.
+      The Dense and conv kernels are rewired; other leaves keep their masks (usually
+      all True) and are only masked.
 
     Returns:
       an optax GradientTransformation (state :class:`DynamicSparseState`) that replaces
@@ -177,8 +174,6 @@ def rigl(
         delta_t=delta_t,
         end_step=end_step,
         drop_fraction=drop_fraction,
-        include=include,
-        exclude=exclude,
         grow="gradient",
         key=None,
     )
@@ -192,8 +187,6 @@ def sparse_evolutionary(
     delta_t: int = 100,
     end_step: int,
     drop_fraction: float = 0.3,
-    include=None,
-    exclude=None,
 ) -> optax.GradientTransformation:
     """SET (Mocanu et al. 2018): drop by magnitude, grow uniformly at random.
 
@@ -212,8 +205,6 @@ def sparse_evolutionary(
         delta_t=delta_t,
         end_step=end_step,
         drop_fraction=drop_fraction,
-        include=include,
-        exclude=exclude,
         grow="random",
         key=key,
     )

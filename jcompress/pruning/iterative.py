@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jcompress import tree as jtree
+from jcompress.core.base import default_leaves
+from jcompress.core.patterns import NM, Pattern, Unstructured
 from jcompress.pruning import masks as masks_lib
 from jcompress.pruning import scores as scores_lib
 from jcompress.pruning.optim import as_mask_tree
@@ -81,9 +82,8 @@ def iterative_pruning(
     finetune_fn: Callable[[PyTree, PyTree], PyTree] | None = None,
     min_step: float = 0.01,
     metric: str = "accuracy",
-    include=None,
-    exclude=None,
     scope: str = "layer",
+    pattern: Pattern = Unstructured(),
     masks: PyTree | None = None,
     start_sparsity: float = 0.0,
 ) -> IterativeResult:
@@ -99,8 +99,10 @@ def iterative_pruning(
         pruning step, before evaluation (the masks are re-applied to its result).
       min_step: stop, short of the target, when the step falls below this.
       metric: the key to read when ``eval_fn`` returns a dict.
-      include, exclude: which leaves are pruned (default kernels).
       scope: ``'layer'`` (every leaf at the same sparsity) or ``'global'``.
+      pattern: what is removed together: ``Unstructured()``, ``Block(...)`` or
+        ``Units()`` (``NM`` fixes the sparsity, so it cannot be raised step by step).
+        The Dense and conv kernels are pruned.
       masks, start_sparsity: resume from these masks at this sparsity.
 
     Returns:
@@ -118,7 +120,9 @@ def iterative_pruning(
         raise ValueError(f"step={step!r} and min_step={min_step!r} must be positive floats")
     if not tolerance >= 0:
         raise ValueError(f"tolerance={tolerance!r} must be >= 0")
-    selection = jtree.select(params, include, exclude)
+    if isinstance(pattern, NM):
+        raise ValueError(f"pattern={pattern} fixes the sparsity; iterative pruning needs Unstructured, Block or Units")
+    names = default_leaves(params)
     if masks is None:
         masks = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
     masks = as_mask_tree(params, masks)
@@ -129,9 +133,10 @@ def iterative_pruning(
     while current < target and step >= min_step:
         trial = min(current + step, target)
         trial_masks = masks_lib.make_masks(
-            scores_lib.magnitude(params, selection=selection),
+            scores_lib.magnitude_scores(params, names=names),
+            names,
             sparsity=trial,
-            selection=selection,
+            pattern=pattern,
             scope=scope,
             existing=masks,
         )

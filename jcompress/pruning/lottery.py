@@ -17,10 +17,13 @@ Example:
   ...     return train.fit(fn.apply, params, fn.extra, ds, tx=tx, epochs=5, progress=False).params
   >>> res = find_ticket(train_fn, fn.params, rounds=5, rate=0.2, output_rate=0.1, output_layer='fc3')
   >>> res.history[-1]['sparsity']   # 1 - 0.8**5 = 0.672 on the hidden layers
+  >>> params, aux = prune_round(res.masks, rate=0.2)(res.params)   # one more round by hand
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,6 +33,7 @@ import numpy as np
 
 from jcompress import tree as jtree
 from jcompress.core import topk
+from jcompress.core.base import MaskAux, Transform, default_leaves
 from jcompress.pruning import masks as masks_lib
 from jcompress.pruning import scores as scores_lib
 from jcompress.pruning.optim import as_mask_tree
@@ -107,44 +111,52 @@ def _layer_rates(names: list[str], rate: float, output_rate: float | None, outpu
 
 
 def prune_round(
-    params: PyTree,
     masks: PyTree,
     *,
     rate: float = 0.2,
     output_rate: float | None = None,
     output_layer: str | None = None,
-    include=None,
-    exclude=None,
-) -> PyTree:
-    """Masks after one round: prune ``round(rate * alive)`` of each layer's surviving weights.
+) -> Transform:
+    """One lottery round: prune ``round(rate * alive)`` of each leaf's surviving weights.
 
-    The surviving weights with the smallest ``|w|`` go; pruned weights stay pruned.
+    The surviving weights with the smallest ``|w|`` go; weights pruned in ``masks`` stay
+    pruned.
 
     Args:
-      params: the trained params (dict or NNX State).
       masks: the current masks (params structure or its pure dict; True = alive).
       rate: fraction of the survivors pruned per round, in ``[0, 1)``.
       output_rate: the fraction for ``output_layer`` (Frankle & Carbin use 0.1).
       output_layer: name of the output kernel (``'fc3'`` or ``'fc3/kernel'``).
-      include, exclude: which leaves are pruned (default kernels).
 
     Returns:
-      bool masks with the params' structure.
+      a :class:`~jcompress.core.base.Transform`: ``t(params) -> (pruned_params,
+      MaskAux)`` with the new masks (params structure). It prunes the Dense and conv
+      kernels; ``jc.masked(t, selection)`` picks other leaves.
+
+    Example:
+      >>> params, aux = prune_round(masks, rate=0.2, output_rate=0.1, output_layer='fc3')(trained)
+      >>> masks = aux.masks
     """
-    masks = as_mask_tree(params, masks)
-    names = [n for n, s in jtree.named_leaves(jtree.select(params, include, exclude)) if s]
-    rates = _layer_rates(names, rate, output_rate, output_layer)
-    old = dict(jtree.named_leaves(masks))
-    target = {}
-    for n in names:
-        size = int(np.prod(old[n].shape))
-        alive = int(jnp.sum(old[n]))
-        keep = alive - topk.pruned_count(rates[n], alive)
-        target[n] = (size - keep) / size
-    selection = jtree.select(params, include, exclude)
-    return masks_lib.make_masks(
-        scores_lib.magnitude(params, selection=selection), sparsity=target, selection=selection, existing=masks
-    )
+    check_sparsity(rate, "rate")
+    if output_rate is not None:
+        check_sparsity(output_rate, "output_rate")
+
+    def apply(params, names, key):
+        del key
+        current = as_mask_tree(params, masks)
+        rates = _layer_rates(list(names), rate, output_rate, output_layer)
+        old = dict(jtree.named_leaves(current))
+        target = []
+        for n in names:
+            size = int(np.prod(old[n].shape))
+            alive = int(np.sum(np.asarray(old[n])))  # the masks are concrete, also under jit
+            keep = alive - topk.pruned_count(rates[n], alive)
+            target.append((f"^{re.escape(n)}$", (size - keep) / size))
+        scores = scores_lib.magnitude_scores(params, names=names)
+        new_masks = masks_lib.make_masks(scores, names, sparsity=target, existing=current)
+        return masks_lib.apply_masks(params, new_masks), MaskAux(new_masks, scores)
+
+    return Transform(apply, "prune_round")
 
 
 def rewind(snapshot_params: PyTree, masks: PyTree) -> PyTree:
@@ -162,15 +174,24 @@ def random_reinit(init_fn: Callable[[jax.Array], PyTree], masks: PyTree, *, key:
     return masks_lib.apply_masks(fresh, as_mask_tree(fresh, masks))
 
 
-def random_masks_like(masks: PyTree, *, key: jax.Array, include=None, exclude=None) -> PyTree:
-    """Control: random masks with exactly the per-layer number of kept weights of ``masks``."""
+def random_masks_like(masks: PyTree, *, key: jax.Array) -> PyTree:
+    """Control: random masks with exactly the per-leaf number of kept weights of ``masks``.
+
+    Args:
+      masks: bool tree (True = kept); every leaf gets a random mask with its count.
+      key: PRNG key.
+
+    Returns:
+      bool tree with the structure of ``masks``.
+
+    Example:
+      >>> control = random_masks_like(ticket_masks, key=jax.random.key(1))
+    """
     template = jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.float32), masks)
-    selection = jtree.select(template, include, exclude)
-    sparsity = {}
-    for n, m in jtree.iter_selected(masks, selection):
-        sparsity[n] = 1.0 - float(jnp.sum(m)) / int(np.prod(jnp.shape(m)))
+    names = [n for n, m in jtree.named_leaves(masks) if np.size(m)]
+    sparsity = [(f"^{re.escape(n)}$", 1.0 - float(jnp.sum(m)) / np.size(m)) for n, m in jtree.named_leaves(masks) if np.size(m)]
     return masks_lib.make_masks(
-        scores_lib.random(template, key=key, selection=selection), sparsity=sparsity, selection=selection
+        scores_lib.random_scores(template, key=key, names=names), names, sparsity=sparsity, allow_empty=True
     )
 
 
@@ -201,8 +222,6 @@ def find_ticket(
     rate: float = 0.2,
     output_rate: float | None = None,
     output_layer: str | None = None,
-    include=None,
-    exclude=None,
     eval_fn: Callable[[PyTree, PyTree], Any] | None = None,
     masks: PyTree | None = None,
 ) -> TicketResult:
@@ -219,7 +238,8 @@ def find_ticket(
         ``params``.
       params: the initial params (snapshotted before the first run).
       rounds: number of pruning rounds (``>= 1``).
-      rate, output_rate, output_layer, include, exclude: as in :func:`prune_round`.
+      rate, output_rate, output_layer: as in :func:`prune_round`. The Dense and conv
+        kernels are pruned.
       eval_fn: optional ``eval_fn(params, masks) -> float or dict`` recorded per round.
       masks: optional starting masks (default: all kept).
 
@@ -232,7 +252,8 @@ def find_ticket(
     if masks is None:
         masks = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
     masks = as_mask_tree(params, masks)
-    names = [n for n, s in jtree.named_leaves(jtree.select(params, include, exclude)) if s]
+    names = default_leaves(params)
+    round_of = functools.partial(prune_round, rate=rate, output_rate=output_rate, output_layer=output_layer)
     _layer_rates(names, rate, output_rate, output_layer)  # fail before any training
     start = rewind(rewind_to, masks)
     history = []
@@ -252,14 +273,7 @@ def find_ticket(
         history.append(row)
         if r == rounds:
             break
-        masks = prune_round(
-            trained,
-            masks,
-            rate=rate,
-            output_rate=output_rate,
-            output_layer=output_layer,
-            include=include,
-            exclude=exclude,
-        )
+        _, aux = round_of(masks)(trained)
+        masks = aux.masks
         start = rewind(rewind_to, masks)
     return TicketResult(trained, masks, rewind(rewind_to, masks), rewind_to, history)

@@ -1,42 +1,54 @@
-"""Pruning masks with exact counts: unstructured, N:M, block and structured; layer or global.
+"""Pruning transforms and the masks behind them, with exact counts.
 
-A *mask* tree has the structure of the params and holds bool arrays: True keeps a
-weight, False prunes it. Leaves outside the selection get all-True masks, so applying a
-mask tree never touches them.
+The transforms (factories returning a :class:`jcompress.core.base.Transform`):
+
+* :func:`magnitude`: score ``|w|`` (Han et al. 2015).
+* :func:`random`: uniform random scores (the baseline); needs ``key`` at call time.
+* :func:`taylor`: ``|w * g|`` from a gradient tree.
+* :func:`snip`: connection sensitivity from one batch (Lee et al. 2019).
+* :func:`obd`: ``h w^2 / 2`` from a Hessian diagonal (LeCun et al. 1990).
+* :func:`by_scores`: any score tree of your own.
+
+Each takes ``sparsity`` (a spec resolved per leaf by :func:`jcompress.core.spec.resolve`),
+``pattern`` (:class:`~jcompress.core.patterns.Unstructured`, :class:`~jcompress.core.patterns.NM`,
+:class:`~jcompress.core.patterns.Block` or :class:`~jcompress.core.patterns.Units`),
+``scope`` and ``distribution``, and returns ``(pruned_params, MaskAux)``: the masks
+(params-shaped bool tree, True = kept, all True on untouched leaves), the scores and
+``errors`` (``||dW||^2 / ||W||^2`` per leaf). By default they prune the Dense and conv
+kernels; ``jc.masked(t, selection)`` picks other leaves.
 
 Counting rules (exact, deterministic):
 
-* ``scope='layer'``: every selected leaf asked for sparsity ``s`` loses exactly
-  ``round(s * size)`` entries (or units / blocks for the structured patterns).
-* ``scope='global'``: exactly ``round(s * total)`` entries over all selected leaves,
-  chosen by one threshold (see :mod:`jcompress.core.topk`).
+* ``scope='layer'``: a leaf asked for sparsity ``s`` loses exactly ``round(s * size)``
+  entries (units or blocks for the structured patterns).
+* ``scope='global'``: exactly ``round(s * total)`` entries over all the leaves, chosen
+  by one threshold (see :mod:`jcompress.core.topk`).
 * ``distribution='erk'``: per-layer densities by Erdos-Renyi-Kernel (Evci et al. 2020,
   RigL): density proportional to ``sum(shape) / prod(shape)``, layers that would exceed
   density 1 kept dense, and the total count exact.
-* Ties: entries are ranked by score, and among equal scores the lower flat index
-  (row-major, leaves in tree order for global scope) is pruned first.
+* Ties: among equal scores the lower flat index (row-major, leaves in tree order for
+  global scope) is pruned first.
+* A leaf is never emptied silently: pruning every weight (or unit, or block) of a leaf
+  raises a ValueError naming it, unless ``allow_empty=True``.
 
-Patterns: ``'unstructured'``; ``'nm'`` (in every group of ``m`` consecutive entries
-along ``axis`` exactly ``n`` are kept, default ``axis=-2``: the input axis of a Dense
-kernel ``(in, out)`` or of a conv kernel ``(kh, kw, cin, cout)``); ``'block'`` (blocks
-of ``block=(r, c)`` entries of the kernel seen as a matrix ``(prod(shape[:-1]),
-shape[-1])``, scored by the sum of their scores); ``'structured'`` (whole output units
-along ``axis``, default ``-1``: neurons of a Dense kernel, filters of a conv kernel,
-scored by the L1 or L2 norm of their scores over the other axes).
+Patterns: :class:`NM` keeps ``n`` of every ``m`` consecutive entries along its axis;
+:class:`Block` removes ``rows x cols`` tiles of the kernel seen as a matrix
+``(prod(shape[:-1]), shape[-1])``, scored by the l1/l2 norm of their scores;
+:class:`Units` removes whole slices along its axis (output neurons or filters for
+``axis=-1``), scored by the l1/l2 norm of their scores over the other axes.
 
 Example:
-  >>> from jcompress.pruning import scores
-  >>> masks = make_masks(scores.magnitude(params), sparsity=0.9, scope='global')
-  >>> pruned = apply_masks(params, masks)
-  >>> new_params, aux = magnitude_pruning(sparsity=0.9)(params)
+  >>> params, aux = jc.pruning.magnitude(sparsity=0.9, scope='global')(params)
+  >>> params, aux = jc.pruning.taylor(grads, sparsity={'fc3': 0.5, '.*': 0.9})(params)
+  >>> t = jc.masked(jc.pruning.magnitude(sparsity=0.5, pattern=jc.NM(2, 4)), r'conv')
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,70 +56,70 @@ import numpy as np
 
 from jcompress import tree as jtree
 from jcompress.core import topk
-from jcompress.core.spec import check_value
+from jcompress.core.base import MaskAux, Transform, default_leaves, relative_error, require_key
+from jcompress.core.patterns import NM, Block, Pattern, Units, Unstructured, check_pattern
+from jcompress.core.spec import Spec, check_value, is_pairs, resolve
 from jcompress.pruning import scores as scores_lib
 
 __all__ = [
-    "PruneAux",
     "apply_masks",
+    "by_scores",
     "erk_densities",
-    "magnitude_pruning",
+    "magnitude",
     "make_masks",
-    "nm_masks",
-    "prune",
+    "obd",
+    "random",
+    "snip",
+    "taylor",
 ]
 
 PyTree = Any
-_PATTERNS = ("unstructured", "nm", "block", "structured")
-
-
-class PruneAux(NamedTuple):
-    """What a pruning step reports besides the new params.
-
-    Attributes:
-      masks: bool tree with the params' structure (True = kept).
-      scores: the float score tree the masks were made from.
-      thresholds: ``{leaf name: float32 scalar}`` for the selected leaves: the smallest
-        score that was kept in that leaf (for block/structured patterns, the smallest
-        kept block/unit score); ``inf`` if the leaf was pruned entirely.
-    """
-
-    masks: PyTree
-    scores: PyTree
-    thresholds: dict
 
 
 # ----------------------------------------------------------------------------- checks
 
 
 def _check_sparsity(value: Any, arg: str) -> float:
-    return check_value(value, arg=arg, kind=float, lo=0.0, hi=1.0, hi_open=True)
+    return check_value(value, arg=arg, kind=float, lo=0.0, hi=1.0)
 
 
-def _selected_scores(scores: PyTree, selection) -> dict[str, jax.Array]:
-    """``{name: float score array}`` for the selected leaves, checked for dtype and NaN."""
+def _named_scores(scores: PyTree, names: Sequence[str]) -> dict[str, jax.Array]:
+    """``{name: float score array}`` for ``names``, checked for dtype, size and NaN."""
+    leaves = dict(jtree.named_leaves(scores))
     out = {}
-    for name, leaf in jtree.iter_selected(scores, selection):
-        arr = jtree.as_float_array(leaf, f"scores/{name}")
+    for name in names:
+        if name not in leaves:
+            raise ValueError(f"{name!r} is not a leaf of the scores; leaves are {sorted(leaves)[:12]}")
+        arr = jtree.as_float_array(leaves[name], f"scores/{name}")
         if arr.size == 0:
-            raise ValueError(f"{name} is empty (shape {arr.shape}); there is nothing to prune. Exclude it from the selection.")
-        if not isinstance(arr, jax.core.Tracer) and bool(jnp.any(jnp.isnan(arr))):
+            raise ValueError(f"{name} is empty (shape {arr.shape}); there is nothing to prune. Leave it out of the selection.")
+        if not isinstance(arr, jax.core.Tracer) and np.isnan(np.asarray(arr, np.float32)).any():
             raise ValueError(f"scores/{name} contains NaN; scores must be comparable numbers")
         out[name] = arr
     return out
 
 
-def _per_layer_sparsity(sparsity, names: list[str]) -> dict[str, float]:
-    if isinstance(sparsity, Mapping):
-        unknown = sorted(set(sparsity) - set(names))
-        missing = [n for n in names if n not in sparsity]
-        if unknown or missing:
+def _check_finite_leaves(params: PyTree, names: Sequence[str]) -> None:
+    """ValueError naming the first of ``names`` whose (concrete) weights hold NaN or inf."""
+    leaves = dict(jtree.named_leaves(params))
+    for name in names:
+        w = leaves[name]
+        if isinstance(w, jax.core.Tracer):
+            continue
+        w = jtree.as_float_array(w, f"params/{name}")
+        if not np.isfinite(np.asarray(w, np.float32)).all():
             raise ValueError(
-                f"sparsity dict must name exactly the selected leaves {names}; unknown: {unknown}, missing: {missing}"
+                f"params/{name} contains NaN or inf; pruning non-finite weights is undefined. "
+                "Check the training run that produced these params."
             )
-        return {n: _check_sparsity(sparsity[n], f"sparsity[{n!r}]") for n in names}
-    s = _check_sparsity(sparsity, "sparsity")
-    return {n: s for n in names}
+
+
+def _empty_error(name: str, shape: tuple, what: str) -> ValueError:
+    size = int(np.prod(shape))
+    return ValueError(
+        f"{name} (shape {tuple(shape)}, {size} weights) would lose every {what}: the layer would be emptied. "
+        "Lower its sparsity, leave it out with jc.masked, or pass allow_empty=True if that is intended."
+    )
 
 
 # ----------------------------------------------------------------------------- ERK
@@ -123,7 +135,7 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], *, sparsity: float) -> 
 
     Args:
       shapes: ``{leaf name: shape}`` of the selected kernels.
-      sparsity: overall fraction pruned, in ``[0, 1)``.
+      sparsity: overall fraction pruned, in ``[0, 1]``.
 
     Returns:
       ``{leaf name: number of entries kept}`` (ints).
@@ -159,201 +171,207 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], *, sparsity: float) -> 
     return keep
 
 
-# ----------------------------------------------------------------------------- patterns
-
-
-def nm_masks(score: jax.Array, *, n: int, m: int, axis: int = -2, name: str = "scores") -> jax.Array:
-    """N:M mask of one array: in each group of ``m`` consecutive entries along ``axis``
-    the ``n`` highest scores are kept (ties: the higher index is kept).
-
-    Raises ValueError if ``m`` does not divide ``score.shape[axis]``.
-    """
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-        raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
-    score = jnp.asarray(score)
-    axis = _axis(axis, score.ndim, name)
-    if score.shape[axis] % m:
-        raise ValueError(f"{name}: m={m} does not divide axis {axis} of shape {score.shape}; choose another axis= or m")
-    moved = jnp.moveaxis(score, axis, -1)
-    grouped = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-    si, sj = grouped[..., :, None], grouped[..., None, :]
-    idx = jnp.arange(m)
-    beats = (sj > si) | ((sj == si) & (idx[None, :] > idx[:, None]))  # j outranks i
-    keep = jnp.sum(beats, axis=-1) < n
-    return jnp.moveaxis(keep.reshape(moved.shape), -1, axis)
-
-
-def _axis(axis: int, ndim: int, name: str) -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}: axis={axis} is out of range for an array with {ndim} dimensions")
-    return axis % ndim
-
-
-def _units(score: jax.Array, axis: int, norm: str, name: str) -> jax.Array:
-    """Per-unit score along ``axis`` (the norm of the scores over all other axes)."""
-    axis = _axis(axis, score.ndim, name)
-    others = tuple(i for i in range(score.ndim) if i != axis)
-    if norm == "l1":
-        return jnp.sum(jnp.abs(score), axis=others)
-    if norm == "l2":
-        return jnp.sqrt(jnp.sum(jnp.square(score), axis=others))
-    raise ValueError(f"norm={norm!r} must be 'l1' or 'l2'")
-
-
-def _expand_units(keep: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
-    axis = axis % len(shape)
-    view = [1] * len(shape)
-    view[axis] = shape[axis]
-    return jnp.broadcast_to(keep.reshape(view), shape)
-
-
-def _blocks(score: jax.Array, block: tuple[int, int], name: str) -> jax.Array:
-    """Block scores ``(rows/r, cols/c)`` of the score seen as ``(prod(shape[:-1]), shape[-1])``."""
-    if score.ndim < 2:
-        raise ValueError(f"{name}: the block pattern needs a kernel with >= 2 dims, got shape {score.shape}")
-    if not (isinstance(block, (tuple, list)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise ValueError(f"block={block!r} must be a pair of positive ints (rows, cols)")
-    r, c = block
-    mat = score.reshape(-1, score.shape[-1])
-    if mat.shape[0] % r or mat.shape[1] % c:
-        raise ValueError(
-            f"{name}: block {block} does not tile the kernel seen as a matrix {mat.shape}; "
-            "choose a block whose sides divide it"
-        )
-    return jnp.abs(mat).reshape(mat.shape[0] // r, r, mat.shape[1] // c, c).sum(axis=(1, 3))
-
-
-def _expand_blocks(keep: jax.Array, shape: tuple[int, ...], block: tuple[int, int]) -> jax.Array:
-    r, c = block
-    return jnp.repeat(jnp.repeat(keep, r, axis=0), c, axis=1).reshape(shape)
-
-
 # ----------------------------------------------------------------------------- masks
 
 
-def make_masks(
-    scores: PyTree,
-    *,
-    sparsity: float | Mapping[str, float] | None,
-    selection=None,
-    scope: str = "layer",
-    distribution: str = "uniform",
-    pattern: str = "unstructured",
-    n: int = 2,
-    m: int = 4,
-    axis: int | None = None,
-    block: tuple[int, int] = (1, 4),
-    norm: str = "l1",
-    existing: PyTree | None = None,
-) -> PyTree:
-    """Bool masks (True = keep) pruning the lowest-scored entries, with exact counts.
-
-    Args:
-      scores: float tree with the params' structure (e.g. from
-        :mod:`jcompress.pruning.scores`); higher score = more important.
-      sparsity: fraction pruned in ``[0, 1)``; with ``scope='layer'`` also a dict
-        ``{leaf name: sparsity}`` naming every selected leaf. For ``pattern='nm'`` it
-        may be ``None`` and otherwise must equal ``1 - n/m``.
-      selection: which leaves to prune (any form of ``jcompress.tree.select``'s
-        ``include``: regexes, predicate, bool tree; ``None`` selects kernels).
-      scope: ``'layer'`` (each leaf pruned to its sparsity) or ``'global'`` (one
-        threshold over all selected leaves).
-      distribution: ``'uniform'`` (the same sparsity per layer) or ``'erk'``
-        (Erdos-Renyi-Kernel per-layer densities; layer scope only).
-      pattern: ``'unstructured'``, ``'nm'``, ``'block'`` or ``'structured'``.
-      n, m: keep ``n`` of every ``m`` along ``axis`` (pattern ``'nm'``).
-      axis: ``'nm'`` group axis (default ``-2``); ``'structured'`` unit axis (default
-        ``-1``, the output units).
-      block: ``(r, c)`` block shape for pattern ``'block'``.
-      norm: ``'l1'`` or ``'l2'``, how unit scores are aggregated (``'structured'``).
-      existing: optional previous mask tree; entries it prunes get score ``-inf`` so
-        they stay pruned whenever the new sparsity is at least the old one.
-
-    Returns:
-      bool tree with the structure of ``scores``; unselected leaves all True.
-
-    Raises:
-      ValueError: sparsity outside ``[0, 1)``, unknown scope/pattern/distribution,
-        ``m`` not dividing the axis, a block not tiling a kernel, a selection matching
-        nothing, NaN scores, an ``existing`` tree that does not match.
-      TypeError: non-floating scores.
-    """
+def _check_plan(pattern, scope: str, distribution: str, sparsity) -> Pattern:
+    """The checked pattern; ValueError for a scope/distribution/sparsity that do not fit it."""
+    pattern = check_pattern(pattern)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope={scope!r} must be 'layer' or 'global'")
     if distribution not in ("uniform", "erk"):
         raise ValueError(f"distribution={distribution!r} must be 'uniform' or 'erk'")
-    if pattern not in _PATTERNS:
-        raise ValueError(f"pattern={pattern!r} must be one of {_PATTERNS}")
-    if scope == "global" and (distribution != "uniform" or isinstance(sparsity, Mapping)):
+    if scope == "global" and distribution != "uniform":
+        raise ValueError("scope='global' sets per-layer sparsities itself: use distribution='uniform'")
+    if isinstance(pattern, NM):
+        if scope == "global" or distribution == "erk":
+            raise ValueError(f"pattern={pattern} fixes the sparsity of every group; use scope='layer', distribution='uniform'")
+        return pattern
+    if sparsity is None:
+        raise ValueError(f"sparsity is required for pattern={pattern}")
+    if (scope == "global" or distribution == "erk") and is_pairs(sparsity):
         raise ValueError(
-            "scope='global' sets per-layer sparsities itself: use distribution='uniform' and a float sparsity"
+            f"scope={scope!r}, distribution={distribution!r} derive the per-layer sparsities from one overall value: "
+            "pass sparsity as a single float"
         )
-    sel = _selected_scores(scores, selection)
+    if not is_pairs(sparsity):
+        _check_sparsity(sparsity, "sparsity")
+    return pattern
+
+
+def _axis(axis: int, shape: tuple, name: str) -> int:
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"{name}: axis={axis} is out of range for shape {tuple(shape)}")
+    return axis % len(shape)
+
+
+def _unit_count(pattern: Pattern, shape: tuple, name: str) -> int:
+    """Number of prunable units of a leaf (entries, units or blocks), checking the pattern fits."""
+    if isinstance(pattern, Units):
+        return shape[_axis(pattern.axis, shape, name)]
+    if isinstance(pattern, Block):
+        if len(shape) < 2:
+            raise ValueError(f"{name}: Block needs a kernel with >= 2 dims, got shape {tuple(shape)}")
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        if rows % pattern.rows or cols % pattern.cols:
+            raise ValueError(
+                f"{name}: {pattern} does not tile the kernel seen as a matrix ({rows}, {cols}); "
+                "choose a block whose sides divide it"
+            )
+        return (rows // pattern.rows) * (cols // pattern.cols)
+    if isinstance(pattern, NM):
+        ax = _axis(pattern.axis, shape, name)
+        if shape[ax] % pattern.m:
+            raise ValueError(
+                f"{name}: m={pattern.m} does not divide axis {pattern.axis} of shape {tuple(shape)}; "
+                "choose another NM axis or m, or leave the leaf out with jc.masked"
+            )
+    return int(np.prod(shape))
+
+
+def make_masks(
+    scores: PyTree,
+    names: Sequence[str] | None = None,
+    *,
+    sparsity: Spec,
+    pattern: Pattern = Unstructured(),
+    scope: str = "layer",
+    distribution: str = "uniform",
+    existing: PyTree | None = None,
+    allow_empty: bool = False,
+) -> PyTree:
+    """Bool masks (True = keep) removing the lowest-scored entries of ``names``, exact counts.
+
+    Args:
+      scores: float tree with the params' structure (e.g. from
+        :mod:`jcompress.pruning.scores`); higher score = more important.
+      names: the leaves to prune (slash-joined names); default: Dense and conv kernels.
+      sparsity: fraction removed, in ``[0, 1]``: a float or, with ``scope='layer'`` and
+        ``distribution='uniform'``, a spec ``{regex: float}`` resolved per leaf. With
+        :class:`NM` it may be None (the pattern fixes it) and must otherwise equal
+        ``1 - n/m``.
+      pattern: :class:`Unstructured`, :class:`NM`, :class:`Block` or :class:`Units`.
+      scope: ``'layer'`` (each leaf pruned to its sparsity) or ``'global'`` (one
+        threshold over all the leaves).
+      distribution: ``'uniform'`` or ``'erk'`` (Erdos-Renyi-Kernel per-layer densities).
+      existing: optional previous mask tree; entries (units, blocks) it prunes get score
+        ``-inf``, so they stay pruned whenever the new sparsity is at least the old one.
+      allow_empty: allow a leaf to lose every weight; otherwise that is a ValueError.
+
+    Returns:
+      bool tree with the structure of ``scores``; leaves not in ``names`` all True.
+
+    Raises:
+      ValueError: sparsity outside ``[0, 1]``, a pattern that does not fit a leaf, a leaf
+        that would be emptied, NaN scores, an ``existing`` tree that does not match.
+      TypeError: non-floating scores, a pattern that is not a pattern value.
+
+    Example:
+      >>> masks = make_masks(scores.taylor_scores(params, grads), sparsity=0.8, scope='global')
+    """
+    pattern = _check_plan(pattern, scope, distribution, sparsity)
+    names = list(default_leaves(scores) if names is None else names)
+    sel = _named_scores(scores, names)
+    old = None
     if existing is not None:
         jtree.check_same_structure(scores, existing, "scores", "existing")
-        old = dict(jtree.named_leaves(existing))
-        sel = {k: jnp.where(jnp.asarray(old[k], bool), v, -jnp.inf) for k, v in sel.items()}
-    if pattern == "nm":
-        if scope == "global" or distribution == "erk":
-            raise ValueError(
-                "pattern='nm' fixes the sparsity of every group; use scope='layer', distribution='uniform'"
-            )
-        if sparsity is not None and abs(_check_sparsity(sparsity, "sparsity") - (1 - n / m)) > 1e-9:
-            raise ValueError(
-                f"sparsity={sparsity} contradicts n:m={n}:{m} (which prunes {1 - n / m}); pass sparsity=None"
-            )
-    elif sparsity is None:
-        raise ValueError(f"sparsity is required for pattern={pattern!r}")
-    if isinstance(sparsity, Mapping):
-        sparsity = tuple(sorted(_per_layer_sparsity(sparsity, list(sel)).items()))
-    plan = (pattern, n, m, axis, tuple(block), norm, scope, distribution, sparsity)
-    new = _masks_of(sel, plan=plan)
+        ex = dict(jtree.named_leaves(existing))
+        old = {n: jnp.asarray(ex[n], bool) for n in names}
+    shapes = {n: tuple(sel[n].shape) for n in names}
+    units = {n: _unit_count(pattern, shapes[n], n) for n in names}
+    if isinstance(pattern, NM):
+        if sparsity is not None:
+            for n, s in resolve(sparsity, names, arg="sparsity").items():
+                if abs(_check_sparsity(s, f"sparsity[{n!r}]") - pattern.sparsity) > 1e-9:
+                    raise ValueError(
+                        f"sparsity={s} for {n} contradicts {pattern} (which removes {pattern.sparsity}); pass sparsity=None"
+                    )
+        keep: Any = None
+    elif scope == "global":
+        total = sum(units.values())
+        keep = total - topk.pruned_count(_check_sparsity(sparsity, "sparsity"), total)
+        if keep == 0 and not allow_empty and names:
+            raise _empty_error(names[0], shapes[names[0]], _what(pattern))
+    else:
+        if distribution == "erk":
+            entry_keep = erk_densities(shapes, sparsity=sparsity)
+            size = {n: int(np.prod(shapes[n])) for n in names}
+            keep = {n: math.floor(entry_keep[n] * units[n] / max(1, size[n]) + 0.5) for n in names}
+        else:
+            per = resolve(sparsity, names, arg="sparsity")
+            keep = {n: units[n] - topk.pruned_count(_check_sparsity(per[n], f"sparsity[{n!r}]"), units[n]) for n in names}
+        if not allow_empty:
+            for n in names:
+                if keep[n] == 0:
+                    raise _empty_error(n, shapes[n], _what(pattern))
+        keep = tuple(keep[n] for n in names)
+    new = _masks_of(sel, old, plan=(tuple(names), pattern, scope, keep))
+    if scope == "global" and not allow_empty:
+        for n in names:
+            if not isinstance(new[n], jax.core.Tracer) and not bool(jnp.any(new[n])):
+                raise _empty_error(n, shapes[n], _what(pattern))
     return jtree.map_with_names(lambda k, x: new[k] if k in new else jnp.ones(jnp.shape(x), bool), scores)
 
 
+def _what(pattern: Pattern) -> str:
+    return {Units: "unit", Block: "block"}.get(type(pattern), "weight")
+
+
+def _norm(x: jax.Array, axis, norm: str) -> jax.Array:
+    if norm == "l1":
+        return jnp.sum(jnp.abs(x), axis=axis)
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis))
+
+
+def _block_view(x: jax.Array, pattern: Block) -> jax.Array:
+    """``(rows/r, r, cols/c, c)`` view of ``x`` seen as a ``(prod(shape[:-1]), shape[-1])`` matrix."""
+    mat = x.reshape(-1, x.shape[-1])
+    return mat.reshape(mat.shape[0] // pattern.rows, pattern.rows, mat.shape[1] // pattern.cols, pattern.cols)
+
+
+def _unit_scores(score: jax.Array, alive: jax.Array | None, pattern: Pattern) -> jax.Array:
+    """Scores of the prunable units of one leaf; units pruned in ``alive`` get ``-inf``."""
+    score = score.astype(jnp.float32)
+    if isinstance(pattern, Units):
+        ax = pattern.axis % score.ndim
+        others = tuple(i for i in range(score.ndim) if i != ax)
+        out = _norm(score, others, pattern.norm)
+        alive = None if alive is None else jnp.any(alive, axis=others)
+    elif isinstance(pattern, Block):
+        out = _norm(_block_view(score, pattern), (1, 3), pattern.norm)
+        alive = None if alive is None else jnp.any(_block_view(alive, pattern), axis=(1, 3))
+    else:
+        out = score
+    return out if alive is None else jnp.where(alive, out, -jnp.inf)
+
+
+def _expand(keep: jax.Array, shape: tuple, pattern: Pattern) -> jax.Array:
+    """Entry mask of a leaf from the mask of its units."""
+    if isinstance(pattern, Units):
+        view = [1] * len(shape)
+        view[pattern.axis % len(shape)] = shape[pattern.axis % len(shape)]
+        return jnp.broadcast_to(keep.reshape(view), shape)
+    if isinstance(pattern, Block):
+        return jnp.repeat(jnp.repeat(keep, pattern.rows, axis=0), pattern.cols, axis=1).reshape(shape)
+    return keep
+
+
 @functools.partial(jax.jit, static_argnames=("plan",))
-def _masks_of(sel: dict, plan: tuple) -> dict:
-    """Masks of the selected score arrays; ``plan`` holds the static hyperparameters."""
-    pattern, n, m, axis, block, norm, scope, distribution, sparsity = plan
-    if isinstance(sparsity, tuple):
-        sparsity = dict(sparsity)
-    names = list(sel)
-    if pattern == "nm":
-        ax = -2 if axis is None else axis
-        return {k: nm_masks(v, n=n, m=m, axis=ax, name=f"scores/{k}") for k, v in sel.items()}
-    unit_axis = -1 if axis is None else axis
-    if pattern == "unstructured":
-        units = sel
-    elif pattern == "structured":
-        units = {k: _units(v, unit_axis, norm, f"scores/{k}") for k, v in sel.items()}
-    else:
-        units = {k: _blocks(v, block, f"scores/{k}") for k, v in sel.items()}
-    keep_units = _keep_units(units, sparsity, scope, distribution, sel)
-    if pattern == "unstructured":
-        return keep_units
-    if pattern == "structured":
-        return {k: _expand_units(keep_units[k], sel[k].shape, unit_axis) for k in names}
-    return {k: _expand_blocks(keep_units[k], sel[k].shape, block) for k in names}
-
-
-def _keep_units(units: dict, sparsity, scope: str, distribution: str, sel: dict) -> dict:
-    """Masks over the unit arrays (entries, units or blocks), exact per layer or globally."""
-    names = list(units)
-    sizes = {k: int(np.prod(v.shape)) for k, v in units.items()}
+def _masks_of(sel: dict, old: dict | None, plan: tuple) -> dict:
+    """Masks of the named score arrays; ``plan`` = (names, pattern, scope, kept counts)."""
+    names, pattern, scope, keep = plan
+    if isinstance(pattern, NM):
+        out = {}
+        for n in names:
+            s = sel[n] if old is None else jnp.where(old[n], sel[n], -jnp.inf)
+            out[n] = topk.nm_keep_mask(s, n=pattern.n, m=pattern.m, axis=pattern.axis)
+        return out
+    units = {n: _unit_scores(sel[n], None if old is None else old[n], pattern) for n in names}
     if scope == "global":
-        s = _check_sparsity(sparsity, "sparsity")
-        total = sum(sizes.values())
-        kept = topk.keep_largest_global([units[k] for k in names], total - topk.pruned_count(s, total))
-        return dict(zip(names, kept))
-    if distribution == "erk":
-        # ERK gives entries kept per kernel; units and blocks keep the same fraction.
-        shapes = {k: tuple(sel[k].shape) for k in names}
-        entry_keep = erk_densities(shapes, sparsity=_check_sparsity(sparsity, "sparsity"))
-        keep_n = {k: math.floor(entry_keep[k] * sizes[k] / max(1, int(np.prod(shapes[k]))) + 0.5) for k in names}
+        kept = dict(zip(names, topk.keep_largest_global([units[n] for n in names], keep)))
     else:
-        per = _per_layer_sparsity(sparsity, names)
-        keep_n = {k: sizes[k] - topk.pruned_count(per[k], sizes[k]) for k in names}
-    return {k: topk.keep_largest_global([units[k]], keep_n[k])[0] for k in names}
+        kept = {n: topk.keep_largest_global([units[n]], k)[0] for n, k in zip(names, keep)}
+    return {n: _expand(kept[n], sel[n].shape, pattern) for n in names}
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -382,111 +400,267 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     return jtree.map_with_names(one, params, masks)
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "block", "axis", "norm"))
-def _thresholds(masks_sel: dict, sel: dict, pattern: str, block, axis, norm) -> dict:
-    out = {}
-    for k, v in sel.items():
-        mask = masks_sel[k]
-        if pattern == "structured":
-            ax = -1 if axis is None else axis
-            v = _units(v, ax, norm, k)
-            mask = jnp.any(mask, axis=tuple(i for i in range(mask.ndim) if i != ax % mask.ndim))
-        elif pattern == "block":
-            v = _blocks(v, block, k)
-            mask = _blocks(mask.astype(jnp.float32), block, k) > 0
-        out[k] = jnp.min(jnp.where(mask, v, jnp.inf)).astype(jnp.float32)
-    return out
+# ----------------------------------------------------------------------------- transforms
 
 
-def prune(
-    params: PyTree,
-    scores: PyTree,
+def _pruning(
+    label: str,
+    score_fn: Callable,
     *,
-    sparsity: float | Mapping[str, float] | None,
-    selection=None,
-    scope: str = "layer",
-    distribution: str = "uniform",
-    pattern: str = "unstructured",
-    n: int = 2,
-    m: int = 4,
-    axis: int | None = None,
-    block: tuple[int, int] = (1, 4),
-    norm: str = "l1",
-    existing: PyTree | None = None,
-) -> tuple[PyTree, PruneAux]:
-    """Prune ``params`` by ``scores``: ``make_masks`` then ``apply_masks``.
+    sparsity: Spec,
+    pattern: Pattern,
+    scope: str,
+    distribution: str,
+    allow_empty: bool,
+) -> Transform:
+    """A Transform pruning its leaves by ``score_fn(params, names, key) -> score tree``."""
+    _check_plan(pattern, scope, distribution, sparsity)
 
-    Arguments are those of :func:`make_masks`. Returns ``(new_params, PruneAux(masks,
-    scores, thresholds))``. Jit it with the hyperparameters bound (they are static).
-
-    Example:
-      >>> new, aux = prune(params, scores.taylor(params, grads), sparsity=0.8, scope='global')
-    """
-    jtree.check_same_structure(params, scores, "params", "scores")
-    masks = make_masks(
-        scores,
-        sparsity=sparsity,
-        selection=selection,
-        scope=scope,
-        distribution=distribution,
-        pattern=pattern,
-        n=n,
-        m=m,
-        axis=axis,
-        block=block,
-        norm=norm,
-        existing=existing,
-    )
-    sel = _selected_scores(scores, selection)
-    msel = dict(jtree.named_leaves(masks))
-    thresholds = _thresholds({k: msel[k] for k in sel}, sel, pattern=pattern, block=tuple(block), axis=axis, norm=norm)
-    return apply_masks(params, masks), PruneAux(masks, scores, thresholds)
-
-
-def magnitude_pruning(
-    *,
-    sparsity: float | Mapping[str, float] | None,
-    include=None,
-    exclude=None,
-    scope: str = "layer",
-    distribution: str = "uniform",
-    pattern: str = "unstructured",
-    n: int = 2,
-    m: int = 4,
-    axis: int | None = None,
-    block: tuple[int, int] = (1, 4),
-    norm: str = "l1",
-):
-    """Factory for one-shot magnitude pruning (score ``|w|``).
-
-    Args:
-      sparsity, scope, distribution, pattern, n, m, axis, block, norm: as in
-        :func:`make_masks`.
-      include, exclude: which leaves to prune (regexes / predicate / bool tree, as in
-        ``jcompress.tree.select``; default: kernels).
-
-    Returns:
-      ``fn(params) -> (new_params, PruneAux)``, a pure function safe to ``jax.jit``.
-
-    Example:
-      >>> new_params, aux = jax.jit(magnitude_pruning(sparsity=0.9, scope='global'))(params)
-    """
-
-    def fn(params: PyTree) -> tuple[PyTree, PruneAux]:
-        selection = jtree.select(params, include, exclude)
-        return prune(
-            params,
-            scores_lib.magnitude(params, selection=selection),
+    def apply(params, names, key):
+        _check_finite_leaves(params, names)
+        scores = score_fn(params, names, key)
+        jtree.check_same_structure(params, scores, "params", "scores")
+        masks = make_masks(
+            scores,
+            names,
             sparsity=sparsity,
-            selection=selection,
+            pattern=pattern,
             scope=scope,
             distribution=distribution,
-            pattern=pattern,
-            n=n,
-            m=m,
-            axis=axis,
-            block=block,
-            norm=norm,
+            allow_empty=allow_empty,
         )
+        new = apply_masks(params, masks)
+        before, after = dict(jtree.named_leaves(params)), dict(jtree.named_leaves(new))
+        errors = {n: relative_error(before[n], after[n]) for n in names}
+        return new, MaskAux(masks, scores, errors)
 
-    return fn
+    return Transform(apply, label)
+
+
+def by_scores(
+    scores: PyTree,
+    *,
+    sparsity: Spec,
+    pattern: Pattern = Unstructured(),
+    scope: str = "layer",
+    distribution: str = "uniform",
+    allow_empty: bool = False,
+) -> Transform:
+    """Prune the entries with the lowest ``scores`` (a float tree with the params' structure).
+
+    Args:
+      scores: float tree shaped like the params the transform is called on; higher =
+        more important (e.g. from :mod:`jcompress.pruning.scores`).
+      sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+
+    Returns:
+      a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
+      MaskAux)``. Pruned entries of the touched leaves (default: Dense and conv kernels)
+      are exactly 0; other leaves are unchanged and their masks all True.
+
+    Example:
+      >>> s = jc.pruning.scores.obd_scores(params, h)
+      >>> params, aux = jc.pruning.by_scores(s, sparsity=0.8, pattern=jc.Units())(params)
+    """
+
+    def score_fn(params, names, key):
+        del key
+        jtree.check_same_structure(params, scores, "params", "scores")
+        return scores
+
+    return _pruning(
+        "by_scores",
+        score_fn,
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        distribution=distribution,
+        allow_empty=allow_empty,
+    )
+
+
+def magnitude(
+    *,
+    sparsity: Spec,
+    pattern: Pattern = Unstructured(),
+    scope: str = "layer",
+    distribution: str = "uniform",
+    allow_empty: bool = False,
+) -> Transform:
+    """Magnitude pruning: remove the weights with the smallest ``|w|`` (Han et al. 2015).
+
+    Args:
+      sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+
+    Returns:
+      a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
+      MaskAux)``. Pruned entries of the touched leaves (default: Dense and conv kernels)
+      are exactly 0; other leaves are unchanged and their masks all True.
+
+    Example:
+      >>> params, aux = jax.jit(jc.pruning.magnitude(sparsity=0.9, scope='global'))(params)
+      >>> params, aux = jc.pruning.magnitude(sparsity=None, pattern=jc.NM(2, 4))(params)
+    """
+    return _pruning(
+        "magnitude",
+        lambda params, names, key: scores_lib.magnitude_scores(params, names=names),
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        distribution=distribution,
+        allow_empty=allow_empty,
+    )
+
+
+def random(
+    *,
+    sparsity: Spec,
+    pattern: Pattern = Unstructured(),
+    scope: str = "layer",
+    distribution: str = "uniform",
+    allow_empty: bool = False,
+) -> Transform:
+    """Random pruning (the baseline): uniform random scores; call with ``key=``.
+
+    Args:
+      sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+
+    Returns:
+      a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
+      MaskAux)``. Pruned entries of the touched leaves (default: Dense and conv kernels)
+      are exactly 0; other leaves are unchanged and their masks all True.
+
+    Example:
+      >>> params, aux = jc.pruning.random(sparsity=0.9)(params, key=jax.random.key(0))
+    """
+
+    def score_fn(params, names, key):
+        key = require_key(key, what="pruning.random")
+        return scores_lib.random_scores(params, names=names, key=key)
+
+    return _pruning(
+        "random",
+        score_fn,
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        distribution=distribution,
+        allow_empty=allow_empty,
+    )
+
+
+def taylor(
+    grads: PyTree,
+    *,
+    sparsity: Spec,
+    pattern: Pattern = Unstructured(),
+    scope: str = "layer",
+    distribution: str = "uniform",
+    allow_empty: bool = False,
+) -> Transform:
+    """First-order Taylor pruning: remove the smallest ``|w * g|`` (Molchanov et al. 2017).
+
+    Args:
+      grads: gradient tree with the params' structure (e.g. summed over a few batches).
+      sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+
+    Returns:
+      a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
+      MaskAux)``. Pruned entries of the touched leaves (default: Dense and conv kernels)
+      are exactly 0; other leaves are unchanged and their masks all True.
+
+    Example:
+      >>> grads = jax.grad(loss_fn)(params, batch)
+      >>> params, aux = jc.pruning.taylor(grads, sparsity=0.8)(params)
+    """
+    return _pruning(
+        "taylor",
+        lambda params, names, key: scores_lib.taylor_scores(params, grads, names=names),
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        distribution=distribution,
+        allow_empty=allow_empty,
+    )
+
+
+def snip(
+    loss_fn: Callable,
+    batch: Any,
+    *,
+    sparsity: Spec,
+    pattern: Pattern = Unstructured(),
+    scope: str = "layer",
+    distribution: str = "uniform",
+    allow_empty: bool = False,
+) -> Transform:
+    """SNIP (Lee et al. 2019): remove the lowest connection sensitivity on one batch.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      batch: the batch, passed to ``loss_fn`` as is.
+      sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+
+    Returns:
+      a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
+      MaskAux)``. Pruned entries of the touched leaves (default: Dense and conv kernels)
+      are exactly 0; other leaves are unchanged and their masks all True.
+
+    Example:
+      >>> params, aux = jc.pruning.snip(loss_fn, batch, sparsity=0.9, scope='global')(init_params)
+    """
+    return _pruning(
+        "snip",
+        lambda params, names, key: scores_lib.snip_scores(loss_fn, params, batch, names=names),
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        distribution=distribution,
+        allow_empty=allow_empty,
+    )
+
+
+def obd(
+    hessian_diag: PyTree,
+    *,
+    sparsity: Spec,
+    pattern: Pattern = Unstructured(),
+    scope: str = "layer",
+    distribution: str = "uniform",
+    allow_empty: bool = False,
+) -> Transform:
+    """Optimal Brain Damage (LeCun et al. 1990): remove the smallest ``h w^2 / 2``.
+
+    Args:
+      hessian_diag: Hessian diagonal with the params' structure (from
+        :func:`~jcompress.pruning.scores.fisher_diagonal`,
+        :func:`~jcompress.pruning.scores.hutchinson_diagonal` or
+        :func:`~jcompress.pruning.scores.grad_squared_mean`).
+      sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+
+    Returns:
+      a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
+      MaskAux)``. Pruned entries of the touched leaves (default: Dense and conv kernels)
+      are exactly 0; other leaves are unchanged and their masks all True.
+
+    Example:
+      >>> h = jc.pruning.scores.fisher_diagonal(loss_fn, params, [batch])
+      >>> params, aux = jc.pruning.obd(h, sparsity=0.8)(params)
+    """
+    return _pruning(
+        "obd",
+        lambda params, names, key: scores_lib.obd_scores(params, hessian_diag, names=names),
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        distribution=distribution,
+        allow_empty=allow_empty,
+    )
+
+

@@ -8,20 +8,24 @@ it) and works under ``jax.jit``.
   so weights that are zero stay exactly zero with any optimizer. Put it *last* in the
   chain: Adam's weight decay and momentum would otherwise move them again.
 * :func:`l1` and :func:`l2` add the (sub)gradient of ``lambda |w|`` or
-  ``lambda w^2 / 2`` to the selected leaves' gradients. Put them *first*, before the
+  ``lambda w^2 / 2`` to the kernels' gradients. Put them *first*, before the
   optimizer, so they act on the loss (Han et al. 2015 train with L1/L2 before pruning).
 * :func:`gradual_pruning` is Zhu & Gupta (2017): every ``frequency`` steps from
   ``begin_step`` to ``end_step`` the magnitude masks are recomputed inside ``update``
   for the sparsity of the cubic schedule (:mod:`jcompress.pruning.schedules`), the newly
   pruned weights are set to exactly zero and masked weights get no update.
-  With ``regrow=True`` and ``pattern='structured'`` it is soft filter pruning (He et al.
+  With ``regrow=True`` and ``pattern=Units()`` it is soft filter pruning (He et al.
   2018): the filters with the smallest L2 norm are zeroed at every pruning step but keep
   receiving updates until the next one, so a pruned filter can grow back.
 * :func:`find_masks` reads the current masks out of any optimizer state that contains
   one of these transformations.
 
-Counting is exact: a leaf of ``n`` units (entries, or output filters for the structured
-pattern) asked for sparsity ``s`` has exactly ``round(s * n)`` of them pruned
+Which leaves: the Dense and conv kernels (:func:`jcompress.core.base.default_leaves`)
+of the tree the transformation is given. To act on fewer leaves wrap it in
+``optax.masked(tx, jc.core.spec.selection_tree(spec))``: the leaves outside the
+selection are hidden from it and pass through unchanged.
+
+Counting is exact: a leaf of ``n`` units (entries, or output filters for :class:`Units`) asked for sparsity ``s`` has exactly ``round(s * n)`` of them pruned
 (:func:`jcompress.core.topk.pruned_count`); ties are broken as in :mod:`jcompress.pruning.masks` (the lower
 flat index is pruned first). Because the sparsity of a step is only known inside the
 traced ``update``, masks there are computed by :func:`jcompress.core.topk.keep_largest`, which
@@ -46,6 +50,8 @@ import optax
 from jax import lax
 
 from jcompress import tree as jtree
+from jcompress.core.base import default_leaves
+from jcompress.core.patterns import Pattern, Units, Unstructured, check_pattern
 from jcompress.core.topk import keep_largest
 from jcompress.pruning import schedules as schedules_lib
 
@@ -91,8 +97,8 @@ def _need_params(params, who: str):
         raise ValueError(f"{who} needs the current params: call tx.update(updates, state, params)")
 
 
-def _selected(params: PyTree, include, exclude) -> list[str]:
-    return [n for n, s in jtree.named_leaves(jtree.select(params, include, exclude)) if s]
+def _selected(params: PyTree) -> list[str]:
+    return default_leaves(params)
 
 
 def _zero_pruned(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
@@ -153,12 +159,12 @@ def _check_strength(strength: float, who: str) -> float:
     return float(strength)
 
 
-def _regulariser(strength: float, include, exclude, grad: Callable, who: str) -> optax.GradientTransformation:
+def _regulariser(strength: float, grad: Callable, who: str) -> optax.GradientTransformation:
     strength = _check_strength(strength, who)
 
     def update(updates, state, params=None):
         _need_params(params, who)
-        picked = set(_selected(params, include, exclude))
+        picked = set(_selected(params))
         new = jtree.map_with_names(
             lambda n, u, w: (u + strength * grad(w)).astype(u.dtype) if n in picked else u, updates, params
         )
@@ -167,26 +173,29 @@ def _regulariser(strength: float, include, exclude, grad: Callable, who: str) ->
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def l1(strength: float, *, include=None, exclude=None) -> optax.GradientTransformation:
-    """Add ``strength * sign(w)``, the subgradient of ``strength * |w|``, to the selected leaves.
+def l1(strength: float) -> optax.GradientTransformation:
+    """Add ``strength * sign(w)``, the subgradient of ``strength * |w|``, to the kernels.
 
     Args:
       strength: ``lambda >= 0``.
-      include, exclude: which leaves (``jcompress.tree.select`` forms; default kernels).
 
     Put it before the optimizer: ``optax.chain(l1(1e-5), optax.sgd(0.1))``. At ``w = 0``
-    the subgradient used is 0, so pruned weights stay at 0.
+    the subgradient used is 0, so pruned weights stay at 0. Only some kernels:
+    ``optax.masked(l1(1e-5), jc.core.spec.selection_tree(r'fc1/kernel'))``.
     """
-    return _regulariser(strength, include, exclude, jnp.sign, "l1")
+    return _regulariser(strength, jnp.sign, "l1")
 
 
-def l2(strength: float, *, include=None, exclude=None) -> optax.GradientTransformation:
-    """Add ``strength * w``, the gradient of ``strength * w^2 / 2``, to the selected leaves.
+def l2(strength: float) -> optax.GradientTransformation:
+    """Add ``strength * w``, the gradient of ``strength * w^2 / 2``, to the kernels.
 
-    Unlike ``optax.add_decayed_weights`` it takes a selection by name (default kernels),
-    and placed before Adam it is a true L2 penalty (not decoupled weight decay).
+    Unlike ``optax.add_decayed_weights`` it leaves biases and norm scales alone, and
+    placed before Adam it is a true L2 penalty (not decoupled weight decay).
+
+    Example:
+      >>> tx = optax.chain(optax.masked(l2(1e-4), jc.core.spec.selection_tree(r'^fc')), optax.adam(1e-3))
     """
-    return _regulariser(strength, include, exclude, lambda w: w, "l2")
+    return _regulariser(strength, lambda w: w, "l2")
 
 
 # ----------------------------------------------------------------------------- Zhu-Gupta
@@ -204,20 +213,30 @@ class GradualPruningState(NamedTuple):
     masks: PyTree
 
 
-def _unit_scores(w: jax.Array, structured: bool) -> jax.Array:
-    """Magnitudes per entry, or per output unit (L2 norm over all but the last axis)."""
+def _others(ndim: int, pattern: Units) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != pattern.axis % ndim)
+
+
+def _unit_scores(w: jax.Array, pattern: Pattern) -> jax.Array:
+    """Magnitudes per entry, or per unit (the pattern's norm over the other axes)."""
     w = w.astype(jnp.float32)
-    if not structured:
+    if not isinstance(pattern, Units):
         return jnp.abs(w)
-    return jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(w.ndim - 1))))
+    if pattern.norm == "l1":
+        return jnp.sum(jnp.abs(w), axis=_others(w.ndim, pattern))
+    return jnp.sqrt(jnp.sum(jnp.square(w), axis=_others(w.ndim, pattern)))
 
 
-def _unit_alive(mask: jax.Array, structured: bool) -> jax.Array:
-    return jnp.any(mask, axis=tuple(range(mask.ndim - 1))) if structured else mask
+def _unit_alive(mask: jax.Array, pattern: Pattern) -> jax.Array:
+    return jnp.any(mask, axis=_others(mask.ndim, pattern)) if isinstance(pattern, Units) else mask
 
 
-def _expand(keep_units: jax.Array, shape: tuple[int, ...], structured: bool) -> jax.Array:
-    return jnp.broadcast_to(keep_units, shape) if structured else keep_units
+def _expand(keep_units: jax.Array, shape: tuple[int, ...], pattern: Pattern) -> jax.Array:
+    if not isinstance(pattern, Units):
+        return keep_units
+    view = [1] * len(shape)
+    view[pattern.axis % len(shape)] = shape[pattern.axis % len(shape)]
+    return jnp.broadcast_to(keep_units.reshape(view), shape)
 
 
 def gradual_pruning(
@@ -227,10 +246,8 @@ def gradual_pruning(
     begin_step: int,
     end_step: int,
     frequency: int,
-    include=None,
-    exclude=None,
     scope: str = "layer",
-    pattern: str = "unstructured",
+    pattern: Pattern = Unstructured(),
     regrow: bool = False,
     schedule: schedules_lib.Schedule | None = None,
 ) -> optax.GradientTransformation:
@@ -248,12 +265,10 @@ def gradual_pruning(
       initial_sparsity: ``s_i`` in ``[0, 1)``, the sparsity at ``begin_step``.
       begin_step, end_step, frequency: ``t0``, ``t0 + n dt`` and ``dt`` in optimizer
         steps; ``end_step - begin_step`` must be a multiple of ``frequency``.
-      include, exclude: which leaves are pruned (``jcompress.tree.select`` forms;
-        default: Dense and conv kernels). Other leaves are never masked.
-      scope: ``'layer'`` (each selected leaf at ``s_t``) or ``'global'`` (one magnitude
-        ranking over all selected leaves; unstructured only).
-      pattern: ``'unstructured'`` (single weights) or ``'structured'`` (whole output
-        units: the last axis of each kernel, scored by their L2 norm).
+      scope: ``'layer'`` (each kernel at ``s_t``) or ``'global'`` (one magnitude
+        ranking over all kernels; unstructured only).
+      pattern: ``Unstructured()`` (single weights) or ``Units(axis, norm)`` (whole
+        units, e.g. the output filters of each kernel, scored by their norm).
       regrow: soft pruning. Pruned weights are zeroed at each pruning step but still
         updated until the next one, and the masks are recomputed from all weights, so
         pruned ones can come back. After ``end_step`` the masks are hard.
@@ -262,7 +277,9 @@ def gradual_pruning(
 
     Returns:
       an optax GradientTransformation with state :class:`GradualPruningState`; it
-      needs ``params`` in ``update``. Put it last in the chain.
+      needs ``params`` in ``update``. Put it last in the chain. It prunes the Dense
+      and conv kernels; ``optax.masked(tx, jc.core.spec.selection_tree(spec))``
+      restricts it (the other leaves are never masked).
 
     Example:
       >>> tx = optax.chain(optax.sgd(0.1, momentum=0.9),
@@ -270,10 +287,10 @@ def gradual_pruning(
     """
     if scope not in ("layer", "global"):
         raise ValueError(f"scope={scope!r} must be 'layer' or 'global'")
-    if pattern not in ("unstructured", "structured"):
-        raise ValueError(f"pattern={pattern!r} must be 'unstructured' or 'structured'")
-    if pattern == "structured" and scope == "global":
-        raise ValueError("pattern='structured' compares units within a layer; use scope='layer'")
+    if not isinstance(check_pattern(pattern), (Unstructured, Units)):
+        raise ValueError(f"pattern={pattern} is not supported by gradual pruning: use Unstructured() or Units()")
+    if isinstance(pattern, Units) and scope == "global":
+        raise ValueError("pattern=Units() compares units within a layer; use scope='layer'")
     steps = schedules_lib.pruning_steps(begin_step=begin_step, end_step=end_step, frequency=frequency)
     if schedule is None:
         schedule = schedules_lib.cubic(
@@ -290,30 +307,30 @@ def gradual_pruning(
     table = np.asarray([float(schedule(t)) for t in steps], np.float64)
     if np.any(~np.isfinite(table)) or np.any(table < 0) or np.any(table >= 1):
         raise ValueError(f"schedule returned sparsities outside [0, 1) at the pruning steps: {table[:8]}")
-    structured = pattern == "structured"
+    structured = isinstance(pattern, Units)
 
     def units_of(leaf) -> int:
-        return int(jnp.shape(leaf)[-1]) if structured else int(np.prod(jnp.shape(leaf)))
+        return int(jnp.shape(leaf)[pattern.axis]) if structured else int(np.prod(jnp.shape(leaf)))
 
     def init(params):
-        names = _selected(params, include, exclude)
+        names = _selected(params)
         for name, leaf in jtree.named_leaves(params):
             if name in names:
                 jtree.as_float_array(leaf, f"params/{name}")
-                if structured and jnp.ndim(leaf) < 2:
-                    raise ValueError(f"params/{name} has shape {jnp.shape(leaf)}; structured pruning needs kernels")
+                if structured and not -jnp.ndim(leaf) <= pattern.axis < jnp.ndim(leaf):
+                    raise ValueError(f"params/{name} has shape {jnp.shape(leaf)}; {pattern} has no such axis")
         jtree.check_finite(params)
         masks = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
         return GradualPruningState(jnp.zeros((), jnp.int32), masks)
 
     def recompute(params, masks, event):
-        names = _selected(params, include, exclude)
+        names = _selected(params)
         leaves = dict(jtree.named_leaves(params))
         old = dict(jtree.named_leaves(masks))
         scores = {}
         for n in names:
-            s = _unit_scores(leaves[n], structured)
-            scores[n] = s if regrow else jnp.where(_unit_alive(old[n], structured), s, -jnp.inf)
+            s = _unit_scores(leaves[n], pattern)
+            scores[n] = s if regrow else jnp.where(_unit_alive(old[n], pattern), s, -jnp.inf)
         if scope == "global":
             sizes = [units_of(leaves[n]) for n in names]
             total = sum(sizes)
@@ -326,7 +343,7 @@ def gradual_pruning(
             for n in names:
                 size = units_of(leaves[n])
                 keep = size - np.floor(table * size + 0.5).astype(np.int32)
-                new[n] = _expand(keep_largest(scores[n], jnp.asarray(keep)[event]), jnp.shape(leaves[n]), structured)
+                new[n] = _expand(keep_largest(scores[n], jnp.asarray(keep)[event]), jnp.shape(leaves[n]), pattern)
         return jtree.map_with_names(lambda n, m: new.get(n, m), masks)
 
     def update(updates, state, params=None):
@@ -351,15 +368,16 @@ def soft_filter_pruning(
     frequency: int,
     end_step: int,
     begin_step: int = 0,
-    include=None,
-    exclude=None,
+    norm: str = "l2",
 ) -> optax.GradientTransformation:
     """Soft filter pruning (He et al. 2018): every ``frequency`` steps (one epoch) zero the
     ``sparsity`` fraction of each kernel's output filters with the smallest L2 norm,
     keep training them until the next pruning step, and prune for good at ``end_step``.
 
-    Equivalent to ``gradual_pruning(pattern='structured', regrow=True)`` with a constant
-    schedule. Afterwards, remove the zero filters with :func:`jcompress.pruning.surgery.hard_prune`.
+    Equivalent to ``gradual_pruning(pattern=Units(norm=norm), regrow=True)`` with a
+    constant schedule; it prunes the output filters (last axis) of every kernel (wrap
+    it in ``optax.masked`` for fewer). Afterwards, remove the zero filters with
+    :func:`jcompress.nnx.surgery.hard_prune`.
 
     Example:
       >>> tx = optax.chain(optax.sgd(0.1, momentum=0.9),
@@ -372,9 +390,7 @@ def soft_filter_pruning(
         begin_step=begin_step,
         end_step=end_step,
         frequency=frequency,
-        include=include,
-        exclude=exclude,
-        pattern="structured",
+        pattern=Units(axis=-1, norm=norm),
         regrow=True,
         schedule=schedules_lib.constant(sparsity),
     )

@@ -1,17 +1,18 @@
 """Importance scores for pruning: a float tree with the params' structure, higher = keep.
 
 Every function here is pure and returns a tree shaped like ``params`` (dict, NNX State,
-or any pytree); :func:`jcompress.pruning.masks.make_masks` turns scores into masks and
-applies the selection. When ``selection`` is given (any form accepted by
-``jcompress.tree.select``'s ``include``), only the selected leaves are scored and the
-others get zeros; without it every leaf must be floating and gets a score.
+or any pytree); :func:`jcompress.pruning.by_scores` prunes by such a tree and
+:func:`jcompress.pruning.masks.make_masks` turns it into masks. With ``names`` (a list of
+slash-joined leaf names) only those leaves are scored and the others get zeros; without
+it every leaf must be floating and gets a score. The pruning transforms
+(``jc.pruning.magnitude``, ``taylor``, ``snip``, ``obd``, ``random``) call these.
 
 Scores, by the information they use:
 
-* weights only: :func:`magnitude` ``|w|`` (Han et al. 2015), :func:`random`;
-* one gradient: :func:`taylor` ``|w * g|`` (first-order Taylor, Molchanov et al.),
-  :func:`snip` connection sensitivity at initialisation (Lee et al. 2019);
-* second order: :func:`obd` ``h_kk w_k^2 / 2`` (LeCun et al. 1990) with a Hessian
+* weights only: :func:`magnitude_scores` ``|w|`` (Han et al. 2015), :func:`random_scores`;
+* one gradient: :func:`taylor_scores` ``|w * g|`` (first-order Taylor, Molchanov et al.),
+  :func:`snip_scores` connection sensitivity at initialisation (Lee et al. 2019);
+* second order: :func:`obd_scores` ``h_kk w_k^2 / 2`` (LeCun et al. 1990) with a Hessian
   diagonal from :func:`fisher_diagonal` (per-example squared gradients),
   :func:`hutchinson_diagonal` (``E[z * Hz]`` with Rademacher ``z``) or the running
   :func:`grad_squared_accumulator` over a training window;
@@ -20,9 +21,9 @@ Scores, by the information they use:
   produce those neurons.
 
 Example:
-  >>> s = taylor(params, grads)
+  >>> s = taylor_scores(params, grads, names=['fc1/kernel', 'fc2/kernel'])
   >>> h = hutchinson_diagonal(loss_fn, params, batch, key=jax.random.key(0), num_samples=64)
-  >>> s2 = obd(params, h)
+  >>> s2 = obd_scores(params, h)
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ __all__ = [
     "grad_squared_accumulator",
     "grad_squared_mean",
     "hutchinson_diagonal",
-    "magnitude",
+    "magnitude_scores",
     "neuron_entropy",
-    "obd",
-    "random",
-    "snip",
-    "taylor",
+    "obd_scores",
+    "random_scores",
+    "snip_scores",
+    "taylor_scores",
     "unit_scores",
 ]
 
@@ -55,13 +56,13 @@ PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
 
 
-def _score_map(fn: Callable, params: PyTree, *rest: PyTree, selection=None, arg: str = "params") -> PyTree:
+def _score_map(fn: Callable, params: PyTree, *rest: PyTree, names: Sequence[str] | None = None, arg: str = "params") -> PyTree:
     """``fn(name, w, *r)`` on the scored leaves; zeros (float32) on the others.
 
-    Leaves are scored when selected (or all of them when ``selection`` is None); a
-    scored leaf must be floating, else TypeError naming it.
+    The leaves in ``names`` are scored (all of them when ``names`` is None); a scored
+    leaf must be floating, else TypeError naming it.
     """
-    picked = None if selection is None else set(jtree.selected_names(params, selection))
+    picked = None if names is None else _check_names(params, names)
 
     def one(name, w, *r):
         if picked is not None and name not in picked:
@@ -72,16 +73,26 @@ def _score_map(fn: Callable, params: PyTree, *rest: PyTree, selection=None, arg:
     return jtree.map_with_names(one, params, *rest)
 
 
-def magnitude(params: PyTree, *, selection=None) -> PyTree:
+def _check_names(params: PyTree, names: Sequence[str]) -> set[str]:
+    if isinstance(names, str):
+        raise TypeError(f"names={names!r} must be a list of leaf names, not one string")
+    leaves = {n for n, _ in jtree.named_leaves(params)}
+    unknown = [n for n in names if n not in leaves]
+    if unknown:
+        raise ValueError(f"names {unknown} are not leaves of params; leaves are {sorted(leaves)[:12]}")
+    return set(names)
+
+
+def magnitude_scores(params: PyTree, *, names: Sequence[str] | None = None) -> PyTree:
     """``|w|`` per entry (same dtype as each leaf).
 
     Example:
-      >>> magnitude({'fc1': {'kernel': jnp.array([[-2., 1.]])}})  # {'fc1': {'kernel': [[2., 1.]]}}
+      >>> magnitude_scores({'fc1': {'kernel': jnp.array([[-2., 1.]])}})  # {'fc1': {'kernel': [[2., 1.]]}}
     """
-    return _score_map(lambda n, w: jnp.abs(w), params, selection=selection)
+    return _score_map(lambda n, w: jnp.abs(w), params, names=names)
 
 
-def random(params: PyTree, *, key: jax.Array, selection=None) -> PyTree:
+def random_scores(params: PyTree, *, key: jax.Array, names: Sequence[str] | None = None) -> PyTree:
     """Uniform ``[0, 1)`` float32 scores, independent per leaf (random-pruning baseline).
 
     The leaf at position ``i`` in flattening order uses ``jax.random.fold_in(key, i)``,
@@ -91,11 +102,11 @@ def random(params: PyTree, *, key: jax.Array, selection=None) -> PyTree:
     return _score_map(
         lambda n, w: jax.random.uniform(jax.random.fold_in(key, index[n]), w.shape, jnp.float32),
         params,
-        selection=selection,
+        names=names,
     )
 
 
-def taylor(params: PyTree, grads: PyTree, *, selection=None) -> PyTree:
+def taylor_scores(params: PyTree, grads: PyTree, *, names: Sequence[str] | None = None) -> PyTree:
     """First-order Taylor importance ``|w * g|``: the loss change from removing ``w``.
 
     Args:
@@ -103,10 +114,10 @@ def taylor(params: PyTree, grads: PyTree, *, selection=None) -> PyTree:
       grads: gradient tree with the same structure (e.g. accumulated over a few batches).
     """
     jtree.check_same_structure(params, grads, "params", "grads")
-    return _score_map(lambda n, w, g: jnp.abs(w * g), params, grads, selection=selection)
+    return _score_map(lambda n, w, g: jnp.abs(w * g), params, grads, names=names)
 
 
-def snip(loss_fn: LossFn, params: PyTree, batch: Any, *, selection=None) -> PyTree:
+def snip_scores(loss_fn: LossFn, params: PyTree, batch: Any, *, names: Sequence[str] | None = None) -> PyTree:
     """SNIP connection sensitivity (Lee et al. 2019) from one batch, usually at init.
 
     ``s = |dL/dw * w| / sum(|dL/dw * w|)``, the sum running over every scored entry, so the
@@ -118,12 +129,12 @@ def snip(loss_fn: LossFn, params: PyTree, batch: Any, *, selection=None) -> PyTr
       batch: one batch, passed to ``loss_fn`` as is.
     """
     grads = jax.grad(loss_fn)(params, batch)
-    raw = taylor(params, grads, selection=selection)
+    raw = taylor_scores(params, grads, names=names)
     total = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(raw))
     return jax.tree.map(lambda x: x / jnp.maximum(total, jnp.finfo(jnp.float32).tiny), raw)
 
 
-def obd(params: PyTree, hessian_diag: PyTree, *, selection=None) -> PyTree:
+def obd_scores(params: PyTree, hessian_diag: PyTree, *, names: Sequence[str] | None = None) -> PyTree:
     """Optimal Brain Damage saliency ``h_kk * w_k^2 / 2`` (LeCun et al. 1990).
 
     Args:
@@ -132,7 +143,7 @@ def obd(params: PyTree, hessian_diag: PyTree, *, selection=None) -> PyTree:
         :func:`fisher_diagonal`, :func:`hutchinson_diagonal` or :func:`grad_squared_mean`.
     """
     jtree.check_same_structure(params, hessian_diag, "params", "hessian_diag")
-    return _score_map(lambda n, w, h: 0.5 * h * jnp.square(w), params, hessian_diag, selection=selection)
+    return _score_map(lambda n, w, h: 0.5 * h * jnp.square(w), params, hessian_diag, names=names)
 
 
 def fisher_diagonal(loss_fn: LossFn, params: PyTree, batches: Iterable[Any]) -> PyTree:
@@ -300,8 +311,8 @@ def unit_scores(params: PyTree, per_unit: Mapping[str, jax.Array], *, axis: int 
 
     Returns:
       float32 tree with the params' structure; named kernels get their unit's score at
-      every entry, all other leaves zeros, so select only the named kernels when making
-      masks (``selection=list(per_unit)``), typically with ``pattern='structured'``.
+      every entry, all other leaves zeros, so prune only the named kernels:
+      ``jc.masked(jc.pruning.by_scores(s, sparsity=0.5, pattern=jc.Units()), list(per_unit))``.
     """
     names = {n: leaf for n, leaf in jtree.named_leaves(params)}
     unknown = sorted(set(per_unit) - set(names))

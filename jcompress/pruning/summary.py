@@ -4,13 +4,14 @@ For a params tree an entry counts as pruned when it equals zero; for a bool mask
 when it is False. Leaves are named by their slash-joined path.
 
 Example:
-  >>> s = sparsity_summary(pruned_params, selection=r'kernel')
+  >>> s = sparsity_summary(pruned_params, names=['fc1/kernel', 'fc2/kernel'])
   >>> s['total']['sparsity'], s['layers']['fc1/kernel']['zeros']
   >>> print(format_summary(s))
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,20 +31,26 @@ def _counts(size: int, zeros: int) -> dict:
     }
 
 
-def sparsity_summary(tree: Any, *, selection=None) -> dict:
+def sparsity_summary(tree: Any, *, names: Sequence[str] | None = None) -> dict:
     """Per-leaf and total zero counts of a params tree or a bool masks tree.
 
     Args:
       tree: params (zeros count as pruned) or bool masks (False counts as pruned); a
         dict, NNX State or any pytree. Values must be concrete (not traced).
-      selection: leaves to report (any form of ``jcompress.tree.select``'s
-        ``include``); ``None`` reports every leaf.
+      names: the leaves to report (slash-joined names, e.g. from
+        ``jc.core.spec.select_names(params, r'kernel')``); ``None`` reports every leaf.
 
     Returns:
       ``{'layers': {name: counts}, 'total': counts}`` where ``counts`` holds the ints
       ``size``, ``zeros``, ``nonzeros`` and the floats ``sparsity``, ``density``.
     """
-    leaves = jtree.named_leaves(tree) if selection is None else jtree.iter_selected(tree, selection)
+    leaves = jtree.named_leaves(tree)
+    if names is not None:
+        by_name = dict(leaves)
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"names {unknown} are not leaves of the tree; leaves are {sorted(by_name)[:12]}")
+        leaves = [(n, by_name[n]) for n in names]
     layers = {}
     for name, leaf in leaves:
         arr = np.asarray(leaf)

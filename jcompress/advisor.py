@@ -1001,7 +1001,7 @@ def student_config(config: dict, width_fraction: float) -> dict:
     if not 0.0 < width_fraction <= 1.0:
         raise ValueError(f"width_fraction={width_fraction!r} must be in (0, 1]")
     scale = lambda ws: [max(1, round(w * width_fraction)) for w in ws]
-    base = {k: v for k, v in config.items() if k not in ("name", "widths", "channels", "hidden", "mids")}
+    base = {k: v for k, v in config.items() if k not in ("name", "widths", "channels", "hidden")}
     name = config["name"]
     if name == "lenet300":
         return {**base, "name": "mlp", "widths": scale((300, 100))}

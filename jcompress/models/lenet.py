@@ -12,8 +12,7 @@ class LeNet5(nnx.Module):
     """conv1 (5x5, 20) -> max-pool 2 -> conv2 (5x5, 50) -> max-pool 2 -> fc1 (500) -> ReLU -> fc2.
 
     This is Caffe's ``lenet_train_test.prototxt``: VALID convolutions, no nonlinearity
-    after the convolutions, 431,080 parameters on 28x28x1 inputs. Widths are arguments so
-    that hard pruning can build the smaller model.
+    after the convolutions, 431,080 parameters on 28x28x1 inputs.
 
     Inputs ``(N, H, W, C)`` float32 (H = W = 28 for MNIST); output ``(N, num_classes)``.
     """

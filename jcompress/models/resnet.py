@@ -31,8 +31,6 @@ class ResNet(nnx.Module):
     """stem conv3x3-BN-ReLU, one residual block per stage, global average pool, fc.
 
     ``widths`` gives each stage's channels; stages after the first halve the resolution.
-    ``mids`` (default: equal to ``widths``) are the inner channels of each block, the ones
-    structured pruning removes without touching the residual stream.
     Inputs ``(N, H, W, C)``; output ``(N, num_classes)``.
     """
 
@@ -42,18 +40,16 @@ class ResNet(nnx.Module):
         num_classes: int = 10,
         *,
         widths: Sequence[int] = (16, 32, 64),
-        mids: Sequence[int] | None = None,
         rngs: nnx.Rngs,
     ):
         c = input_shape[-1] if len(input_shape) == 3 else 1
         self.widths = tuple(int(w) for w in widths)
-        self.mids = tuple(int(m) for m in (mids or widths))
         self.stem = nnx.Conv(c, self.widths[0], (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(self.widths[0], momentum=0.9, rngs=rngs)
         cin = self.widths[0]
         self.blocks = nnx.List()
-        for i, (w, m) in enumerate(zip(self.widths, self.mids)):
-            self.blocks.append(Block(cin, m, w, 1 if i == 0 else 2, rngs=rngs))
+        for i, w in enumerate(self.widths):
+            self.blocks.append(Block(cin, w, w, 1 if i == 0 else 2, rngs=rngs))
             cin = w
         self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
 

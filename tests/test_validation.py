@@ -12,9 +12,12 @@ import pytest
 
 from jcompress import compressed, data, export, lowrank, models, quant, sharing, tree
 from jcompress.core import masked
-from jcompress.oneshot import gptq
+from jcompress import oneshot
 from jcompress.core import topk
 from jcompress.core.base import masked
+from jcompress.core.base import MaskAux
+from jcompress.core.patterns import NM, Units
+from jcompress.nnx import factorize, surgery
 from jcompress.pruning import masks as pmasks
 from jcompress.pruning import scores as pscores
 
@@ -24,8 +27,21 @@ EMPTY = {"fc1": {"kernel": jnp.zeros((0, 4)), "bias": jnp.zeros(4)}}
 INTS = {"fc1": {"kernel": jnp.arange(16).reshape(4, 4), "bias": jnp.zeros(4)}}
 
 
+def _mlp():
+    return models.create("mlp", input_shape=(4,), num_classes=3, widths=[5])
+
+
+def _unit_cut(units):
+    """Masks of ``_mlp()`` that remove the given units of fc1."""
+    cut = jnp.ones(5, bool).at[jnp.asarray(list(units))].set(False)
+    shapes = {"fc1": {"kernel": (4, 5), "bias": (5,)}, "fc2": {"kernel": (5, 3), "bias": (3,)}}
+    masks = {layer: {k: jnp.ones(shape, bool) for k, shape in leaves.items()} for layer, leaves in shapes.items()}
+    masks["fc1"]["kernel"] = jnp.broadcast_to(cut, (4, 5))
+    return masks
+
+
 def _mag(params, **kw):
-    return pmasks.magnitude_pruning(**kw)(params)
+    return pmasks.magnitude(**kw)(params)
 
 
 def _corrupt_file(tmp_path):
@@ -74,48 +90,251 @@ def _wrong_checkpoint(tmp_path):
 
 CASES = [
     # kind, id, call(tmp_path), exception, message regex
-    ("sparsity out of range", "sparsity=1.0", lambda t: _mag(W, sparsity=1.0), ValueError, r"sparsity"),
+    (
+        "sparsity out of range",
+        "sparsity=1.0",
+        lambda t: _mag(W, sparsity=1.0),
+        ValueError,
+        r"fc1/kernel.*emptied.*allow_empty=True",
+    ),
     ("sparsity out of range", "sparsity=-0.1", lambda t: _mag(W, sparsity=-0.1), ValueError, r"sparsity"),
-    ("sparsity out of range", "per-layer sparsity 1.5", lambda t: _mag(W, sparsity={"fc1/kernel": 1.5}), ValueError, r"fc1/kernel|sparsity"),
-    ("N:M invalid", "M does not divide axis", lambda t: pmasks.make_masks(pscores.magnitude(W), sparsity=0.5, pattern="nm", n=2, m=5), ValueError, r"5|divid"),
-    ("N:M invalid", "N > M", lambda t: pmasks.make_masks(pscores.magnitude(W), sparsity=0.5, pattern="nm", n=4, m=2), ValueError, r"n|N"),
+    (
+        "sparsity out of range",
+        "per-layer sparsity 1.5",
+        lambda t: _mag(W, sparsity={"fc1/kernel": 1.5}),
+        ValueError,
+        r"fc1/kernel|sparsity",
+    ),
+    (
+        "sparsity out of range",
+        "sparsity NaN",
+        lambda t: _mag(W, sparsity=float("nan")),
+        ValueError,
+        r"sparsity=nan must be finite",
+    ),
+    (
+        "layer emptied",
+        "units pattern",
+        lambda t: _mag(W, sparsity=0.95, pattern=Units()),
+        ValueError,
+        r"fc1/kernel \(shape \(8, 6\), 48 weights\) would lose every unit",
+    ),
+    (
+        "layer emptied",
+        "global scope",
+        lambda t: _mag({**W, "fc2": {"kernel": jnp.full((8, 8), 1e3)}}, sparsity=0.55, scope="global"),
+        ValueError,
+        r"fc1/kernel .* would lose every weight.*allow_empty=True",
+    ),
+    (
+        "N:M invalid",
+        "M does not divide axis",
+        lambda t: pmasks.make_masks(pscores.magnitude_scores(W), sparsity=None, pattern=NM(2, 5)),
+        ValueError,
+        r"fc1/kernel: m=5 does not divide",
+    ),
+    ("N:M invalid", "N > M", lambda t: NM(4, 2), ValueError, r"n is the number kept"),
+    (
+        "pattern invalid",
+        "pattern as a string",
+        lambda t: pmasks.magnitude(sparsity=0.5, pattern="nm"),
+        TypeError,
+        r"pattern='nm' must be a pattern value",
+    ),
     ("bits out of range", "bits=0", lambda t: quant.quantize_leaf(W["fc1"]["kernel"], bits=0), ValueError, r"bits"),
     ("bits out of range", "bits=17", lambda t: quant.quantize_leaf(W["fc1"]["kernel"], bits=17), ValueError, r"bits"),
     ("bits out of range", "quantize bits=40", lambda t: quant.quantize(bits=40), ValueError, r"bits=40"),
-    ("group size invalid", "group_size does not divide", lambda t: quant.quantize_leaf(W["fc1"]["kernel"], bits=4, axis=1, group_size=3), ValueError, r"group_size"),
-    ("count out of range", "remove_smallest count > size", lambda t: topk.remove_smallest(jnp.ones(5), 6), ValueError, r"count=6.*\[0, 5\]"),
-    ("count out of range", "remove_smallest count < 0", lambda t: topk.remove_smallest(jnp.ones((3, 4)), -1, axis=1), ValueError, r"count=-1"),
-    ("group size invalid", "GPTQ dynamic groups with act_order", lambda t: gptq.quantize_matrix(W["fc1"]["kernel"], jnp.eye(8), bits=4, group_size=4, act_order=True, static_groups=False), ValueError, r"static_groups"),
+    (
+        "group size invalid",
+        "group_size does not divide",
+        lambda t: quant.quantize_leaf(W["fc1"]["kernel"], bits=4, axis=1, group_size=3),
+        ValueError,
+        r"group_size",
+    ),
+    (
+        "count out of range",
+        "remove_smallest count > size",
+        lambda t: topk.remove_smallest(jnp.ones(5), 6),
+        ValueError,
+        r"count=6.*\[0, 5\]",
+    ),
+    (
+        "count out of range",
+        "remove_smallest count < 0",
+        lambda t: topk.remove_smallest(jnp.ones((3, 4)), -1, axis=1),
+        ValueError,
+        r"count=-1",
+    ),
+    (
+        "group size invalid",
+        "GPTQ dynamic groups with act_order",
+        lambda t: oneshot.gptq({"fc1/kernel": jnp.eye(8)}, bits=4, group_size=4, act_order=True, static_groups=False),
+        ValueError,
+        r"static_groups",
+    ),
+    (
+        "group size invalid",
+        "GPTQ group_size does not divide the inputs",
+        lambda t: oneshot.gptq({"fc1/kernel": jnp.eye(8)}, bits=4, group_size=3),
+        ValueError,
+        r"group_size=3.*8 inputs of fc1/kernel",
+    ),
+    (
+        "calibration statistics invalid",
+        "zero calibration tokens",
+        lambda t: oneshot.sparsegpt({"fc1/kernel": oneshot.LayerStats(jnp.eye(8), jnp.float32(0))}),
+        ValueError,
+        r"stats/fc1/kernel counts 0",
+    ),
+    (
+        "calibration statistics invalid",
+        "calibration inputs of the wrong width",
+        lambda t: oneshot.calibrate(models.create("mlp", input_shape=(4,), num_classes=2, widths=[3]), jnp.ones((2, 5))),
+        ValueError,
+        r"layer fc1 .*width 5",
+    ),
+    ("N:M invalid", "n=0 kept in one-shot pruning", lambda t: oneshot.wanda({"fc1/kernel": jnp.eye(8)}, pattern=NM(0, 4)), ValueError, r"NM\.n=0"),
     ("rank invalid", "rank=0", lambda t: lowrank.svd(rank=0)(W), ValueError, r"rank"),
     ("rank invalid", "rank above min(dims)", lambda t: lowrank.svd(rank=7)(W), ValueError, r"rank|fc1/kernel"),
     ("rank invalid", "energy=1.5", lambda t: lowrank.svd(energy=1.5)(W), ValueError, r"energy"),
-    ("k too large", "k > distinct weights", lambda t: sharing.kmeans_share(W, k=200), ValueError, r"k|distinct|fc1/kernel"),
-    ("k too large", "k=0", lambda t: sharing.kmeans_share(W, k=0), ValueError, r"k"),
-    ("NaN or Inf in params", "magnitude pruning", lambda t: _mag(NAN, sparsity=0.5), ValueError, r"fc1/kernel.*(NaN|Inf)|(NaN|Inf).*fc1/kernel"),
+    (
+        "k too large",
+        "k > distinct weights",
+        lambda t: sharing.kmeans(k=200)(W),
+        ValueError,
+        r"k|distinct|fc1/kernel",
+    ),
+    ("k too large", "k=0", lambda t: sharing.kmeans(k=0), ValueError, r"k=0"),
+    (
+        "NaN or Inf in params",
+        "magnitude pruning",
+        lambda t: _mag(NAN, sparsity=0.5),
+        ValueError,
+        r"params/fc1/kernel contains NaN or inf",
+    ),
+    (
+        "NaN or Inf in params",
+        "inf weight",
+        lambda t: _mag({"fc1": {"kernel": W["fc1"]["kernel"].at[2, 3].set(jnp.inf)}}, sparsity=0.5),
+        ValueError,
+        r"params/fc1/kernel contains NaN or inf",
+    ),
     ("NaN or Inf in params", "quantization", lambda t: quant.quantize(bits=8)(NAN), ValueError, r"fc1/kernel"),
-    ("NaN or Inf in params", "k-means", lambda t: sharing.kmeans_share(NAN, k=4), ValueError, r"fc1/kernel|NaN"),
+    ("NaN or Inf in params", "k-means", lambda t: sharing.kmeans(k=4)(NAN), ValueError, r"fc1/kernel|NaN"),
+    ("NaN or Inf in params", "compress", lambda t: compressed.compress(NAN), ValueError, r"fc1/kernel.*NaN"),
     ("NaN or Inf in params", "svd", lambda t: lowrank.svd(rank=1)(NAN), ValueError, r"fc1/kernel|NaN"),
-    ("mask tree mismatch", "apply_masks", lambda t: pmasks.apply_masks(W, {"fc2": {"kernel": jnp.ones((8, 6), bool)}}), ValueError, r"fc1/kernel|fc2/kernel|structure"),
-    ("mask tree mismatch", "mask shape", lambda t: pmasks.apply_masks(W, {"fc1": {"kernel": jnp.ones((6, 8), bool), "bias": jnp.ones(6, bool)}}), ValueError, r"fc1/kernel|shape"),
-    ("selection matches nothing", "pruning", lambda t: _mag(W, sparsity=0.5, include=r"^conv"), ValueError, r"matches no leaf"),
-    ("selection matches nothing", "quantization", lambda t: masked(quant.quantize(bits=8), r"^conv")(W), ValueError, r"match none of the leaves"),
-    ("selection matches nothing", "k-means", lambda t: sharing.kmeans_share(W, k=4, include=r"^conv"), ValueError, r"matches no leaf"),
-    ("selection matches nothing", "svd", lambda t: masked(lowrank.svd(rank=1), r"^conv")(W), ValueError, r"\^conv.*match none of the leaves"),
+    (
+        "mask tree mismatch",
+        "apply_masks",
+        lambda t: pmasks.apply_masks(W, {"fc2": {"kernel": jnp.ones((8, 6), bool)}}),
+        ValueError,
+        r"fc1/kernel|fc2/kernel|structure",
+    ),
+    (
+        "mask tree mismatch",
+        "mask shape",
+        lambda t: pmasks.apply_masks(W, {"fc1": {"kernel": jnp.ones((6, 8), bool), "bias": jnp.ones(6, bool)}}),
+        ValueError,
+        r"fc1/kernel|shape",
+    ),
+    (
+        "selection matches nothing",
+        "pruning",
+        lambda t: masked(pmasks.magnitude(sparsity=0.5), r"^conv")(W),
+        ValueError,
+        r"\^conv.*match none of the leaves",
+    ),
+    (
+        "selection matches nothing",
+        "quantization",
+        lambda t: masked(quant.quantize(bits=8), r"^conv")(W),
+        ValueError,
+        r"match none of the leaves",
+    ),
+    (
+        "selection matches nothing",
+        "k-means",
+        lambda t: masked(sharing.kmeans(k=4), r"^conv")(W),
+        ValueError,
+        r"\^conv.*match none of the leaves",
+    ),
+    (
+        "selection matches nothing",
+        "svd",
+        lambda t: masked(lowrank.svd(rank=1), r"^conv")(W),
+        ValueError,
+        r"\^conv.*match none of the leaves",
+    ),
     ("selection matches nothing", "bad regex", lambda t: tree.select(W, "fc1["), ValueError, r"does not compile"),
     ("empty arrays", "pruning", lambda t: _mag(EMPTY, sparsity=0.5), ValueError, r"fc1/kernel|empty"),
     ("empty arrays", "quantization", lambda t: quant.quantize(bits=8)(EMPTY), ValueError, r"fc1/kernel|empty"),
     ("integer dtype", "quantize", lambda t: quant.quantize_leaf(jnp.arange(8), bits=4), TypeError, r"dtype|float"),
     ("integer dtype", "pruning", lambda t: _mag(INTS, sparsity=0.5), TypeError, r"fc1/kernel|dtype|float"),
-    ("integer dtype", "k-means", lambda t: sharing.kmeans_share(INTS, k=2), TypeError, r"fc1/kernel|dtype|float"),
+    ("integer dtype", "k-means", lambda t: sharing.kmeans(k=2)(INTS), TypeError, r"fc1/kernel|dtype|float"),
     ("corrupt or wrong file", "flipped byte", _corrupt_file, export.CompressedFileError, r"m\.jcz"),
     ("corrupt or wrong file", "truncated", _truncated_file, export.CompressedFileError, r"m\.jcz"),
     ("corrupt or wrong file", "wrong magic", _wrong_magic, export.CompressedFileError, r"m\.jcz"),
-    ("corrupt or wrong file", "missing checkpoint", lambda t: __import__("jcompress").checkpoint.load_model(t / "none"), FileNotFoundError, r"does not exist"),
+    (
+        "corrupt or wrong file",
+        "missing checkpoint",
+        lambda t: __import__("jcompress").checkpoint.load_model(t / "none"),
+        FileNotFoundError,
+        r"does not exist",
+    ),
     ("corrupt or wrong file", "corrupt checkpoint", _corrupt_checkpoint, ValueError, r"could not be restored|corrupt"),
-    ("corrupt or wrong file", "checkpoint of another model", _wrong_checkpoint, ValueError, r"could not be restored|different model"),
+    (
+        "corrupt or wrong file",
+        "checkpoint of another model",
+        _wrong_checkpoint,
+        ValueError,
+        r"could not be restored|different model",
+    ),
     ("unknown name", "dataset", lambda t: data.load("cifar100"), ValueError, r"mnist5k, digits, mnist1d"),
-    ("unknown name", "model", lambda t: models.create("vgg16", input_shape=(28, 28, 1), num_classes=10), ValueError, r"lenet300"),
-    ("shape mismatch", "compress with a wrong aux", lambda t: compressed.compress(W, pmasks.PruneAux(masks={"fc1": {"kernel": jnp.zeros((8, 6), bool), "bias": jnp.ones(6, bool)}}, scores=None, thresholds=None)), ValueError, r"fc1/kernel"),
+    (
+        "unknown name",
+        "model",
+        lambda t: models.create("vgg16", input_shape=(28, 28, 1), num_classes=10),
+        ValueError,
+        r"lenet300",
+    ),
+    ("bits out of range", "index_bits=0", lambda t: compressed.compress(W, index_bits=0), ValueError, r"index_bits=0"),
+    (
+        "shape mismatch",
+        "compress with a wrong aux",
+        lambda t: compressed.compress(
+            W, MaskAux(masks={"fc1": {"kernel": jnp.zeros((8, 6), bool), "bias": jnp.ones(6, bool)}})
+        ),
+        ValueError,
+        r"fc1/kernel",
+    ),
+    (
+        "shape mismatch",
+        "hard_prune masks of another model",
+        lambda t: surgery.hard_prune({"fc1": {"kernel": jnp.ones((4, 5), bool)}}, input_shape=(4,))(_mlp()),
+        ValueError,
+        r"structure of the model's nnx.Param.*fc2/kernel",
+    ),
+    (
+        "layer emptied",
+        "hard_prune removes every unit",
+        lambda t: surgery.hard_prune(_unit_cut(range(5)), input_shape=(4,))(_mlp()),
+        ValueError,
+        r"every unit of fc1.*allow_empty=True",
+    ),
+    (
+        "wrong type",
+        "hard_prune on a params tree",
+        lambda t: surgery.hard_prune(input_shape=(4,))(W),
+        TypeError,
+        r"model transform.*NNX module",
+    ),
+    (
+        "rank invalid",
+        "factorize rank above min(dims)",
+        lambda t: factorize.factorize(rank=9)(_mlp()),
+        ValueError,
+        r"fc1/kernel.*rank=9",
+    ),
 ]
 
 

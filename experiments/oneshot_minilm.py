@@ -14,7 +14,7 @@ calibration sentences of Python's bundled documentation (``jcompress.textdata``)
 
 Wanda, SparseGPT and GPTQ run sequentially, one transformer layer at a time, each layer
 calibrated on the outputs of the already-compressed layers before it
-(``oneshot.calibration.sequential``). Measured on 400 held-out sentences (disjoint
+(``jc.oneshot.sequential``). Measured on 400 held-out sentences (disjoint
 topics): cosine similarity of each sentence embedding to the dense model's, and
 agreement of nearest-neighbour retrieval (200 queries against a 200-sentence corpus:
 top-1 agreement, top-5 overlap); plus the mean per-layer reconstruction error
@@ -36,7 +36,6 @@ mean cosine to dense at 50% magnitude 0.707, Wanda 0.864, SparseGPT 0.933; at 2:
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -44,27 +43,27 @@ import numpy as np
 from flax import nnx
 
 from experiments.common import figure, write_results
-from jcompress import compressed, export, models, textdata, tree
+from jcompress import compressed, export, models, oneshot, pruning, quant, textdata, tree
+from jcompress.core import NM, masked, relative_error, select_names
 from jcompress.models import hf
 from jcompress.models.bert import layer_groups
-from jcompress.oneshot import calibration, gptq, sparsegpt, wanda
 
 __all__ = ["METHODS", "retrieval_agreement", "run"]
 
-# (setting, method, kind, hyperparameters)
+# (setting, method, hyperparameters)
 METHODS = [
-    ("50%", "magnitude", "prune", {"sparsity": 0.5}),
-    ("50%", "wanda", "prune", {"sparsity": 0.5}),
-    ("50%", "sparsegpt", "prune", {"sparsity": 0.5}),
-    ("2:4", "magnitude", "prune", {"n_m": (2, 4)}),
-    ("2:4", "wanda", "prune", {"n_m": (2, 4)}),
-    ("2:4", "sparsegpt", "prune", {"n_m": (2, 4)}),
-    ("8-bit", "rtn", "quant", {"bits": 8}),
-    ("8-bit", "gptq", "quant", {"bits": 8}),
-    ("4-bit", "rtn", "quant", {"bits": 4}),
-    ("4-bit", "gptq", "quant", {"bits": 4}),
-    ("3-bit", "rtn", "quant", {"bits": 3}),
-    ("3-bit", "gptq", "quant", {"bits": 3}),
+    ("50%", "magnitude", {"sparsity": 0.5}),
+    ("50%", "wanda", {"sparsity": 0.5}),
+    ("50%", "sparsegpt", {"sparsity": 0.5}),
+    ("2:4", "magnitude", {"sparsity": None, "pattern": NM(2, 4)}),
+    ("2:4", "wanda", {"sparsity": None, "pattern": NM(2, 4)}),
+    ("2:4", "sparsegpt", {"sparsity": None, "pattern": NM(2, 4)}),
+    ("8-bit", "rtn", {"bits": 8}),
+    ("8-bit", "gptq", {"bits": 8}),
+    ("4-bit", "rtn", {"bits": 4}),
+    ("4-bit", "gptq", {"bits": 4}),
+    ("3-bit", "rtn", {"bits": 3}),
+    ("3-bit", "gptq", {"bits": 3}),
 ]
 QUICK = {("50%", "magnitude"), ("50%", "wanda"), ("50%", "sparsegpt"), ("3-bit", "rtn"), ("3-bit", "gptq")}
 
@@ -89,47 +88,38 @@ def _batches(tok, sentences: list[str], batch_size: int) -> list[tuple[np.ndarra
     return [(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(sentences), batch_size)]
 
 
-def _compress(model, params, batches, setting, method, kind, hp, include):
-    """Returns (params, aux errors, aux for compressed.compress)."""
-    fwd = lambda m, b: m(b[0], b[1])
-    seq = functools.partial(
-        calibration.sequential,
+def _forward(m, batch):
+    return m(batch[0], batch[1])
+
+
+def _token_mask(batch):
+    return batch[1]
+
+
+# the one-shot methods, as factories of calibration statistics
+ONESHOT = {
+    "wanda": lambda hp: lambda stats: oneshot.wanda(stats, **hp),
+    "sparsegpt": lambda hp: lambda stats: oneshot.sparsegpt(stats, **hp),
+    "gptq": lambda hp: lambda stats: oneshot.gptq(stats, act_order=True, **hp),
+}
+
+
+def _compress(model, params, batches, method, hp, include):
+    """``(params, aux)``: data-free baselines on the selected kernels, one-shot methods layer by layer."""
+    if method == "magnitude":  # |W| compared across each layer
+        return masked(pruning.magnitude(**hp), include)(params)
+    if method == "rtn":  # the same min-max grid per output unit as GPTQ
+        return masked(quant.quantize(bits=hp["bits"], symmetric=False), include)(params)
+    new_model, aux = oneshot.sequential(
         model,
-        fwd,
         batches,
+        ONESHOT[method](hp),
+        forward=_forward,
+        token_mask=_token_mask,
+        names=select_names(params, include),
         groups=layer_groups(model.cfg),
-        include=include,
-        token_mask=lambda b: b[1],
     )
-    if method == "magnitude":
-        new, aux = wanda.magnitude(params, include=include, **hp)
-        return new, {}, aux
-    if method == "rtn":
-        new, aux = gptq.rtn(params, include=include, **hp)
-        return new, {}, _QAux(gptq.quant_params(aux))
-    if method == "wanda":
-        solver = functools.partial(wanda.prune, **hp)
-    elif method == "sparsegpt":
-        solver = functools.partial(sparsegpt.prune, **hp)
-    else:
-        solver = functools.partial(gptq.quantize, act_order=True, **hp)
-    new_model, seq_aux = seq(solver=solver)
-    new = nnx.to_pure_dict(nnx.state(new_model, nnx.Param))
-    if kind == "prune":
-        masks = {n: m for step in seq_aux.steps for n, m in step.masks.items()}
-        return new, seq_aux.errors, _MAux(masks)
-    qparams = {n: q for step in seq_aux.steps for n, q in gptq.quant_params(step).items()}
-    return new, seq_aux.errors, _QAux(qparams)
-
-
-class _MAux:
-    def __init__(self, masks):
-        self.masks = masks
-
-
-class _QAux:
-    def __init__(self, qparams):
-        self.qparams = qparams
+    return nnx.to_pure_dict(nnx.state(new_model, nnx.Param)), aux
 
 
 def _kernel_bits(ctree, names: list[str]) -> int:
@@ -148,7 +138,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
     held = textdata.sentences("evaluation", limit=n_eval)
     batches = _batches(tok, calib, 32)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    names = tree.selected_names(params, include)
+    names = select_names(params, include)
     dense_emb = hf.embed_texts(model, tok, held)
     dense_ctree = compressed.compress(params)
     dense_bits = _kernel_bits(dense_ctree, names)
@@ -166,22 +156,21 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
             "seconds": 0.0,
         }
     ]
-    for setting, method, kind, hp in METHODS:
+    for setting, method, hp in METHODS:
         if quick and (setting, method) not in QUICK:
             continue
         t0 = time.perf_counter()
-        new_params, errors, aux = _compress(model, params, batches, setting, method, kind, hp, include)
+        new_params, aux = _compress(model, params, batches, method, hp, include)
         seconds = time.perf_counter() - t0
         new_model = models.merge(model, new_params)
         emb = hf.embed_texts(new_model, tok, held)
         cos = np.sum(emb * dense_emb, axis=1)
         top1, top5 = retrieval_agreement(dense_emb, emb, n_eval // 2)
-        if not errors:  # data-free baselines: measure their layer error on the same calibration data
-            stats = calibration.linear_input_stats(
-                model, lambda m, b: m(b[0], b[1]), batches, include=include, token_mask=lambda b: b[1]
-            )
+        errors = {n: e for n, e in aux.errors.items() if n in names}  # one-shot: on each layer's own inputs
+        if method in ("magnitude", "rtn"):  # data-free baselines: their layer error on the same calibration data
+            stats = oneshot.calibrate(model, batches, forward=_forward, token_mask=_token_mask, names=names)
             errors = {
-                n: float(calibration.relative_error(tree.get_by_name(params, n), tree.get_by_name(new_params, n), s.h))
+                n: relative_error(tree.get_by_name(params, n), tree.get_by_name(new_params, n), s.h)
                 for n, s in stats.items()
             }
         ctree = compressed.compress(new_params, aux)
@@ -194,7 +183,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
                 "cosine_min": float(cos.min()),
                 "top1_agree": top1,
                 "top5_overlap": top5,
-                "layer_error": float(np.mean(list(errors.values()))),
+                "layer_error": float(np.mean([float(e) for e in errors.values()])),
                 "kernels_MB": _kernel_bits(ctree, names) / 8e6,
                 "file_MB": export.write(path, ctree) / 1e6,
                 "seconds": seconds,

@@ -443,13 +443,6 @@ class _Tracer:
         self._record(eqn, lhs, rhs, (lf,), (ri,), src, made_by, of, math.prod(rshape) // max(rshape[ro], 1))
 
 
-def _module_at(model: nnx.Module, path: Sequence) -> Any:
-    node = model
-    for part in path:
-        node = node[int(part)] if str(part).isdigit() and not hasattr(node, str(part)) else getattr(node, str(part))
-    return node
-
-
 def _trace(model: nnx.Module, input_shape: Sequence[int], dtype) -> _Trace:
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
@@ -476,7 +469,7 @@ def _trace(model: nnx.Module, input_shape: Sequence[int], dtype) -> _Trace:
         leaf_nodes.update({(name, k): a for k, a in enumerate(axes)})
         in_nodes.append(axes)
         srcs.append(name)
-    in_nodes.append(tuple(nodes.new(d, "are an axis of the model's input") for d in x.shape))
+    in_nodes.append(tuple(nodes.new(d, "are tied to an axis of the model's input") for d in x.shape))
     srcs.append(None)
     tracer = _Tracer(nodes)
     outs = tracer.run(closed.jaxpr, [tracer.fresh_const(c) for c in closed.consts], in_nodes, srcs)
@@ -562,9 +555,7 @@ def _groups(tr: _Trace) -> list[UnitGroup]:
     by_root: dict[int, list[str]] = {}
     for k in tr.names:
         if k in tr.param_names and len(shapes[k]) >= 2 and tree.default_selection(k, np.empty(shapes[k], bool)):
-            r = n.find(tr.leaf_nodes[(k, len(shapes[k]) - 1)])
-            if not n.parts.get(r):
-                by_root.setdefault(r, []).append(k)
+            by_root.setdefault(n.find(tr.leaf_nodes[(k, len(shapes[k]) - 1)]), []).append(k)
     members: dict[int, list] = {r: [] for r in by_root}
     for (leaf, axis), node in tr.leaf_nodes.items():
         atoms = n.atoms(node)
@@ -572,10 +563,13 @@ def _groups(tr: _Trace) -> list[UnitGroup]:
         for pos, a in enumerate(atoms):
             if a in members:
                 members[a].append((leaf, axis, sizes, pos))
-    return [
-        UnitGroup(spec_lib.layer_of(prods[0]), tuple(prods), n.size[r], tuple(members[r]), n.reasons.get(r))
-        for r, prods in by_root.items()
-    ]
+    out = []
+    for r, prods in by_root.items():
+        reason = n.reasons.get(r)
+        if reason is None and n.parts.get(r):
+            reason = "are reshaped into several axes (heads or norm groups), which the tracer does not prune"
+        out.append(UnitGroup(spec_lib.layer_of(prods[0]), tuple(prods), n.size[r], tuple(members[r]), reason))
+    return out
 
 
 def coupling(model: nnx.Module, *, input_shape: Sequence[int], dtype=jnp.float32) -> list[UnitGroup]:

@@ -466,6 +466,21 @@ def test_solvers_jit_and_nnx_state(solver):
     chex.assert_trees_all_equal(params, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def test_per_layer_specs_and_masked():
+    model = MLP(32, (16,), 8, rngs=nnx.Rngs(0))
+    stats = oneshot.calibrate(model, np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    new, aux = oneshot.wanda(stats, sparsity={"fc1": 0.25, ".*": 0.5})(params)
+    assert int((new["fc1"]["kernel"] == 0).sum()) == 8 * 16 and int((new["fc2"]["kernel"] == 0).sum()) == 8 * 8
+    only_fc2 = oneshot.sparsegpt(stats, sparsity={"fc2": 0.5}, block_size=16)
+    with pytest.raises(ValueError, match="no pattern covers fc1/kernel"):
+        only_fc2(params)
+    new, aux = masked(only_fc2, "fc2/kernel")(params)
+    assert sorted(aux.errors) == ["fc2/kernel"] and int((new["fc2"]["kernel"] == 0).sum()) == 8 * 8
+    new, aux = oneshot.gptq(stats, bits={"fc2": 8, ".*": 3})(params)
+    assert {n: g.bits for n, g in aux.grids.items()} == {"fc1/kernel": 3, "fc2/kernel": 8}
+
+
 def test_bad_input_is_rejected_with_clear_errors():
     kernel, x = correlated_problem(n_in=16, n_out=4)
     params, stats = as_params(kernel), as_stats(x)

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jcompress import tree
-from jcompress.core import base
+from jcompress.core import base, spec
 from jcompress.nnx import hooks
 
-__all__ = ["LayerStats", "calibrate", "layer_transform", "linear_kernels", "mask_tree", "merge_auxes", "sequential"]
+__all__ = ["LayerStats", "calibrate", "layer_transform", "linear_kernels", "mask_tree", "merge_auxes", "per_layer", "sequential"]
 
 
 class LayerStats(NamedTuple):
@@ -259,6 +259,25 @@ def layer_transform(
         return new_params, make_aux(new_params, extras, errors)
 
     return base.Transform(apply, name, leaves=leaves)
+
+
+_UNCOVERED = object()
+
+
+def per_layer(value: spec.Spec, stats: dict, *, arg: str) -> Callable[[str], Any]:
+    """``name -> value`` of a spec over the calibrated kernels (:func:`jcompress.core.spec.resolve`).
+
+    A kernel that no pattern covers is an error only when it is compressed, so a spec may
+    cover just the kernels a :func:`jcompress.core.masked` transform touches.
+    """
+    resolved = spec.resolve(value, list(stats), arg=arg, default=_UNCOVERED)
+
+    def get(name: str):
+        if resolved[name] is _UNCOVERED:
+            raise ValueError(f"{arg}: no pattern covers {name}; add a catch-all pattern '.*' or leave it out with jc.masked")
+        return resolved[name]
+
+    return get
 
 
 def mask_tree(params, masks: dict) -> Any:

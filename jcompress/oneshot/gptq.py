@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from jcompress.core import base, grid, spec
 from jcompress.core.obs_loop import check_factor_ok, inverse_hessian_factor, obs_column_loop
-from jcompress.oneshot.calibration import layer_transform
+from jcompress.oneshot.calibration import layer_transform, per_layer
 
 __all__ = ["gptq", "quantize_matrix"]
 
@@ -160,11 +160,11 @@ def gptq(
         for name, s in stats.items():
             n_in = (s.h if hasattr(s, "h") else s).shape[0]
             grid.check_group_size(group_size, n_in, where=f" (the {n_in} inputs of {name})")
-    per_leaf = spec.resolve(bits, list(stats), arg="bits")
+    bits_of = per_layer(bits, stats, arg="bits")
 
     def solve(name, kernel, h):
         new_k, qp = quantize_matrix(
-            kernel, h, bits=per_leaf[name], group_size=group_size, act_order=act_order, static_groups=static_groups,
+            kernel, h, bits=bits_of(name), group_size=group_size, act_order=act_order, static_groups=static_groups,
             symmetric=symmetric, block_size=block_size, damp=damp,
         )  # fmt: skip
         return new_k, qp

@@ -33,7 +33,7 @@ from jax import lax
 from jcompress.core import base, spec, topk
 from jcompress.core.obs_loop import check_factor_ok, inverse_hessian_factor
 from jcompress.core.patterns import Unstructured
-from jcompress.oneshot.calibration import layer_transform, mask_tree
+from jcompress.oneshot.calibration import layer_transform, mask_tree, per_layer
 from jcompress.oneshot.sparsegpt import check_sparsity
 
 __all__ = ["obs", "prune_matrix", "prune_row"]
@@ -113,10 +113,10 @@ def obs(stats: dict, *, sparsity: spec.Spec = 0.5, damp: float = 0.01, row_batch
     check_sparsity(sparsity, Unstructured())
     damp = spec.check_value(damp, arg="damp", kind=float, lo=0.0, hi=10.0, hi_open=True)
     row_batch = spec.check_value(row_batch, arg="row_batch", kind=int, lo=1)
-    per_leaf = spec.resolve(sparsity, list(stats), arg="sparsity")
+    sparsity_of = per_layer(sparsity, stats, arg="sparsity")
 
     def solve(name, kernel, h):
-        new_k, keep, _ = prune_matrix(kernel, h, sparsity=per_leaf[name], damp=damp, row_batch=row_batch)
+        new_k, keep, _ = prune_matrix(kernel, h, sparsity=sparsity_of(name), damp=damp, row_batch=row_batch)
         return new_k, {"mask": keep}
 
     def make_aux(params, extras, errors):

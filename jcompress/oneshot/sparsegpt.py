@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jcompress.core import base, grid, spec
 from jcompress.core.obs_loop import block_prune_counts, check_factor_ok, inverse_hessian_factor, obs_column_loop
 from jcompress.core.patterns import NM, Unstructured, check_pattern
-from jcompress.oneshot.calibration import layer_transform, mask_tree
+from jcompress.oneshot.calibration import layer_transform, mask_tree, per_layer
 
 __all__ = ["check_sparsity", "nm_of", "prune_matrix", "sparsegpt"]
 
@@ -170,12 +170,12 @@ def sparsegpt(
     if n_m is not None and block_size % n_m[1]:
         raise ValueError(f"block_size={block_size} must be a multiple of m={n_m[1]}")
     damp = spec.check_value(damp, arg="damp", kind=float, lo=0.0, hi=10.0, hi_open=True)
-    per_leaf = spec.resolve(sparsity, list(stats), arg="sparsity") if n_m is None else {}
+    sparsity_of = per_layer(sparsity, stats, arg="sparsity")
 
     def solve(name, kernel, h):
         new_k, keep, qp = prune_matrix(
-            kernel, h, sparsity=per_leaf.get(name), n_m=n_m, bits=bits, symmetric=symmetric, block_size=block_size,
-            damp=damp,
+            kernel, h, sparsity=None if n_m else sparsity_of(name), n_m=n_m, bits=bits, symmetric=symmetric,
+            block_size=block_size, damp=damp,
         )  # fmt: skip
         return new_k, {"mask": keep, "grid": qp}
 

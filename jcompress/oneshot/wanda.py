@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jcompress.core import base, spec, topk
 from jcompress.core.patterns import Unstructured
-from jcompress.oneshot.calibration import layer_transform, mask_tree
+from jcompress.oneshot.calibration import layer_transform, mask_tree, per_layer
 from jcompress.oneshot.sparsegpt import check_sparsity, nm_of
 
 __all__ = ["wanda", "wanda_scores"]
@@ -52,7 +52,7 @@ def wanda(stats: dict, *, sparsity: spec.Spec = 0.5, pattern=Unstructured()) -> 
     """
     n_m = nm_of(pattern, method="wanda")
     check_sparsity(sparsity, pattern)
-    per_leaf = spec.resolve(sparsity, list(stats), arg="sparsity") if n_m is None else {}
+    sparsity_of = per_layer(sparsity, stats, arg="sparsity")
 
     def solve(name, kernel, h):
         score = wanda_scores(kernel, h)
@@ -61,7 +61,7 @@ def wanda(stats: dict, *, sparsity: spec.Spec = 0.5, pattern=Unstructured()) -> 
                 raise ValueError(f"{name} has {kernel.shape[0]} inputs, not a multiple of m={n_m[1]}")
             keep = topk.nm_keep_mask(score, n=n_m[0], m=n_m[1], axis=0)
         else:
-            keep = ~topk.remove_smallest(score, topk.pruned_count(per_leaf[name], kernel.shape[0]), axis=0)
+            keep = ~topk.remove_smallest(score, topk.pruned_count(sparsity_of(name), kernel.shape[0]), axis=0)
         return jnp.where(keep, kernel, 0), {"mask": keep}
 
     def make_aux(params, extras, errors):

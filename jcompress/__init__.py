@@ -19,9 +19,8 @@ Every technique lives in a module named after it:
 
 Example:
   >>> import jcompress as jc
-  >>> params, prune_aux = jc.pruning.magnitude(sparsity=0.9)(params)
-  >>> params, share_aux = jc.sharing.kmeans_share(params, k=32)
-  >>> jc.export.write('model.jcz', jc.compressed.compress(params, prune_aux, share_aux))
+  >>> params, aux = jc.chain(jc.pruning.magnitude(sparsity=0.9), jc.sharing.kmeans(k=31))(params)
+  >>> jc.export.write('model.jcz', jc.compressed.compress(params, aux))
 """
 
 from jcompress import tree  # noqa: I001  (first: everything else builds on it)

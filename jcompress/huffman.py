@@ -288,7 +288,7 @@ def deep_compression_bits(codes, *, k: int, index_bits: int, codebook_bits_per_e
 
     Args:
       codes: codebook indices of a layer (any shape): 0 for a zero weight, ``1..k`` for
-        the nonzero centroids (``SharingAux.indices``).
+        the nonzero centroids (``CodebookAux.indices``).
       k: number of nonzero centroids (the codebook has ``k + 1`` entries with the zero).
       index_bits: relative-index width (5 fc, 8 conv in the paper).
       codebook_bits_per_entry: bits of one stored centroid (float32: 32).

@@ -20,7 +20,7 @@ def _blocks() -> list[str]:
     text = README.read_text()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
-    return re.findall(r"```python\n(.*?)```", text[start : end if end != -1 else None], re.S)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end != -1 else None], re.DOTALL)
 
 
 def test_the_section_composes_each_example_with_one_chain():
@@ -43,7 +43,7 @@ def ran(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         for i, block in enumerate(_blocks()):
-            exec(compile(block, f"{README}: {SECTION!r}, python block {i + 1}", "exec"), namespace)
+            exec(compile(block, f"{README}: {SECTION!r}, python block {i + 1}", "exec"), namespace)  # noqa: S102 (the README text is the test)
     return workdir, namespace
 
 

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jcompress import models, tree
 from jcompress.core import topk
 from jcompress.core import MaskAux, masked
-from jcompress.core.patterns import NM, Block, Units
+from jcompress.core.patterns import NM, Block, Units, Unstructured
 from jcompress.core.spec import select_names
 from jcompress.pruning import scores, summary
 from jcompress.pruning.masks import apply_masks, erk_densities, magnitude, make_masks
@@ -508,3 +508,49 @@ def test_random_pruning_needs_a_key_and_is_exact(lenet):
     for n in select_names(params, None):
         x = np.asarray(tree.get_by_name(a.masks, n))
         assert _zeros(x) == topk.pruned_count(0.6, x.size)
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.sampled_from([0, 1, 2, 4, 8]), st.sampled_from([1, 2, 4, 6])), min_size=1, max_size=3),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    sparsity=st.one_of(
+        st.floats(-0.5, 1.5), st.sampled_from([None, float("nan"), float("inf"), np.float32(0.5), 0.0, 1.0])
+    ),
+    pattern=st.sampled_from([Unstructured(), NM(2, 4), NM(1, 2), Block(2, 2), Units()]),
+    scope=st.sampled_from(["layer", "global"]),
+    poison=st.sampled_from([None, np.nan, np.inf]),
+    seed=st.integers(0, 1000),
+)
+def test_fuzz_magnitude_raises_a_named_error_or_keeps_its_invariants(shapes, dtype, sparsity, pattern, scope, poison, seed):
+    rng = np.random.default_rng(seed)
+    params = {
+        f"l{i}": {"kernel": jnp.asarray(rng.standard_normal(s), dtype), "bias": jnp.zeros((s[1],), dtype)}
+        for i, s in enumerate(shapes)
+    }
+    if poison is not None and params["l0"]["kernel"].size:
+        params["l0"]["kernel"] = params["l0"]["kernel"].at[0, 0].set(poison)
+    try:
+        new, aux = magnitude(sparsity=sparsity, pattern=pattern, scope=scope)(params)
+    except (ValueError, TypeError) as e:
+        assert re.search(r"sparsity|pattern|scope|l\d/kernel", str(e)), str(e)
+        return
+    assert poison is None or params["l0"]["kernel"].size == 0
+    assert sparsity is None or 0.0 <= float(sparsity) <= 1.0
+    for name, w in tree.named_leaves(params):
+        m = np.asarray(tree.get_by_name(aux.masks, name))
+        got = tree.get_by_name(new, name)
+        assert m.dtype == bool and m.shape == w.shape and got.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.where(m, np.asarray(w, np.float32), 0))
+        if name.endswith("bias"):
+            assert m.all()
+        else:
+            assert m.any()  # never emptied without allow_empty=True
+            if isinstance(pattern, Unstructured) and scope == "layer":
+                assert _zeros(m) == topk.pruned_count(sparsity, m.size)
+            if isinstance(pattern, NM):
+                groups = np.moveaxis(m, -2, -1).reshape(-1, pattern.m)
+                assert np.all(groups.sum(axis=1) == pattern.n)

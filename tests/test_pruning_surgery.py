@@ -72,8 +72,15 @@ def _units(model, pattern, sparsity=0.5):
 
 
 def _forward(model, x):
+    """The model's outputs in eval mode (norms use their statistics, no dropout), under jit."""
     graphdef, state = nnx.split(model)
-    return np.asarray(jax.jit(lambda s, inp: nnx.merge(graphdef, s)(inp))(state, x))
+
+    def forward(s, inp):
+        m = nnx.merge(graphdef, s)
+        m.eval()
+        return m(inp)
+
+    return np.asarray(jax.jit(forward)(state, x))
 
 
 def _masked(model, masks):
@@ -388,6 +395,53 @@ def test_user_gated_token_model():
     half = jtree.map_with_names(lambda n, m: cols(m, [2]) if n == "up/kernel" else m, ones)
     _, aux = surgery.hard_prune(half, input_shape=shape)(model)
     assert aux.kept == {}
+
+
+class TinyTransformer(nnx.Module):
+    """Embedding, attention, LayerNorm, an MLP with dropout, a depthwise conv and a GroupNorm."""
+
+    def __init__(self, *, rngs):
+        self.embed = nnx.Embed(20, 16, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=rngs)
+        self.ln = nnx.LayerNorm(16, rngs=rngs)
+        self.fc1 = nnx.Linear(16, 32, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.fc2 = nnx.Linear(32, 16, rngs=rngs)
+        self.dw = nnx.Conv(16, 16, (3,), feature_group_count=16, padding="SAME", rngs=rngs)
+        self.gn = nnx.GroupNorm(16, num_groups=4, rngs=rngs)
+        self.head = nnx.Linear(16, 5, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.ln(self.embed(tokens) + self.attn(self.embed(tokens)))
+        x = x + self.fc2(self.drop(nnx.gelu(self.fc1(x))))
+        return self.head(self.gn(self.dw(x)).mean(axis=1))
+
+
+def test_user_attention_model():
+    model = TinyTransformer(rngs=nnx.Rngs(0))
+    groups = {g.layer: g for g in surgery.coupling(model, input_shape=(7,), dtype=jnp.int32)}
+    # query and key are contracted together: one group of head_dim units
+    assert set(groups["attn/key"].producers) == {"attn/key/kernel", "attn/query/kernel"}
+    assert groups["attn/key"].size == 8 and groups["attn/key"].reason is None
+    assert groups["fc1"].reason is None and groups["attn/value"].reason is None
+    stream = groups["attn/out"]  # the residual stream: attention output, fc2 and the depthwise conv
+    assert set(stream.producers) == {"attn/out/kernel", "fc2/kernel", "dw/kernel"} and "gather" in stream.reason
+    masks = surgery.unit_masks(model, {"fc1": list(range(0, 32, 2))}, input_shape=(7,), dtype=jnp.int32)
+    small, aux = surgery.hard_prune(masks, input_shape=(7,), dtype=jnp.int32)(model)
+    assert {k: len(v) for k, v in aux.kept.items()} == {"fc1": 16}
+    assert small.fc1.out_features == 16 and small.fc2.in_features == 16
+    tokens = jax.random.randint(jax.random.key(0), (3, 7), 0, 20)
+    want = _forward(_masked(model, masks), tokens)
+    np.testing.assert_allclose(_forward(small, tokens), want, atol=1e-5, rtol=1e-5)
+    # the attention code reads the head size (a size check, a 1 / sqrt(head size) scale), which no op shows:
+    # the result is checked against the masked model and refused
+    uneven = surgery.unit_masks(model, {"attn/value": [0, 3, 5]}, input_shape=(7,), dtype=jnp.int32)
+    with pytest.raises(ValueError, match="pruned model does not run.*equal key and value head sizes"):
+        surgery.hard_prune(uneven, input_shape=(7,), dtype=jnp.int32)(model)
+    keep = {"attn/value": [0, 3, 5, 6, 7], "attn/key": [1, 2, 3, 4, 6]}
+    even = surgery.unit_masks(model, keep, input_shape=(7,), dtype=jnp.int32)
+    with pytest.raises(ValueError, match=r"computes something else.*1 / sqrt\(head size\)"):
+        surgery.hard_prune(even, input_shape=(7,), dtype=jnp.int32)(model)
 
 
 class CumsumNet(nnx.Module):

@@ -40,7 +40,10 @@ eval-mode BatchNorm ``act(beta - gamma * mean / sqrt(var + eps))``. Where a cons
 such a constant the same way at every position (a Dense layer, a flattened feature map, a
 VALID convolution) its contribution is folded into the consumer's bias; a padded
 convolution sees it differently at the border, and there :func:`hard_prune` raises:
-mask the unit's bias and norm scale/bias too (:func:`complete_masks`).
+mask the unit's bias and norm scale/bias too (:func:`complete_masks`). Tracing sees ops,
+not the Python code around them, so a model whose code reads array sizes (attention's
+``1 / sqrt(head size)``) could change when its arrays shrink: the new model is run
+against the masked model on a random batch, and a difference is an error.
 
 Example:
   >>> masks = jc.pruning.magnitude(sparsity=0.5, pattern=jc.Units())(params)[1].masks
@@ -841,10 +844,14 @@ def _removed_mask_fn(plan: _Plan):
 
 
 def _fix_sizes(model: nnx.Module) -> None:
-    """Set the size attributes of Linear, Conv and norm layers from their (new) arrays."""
+    """Set the size attributes of Linear, LinearGeneral, Conv and norm layers from their (new) arrays."""
     for _, m in nnx.iter_graph(model):
         if isinstance(m, nnx.Linear):
             m.in_features, m.out_features = (int(d) for d in m.kernel.shape)
+        elif isinstance(m, nnx.LinearGeneral):
+            shape, n_in, n_out = m.kernel.shape, len(m.in_features), len(m.out_features)
+            m.in_features = tuple(int(d) for d in shape[len(shape) - n_out - n_in : len(shape) - n_out])
+            m.out_features = tuple(int(d) for d in shape[len(shape) - n_out :])
         elif isinstance(m, nnx.Conv):
             m.in_features = int(m.kernel.shape[-2]) * m.feature_group_count
             m.out_features = int(m.kernel.shape[-1])
@@ -866,12 +873,57 @@ def _unflatten(state, values: dict):
     return tree.map_with_names(lambda n, x: values[n], pure)
 
 
+def _eval_forward(model: nnx.Module):
+    graphdef, state = nnx.split(model)
+
+    def forward(st, x):
+        m = nnx.merge(graphdef, st)
+        m.eval()
+        return m(x)
+
+    return jax.jit(forward), state
+
+
+def _check_same(new: nnx.Module, masked: nnx.Module, input_shape, dtype) -> None:
+    """Raise a ValueError when the pruned model does not compute what the masked model computes.
+
+    Tracing sees the ops, not the Python code around them: a model whose code reads array
+    sizes (attention's ``1 / sqrt(head size)``, a check that key and value heads have one
+    size) changes when its arrays shrink. Both models are run on one random batch (normal
+    floats, or integers in {0, 1} such as token ids).
+    """
+    if jnp.issubdtype(dtype, jnp.floating):
+        x = jax.random.normal(jax.random.key(0), (2, *input_shape), dtype)
+    else:
+        x = jax.random.randint(jax.random.key(0), (2, *input_shape), 0, 2).astype(dtype)
+    fwd, state = _eval_forward(masked)
+    want = jax.tree.leaves(fwd(state, x))
+    fwd, state = _eval_forward(new)
+    try:
+        got = jax.tree.leaves(fwd(state, x))
+    except Exception as e:  # any error of the model's own code
+        raise ValueError(
+            f"the pruned model does not run: {type(e).__name__}: {e}. Its code checks sizes that tracing cannot "
+            "see (e.g. attention needs equal key and value head sizes); leave those layers out with jc.masked."
+        ) from e
+    for g, w in zip(got, want):
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        diff = float(jnp.max(jnp.abs(g - w))) if g.shape == w.shape else float("inf")
+        if not diff <= 1e-4 * scale:
+            raise ValueError(
+                f"the pruned model computes something else than the masked model (largest difference {diff:.3g} on "
+                "a random input): its code uses the sizes of its arrays (e.g. attention scales by 1 / sqrt(head "
+                "size)), which tracing cannot see; leave those layers out with jc.masked."
+            )
+
+
 def _prune(model: nnx.Module, names, masks, input_shape, dtype, allow_empty) -> tuple[nnx.Module, base.UnitsAux]:
     plan = _plan(model, names, masks, input_shape, dtype, allow_empty)
     tr = plan.trace
     mdict = _mask_dict(tr, masks)
     leaves = {n: jnp.asarray(v) for n, v in tree.named_leaves(nnx.to_pure_dict(tr.state))}
     masked_leaves = {n: (jnp.where(mdict[n], v, 0) if n in mdict else v) for n, v in leaves.items()}
+    masked_model = _with_leaves(tr, masked_leaves)
     removed_mask = _removed_mask_fn(plan)
     if plan.removed:
         layer_of_root = lambda node: next(
@@ -893,6 +945,7 @@ def _prune(model: nnx.Module, names, masks, input_shape, dtype, allow_empty) -> 
                 v = jnp.take(jnp.asarray(v), np.flatnonzero(~m), axis=axis)
         new_leaves[name] = jnp.asarray(v)
     new = _with_leaves(tr, new_leaves)
+    _check_same(new, masked_model, input_shape, dtype)
     kept = {}
     for r, g in plan.groups.items():
         if r in plan.removed:

@@ -337,7 +337,7 @@ def test_activation_model_matches_manual_quantization(trained):
 
 
 def test_ptq_accuracy_int8_and_int4(trained):
-    ds, model, _, params, extra, acc_float = trained
+    ds, model, _, _, _, acc_float = trained
     assert acc_float > 0.9
     batches = [ds.x_train[i : i + 500] for i in range(0, 2000, 500)]
     key = jax.random.key(0)

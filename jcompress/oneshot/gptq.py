@@ -46,7 +46,7 @@ def _check_static_groups(static_groups, act_order: bool) -> bool:
     if static_groups is None:
         return bool(act_order)
     if not isinstance(static_groups, bool):
-        raise ValueError(f"static_groups={static_groups!r} must be True, False or None")
+        raise TypeError(f"static_groups={static_groups!r} must be True, False or None")
     if act_order and not static_groups:
         raise ValueError(
             "static_groups=False with act_order=True would form groups in activation order, which are not "

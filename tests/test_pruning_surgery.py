@@ -505,3 +505,19 @@ def test_b6_quick_fields_and_correctness():
     dense_flops = 784 * 1024 + 1024 * 1024 + 1024 * 10
     assert hard["flops_ratio"] == pytest.approx(dense_flops / (784 * 512 + 512 * 512 + 512 * 10))
     assert hard["file_size_ratio"] > 2.0
+
+
+def test_chain_units_pruning_then_hard_prune():
+    """Pruning whole units zeroes kernel columns; hard_prune() after it in a chain removes them."""
+    from jcompress.core.patterns import Units
+    from jcompress.pruning import masks as masks_lib
+
+    model = _model("mlp")
+    t = base.chain(
+        base.masked(masks_lib.magnitude(sparsity=0.5, pattern=Units()), HIDDEN["mlp"]),
+        surgery.hard_prune(input_shape=(8, 8, 1)),
+    )
+    small, aux = t(model)
+    _assert_equivalent(model, aux[0].masks, small, (8, 8, 1))
+    assert {k: len(v) for k, v in aux[1].kept.items()} == {"fc1": 12, "fc2": 8, "fc3": 6}
+    assert aux[1].params_after == 64 * 12 + 12 + 12 * 8 + 8 + 8 * 6 + 6 + 6 * 10 + 10

@@ -233,9 +233,10 @@ class _Tracer:
                 src[v] = s
 
         def get(v):
-            if isinstance(v, jcore.Literal):
-                return None
-            return env[v]
+            return () if isinstance(v, jcore.Literal) else env[v]
+
+        def source(v):
+            return None if isinstance(v, jcore.Literal) else src.get(v)
 
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
@@ -244,13 +245,13 @@ class _Tracer:
             inner = _inner(eqn) if name in _CALLS else None
             if inner is not None:
                 jx, cs = inner
-                got = self.run(jx, [self.fresh_const(c) for c in cs], ins, [src.get(v) for v in eqn.invars])
+                got = self.run(jx, [self.fresh_const(c) for c in cs], ins, [source(v) for v in eqn.invars])
                 for o, g in zip(outs, got):
                     self.join(o, g)
             elif name in _ELEMENTWISE:
                 out = outs[0]
                 for x, v in zip(ins, eqn.invars):
-                    if x is None or not x:
+                    if not x:
                         continue
                     shp, oshp = _shape(v), _shape(eqn.outvars[0])
                     off = len(oshp) - len(shp)
@@ -265,12 +266,12 @@ class _Tracer:
                             if c.bias is None and math.prod(_shape(q)) == _shape(p)[c.out_feature_axis]:
                                 self.contractions[made_by[p]] = c._replace(bias=src[q])
                             made_by[eqn.outvars[0]] = made_by[p]
-                if name in ("convert_element_type", "copy", "copy_p") and ins[0] is not None and eqn.invars[0] in src:
-                    src[eqn.outvars[0]] = src[eqn.invars[0]]
+                if name in ("convert_element_type", "copy", "copy_p") and source(eqn.invars[0]):
+                    src[eqn.outvars[0]] = source(eqn.invars[0])
             elif name in _SHAPE_OPS:
                 self.shape_op(eqn, ins[0], outs[0])
-                if eqn.invars[0] in src:
-                    src[eqn.outvars[0]] = src[eqn.invars[0]]
+                if source(eqn.invars[0]):
+                    src[eqn.outvars[0]] = source(eqn.invars[0])
             elif name in _REDUCTIONS:
                 axes = tuple(eqn.params["axes"])
                 kept = [k for k in range(len(ins[0])) if k not in axes]
@@ -302,8 +303,6 @@ class _Tracer:
             elif name == "concatenate":
                 ax = eqn.params["dimension"]
                 for x in ins:
-                    if x is None:
-                        continue
                     for k, (a, o) in enumerate(zip(x, outs[0])):
                         if k == ax:
                             self.n.poison(a, "are concatenated with other arrays")
@@ -322,17 +321,17 @@ class _Tracer:
                         self.n.poison(o, "are sliced")
             else:
                 for x in ins + outs:
-                    for node in x or ():
+                    for node in x:
                         self.n.poison(node, f"pass through {name}, an op the tracer does not follow")
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
-        return [get(v) if not isinstance(v, jcore.Literal) else () for v in jaxpr.outvars]
+        return [get(v) for v in jaxpr.outvars]
 
     def fresh_const(self, c) -> tuple:
         return tuple(self.n.new(d, "are combined with a constant array of the forward pass") for d in np.shape(c))
 
     def join(self, a, b) -> None:
-        for x, y in zip(a or (), b or ()):
+        for x, y in zip(a, b):
             self.n.union(x, y)
 
     def shape_op(self, eqn, x, out) -> None:
@@ -398,7 +397,8 @@ class _Tracer:
 
     def _record(self, eqn, lhs, rhs, la, ra, src, made_by, feature_axis, macs_per_output) -> None:
         a, b = eqn.invars[:2]
-        kernel = src.get(b) if b in src else src.get(a)
+        known = lambda v: None if isinstance(v, jcore.Literal) else src.get(v)
+        kernel = known(b) or known(a)
         flops = 2 * math.prod(_shape(eqn.outvars[0])) * int(macs_per_output)
         self.contractions.append(
             _Contraction(tuple(lhs), tuple(rhs), tuple(la), tuple(ra), kernel, None, feature_axis, flops)
@@ -1152,7 +1152,7 @@ def hard_prune_report(
       ``{'before': {...}, 'after': {...}, 'params_ratio', 'flops_ratio', 'latency_ratio',
       'batch_size'}`` with each ratio ``before / after``.
     """
-    from jcompress import report
+    from jcompress import timing
 
     def measure(model):
         graphdef, state = nnx.split(model)
@@ -1167,7 +1167,7 @@ def hard_prune_report(
         return {
             "params": base.params_count(nnx.state(model, nnx.Param)),
             "flops": int(sum(forward_flops(model, input_shape).values())),
-            "latency_s": report.measure_latency(forward, state, x, repeats=repeats),
+            "latency_s": timing.timeit(forward, state, x, repeats=repeats, warmup=3).median,
         }
 
     b, a = measure(before), measure(after)

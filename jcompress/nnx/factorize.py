@@ -229,21 +229,26 @@ def compare_latency(
     Args:
       dense, factorized: NNX models (e.g. the input and output of :func:`factorize`).
       x: a batch ``(N, *input_shape)``.
+      warmup, repeats: untimed and timed calls of each model, interleaved
+        (``jcompress.timing.compare``).
 
     Returns:
       ``{'dense_s', 'factorized_s', 'speedup', 'dense_params', 'factorized_params',
       'dense_flops', 'factorized_flops'}`` (FLOPs per example of the traced forward pass,
       :func:`jcompress.nnx.surgery.forward_flops`; times after compilation).
     """
-    from jcompress import report
+    from jcompress import timing
     from jcompress.nnx import surgery
 
     out: dict[str, float] = {}
+    calls = {}
     for label, model in (("dense", dense), ("factorized", factorized)):
         graphdef, state = nnx.split(model)
         fwd = jax.jit(lambda s, inp, g=graphdef: nnx.merge(g, s)(inp))
-        out[f"{label}_s"] = report.measure_latency(fwd, state, x, warmup=warmup, repeats=repeats)
+        calls[label] = lambda fwd=fwd, state=state: fwd(state, x)
         out[f"{label}_params"] = base.params_count(nnx.state(model, nnx.Param))
         out[f"{label}_flops"] = sum(surgery.forward_flops(model, tuple(x.shape[1:]), dtype=x.dtype).values())
+    for label, t in timing.compare(calls, repeats=repeats, warmup=warmup).items():
+        out[f"{label}_s"] = t.median
     out["speedup"] = out["dense_s"] / out["factorized_s"]
     return out

@@ -1145,8 +1145,8 @@ def hard_prune_report(
     """Parameters, FLOPs and measured latency of two models, and their ratios.
 
     FLOPs are :func:`forward_flops` per example; latency is the median of ``repeats``
-    timed runs (after warm-up) of the jitted forward pass on a ``(batch_size,
-    *input_shape)`` float32 batch.
+    interleaved calls (``jcompress.timing.compare``, after a warm-up call) of the jitted
+    eval-mode forward pass on a ``(batch_size, *input_shape)`` float32 batch.
 
     Returns:
       ``{'before': {...}, 'after': {...}, 'params_ratio', 'flops_ratio', 'latency_ratio',
@@ -1154,23 +1154,19 @@ def hard_prune_report(
     """
     from jcompress import timing
 
-    def measure(model):
-        graphdef, state = nnx.split(model)
-
-        @jax.jit
-        def forward(st, x):
-            m = nnx.merge(graphdef, st)
-            m.eval()
-            return m(x)
-
-        x = jnp.zeros((batch_size, *input_shape), jnp.float32)
-        return {
+    x = jnp.zeros((batch_size, *input_shape), jnp.float32)
+    calls = {}
+    out = {}
+    for label, model in (("before", before), ("after", after)):
+        fwd, state = _eval_forward(model)
+        calls[label] = lambda fwd=fwd, state=state: fwd(state, x)
+        out[label] = {
             "params": base.params_count(nnx.state(model, nnx.Param)),
             "flops": int(sum(forward_flops(model, input_shape).values())),
-            "latency_s": timing.timeit(forward, state, x, repeats=repeats, warmup=3).median,
         }
-
-    b, a = measure(before), measure(after)
+    for label, t in timing.compare(calls, repeats=repeats).items():
+        out[label]["latency_s"] = t.median
+    b, a = out["before"], out["after"]
     ratio = lambda k: b[k] / a[k] if a[k] else math.inf
     return {
         "before": b,

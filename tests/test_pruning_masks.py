@@ -14,8 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jcompress import models, tree
-from jcompress.core import topk
-from jcompress.core import MaskAux, masked
+from jcompress.core import MaskAux, masked, topk
 from jcompress.core.patterns import NM, Block, Units, Unstructured
 from jcompress.core.spec import select_names
 from jcompress.pruning import scores, summary
@@ -525,7 +524,9 @@ def test_random_pruning_needs_a_key_and_is_exact(lenet):
     poison=st.sampled_from([None, np.nan, np.inf]),
     seed=st.integers(0, 1000),
 )
-def test_fuzz_magnitude_raises_a_named_error_or_keeps_its_invariants(shapes, dtype, sparsity, pattern, scope, poison, seed):
+def test_fuzz_magnitude_raises_a_named_error_or_keeps_its_invariants(
+    shapes, dtype, sparsity, pattern, scope, poison, seed
+):
     rng = np.random.default_rng(seed)
     params = {
         f"l{i}": {"kernel": jnp.asarray(rng.standard_normal(s), dtype), "bias": jnp.zeros((s[1],), dtype)}

@@ -9,9 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jcompress import models, tree
 import jcompress as jc
-from jcompress import pruning
+from jcompress import models, pruning, tree
 from jcompress.core.patterns import Units
 from jcompress.pruning import make_masks, scores
 

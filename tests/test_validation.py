@@ -10,11 +10,8 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from jcompress import compressed, data, export, lowrank, models, quant, sharing, tree
-from jcompress.core import masked
-from jcompress import oneshot
-from jcompress.core import topk
-from jcompress.core.base import masked
+from jcompress import compressed, data, export, lowrank, models, oneshot, quant, sharing, tree
+from jcompress.core import masked, topk
 from jcompress.core.base import MaskAux
 from jcompress.core.patterns import NM, Units
 from jcompress.nnx import factorize, surgery

@@ -448,7 +448,9 @@ def keep_largest(score: jax.Array, count, *, axis: int | None = None) -> jax.Arr
     """
     n = jnp.size(score) if axis is None else jnp.shape(score)[axis]
     if not isinstance(count, jax.core.Tracer) and not 0 <= int(count) <= n:
-        raise ValueError(f"count={int(count)} must be in [0, {n}] (the entries kept{'' if axis is None else f' along axis {axis}'})")
+        raise ValueError(
+            f"count={int(count)} must be in [0, {n}] (the entries kept{'' if axis is None else f' along axis {axis}'})"
+        )
     return ~remove_smallest(score, n - jnp.clip(jnp.asarray(count, jnp.int32), 0, n), axis=axis)
 
 

@@ -25,7 +25,6 @@ from jcompress.pruning import dynamic, iterative, lottery, masks, optim, schedul
 from jcompress.pruning.dynamic import rigl, sparse_evolutionary
 from jcompress.pruning.iterative import iterative_pruning
 from jcompress.pruning.lottery import find_ticket, prune_round, rewind, snapshot
-from jcompress.pruning.optim import find_masks, gradual_pruning, keep_masked, l1, l2, soft_filter_pruning
 from jcompress.pruning.masks import (
     apply_masks,
     by_scores,
@@ -37,39 +36,40 @@ from jcompress.pruning.masks import (
     snip,
     taylor,
 )
+from jcompress.pruning.optim import find_masks, gradual_pruning, keep_masked, l1, l2, soft_filter_pruning
 from jcompress.pruning.summary import format_summary, sparsity_summary
 
 __all__ = [
+    "apply_masks",
+    "by_scores",
     "dynamic",
-    "iterative",
-    "lottery",
-    "optim",
-    "schedules",
-    "rigl",
-    "sparse_evolutionary",
-    "iterative_pruning",
-    "find_ticket",
-    "prune_round",
-    "rewind",
-    "snapshot",
+    "erk_densities",
     "find_masks",
+    "find_ticket",
+    "format_summary",
     "gradual_pruning",
+    "iterative",
+    "iterative_pruning",
     "keep_masked",
     "l1",
     "l2",
-    "soft_filter_pruning",
-    "apply_masks",
-    "by_scores",
-    "erk_densities",
-    "format_summary",
+    "lottery",
     "magnitude",
     "make_masks",
     "masks",
     "obd",
+    "optim",
+    "prune_round",
     "random",
-    "snip",
-    "taylor",
+    "rewind",
+    "rigl",
+    "schedules",
     "scores",
+    "snapshot",
+    "snip",
+    "soft_filter_pruning",
+    "sparse_evolutionary",
     "sparsity_summary",
     "summary",
+    "taylor",
 ]

@@ -121,7 +121,7 @@ def iterative_pruning(
     if not tolerance >= 0:
         raise ValueError(f"tolerance={tolerance!r} must be >= 0")
     if isinstance(pattern, NM):
-        raise ValueError(f"pattern={pattern} fixes the sparsity; iterative pruning needs Unstructured, Block or Units")
+        raise TypeError(f"pattern={pattern} fixes the sparsity; iterative pruning needs Unstructured, Block or Units")
     names = default_leaves(params)
     if masks is None:
         masks = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)

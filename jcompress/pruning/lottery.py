@@ -189,7 +189,9 @@ def random_masks_like(masks: PyTree, *, key: jax.Array) -> PyTree:
     """
     template = jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.float32), masks)
     names = [n for n, m in jtree.named_leaves(masks) if np.size(m)]
-    sparsity = [(f"^{re.escape(n)}$", 1.0 - float(jnp.sum(m)) / np.size(m)) for n, m in jtree.named_leaves(masks) if np.size(m)]
+    sparsity = [
+        (f"^{re.escape(n)}$", 1.0 - float(jnp.sum(m)) / np.size(m)) for n, m in jtree.named_leaves(masks) if np.size(m)
+    ]
     return masks_lib.make_masks(
         scores_lib.random_scores(template, key=key, names=names), names, sparsity=sparsity, allow_empty=True
     )

@@ -92,7 +92,9 @@ def _named_scores(scores: PyTree, names: Sequence[str]) -> dict[str, jax.Array]:
             raise ValueError(f"{name!r} is not a leaf of the scores; leaves are {sorted(leaves)[:12]}")
         arr = jtree.as_float_array(leaves[name], f"scores/{name}")
         if arr.size == 0:
-            raise ValueError(f"{name} is empty (shape {arr.shape}); there is nothing to prune. Leave it out of the selection.")
+            raise ValueError(
+                f"{name} is empty (shape {arr.shape}); there is nothing to prune. Leave it out of the selection."
+            )
         if not isinstance(arr, jax.core.Tracer) and np.isnan(np.asarray(arr, np.float32)).any():
             raise ValueError(f"scores/{name} contains NaN; scores must be comparable numbers")
         out[name] = arr
@@ -185,7 +187,9 @@ def _check_plan(pattern, scope: str, distribution: str, sparsity) -> Pattern:
         raise ValueError("scope='global' sets per-layer sparsities itself: use distribution='uniform'")
     if isinstance(pattern, NM):
         if scope == "global" or distribution == "erk":
-            raise ValueError(f"pattern={pattern} fixes the sparsity of every group; use scope='layer', distribution='uniform'")
+            raise ValueError(
+                f"pattern={pattern} fixes the sparsity of every group; use scope='layer', distribution='uniform'"
+            )
         return pattern
     if sparsity is None:
         raise ValueError(f"sparsity is required for pattern={pattern}")
@@ -299,7 +303,9 @@ def make_masks(
             keep = {n: math.floor(entry_keep[n] * units[n] / max(1, size[n]) + 0.5) for n in names}
         else:
             per = resolve(sparsity, names, arg="sparsity")
-            keep = {n: units[n] - topk.pruned_count(_check_sparsity(per[n], f"sparsity[{n!r}]"), units[n]) for n in names}
+            keep = {
+                n: units[n] - topk.pruned_count(_check_sparsity(per[n], f"sparsity[{n!r}]"), units[n]) for n in names
+            }
         if not allow_empty:
             for n in names:
                 if keep[n] == 0:
@@ -404,14 +410,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 
 def _pruning(
-    label: str,
-    score_fn: Callable,
-    *,
-    sparsity: Spec,
-    pattern: Pattern,
-    scope: str,
-    distribution: str,
-    allow_empty: bool,
+    label: str, score_fn: Callable, sparsity: Spec, pattern: Pattern, scope: str, distribution: str, allow_empty: bool
 ) -> Transform:
     """A Transform pruning its leaves by ``score_fn(params, names, key) -> score tree``."""
     _check_plan(pattern, scope, distribution, sparsity)
@@ -469,15 +468,7 @@ def by_scores(
         jtree.check_same_structure(params, scores, "params", "scores")
         return scores
 
-    return _pruning(
-        "by_scores",
-        score_fn,
-        sparsity=sparsity,
-        pattern=pattern,
-        scope=scope,
-        distribution=distribution,
-        allow_empty=allow_empty,
-    )
+    return _pruning("by_scores", score_fn, sparsity, pattern, scope, distribution, allow_empty)
 
 
 def magnitude(
@@ -503,15 +494,8 @@ def magnitude(
       >>> params, aux = jax.jit(jc.pruning.magnitude(sparsity=0.9, scope='global'))(params)
       >>> params, aux = jc.pruning.magnitude(sparsity=None, pattern=jc.NM(2, 4))(params)
     """
-    return _pruning(
-        "magnitude",
-        lambda params, names, key: scores_lib.magnitude_scores(params, names=names),
-        sparsity=sparsity,
-        pattern=pattern,
-        scope=scope,
-        distribution=distribution,
-        allow_empty=allow_empty,
-    )
+    score_fn = lambda params, names, key: scores_lib.magnitude_scores(params, names=names)
+    return _pruning("magnitude", score_fn, sparsity, pattern, scope, distribution, allow_empty)
 
 
 def random(
@@ -541,15 +525,7 @@ def random(
         key = require_key(key, what="pruning.random")
         return scores_lib.random_scores(params, names=names, key=key)
 
-    return _pruning(
-        "random",
-        score_fn,
-        sparsity=sparsity,
-        pattern=pattern,
-        scope=scope,
-        distribution=distribution,
-        allow_empty=allow_empty,
-    )
+    return _pruning("random", score_fn, sparsity, pattern, scope, distribution, allow_empty)
 
 
 def taylor(
@@ -577,15 +553,8 @@ def taylor(
       >>> grads = jax.grad(loss_fn)(params, batch)
       >>> params, aux = jc.pruning.taylor(grads, sparsity=0.8)(params)
     """
-    return _pruning(
-        "taylor",
-        lambda params, names, key: scores_lib.taylor_scores(params, grads, names=names),
-        sparsity=sparsity,
-        pattern=pattern,
-        scope=scope,
-        distribution=distribution,
-        allow_empty=allow_empty,
-    )
+    score_fn = lambda params, names, key: scores_lib.taylor_scores(params, grads, names=names)
+    return _pruning("taylor", score_fn, sparsity, pattern, scope, distribution, allow_empty)
 
 
 def snip(
@@ -614,15 +583,8 @@ def snip(
     Example:
       >>> params, aux = jc.pruning.snip(loss_fn, batch, sparsity=0.9, scope='global')(init_params)
     """
-    return _pruning(
-        "snip",
-        lambda params, names, key: scores_lib.snip_scores(loss_fn, params, batch, names=names),
-        sparsity=sparsity,
-        pattern=pattern,
-        scope=scope,
-        distribution=distribution,
-        allow_empty=allow_empty,
-    )
+    score_fn = lambda params, names, key: scores_lib.snip_scores(loss_fn, params, batch, names=names)
+    return _pruning("snip", score_fn, sparsity, pattern, scope, distribution, allow_empty)
 
 
 def obd(
@@ -653,14 +615,5 @@ def obd(
       >>> h = jc.pruning.scores.fisher_diagonal(loss_fn, params, [batch])
       >>> params, aux = jc.pruning.obd(h, sparsity=0.8)(params)
     """
-    return _pruning(
-        "obd",
-        lambda params, names, key: scores_lib.obd_scores(params, hessian_diag, names=names),
-        sparsity=sparsity,
-        pattern=pattern,
-        scope=scope,
-        distribution=distribution,
-        allow_empty=allow_empty,
-    )
-
-
+    score_fn = lambda params, names, key: scores_lib.obd_scores(params, hessian_diag, names=names)
+    return _pruning("obd", score_fn, sparsity, pattern, scope, distribution, allow_empty)

@@ -288,7 +288,7 @@ def gradual_pruning(
     if scope not in ("layer", "global"):
         raise ValueError(f"scope={scope!r} must be 'layer' or 'global'")
     if not isinstance(check_pattern(pattern), (Unstructured, Units)):
-        raise ValueError(f"pattern={pattern} is not supported by gradual pruning: use Unstructured() or Units()")
+        raise TypeError(f"pattern={pattern} is not supported by gradual pruning: use Unstructured() or Units()")
     if isinstance(pattern, Units) and scope == "global":
         raise ValueError("pattern=Units() compares units within a layer; use scope='layer'")
     steps = schedules_lib.pruning_steps(begin_step=begin_step, end_step=end_step, frequency=frequency)

@@ -56,7 +56,9 @@ PyTree = Any
 LossFn = Callable[[PyTree, Any], jax.Array]
 
 
-def _score_map(fn: Callable, params: PyTree, *rest: PyTree, names: Sequence[str] | None = None, arg: str = "params") -> PyTree:
+def _score_map(
+    fn: Callable, params: PyTree, *rest: PyTree, names: Sequence[str] | None = None, arg: str = "params"
+) -> PyTree:
     """``fn(name, w, *r)`` on the scored leaves; zeros (float32) on the others.
 
     The leaves in ``names`` are scored (all of them when ``names`` is None); a scored

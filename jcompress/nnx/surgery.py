@@ -46,9 +46,10 @@ not the Python code around them, so a model whose code reads array sizes (attent
 against the masked model on a random batch, and a difference is an error.
 
 Example:
-  >>> masks = jc.pruning.magnitude(sparsity=0.5, pattern=jc.Units())(params)[1].masks
-  >>> small, aux = hard_prune(complete_masks(model, masks, input_shape=(28, 28, 1)),
-  ...                         input_shape=(28, 28, 1))(model)
+  >>> hidden = jc.masked(jc.pruning.magnitude(sparsity=0.5, pattern=jc.Units()), r'fc[12]/kernel')
+  >>> masks = hidden(nnx.state(model, nnx.Param))[1].masks
+  >>> masks = complete_masks(model, masks, input_shape=(28, 28, 1))
+  >>> small, aux = hard_prune(masks, input_shape=(28, 28, 1))(model)
   >>> aux.kept['fc1'], aux.params_after
 """
 

@@ -232,6 +232,20 @@ def test_gradual_pruning_exact_counts_every_step(kind):
     assert sched(19) == pytest.approx(0.85)
 
 
+@pytest.mark.parametrize("kind", ["dict", "state"])
+def test_gradual_pruning_under_optax_masked_prunes_only_the_selection(kind):
+    params = _noise(_params(kind), 4)
+    tx = optax.chain(optax.sgd(1e-2), optax.masked(optim.gradual_pruning(**GP), selection_tree(r"fc2/kernel")))
+    state, step = tx.init(params), _stepper(tx, jit=True)
+    for t in range(16):
+        params, state = step(params, state, _noise(params, 100 + t))
+    p, m = _flat(params), _flat(optim.find_masks(state))
+    assert set(m) == {"fc2/kernel"}  # the masked-out leaves are hidden from the pruning
+    assert int(np.sum(~m["fc2/kernel"])) == topk.pruned_count(0.85, m["fc2/kernel"].size)
+    assert np.all(p["fc2/kernel"][~m["fc2/kernel"]] == 0.0)
+    assert np.all(p["fc1/kernel"] != 0.0) and np.all(p["fc3/kernel"] != 0.0)
+
+
 def test_gradual_pruning_eager_equals_jit():
     params = _noise(_params("state"), 4)
     eager, jitted = _run_gradual(params, 5, jit=False), _run_gradual(params, 5, jit=True)

@@ -444,6 +444,40 @@ def test_user_attention_model():
         surgery.hard_prune(even, input_shape=(7,), dtype=jnp.int32)(model)
 
 
+class Branches(nnx.Module):
+    """Two conv branches concatenated along the channels (as in Inception or DenseNet)."""
+
+    def __init__(self, *, rngs):
+        self.a = nnx.Conv(3, 4, (1, 1), rngs=rngs)
+        self.b = nnx.Conv(3, 6, (3, 3), padding="SAME", rngs=rngs)
+        self.c = nnx.Conv(10, 5, (3, 3), padding="VALID", rngs=rngs)
+        self.head = nnx.Linear(5, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(jnp.concatenate([self.a(x), self.b(x)], axis=-1))
+        return self.head(nnx.relu(self.c(h)).mean(axis=(1, 2)))
+
+
+def test_user_model_with_concatenation():
+    model = _user(Branches)
+    shape = (6, 6, 3)
+    groups = {g.layer: g for g in surgery.coupling(model, input_shape=shape)}
+    assert groups["a"].reason is None and groups["b"].reason is None
+    rows = {leaf: list(unit_of) for leaf, axis, unit_of in groups["b"].members if leaf == "c/kernel" and axis == 2}
+    assert rows == {"c/kernel": [-1, -1, -1, -1, 0, 1, 2, 3, 4, 5]}
+    masks = surgery.unit_masks(model, {"a": [1, 3], "b": [0, 2, 5]}, input_shape=shape)
+    small, aux = surgery.hard_prune(masks, input_shape=shape)(model)
+    assert small.c.kernel.get_value().shape == (3, 3, 5, 5) and small.c.in_features == 5
+    assert aux.params_after == aux.params_before - 2 * (3 + 1) - 3 * (27 + 1) - 5 * 9 * 5
+    _assert_equivalent(model, masks, small, shape)
+    # without the bias masked, a's removed units are relu(bias): a VALID conv folds them
+    kernel_only = jtree.map_with_names(
+        lambda n, m: m.at[..., 0].set(False) if n == "a/kernel" else jnp.ones(m.shape, bool), masks
+    )
+    small, _ = surgery.hard_prune(kernel_only, input_shape=shape)(model)
+    _assert_equivalent(model, kernel_only, small, shape)
+
+
 class CumsumNet(nnx.Module):
     def __init__(self, *, rngs):
         self.fc1 = nnx.Linear(4, 6, rngs=rngs)

@@ -110,12 +110,14 @@ _CALLS = frozenset([
 
 class _Nodes:
     """Union-find over array axes. A class may be *composite*: a row-major product of other
-    classes (a flattened axis); a class may be *poisoned* with the reason it cannot be pruned."""
+    classes (a flattened axis), or a *concatenation* of other classes; a class may be
+    *poisoned* with the reason it cannot be pruned."""
 
     def __init__(self):
         self.parent: list[int] = []
         self.size: list[int] = []
         self.parts: dict[int, tuple[int, ...]] = {}
+        self.concats: dict[int, tuple[int, ...]] = {}
         self.reasons: dict[int, str] = {}
 
     def new(self, size: int, reason: str | None = None) -> int:
@@ -139,6 +141,40 @@ class _Nodes:
             return [r]
         return [x for p in self.parts[r] for x in self.atoms(p)]
 
+    def reach(self, a: int) -> set[int]:
+        """The classes without structure that a node is built from (through products and concatenations)."""
+        r = self.find(a)
+        sub = self.parts.get(r) or self.concats.get(r)
+        return {r} if sub is None else {x for p in sub for x in self.reach(p)}
+
+    def unit_index(self, a: int, g: int) -> np.ndarray | None:
+        """For each entry of node ``a``, the unit of class ``g`` it belongs to (-1: none); None if unrelated."""
+        r = self.find(a)
+        if r == g:
+            return np.arange(self.size[r])
+        if r in self.parts:
+            subs = [self.unit_index(p, g) for p in self.parts[r]]
+            if all(x is None for x in subs):
+                return None
+            sizes = [self.size[self.find(p)] for p in self.parts[r]]
+            coords = np.unravel_index(np.arange(math.prod(sizes)), sizes)
+            out = np.full(math.prod(sizes), -1)
+            for pos, sub in enumerate(subs):
+                if sub is not None:
+                    out = np.where(sub[coords[pos]] >= 0, sub[coords[pos]], out)
+            return out
+        if r in self.concats:
+            subs = [self.unit_index(p, g) for p in self.concats[r]]
+            if all(x is None for x in subs):
+                return None
+            return np.concatenate(
+                [
+                    sub if sub is not None else np.full(self.size[self.find(p)], -1)
+                    for p, sub in zip(self.concats[r], subs)
+                ]
+            )
+        return None
+
     def composite(self, nodes: Sequence[int]) -> int:
         """A node for the row-major flattening of ``nodes`` (size-1 axes dropped)."""
         nodes = [n for n in nodes if self.size[n] != 1]
@@ -149,6 +185,12 @@ class _Nodes:
             self.parts[n] = tuple(nodes)
         return n
 
+    def concat(self, nodes: Sequence[int]) -> int:
+        """A node for the concatenation of ``nodes``."""
+        n = self.new(sum(self.size[x] for x in nodes))
+        self.concats[n] = tuple(nodes)
+        return n
+
     def poison(self, a: int, reason: str) -> None:
         self.reasons.setdefault(self.find(a), reason)
 
@@ -157,19 +199,31 @@ class _Nodes:
         if ra == rb:
             return
         pa, pb = self.parts.get(ra), self.parts.get(rb)
+        ca, cb = self.concats.get(ra), self.concats.get(rb)
         self.parent[rb] = ra
         if rb in self.reasons:
             self.reasons.setdefault(ra, self.reasons.pop(rb))
-        if pa is None and pb is not None:
-            self.parts[ra] = pb
-        if pa is not None and pb is not None:
+        if pa is None and ca is None:
+            if pb is not None:
+                self.parts[ra] = pb
+            if cb is not None:
+                self.concats[ra] = cb
+        elif pa is not None and pb is not None:
             xa = [x for p in pa for x in self.atoms(p)]
             xb = [x for p in pb for x in self.atoms(p)]
             if [self.size[x] for x in xa] == [self.size[x] for x in xb]:
                 for x, y in zip(xa, xb):
                     self.union(x, y)
             else:
-                self.poison(ra, "is reshaped in two ways the tracer cannot reconcile")
+                self.poison(ra, "are reshaped in two ways the tracer cannot reconcile")
+        elif ca is not None and cb is not None:
+            if [self.size[self.find(x)] for x in ca] == [self.size[self.find(x)] for x in cb]:
+                for x, y in zip(ca, cb):
+                    self.union(x, y)
+            else:
+                self.poison(ra, "are concatenated in two ways the tracer cannot reconcile")
+        elif pb is not None or cb is not None:
+            self.poison(ra, "are both reshaped and concatenated, which the tracer cannot reconcile")
 
 
 class _Contraction(NamedTuple):
@@ -305,11 +359,9 @@ class _Tracer:
                 ax = eqn.params["dimension"]
                 for x in ins:
                     for k, (a, o) in enumerate(zip(x, outs[0])):
-                        if k == ax:
-                            self.n.poison(a, "are concatenated with other arrays")
-                            self.n.poison(o, "are concatenated with other arrays")
-                        else:
+                        if k != ax:
                             self.n.union(a, o)
+                self.n.union(outs[0][ax], self.n.concat([x[ax] for x in ins]))
             elif name == "slice":
                 shp = _shape(eqn.invars[0])
                 st = eqn.params.get("strides") or (1,) * len(shp)
@@ -496,18 +548,17 @@ def _trace(model: nnx.Module, input_shape: Sequence[int], dtype) -> _Trace:
             for m in members[1:]:
                 nodes.union(members[0], m)
             declared.add(nodes.find(members[0]))
-    # a poisoned flattened axis poisons its parts; declared groups are trusted
+    # a poisoned flattened or concatenated axis poisons its parts; declared groups are trusted
     changed = True
     while changed:
         changed = False
-        for r, parts in list(nodes.parts.items()):
+        for r in [*nodes.parts, *nodes.concats]:
             if nodes.find(r) != r or r not in nodes.reasons:
                 continue
-            for p in parts:
-                for a in nodes.atoms(p):
-                    if a not in nodes.reasons and a not in declared:
-                        nodes.reasons[a] = nodes.reasons[r]
-                        changed = True
+            for a in nodes.reach(r):
+                if a not in nodes.reasons and a not in declared:
+                    nodes.reasons[a] = nodes.reasons[r]
+                    changed = True
     declared = {nodes.find(d) for d in declared}
     for d in declared:
         nodes.reasons.pop(d, None)
@@ -539,10 +590,10 @@ class UnitGroup(NamedTuple):
       producers: the kernel leaves whose last axis holds the units (``('fc1/kernel',)``;
         several for a residual stream).
       size: the number of units.
-      members: ``(leaf name, axis, shape, position)`` for every leaf axis indexed by the
-        units: entry ``i`` of the axis belongs to unit ``np.unravel_index(i, shape)[position]``
-        (``shape == (size,)`` for an axis that is the units themselves, ``(h, w, c)`` for
-        the rows of a Dense layer after a flatten).
+      members: ``(leaf name, axis, unit_of)`` for every leaf axis indexed by the units:
+        entry ``i`` of the axis belongs to unit ``unit_of[i]`` (an int array; -1 for the
+        entries of other units, e.g. the other channels concatenated with these). For the
+        rows of a Dense layer after a flatten of ``(h, w, c)``, ``unit_of[i] = i % c``.
       reason: why the units cannot be removed, or None when they can.
     """
 
@@ -562,16 +613,15 @@ def _groups(tr: _Trace) -> list[UnitGroup]:
             by_root.setdefault(n.find(tr.leaf_nodes[(k, len(shapes[k]) - 1)]), []).append(k)
     members: dict[int, list] = {r: [] for r in by_root}
     for (leaf, axis), node in tr.leaf_nodes.items():
-        atoms = n.atoms(node)
-        sizes = tuple(n.size[a] for a in atoms)
-        for pos, a in enumerate(atoms):
-            if a in members:
-                members[a].append((leaf, axis, sizes, pos))
+        for g in n.reach(node) & set(members):
+            members[g].append((leaf, axis, n.unit_index(node, g)))
     out = []
     for r, prods in by_root.items():
         reason = n.reasons.get(r)
-        if reason is None and n.parts.get(r):
-            reason = "are reshaped into several axes (heads or norm groups), which the tracer does not prune"
+        if reason is None and (n.parts.get(r) or n.concats.get(r)):
+            reason = (
+                "are built from several axes (heads, norm groups, a concatenation), which the tracer does not prune"
+            )
         out.append(UnitGroup(spec_lib.layer_of(prods[0]), tuple(prods), n.size[r], tuple(members[r]), reason))
     return out
 
@@ -723,7 +773,7 @@ class _Known:
                 roots.append(node)
         if roots:
             drop = ~keep
-            declared = any(self.tr.nodes.find(a) in self.tr.declared for r in roots for a in self.tr.nodes.atoms(r))
+            declared = any(a in self.tr.declared for r in roots for a in self.tr.nodes.reach(r))
             if (count(ua & drop, nzb) | count(nza & drop, ub)).any():
                 if declared:  # the module vouches that its removed units output 0
                     return val, unk
@@ -830,15 +880,13 @@ def _removed_mask_fn(plan: _Plan):
     n = plan.trace.nodes
 
     def removed_mask(node):
-        atoms = n.atoms(node)
-        if not any(a in plan.removed for a in atoms):
+        hit = n.reach(node) & set(plan.removed)
+        if not hit:
             return None
-        sizes = [n.size[a] for a in atoms]
-        coords = np.unravel_index(np.arange(math.prod(sizes)), sizes)
-        out = np.zeros(math.prod(sizes), bool)
-        for pos, a in enumerate(atoms):
-            if a in plan.removed:
-                out |= plan.removed[a][coords[pos]]
+        out = np.zeros(n.size[n.find(node)], bool)
+        for g in hit:
+            idx = n.unit_index(node, g)
+            out |= (idx >= 0) & plan.removed[g][np.maximum(idx, 0)]
         return out
 
     return removed_mask
@@ -928,7 +976,7 @@ def _prune(model: nnx.Module, names, masks, input_shape, dtype, allow_empty) -> 
     removed_mask = _removed_mask_fn(plan)
     if plan.removed:
         layer_of_root = lambda node: next(
-            (plan.groups[a].layer for a in tr.nodes.atoms(node) if a in plan.groups), "a layer"
+            (plan.groups[a].layer for a in tr.nodes.reach(node) if a in plan.groups), "a layer"
         )
         known = _Known(tr, removed_mask, layer_of_root)
         x = jnp.zeros((2, *input_shape), dtype)

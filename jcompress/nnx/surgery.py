@@ -17,15 +17,18 @@ intermediate array gets a node; the operations join nodes that index the same un
 - residual adds: both branches, so every layer writing into the stream is in one group;
 - transposes, broadcasts, pooling over other axes, reshapes: a flatten of ``(h, w, c)``
   makes the Dense rows a strided copy of the channels (row ``(i * w + j) * c + k``
-  belongs to channel ``k``).
+  belongs to channel ``k``);
+- concatenation along the units' axis: each part keeps its own units (Inception or
+  DenseNet branches), the consumer's rows are split accordingly;
+- query and key projections contracted together (attention) join one group.
 
 A **group** is the set of nodes joined to the output axis of one or more kernels; its
 units can be removed only together, from every kernel writing it (as the dependency graph
 of Torch-Pruning does for PyTorch): unit ``j`` goes when column ``j`` is removed in every
 one of them. A group cannot be pruned when the tracer cannot tell how an op uses its units:
 a reduction over them (a LayerNorm or softmax over the features, a mean over channels),
-the model's outputs or inputs, a grouped convolution, a slice, concatenation, gather or any
-op the tracer does not know. :func:`coupling` lists the groups with the reason of each.
+the model's outputs or inputs, a grouped convolution, a slice, a gather (an embedding
+lookup) or any op the tracer does not know. :func:`coupling` lists the groups with the reason of each.
 
 **Declaring units** (the fallback where tracing cannot decide). A module may define
 ``coupled_units(self) -> list[dict[str, int]]``: each dict maps leaf names relative to

@@ -339,7 +339,7 @@ _CONFIGS = [
     {"sparsity": 0.8},
     {"sparsity": 0.8, "scope": "global", "allow_empty": True},  # at init conv2's weights are all below the threshold
     {"sparsity": 0.9, "distribution": "erk"},
-    {"sparsity": None, "pattern": NM(2, 4), "select": ["conv2/kernel", "fc2/kernel"]},  # m divides their input axis
+    {"pattern": NM(2, 4), "select": ["conv2/kernel", "fc2/kernel"]},  # m divides their input axis
     {"sparsity": 0.5, "pattern": Block(5, 2)},
     {"sparsity": 0.5, "pattern": Units(norm="l2")},
 ]

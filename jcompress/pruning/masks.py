@@ -192,7 +192,7 @@ def _check_plan(pattern, scope: str, distribution: str, sparsity) -> Pattern:
             )
         return pattern
     if sparsity is None:
-        raise ValueError(f"sparsity is required for pattern={pattern}")
+        raise ValueError(f"sparsity is required for pattern={pattern} (only an NM pattern fixes it): pass sparsity=0.9")
     if (scope == "global" or distribution == "erk") and is_pairs(sparsity):
         raise ValueError(
             f"scope={scope!r}, distribution={distribution!r} derive the per-layer sparsities from one overall value: "
@@ -237,7 +237,7 @@ def make_masks(
     scores: PyTree,
     names: Sequence[str] | None = None,
     *,
-    sparsity: Spec,
+    sparsity: Spec = None,
     pattern: Pattern = Unstructured(),
     scope: str = "layer",
     distribution: str = "uniform",
@@ -439,7 +439,7 @@ def _pruning(
 def by_scores(
     scores: PyTree,
     *,
-    sparsity: Spec,
+    sparsity: Spec = None,
     pattern: Pattern = Unstructured(),
     scope: str = "layer",
     distribution: str = "uniform",
@@ -451,7 +451,8 @@ def by_scores(
       scores: float tree shaped like the params the transform is called on; higher =
         more important (e.g. from :mod:`jcompress.pruning.scores`).
       sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
-        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf;
+        required except with an ``NM`` pattern, which fixes it).
 
     Returns:
       a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
@@ -473,7 +474,7 @@ def by_scores(
 
 def magnitude(
     *,
-    sparsity: Spec,
+    sparsity: Spec = None,
     pattern: Pattern = Unstructured(),
     scope: str = "layer",
     distribution: str = "uniform",
@@ -483,7 +484,8 @@ def magnitude(
 
     Args:
       sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
-        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf;
+        required except with an ``NM`` pattern, which fixes it).
 
     Returns:
       a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
@@ -492,7 +494,7 @@ def magnitude(
 
     Example:
       >>> params, aux = jax.jit(jc.pruning.magnitude(sparsity=0.9, scope='global'))(params)
-      >>> params, aux = jc.pruning.magnitude(sparsity=None, pattern=jc.NM(2, 4))(params)
+      >>> params, aux = jc.pruning.magnitude(pattern=jc.NM(2, 4))(params)
     """
     score_fn = lambda params, names, key: scores_lib.magnitude_scores(params, names=names)
     return _pruning("magnitude", score_fn, sparsity, pattern, scope, distribution, allow_empty)
@@ -500,7 +502,7 @@ def magnitude(
 
 def random(
     *,
-    sparsity: Spec,
+    sparsity: Spec = None,
     pattern: Pattern = Unstructured(),
     scope: str = "layer",
     distribution: str = "uniform",
@@ -510,7 +512,8 @@ def random(
 
     Args:
       sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
-        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf;
+        required except with an ``NM`` pattern, which fixes it).
 
     Returns:
       a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
@@ -531,7 +534,7 @@ def random(
 def taylor(
     grads: PyTree,
     *,
-    sparsity: Spec,
+    sparsity: Spec = None,
     pattern: Pattern = Unstructured(),
     scope: str = "layer",
     distribution: str = "uniform",
@@ -542,7 +545,8 @@ def taylor(
     Args:
       grads: gradient tree with the params' structure (e.g. summed over a few batches).
       sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
-        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf;
+        required except with an ``NM`` pattern, which fixes it).
 
     Returns:
       a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
@@ -561,7 +565,7 @@ def snip(
     loss_fn: Callable,
     batch: Any,
     *,
-    sparsity: Spec,
+    sparsity: Spec = None,
     pattern: Pattern = Unstructured(),
     scope: str = "layer",
     distribution: str = "uniform",
@@ -573,7 +577,8 @@ def snip(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       batch: the batch, passed to ``loss_fn`` as is.
       sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
-        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf;
+        required except with an ``NM`` pattern, which fixes it).
 
     Returns:
       a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,
@@ -590,7 +595,7 @@ def snip(
 def obd(
     hessian_diag: PyTree,
     *,
-    sparsity: Spec,
+    sparsity: Spec = None,
     pattern: Pattern = Unstructured(),
     scope: str = "layer",
     distribution: str = "uniform",
@@ -604,7 +609,8 @@ def obd(
         :func:`~jcompress.pruning.scores.hutchinson_diagonal` or
         :func:`~jcompress.pruning.scores.grad_squared_mean`).
       sparsity, pattern, scope, distribution, allow_empty: as in :func:`make_masks`
-        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf).
+        (sparsity: a float in ``[0, 1]`` or a ``{regex: float}`` spec per leaf;
+        required except with an ``NM`` pattern, which fixes it).
 
     Returns:
       a :class:`~jcompress.core.base.Transform`: ``t(params, key=None) -> (new_params,

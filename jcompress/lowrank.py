@@ -126,7 +126,7 @@ def randomized_svd(
 
 
 def _truncate_matrix(a, *, rank, energy, budget, method, key, oversample, power_iters):
-    """``(a_r, (US, V), r, error, discarded energy fraction)`` for one matrix."""
+    """``(a_r, (US, V), r)`` for one matrix: its rank-``r`` truncation and the factors."""
     m, n = a.shape
     if method == "exact":
         u, s, vt = jnp.linalg.svd(a, full_matrices=False)
@@ -135,11 +135,7 @@ def _truncate_matrix(a, *, rank, energy, budget, method, key, oversample, power_
         r = choose_rank((m, n), None, rank=rank, budget=budget)
         u, s, vt = randomized_svd(a, min(r + oversample, m, n), key=key, power_iters=power_iters)
     us, v = u[:, :r] * s[:r], vt[:r]
-    a_r = us @ v
-    total = jnp.sum(jnp.square(a))
-    kept = jnp.sum(jnp.square(s[:r]))
-    discarded = jnp.where(total > 0, jnp.clip(1.0 - kept / jnp.where(total > 0, total, 1.0), 0.0, 1.0), 0.0)
-    return a_r, (us, v), r, jnp.linalg.norm((a - a_r).ravel()), discarded
+    return us @ v, (us, v), r
 
 
 def svd(
@@ -210,7 +206,7 @@ def svd(
             a = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
             try:
                 _check_rule(**{rule: values[name]})
-                a_r, (us, v), r, _, _ = _truncate_matrix(
+                a_r, (us, v), r = _truncate_matrix(
                     a,
                     **{k: values[name] if k == rule else None for k in RULES},
                     method=method,

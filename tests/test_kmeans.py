@@ -205,6 +205,10 @@ def test_shared_codebooks_and_k_per_layer():
     bad = {"w": {"kernel": jnp.array([[0.0, 1.0], [1.0, 0.0]])}}
     with pytest.raises(ValueError, match="w/kernel.*k=2 exceeds the number of distinct values.*1"):
         kmeans(k=2)(bad)
+    # under jit the values are unknown: surplus centroids repeat, every weight keeps its value
+    jnew, jaux = jax.jit(lambda p: kmeans(k=3)(p))(bad)
+    np.testing.assert_array_equal(jnew["w"]["kernel"], bad["w"]["kernel"])
+    np.testing.assert_array_equal(jaux.codebooks["w/kernel"][jaux.indices["w/kernel"]["w/kernel"]], bad["w"]["kernel"])
     with pytest.raises(ValueError, match="k=0"):
         kmeans(k=0)
     with pytest.raises(TypeError, match="k=2.5"):

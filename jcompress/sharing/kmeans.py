@@ -24,6 +24,9 @@ Initialisations (the paper finds linear best): ``'linear'`` (``k`` points evenly
 over ``[min, max]``), ``'density'`` (the data's quantiles at levels ``(j + 0.5) / k``,
 evenly spaced on the CDF), ``'random'`` (Forgy: ``k`` distinct data points, needs a key),
 ``'kmeans++'`` (D^2 sampling, needs a key).
+
+:func:`kmeans` is the params transform (``kmeans(k=31)(params) -> (params, CodebookAux)``);
+:func:`kmeans_1d` clusters one array.
 """
 
 from __future__ import annotations
@@ -377,7 +380,9 @@ def kmeans(
       k: centroids per codebook for the nonzero weights, as a spec (an int, or
         ``{regex: k}`` / ``[(regex, k)]``, first match wins). Leaves sharing a codebook
         must agree. ``k = 2**b - 1`` gives ``b``-bit indices for a pruned layer (index 0 is
-        the zero). ``k`` larger than a group's distinct nonzero values is refused.
+        the zero). ``k`` larger than a group's distinct nonzero values is refused (under
+        ``jax.jit``, where the values are not known, the surplus centroids repeat existing
+        ones and every weight still keeps its exact value).
       init: ``'linear'`` (the paper's best), ``'density'``, ``'random'`` or ``'kmeans++'``
         (the last two need ``key`` at call time; group ``i`` uses ``fold_in(key, i)``).
       iters: maximum Lloyd iterations.

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["from_bits", "pack", "packed_size", "to_bits", "unpack"]
+__all__ = ["MAX_BITS", "check_bits", "from_bits", "pack", "packed_size", "to_bits", "unpack"]
 
 MAX_BITS = 16
 
 
-def _check_bits(bits) -> int:
+def check_bits(bits, *, arg: str = "bits") -> int:
+    """``bits`` as an int in ``[1, MAX_BITS]``; ValueError naming ``arg`` otherwise."""
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an int in [1, {MAX_BITS}], got {bits!r}")
+        raise ValueError(f"{arg} must be an int in [1, {MAX_BITS}], got {bits!r}")
     return int(bits)
 
 
@@ -64,7 +65,7 @@ def from_bits(bits: np.ndarray, width: int, count: int) -> np.ndarray:
 
 def packed_size(count: int, bits: int) -> int:
     """Bytes that :func:`pack` writes for ``count`` codes of ``bits`` bits."""
-    return (int(count) * _check_bits(bits) + 7) // 8
+    return (int(count) * check_bits(bits) + 7) // 8
 
 
 def pack(codes, *, bits: int) -> bytes:
@@ -80,7 +81,7 @@ def pack(codes, *, bits: int) -> bytes:
     Raises:
       ValueError: ``bits`` out of range, a code out of range, or a non-integer array.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     arr = np.asarray(codes)
     if arr.size and arr.dtype.kind not in "iub":
         raise ValueError(f"codes must be integers, got dtype {arr.dtype}")
@@ -99,7 +100,7 @@ def unpack(data, *, bits: int, count: int) -> np.ndarray:
     Raises:
       ValueError: ``bits`` out of range or ``data`` too short for ``count`` codes.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     raw = (
         np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data.astype(np.uint8).reshape(-1)
     )

@@ -225,7 +225,7 @@ def relative_index(codes, *, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
       >>> relative_index(np.array([0] * 10 + [7]), index_bits=3)
       (array([7, 2]), array([0, 7]))
     """
-    bitpack._check_bits(index_bits)
+    bitpack.check_bits(index_bits, arg="index_bits")
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
     pos = np.flatnonzero(flat)
     run = np.diff(np.concatenate([[-1], pos])) - 1  # zeros before each nonzero

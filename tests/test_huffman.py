@@ -87,6 +87,11 @@ def test_relative_index_paper_example_and_fillers():
     assert huffman.relative_index(np.array([0] * 7 + [1]), index_bits=3)[0].tolist() == [7]
     assert huffman.relative_index(np.array([0] * 8 + [1]), index_bits=3)[0].tolist() == [7, 0]
     assert huffman.relative_index(np.array([0] * 16 + [1]), index_bits=3)[0].tolist() == [7, 7, 0]
+    for bad in (0, 17, 2.5):
+        with pytest.raises(ValueError, match=rf"index_bits must be an int in \[1, 16\], got {bad}"):
+            huffman.relative_index(np.array([0, 1]), index_bits=bad)
+    with pytest.raises(ValueError, match=r"^bits must be an int in \[1, 16\], got 0"):
+        bitpack.pack(np.array([1]), bits=0)
 
 
 @settings(max_examples=60, deadline=None)

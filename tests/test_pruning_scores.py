@@ -235,3 +235,14 @@ def test_score_transforms_prune_by_their_scores(kind):
         np.testing.assert_array_equal(np.asarray(new["fc1"]["bias"]), np.asarray(p["fc1"]["bias"]))
     with pytest.raises(ValueError, match="structure"):
         pruning.taylor({"fc1": p["fc1"]}, sparsity=0.5)(p)
+
+
+def test_score_transforms_on_an_nnx_state_take_dict_gradients():
+    model = models.create("lenet300", input_shape=(4, 4, 1), num_classes=3)
+    _, state = nnx.split(model, nnx.Param)
+    grads = jax.tree.map(lambda x: jnp.abs(x) + 1.0, tree.to_pure_dict(state))  # a pure dict
+    new, aux = pruning.taylor(grads, sparsity=0.5)(state)
+    want_new, want = pruning.taylor(grads, sparsity=0.5)(tree.to_pure_dict(state))
+    assert isinstance(new, nnx.State) and isinstance(aux.masks, nnx.State)
+    chex.assert_trees_all_equal(tree.to_pure_dict(aux.masks), want.masks)
+    chex.assert_trees_all_equal(tree.to_pure_dict(new), want_new)

@@ -428,6 +428,8 @@ def _pruning(
             distribution=distribution,
             allow_empty=allow_empty,
         )
+        kept = dict(jtree.named_leaves(masks))
+        masks = jtree.map_with_names(lambda n, x: kept[n], params)  # the params' structure (State or dict)
         new = apply_masks(params, masks)
         before, after = dict(jtree.named_leaves(params)), dict(jtree.named_leaves(new))
         errors = {n: relative_error(before[n], after[n]) for n in names}

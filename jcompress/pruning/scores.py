@@ -62,17 +62,19 @@ def _score_map(
     """``fn(name, w, *r)`` on the scored leaves; zeros (float32) on the others.
 
     The leaves in ``names`` are scored (all of them when ``names`` is None); a scored
-    leaf must be floating, else TypeError naming it.
+    leaf must be floating, else TypeError naming it. The ``rest`` trees are matched to
+    ``params`` by leaf name (a pure dict of gradients works with an NNX State).
     """
     picked = None if names is None else _check_names(params, names)
+    others = [dict(jtree.named_leaves(r)) for r in rest]
 
-    def one(name, w, *r):
+    def one(name, w):
         if picked is not None and name not in picked:
             return jnp.zeros(jnp.shape(w), jnp.float32)
         w = jtree.as_float_array(w, f"{arg}/{name}")
-        return fn(name, w, *r)
+        return fn(name, w, *(o[name] for o in others))
 
-    return jtree.map_with_names(one, params, *rest)
+    return jtree.map_with_names(one, params)
 
 
 def _check_names(params: PyTree, names: Sequence[str]) -> set[str]:

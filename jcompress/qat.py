@@ -11,12 +11,13 @@ float weights are the optimizer's "shadow" weights; they accumulate the small up
 that a round-to-nearest grid would swallow.
 
 :func:`qat_apply` wraps a model's apply function so that ``train.fit`` trains through the
-quantizers unchanged. After training, :func:`jcompress.quant.quantize` with the
+weight quantizers unchanged; :func:`quantize_inputs` gives a model whose layer inputs are
+quantized with straight-through gradients (the training twin of ``quant.activations``). After training, :func:`jcompress.quant.quantize` with the
 same hyperparameters gives the deployable codes of exactly the network QAT trained.
 
 Example:
   >>> fn = models.functional(model)
-  >>> qat = qat_apply(model, bits=4, axis=-1)
+  >>> qat = qat_apply(fn.apply, bits=4, axis=-1)
   >>> res = train.fit(qat, fn.params, fn.extra, ds, tx=optax.adam(1e-4), epochs=3)
   >>> params4, aux = quant.quantize(bits=4)(res.params)
 """
@@ -33,7 +34,7 @@ from jcompress import quant, tree
 from jcompress.core import base
 from jcompress.nnx import hooks
 
-__all__ = ["qat_apply", "qat_params", "ste_fake_quant", "ste_fake_quant_range"]
+__all__ = ["qat_apply", "qat_params", "quantize_inputs", "ste_fake_quant", "ste_fake_quant_range"]
 
 
 def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
@@ -98,64 +99,60 @@ def qat_params(
     return tree.map_with_names(one, params)
 
 
+def quantize_inputs(model: nnx.Module, act_ranges: dict, *, bits: int, symmetric: bool = False) -> nnx.Module:
+    """A copy of ``model`` whose layers fake-quantize their inputs with straight-through gradients.
+
+    Args:
+      model: an NNX model (not modified).
+      act_ranges: ``{layer name: (lo, hi)}``, e.g. ``quant.activations(x)(model)[1].ranges``
+        or ``quant.calibrate_ranges(model, x)``; layers without a range stay float.
+      bits, symmetric: the activation grid (asymmetric by default, as ``quant.activations``).
+
+    Returns:
+      the model (same parameter names) whose forward values equal those of
+      ``quant.activations`` with these ranges; the input quantizers pass gradients through.
+
+    Raises:
+      ValueError: bad bits, empty ranges, or ranges naming layers the model does not have.
+    """
+    ranges = quant.check_act_ranges(model, act_ranges, bits, symmetric)
+    hook = quant.input_quantizer(ranges, bits=bits, symmetric=symmetric, quantizer=ste_fake_quant_range)
+    return hooks.with_hook(model, hook, names=list(ranges))
+
+
 def qat_apply(
-    model_or_apply: nnx.Module | Callable,
+    apply_fn: Callable,
     *,
     bits: int,
     axis: int | None = -1,
     group_size: int | None = None,
     symmetric: bool = True,
     names: Sequence[str] | None = None,
-    act_bits: int | None = None,
-    act_ranges: dict | None = None,
-    act_symmetric: bool = False,
 ) -> Callable:
-    """An apply function that trains through weight (and activation) quantizers.
+    """An apply function that trains through weight quantizers.
 
     Args:
-      model_or_apply: an NNX model, or an apply function
-        ``apply(params, extra, x, train=False, key=None) -> (logits, extra)`` (for example
-        ``models.functional(model).apply``). Activation quantization needs the model, to
-        hook its ``nnx.Linear`` / ``nnx.Conv`` layers.
+      apply_fn: ``apply(params, extra, x, train=False, key=None) -> (logits, extra)``, for
+        example ``models.functional(model).apply``; for quantized layer inputs too, the
+        model of :func:`quantize_inputs`: ``models.functional(quantize_inputs(model, ranges, bits=8)).apply``.
       bits, axis, group_size, symmetric, names: the weight quantizer (as in :func:`qat_params`).
-      act_bits: bits of the layer inputs, or ``None`` for float activations.
-      act_ranges: ``{layer name: (lo, hi)}``, e.g. ``quant.activations(x)(model)[1].ranges``.
-      act_symmetric: symmetric activation grid (default asymmetric).
 
     Returns:
       ``apply(params, extra, x, train=False, key=None) -> (logits, extra)``, for
-      ``train.fit`` and ``train.evaluate``. Its forward values equal those of the model
-      made by ``quant.activations`` with these ranges, evaluated on
-      ``quant.quantize(...)(params)[0]``.
+      ``train.fit`` and ``train.evaluate``: ``apply_fn`` on :func:`qat_params` of the params.
+      Its forward values are those of ``apply_fn`` on ``quant.quantize(...)(params)[0]``.
 
     Raises:
-      ValueError: bad bits, activation quantization without the model or without ranges,
-        or ranges naming layers the model does not have.
+      ValueError: bad bits. TypeError: ``apply_fn`` is not callable.
     """
     quant.code_range(bits, symmetric)
+    if not callable(apply_fn) or isinstance(apply_fn, nnx.Module):
+        raise TypeError(
+            f"apply_fn must be an apply function such as models.functional(model).apply, got {type(apply_fn).__name__}"
+        )
 
-    def weight_fn(params):
-        return qat_params(params, bits=bits, axis=axis, group_size=group_size, symmetric=symmetric, names=names)
+    def apply(params, extra, x, train: bool = False, key: jax.Array | None = None):
+        params = qat_params(params, bits=bits, axis=axis, group_size=group_size, symmetric=symmetric, names=names)
+        return apply_fn(params, extra, x, train=train, key=key)
 
-    if not isinstance(model_or_apply, nnx.Module):
-        if not callable(model_or_apply):
-            raise TypeError(f"model_or_apply must be an NNX model or an apply function, got {type(model_or_apply)}.")
-        if act_bits is not None:
-            raise ValueError(
-                "act_bits needs the NNX model (to find its layers); pass the model, not its apply function."
-            )
-        apply_fn = model_or_apply
-
-        def apply(params, extra, x, train: bool = False, key: jax.Array | None = None):
-            return apply_fn(weight_fn(params), extra, x, train=train, key=key)
-
-        return apply
-
-    model = model_or_apply
-    if act_bits is not None or act_ranges:
-        if act_bits is None:
-            raise ValueError("act_ranges given without act_bits; pass act_bits=8 (say) to quantize activations.")
-        ranges = quant.check_act_ranges(model, act_ranges, act_bits, act_symmetric)
-        hook = quant.input_quantizer(ranges, bits=act_bits, symmetric=act_symmetric, quantizer=ste_fake_quant_range)
-        model = hooks.with_hook(model, hook, names=list(ranges))
-    return quant.apply_with_quantizers(model, weight_fn=weight_fn)
+    return apply

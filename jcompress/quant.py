@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +45,13 @@ from jcompress.nnx import hooks
 __all__ = [
     "QuantParams",
     "activations",
-    "apply_with_quantizers",
     "calibrate_ranges",
     "check_act_ranges",
     "code_range",
     "dequantize",
     "fake_quant",
     "fake_quant_range",
+    "input_quantizer",
     "quantize",
     "quantize_leaf",
 ]
@@ -353,29 +352,3 @@ def activations(
         return hooks.with_hook(model, hook, names=list(ranges)), base.ActRangeAux(ranges)
 
     return base.ModelTransform(apply, "activations")
-
-
-def apply_with_quantizers(model: nnx.Module, *, weight_fn: Callable[[Any], Any] | None = None) -> Callable:
-    """An apply function for ``model`` whose params pass through ``weight_fn`` on every call.
-
-    Args:
-      model: the NNX model (its structure and its layer hooks, such as those of
-        :func:`activations`; params come in at call time).
-      weight_fn: ``params -> params`` on the pure-dict params (a fake quantizer).
-
-    Returns:
-      ``apply(params, extra, x, train=False, key=None) -> (logits, extra)`` with the
-      signature of ``models.functional(model).apply``, for ``train.fit`` and ``train.evaluate``.
-    """
-    graphdef, p_state, e_state = nnx.split(model, nnx.Param, ...)
-
-    def apply(params, extra, x, train: bool = False, key: jax.Array | None = None):
-        if weight_fn is not None:
-            params = weight_fn(params)
-        m = nnx.merge(graphdef, tree.from_pure_dict(p_state, params), tree.from_pure_dict(e_state, extra))
-        rngs = nnx.Rngs(dropout=key) if key is not None else None
-        logits = m(x, train=train, rngs=rngs)
-        _, _, new_extra = nnx.split(m, nnx.Param, ...)
-        return logits, nnx.to_pure_dict(new_extra)
-
-    return apply

@@ -61,7 +61,15 @@ def ptq_apply(model, *, bits, axis=-1, act_bits=None, act_ranges=None):
     if act_bits is not None:
         model = hooks.with_hook(model, quant.input_quantizer(act_ranges, bits=act_bits, symmetric=False))
     weights = quant.quantize(bits=bits, axis=axis)
-    return quant.apply_with_quantizers(model, weight_fn=lambda p: weights(p)[0])
+    apply_fn = models.functional(model).apply
+    return lambda params, extra, x, **kw: apply_fn(weights(params)[0], extra, x, **kw)
+
+
+def qat_apply(model, *, bits, axis=-1, act_bits=None, act_ranges=None):
+    """Training through weight (and input) quantizers: qat_apply on the model of quantize_inputs."""
+    if act_bits is not None:
+        model = qat.quantize_inputs(model, act_ranges, bits=act_bits)
+    return qat.qat_apply(models.functional(model).apply, bits=bits, axis=axis)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +88,21 @@ def test_qat_forward_equals_quantized_apply(trained):
     ds, model, fn, params, extra, ranges = trained
     x = ds.x_test[:100]
     kw = dict(bits=4, axis=-1, act_bits=4, act_ranges=ranges)
-    out_qat, _ = qat.qat_apply(model, **kw)(params, extra, x)
+    out_qat, _ = qat_apply(model, **kw)(params, extra, x)
     out_ptq, _ = ptq_apply(model, **kw)(params, extra, x)
     np.testing.assert_allclose(out_qat, out_ptq, atol=1e-5)
     w_only, _ = qat.qat_apply(fn.apply, bits=4, axis=-1)(params, extra, x)
     np.testing.assert_allclose(w_only, ptq_apply(model, bits=4, axis=-1)(params, extra, x)[0], atol=1e-5)
-    with pytest.raises(ValueError, match="needs the NNX model"):
-        qat.qat_apply(fn.apply, bits=4, act_bits=8, act_ranges=ranges)
+    with pytest.raises(TypeError, match="apply function"):
+        qat.qat_apply(model, bits=4)
     with pytest.raises(ValueError, match="bits=0"):
-        qat.qat_apply(model, bits=0)
+        qat.qat_apply(fn.apply, bits=0)
+    with pytest.raises(ValueError, match="fc9"):
+        qat.quantize_inputs(model, {"fc9": (0.0, 1.0)}, bits=8)
+    # the input quantizers pass gradients straight through
+    hooked = models.functional(qat.quantize_inputs(model, ranges, bits=2))
+    g = jax.grad(lambda p: hooked.apply(p, extra, x)[0].sum())(params)
+    assert float(jnp.abs(g["fc1"]["kernel"]).sum()) > 0
 
 
 def _fit(apply_fn, params, extra, ds, epochs):
@@ -109,7 +123,7 @@ def test_qat_recovers_accuracy_lost_by_ptq(trained, kw, margin):
         kw = dict(kw, act_ranges=ranges)
     evaluate = ptq_apply(model, **kw)
     ptq = train.evaluate(evaluate, params, extra, ds.x_test, ds.y_test)["accuracy"]
-    p_qat, e_qat = _fit(qat.qat_apply(model, **kw), params, extra, ds, epochs=3)
+    p_qat, e_qat = _fit(qat_apply(model, **kw), params, extra, ds, epochs=3)
     acc_qat = train.evaluate(evaluate, p_qat, e_qat, ds.x_test, ds.y_test)["accuracy"]
     assert acc_qat >= ptq + margin, (acc_qat, ptq)
     # the deployable codes reproduce exactly the network QAT trained

@@ -84,7 +84,7 @@ def trained():
     return ds, model, fn, params, extra, ranges
 
 
-def test_qat_forward_equals_quantized_apply(trained):
+def test_qat_forward_equals_the_ptq_forward(trained):
     ds, model, fn, params, extra, ranges = trained
     x = ds.x_test[:100]
     kw = dict(bits=4, axis=-1, act_bits=4, act_ranges=ranges)

@@ -1,2 +1,26 @@
 """NNX-level operations: the layer-input hook, the functional adapter, generic model
-surgery (hard pruning, factorised layers) and activation quantization."""
+surgery (hard pruning, factorised layers) and activation quantization.
+
+Submodules load on first access (``jc.nnx.surgery.hard_prune``):
+
+  surgery    hard pruning of any NNX model, coupled units found by tracing its forward pass
+  factorize  Dense and conv layers replaced by two thin factorised ones
+  hooks      the layer-input hook
+"""
+
+import importlib
+
+__all__ = ["factorize", "hooks", "surgery"]
+
+
+def __getattr__(name: str):
+    """Import ``jcompress.nnx.<name>`` on first access and cache it in the package namespace."""
+    if name not in __all__:
+        raise AttributeError(f"module 'jcompress.nnx' has no attribute {name!r}")
+    module = importlib.import_module(f"jcompress.nnx.{name}")
+    globals()[name] = module
+    return module
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -17,10 +17,8 @@ Two kinds of numbers are kept apart:
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +28,7 @@ from flax import nnx
 from jcompress import tree
 from jcompress.nnx import hooks
 
-__all__ = ["layer_flops", "measure_latency", "param_report", "format_table", "save_json", "dir_size"]
+__all__ = ["layer_flops", "param_report", "format_table", "save_json", "dir_size"]
 
 
 def layer_flops(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, int]:
@@ -60,18 +58,6 @@ def layer_flops(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, int]
         positions = int(np.prod(yshape[1:-1])) if len(yshape) > 2 else 1
         out[f"{name}/kernel"] = int(2 * np.prod(kshape) * positions)
     return out
-
-
-def measure_latency(fn: Callable, *args, warmup: int = 3, repeats: int = 20) -> float:
-    """Median wall time in seconds of ``fn(*args)``, blocking until the result is ready."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def param_report(

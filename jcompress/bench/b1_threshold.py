@@ -31,7 +31,7 @@ import textwrap
 
 import numpy as np
 
-from jcompress.bench import best_time
+from jcompress import timing
 
 __all__ = ["make_leaves", "run"]
 
@@ -49,19 +49,21 @@ def _threshold_rows(leaves, quick: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from jcompress.bench import best_time
     from jcompress.core import topk
 
     n = sum(x.size for x in leaves)
-    t_prep, flat = best_time(lambda: np.abs(np.concatenate([x.ravel() for x in leaves])), repeats=1)
+    prep = timing.timeit(lambda: np.abs(np.concatenate([x.ravel() for x in leaves])), repeats=1)
+    t_prep, flat = prep.median, prep.output
     device_leaves = [jnp.asarray(x) for x in leaves]
     rows = []
     for sparsity in (0.5, 0.9):
         k = n - topk.pruned_count(sparsity, n)
         fn = jax.jit(lambda ls, k=k: topk.kth_largest([jnp.abs(x) for x in ls], k))
-        t_jax, got = best_time(lambda fn=fn: jax.block_until_ready(fn(device_leaves)))
-        t_np, want = best_time(lambda k=k: np.partition(flat, n - k)[n - k])
-        got = float(got)
+        ts = timing.compare(
+            {"jax": lambda fn=fn: fn(device_leaves), "numpy": lambda k=k: np.partition(flat, n - k)[n - k]}, repeats=3
+        )
+        t_jax, t_np = ts["jax"].median, ts["numpy"].median
+        got, want = float(ts["jax"].output), ts["numpy"].output
         rows.append(
             {
                 "name": f"B1 global threshold {n / 2**20:.0f}M weights, {len(leaves)} leaves, sparsity {sparsity}",
@@ -87,7 +89,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     import numpy as np
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jcompress.bench import best_time
+    from jcompress import timing
     from jcompress.core import topk
 
     rows = int(sys.argv[1])
@@ -102,9 +104,10 @@ _SHARDED_SCRIPT = textwrap.dedent(
     fn = jax.jit(lambda ls: topk.kth_largest([jnp.abs(x) for x in ls], k, chunk=None))
     hlo = fn.lower(sharded).compile().as_text()
     got = float(fn(sharded))
-    best, _ = best_time(lambda: jax.block_until_ready(fn(sharded)), warmup=False)  # compiled above
+    best = timing.timeit(fn, sharded, repeats=3, warmup=0).median  # compiled above
     flat = np.abs(np.concatenate([x.ravel() for x in leaves]))
-    t_np, want = best_time(lambda: float(np.partition(flat, n - k)[n - k]), 1, warmup=False)
+    partition = timing.timeit(lambda: float(np.partition(flat, n - k)[n - k]), repeats=1, warmup=0)
+    t_np, want = partition.median, partition.output
     print(json.dumps({
         "devices": len(jax.devices()), "elements": n, "k": k, "all_gathers": len(re.findall(r"all-gather", hlo)),
         "all_reduces": len(re.findall(r"all-reduce", hlo)), "threshold_jcompress": got, "threshold_numpy": want,

@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-from jcompress.bench import best_time
+from jcompress import timing
 
 __all__ = ["run"]
 
@@ -90,11 +90,16 @@ def run(quick: bool) -> list[dict]:
 
     state["w"] = jax.tree.map(jnp.asarray, weights)
     fresh = jax.tree.map(jnp.asarray, weights)
-    t_copy = best_time(lambda: np.copyto(dst, src))[0]
-    t_fast = best_time(donated(fast_fq))[0]
-    t_mask = best_time(donated(fast_mask))[0]
-    t_plain = best_time(lambda: jax.block_until_ready(not_donated(fresh, masks_j)))[0]
-    t_copy = min(t_copy, best_time(lambda: np.copyto(dst, src))[0])
+    ts = timing.compare(
+        {
+            "copy": lambda: np.copyto(dst, src),
+            "fast": donated(fast_fq),
+            "mask": donated(fast_mask),
+            "plain": lambda: not_donated(fresh, masks_j),
+        },
+        repeats=3,
+    )
+    t_copy, t_fast, t_mask, t_plain = (ts[k].median for k in ("copy", "fast", "mask", "plain"))
     bw_copy = 2 * src.nbytes / t_copy
     frac = lambda t: moved / t / bw_copy
     size = f"{src.nbytes / 2**20:.0f} MB"

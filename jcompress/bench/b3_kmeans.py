@@ -3,7 +3,7 @@
 Both run Lloyd's algorithm from the same linear initialisation (k centroids evenly
 spaced over [min, max], passed to scikit-learn as ``init=``), ``n_init=1``,
 ``algorithm='lloyd'``, ``tol=0`` and the same maximum iterations, on the same float32
-weights (normal, std 0.05). Ratio = scikit-learn seconds / jcompress seconds (best of
+weights (normal, std 0.05). Ratio = scikit-learn seconds / jcompress seconds (median of
 the repeats; jcompress after a compile warm-up, timing includes the sort). Correctness:
 both inertias are recomputed in float64 from each method's centroids and labels, and
 jcompress's must be <= scikit-learn's * (1 + 1e-6).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jcompress.bench import best_time
+from jcompress import timing
 
 __all__ = ["run"]
 
@@ -32,14 +32,16 @@ def run(quick: bool) -> list[dict]:
 
     fn = jax.jit(lambda x: kmeans_1d(x, k=k, init="linear", iters=iters))
     jax.block_until_ready(fn(w))  # compile
-    ours_s, res = best_time(lambda: jax.block_until_ready(fn(w)), 5, warmup=False)
+    ours = timing.timeit(fn, w, repeats=5, warmup=0)
+    ours_s, res = ours.median, ours.output
     c = np.asarray(res.centroids, np.float64)
     ours_inertia = float(((xd - c[np.asarray(res.labels)]) ** 2).sum())
 
     def sk():
         return KMeans(k, init=init[:, None], n_init=1, max_iter=iters, tol=0, algorithm="lloyd").fit(w[:, None])
 
-    sk_s, km = best_time(sk, 1 if quick else 2, warmup=False)
+    theirs = timing.timeit(sk, repeats=1 if quick else 2, warmup=0)
+    sk_s, km = theirs.median, theirs.output
     sk_inertia = float(((xd - km.cluster_centers_[:, 0].astype(np.float64)[km.labels_]) ** 2).sum())
     ratio = sk_s / ours_s
     inertia_ok = ours_inertia <= sk_inertia * (1 + 1e-6)

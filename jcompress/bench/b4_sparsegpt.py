@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from jcompress.bench import best_time
+from jcompress import timing
 
 __all__ = ["make_problem", "reference_sparsegpt", "run"]
 
@@ -102,8 +102,10 @@ def run(quick: bool) -> list[dict]:
     def jax_version():
         return jax.block_until_ready(prune_matrix(kj, hj, sparsity=0.5)[0])
 
-    t_jax, new_jax = best_time(jax_version)
-    t_ref, new_ref = best_time(lambda: reference_sparsegpt(kernel.T, h, sparsity=0.5).T)
+    reference = lambda: reference_sparsegpt(kernel.T, h, sparsity=0.5).T
+    ts = timing.compare({"jax": jax_version, "reference": reference}, repeats=3)
+    t_jax, new_jax = ts["jax"].median, ts["jax"].output
+    t_ref, new_ref = ts["reference"].median, ts["reference"].output
     new_jax = np.asarray(new_jax)
     err_jax, err_ref = _rel_err(kernel, new_jax, h), _rel_err(kernel, new_ref, h)
     size = f"{n_out}x{n_in}, {tokens} tokens"

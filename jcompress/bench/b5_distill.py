@@ -52,9 +52,9 @@ def _batch(batch_size: int):
 
 
 def _best_time(fn, args, *, rounds: int, repeats: int) -> float:
-    from jcompress.report import measure_latency
+    from jcompress import timing
 
-    return min(measure_latency(fn, *args, warmup=1, repeats=repeats) for _ in range(rounds))
+    return min(timing.timeit(fn, *args, warmup=1, repeats=repeats).median for _ in range(rounds))
 
 
 def _predicted(teacher, student) -> tuple[float, float]:

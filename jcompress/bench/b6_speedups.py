@@ -4,7 +4,7 @@ Problem: a 784-4096-4096-10 ReLU MLP (quick mode: 784-1024-1024-10) in eval mode
 batch of 256 float32 inputs, jitted forward pass on CPU.
 
 Figures (measured side by side in the same run; each latency is the best over 3
-interleaved rounds of ``report.measure_latency``, a median of 10 calls after warm-up;
+rounds of ``jcompress.timing.compare``, a median of 10 interleaved calls after warm-up;
 quick mode: 2 rounds of 5 calls):
 
 * ``B6 hard pruning 50% hidden neurons``: dense latency / latency of the model from
@@ -21,6 +21,7 @@ quick mode: 2 rounds of 5 calls):
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -28,13 +29,15 @@ __all__ = ["run"]
 
 
 def _latency(forwards: dict, rounds: int = 3, repeats: int = 10) -> dict[str, float]:
-    """Best over ``rounds`` interleaved rounds of the median time of each forward."""
-    from jcompress import report
+    """Best over ``rounds`` rounds of the median time of each forward, the forwards' calls interleaved."""
+    from jcompress import timing
 
     best = {k: float("inf") for k in forwards}
     for _ in range(rounds):
-        for k, (fn, args) in forwards.items():
-            best[k] = min(best[k], report.measure_latency(fn, *args, warmup=2, repeats=repeats))
+        calls = {k: functools.partial(fn, *args) for k, (fn, args) in forwards.items()}
+        ts = timing.compare(calls, warmup=2, repeats=repeats)
+        for k, t in ts.items():
+            best[k] = min(best[k], t.median)
     return best
 
 

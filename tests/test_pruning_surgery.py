@@ -275,6 +275,10 @@ def test_hard_prune_errors():
         surgery.hard_prune(head, input_shape=shape)(model)
     with pytest.raises(ValueError, match="tracing the model"):
         surgery.hard_prune(masks, input_shape=(7, 7))(model)
+    with pytest.raises(TypeError, match="input_shape=64 must be one example's shape"):
+        surgery.hard_prune(masks, input_shape=64)
+    with pytest.raises(ValueError, match="input_shape=0"):
+        surgery.hard_prune(masks, input_shape=(0, 8))
     with pytest.raises(TypeError, match="model transform"):
         surgery.hard_prune(masks, input_shape=shape)(_params(model))
     np.testing.assert_array_equal(np.asarray(model.fc1.kernel.get_value()), before)  # untouched input

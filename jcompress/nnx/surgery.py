@@ -1050,6 +1050,10 @@ def hard_prune(
       >>> units.params_after < units.params_before
       True
     """
+    if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
+        raise TypeError(
+            f"input_shape={input_shape!r} must be one example's shape without the batch axis, e.g. (28, 28, 1)"
+        )
     shape = tuple(int(spec_lib.check_value(d, arg="input_shape", kind=int, lo=1)) for d in input_shape)
 
     def apply(model, names, key):

@@ -1,15 +1,20 @@
-"""Small helpers every experiment shares: data, training, evaluation and result files.
+"""Small helpers every experiment shares: configs, data, training, evaluation and result files.
 
-An experiment is one file ``experiments/<name>.py`` with
-``run(*, quick=False, data=None, out) -> {"rows": [...], "table": "<markdown>"}``. It
-reads its data with :func:`load_data`, trains with :func:`train_model` / :func:`fit`,
-measures with :func:`accuracy`, and ends with :func:`write_results`, which writes
-``out/results.json`` (``{"experiment", "rows", "table", ...}``), ``out/results.md`` (the
-markdown table) and ``out/plot.png``, each atomically (temporary file, then rename), so a
-killed run never leaves a half-written result.
+An experiment is one file ``experiments/<name>.py`` (flax/examples style) with
+``get_config(variant="paper") -> ml_collections.ConfigDict`` (start it from
+:func:`base_config`; ``get_config("quick")`` is the seconds-long variant) and
+``run(config, workdir) -> {"rows": [...], "table": "<markdown>"}`` that reads only the
+config. It reads its data with :func:`load_data`, trains with :func:`train_model` /
+:func:`fit`, measures with :func:`accuracy`, and ends with :func:`write_results`, which
+writes ``workdir/results.json`` (``{"experiment", "rows", "table", "config", ...}``),
+``workdir/results.md`` (the markdown table) and ``workdir/plot.png``, each atomically
+(temporary file, then rename), so a killed run never leaves a half-written result. The
+entry point in ``pyproject.toml`` (``[project.entry-points."jcompress.experiments"]``) makes
+it runnable as ``jcompress run NAME``; any such file also runs as ``jcompress run PATH``.
 
 Example:
-  >>> ds = load_data(None, default="mnist5k")
+  >>> config = base_config("paper", data="mnist5k", epochs=2)
+  >>> ds = load_data(config.data)
   >>> net = train_model("lenet300", ds, epochs=2, lr=1e-3, batch_size=128)
   >>> fig, ax = figure()
   >>> ax.plot([0, 1], [net.accuracy, net.accuracy])
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
+import ml_collections
 import optax
 
 from jcompress import data as data_lib
@@ -30,28 +37,48 @@ from jcompress import models, report, train
 
 __all__ = [
     "Trained",
-    "load_data",
-    "build",
-    "fit",
-    "train_model",
     "accuracy",
-    "markdown_table",
+    "base_config",
+    "build",
     "figure",
+    "fit",
+    "load_data",
+    "markdown_table",
+    "train_model",
     "write_results",
 ]
 
 
-def load_data(data: str | None, *, default: str) -> data_lib.Dataset:
-    """The dataset named by ``--data``, or the experiment's ``default`` when it is ``None``.
+VARIANTS = ("paper", "quick")
+
+
+def base_config(variant: str, *, data: str, seed: int = 0, **fields: Any) -> ml_collections.ConfigDict:
+    """The fields every experiment config has, plus ``fields``.
 
     Args:
-      data: ``mnist5k``, ``digits``, ``mnist1d``, ``tfds:NAME`` or ``None``.
-      default: the experiment's own dataset (what its docstring's numbers were measured on).
+      variant: ``'paper'`` (the paper's settings) or ``'quick'`` (seconds; sets ``quick=True``,
+        and ``get_config`` then shrinks its own fields).
+      data: the experiment's dataset (what its docstring's numbers were measured on):
+        ``mnist5k``, ``digits``, ``mnist1d`` or ``tfds:NAME``.
+      seed: the seed of initialisation and batch order.
+      **fields: the experiment's own settings (ints, floats, strings, bools, tuples or
+        nested dicts, which become nested ConfigDicts).
+
+    Raises:
+      ValueError: for another variant.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose one of {', '.join(VARIANTS)}")
+    return ml_collections.ConfigDict({"quick": variant == "quick", "data": data, "seed": seed, **fields})
+
+
+def load_data(name: str) -> data_lib.Dataset:
+    """The dataset ``name`` (a config's ``data``: ``mnist5k``, ``digits``, ``mnist1d``, ``tfds:NAME``).
 
     Raises:
       ValueError: for an unknown name (the message lists the offline datasets).
     """
-    return data_lib.load(default if data is None else data)
+    return data_lib.load(name)
 
 
 def build(name: str, ds: data_lib.Dataset, *, seed: int = 0, **model_kwargs: Any):
@@ -221,7 +248,8 @@ def write_results(
       name: the experiment's name (the title of ``results.md``).
       columns, formats: what the markdown table shows (see :func:`markdown_table`).
       notes: lines printed under the table (what was measured, how it differs from the paper).
-      **extra: more JSON fields for ``results.json`` (configuration, baselines).
+      **extra: more JSON fields for ``results.json`` (baselines; ``config=`` the resolved
+        ConfigDict, written as a dict).
 
     Returns:
       ``{"rows": rows, "table": markdown}``, the experiment's return value.
@@ -232,6 +260,7 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
     table = markdown_table(rows, columns, formats=formats)
+    extra = {k: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for k, v in extra.items()}
     report.save_json({"experiment": name, "rows": rows, "table": table, "notes": list(notes), **extra}, out / "results.json")
     md = f"# {name}\n\n{table}\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")
     _write_text(out / "results.md", md)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import optax
 
@@ -66,9 +67,26 @@ TARGET_RATIO = 40.0
 LR = 1e-3
 
 
-def _compress_model(name: str, ds, *, quick: bool, out: Path) -> tuple[list[dict], list[dict]]:
-    epochs, ft_epochs, cft_epochs = (1, 1, 1) if quick else (20, 20, 5)
-    net = common.train_model(name, ds, epochs=epochs, lr=LR, batch_size=128)
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """LeNet-300-100 and LeNet-5 with the paper's pipeline (``'paper'``), or LeNet-300-100 in seconds (``'quick'``).
+
+    ``epochs`` trains the dense model; ``finetune_epochs`` retrains after pruning and
+    ``centroid_epochs`` after clustering; ``train_images`` keeps the first images of the
+    training split (0: all of them).
+    """
+    config = common.base_config(
+        variant, data="mnist5k", models=("lenet300", "lenet5"), epochs=20, finetune_epochs=20, centroid_epochs=5,
+        train_images=0,
+    )  # fmt: skip
+    if config.quick:
+        config.update({"models": ("lenet300",), "epochs": 1, "finetune_epochs": 1, "centroid_epochs": 1,
+                       "train_images": 1000})  # fmt: skip
+    return config
+
+
+def _compress_model(name: str, ds, config: ml_collections.ConfigDict, *, out: Path) -> tuple[list[dict], list[dict]]:
+    epochs, ft_epochs, cft_epochs = config.epochs, config.finetune_epochs, config.centroid_epochs
+    net = common.train_model(name, ds, epochs=epochs, lr=LR, batch_size=128, seed=config.seed)
     config = {"name": name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
     apply_fn, eval_fn, finetune, _, _ = advisor.data_functions(net.model, config, ds)
 
@@ -164,16 +182,16 @@ def _plot(stages: list[dict]):
     return fig
 
 
-def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
-    """Run Deep Compression on LeNet-300-100 and LeNet-5; write results.json/.md and plot.png."""
-    out = Path(out)
-    ds = common.load_data(data, default="mnist5k")
-    if quick:
-        n = min(1000, len(ds.x_train))
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Run Deep Compression on the ``config.models``; write results.json/.md and plot.png to ``workdir``."""
+    out, quick = Path(workdir), config.quick
+    ds = common.load_data(config.data)
+    if config.train_images:
+        n = min(config.train_images, len(ds.x_train))
         ds = ds._replace(x_train=ds.x_train[:n], y_train=ds.y_train[:n])
     stages, layers = [], []
-    for name in ("lenet300",) if quick else ("lenet300", "lenet5"):
-        s, layer = _compress_model(name, ds, quick=quick, out=out / "files")
+    for name in config.models:
+        s, layer = _compress_model(name, ds, config, out=out / "files")
         stages += s
         layers += layer
     notes = [
@@ -191,7 +209,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
         out, stages, figure=_plot(stages), name="deep_compression",
         columns=["model", "stage", "accuracy", "nonzeros", "bits_per_weight", "bytes", "ratio", "met"],
         formats={"accuracy": "{:.4f}", "bits_per_weight": "{:.3f}", "ratio": "{:.1f}x"},
-        notes=notes, layers=layers, paper=PAPER,
+        notes=notes, layers=layers, paper=PAPER, config=config,
     )  # fmt: skip
     layer_table = common.markdown_table(
         layers,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_collections
 import optax
 
 from experiments import common
@@ -38,13 +39,21 @@ from jcompress import pruning
 from jcompress.core.spec import select_names
 from jcompress.pruning import optim as pruning_optim
 
-__all__ = ["SPARSITIES", "CONFIG", "run"]
+__all__ = ["SPARSITIES", "get_config", "run"]
 
 SPARSITIES = (0.5, 0.75, 0.9, 0.95, 0.98)
-CONFIG = {
-    "full": dict(sparsities=SPARSITIES, dense_epochs=20, budget_epochs=10, lr=1e-3, prune_lr=3e-4, batch_size=64),
-    "quick": dict(sparsities=(0.9,), dense_epochs=1, budget_epochs=1, lr=1e-3, prune_lr=3e-4, batch_size=64),
-}
+
+
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """Settings of the full comparison (``'paper'``), or 90% only in one epoch each (``'quick'``)."""
+    config = common.base_config(
+        variant, data="mnist5k", sparsities=SPARSITIES, dense_epochs=20, budget_epochs=10, lr=1e-3, prune_lr=3e-4,
+        batch_size=64,
+    )  # fmt: skip
+    if config.quick:
+        config.update({"sparsities": (0.9,), "dense_epochs": 1, "budget_epochs": 1})
+    return config
+
 KERNELS = r"kernel$"
 
 
@@ -59,12 +68,12 @@ def _measured(params) -> float:
     return pruning.sparsity_summary(params, names=select_names(params, KERNELS))["total"]["sparsity"]
 
 
-def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
-    """Compare the two methods at each sparsity; write the results."""
-    cfg = CONFIG["quick" if quick else "full"]
-    ds = common.load_data(data, default="mnist5k")
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Compare the two methods at each sparsity of ``config``; write the results to ``workdir``."""
+    cfg, out = config, Path(workdir)
+    ds = common.load_data(config.data)
     budget, bs = cfg["budget_epochs"], cfg["batch_size"]
-    net = common.train_model("lenet300", ds, epochs=cfg["dense_epochs"], lr=cfg["lr"], batch_size=bs)
+    net = common.train_model("lenet300", ds, epochs=cfg["dense_epochs"], lr=cfg["lr"], batch_size=bs, seed=config.seed)
     steps = budget * data_lib.num_batches(len(ds.x_train), bs)
     sched = _schedule(steps)
     dense = common.fit(net.apply, net.params, net.extra, ds, tx=optax.adam(cfg["prune_lr"]), epochs=budget, batch_size=bs)
@@ -100,7 +109,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
     ax.set_title(f"LeNet-300-100 on {ds.name}: {budget} epochs of pruning/fine-tuning")
     ax.legend(fontsize=8)
     return common.write_results(
-        out, rows, figure=fig, name="gradual_vs_oneshot", data=ds.name, config={**cfg, "schedule": sched},
+        out, rows, figure=fig, name="gradual_vs_oneshot", data=ds.name, config=config, schedule=sched,
         budget_epochs=budget, dense_accuracy_before=net.accuracy,
         columns=["method", "target_sparsity", "measured_sparsity", "epochs", "accuracy"],
         formats={"target_sparsity": "{:.0%}", "measured_sparsity": "{:.2%}", "accuracy": "{:.2%}"},

@@ -40,23 +40,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
 from experiments import common
 from jcompress.distill import run as distill_run
 
-__all__ = ["CONFIG", "PAPER", "run"]
+__all__ = ["PAPER", "get_config", "run"]
 
-CONFIG = {
-    "full": {
-        "teacher_widths": (1200, 1200), "student_widths": (800, 800), "epochs": 30, "temperatures": (1.0, 2.0, 5.0, 10.0, 20.0),
-        "alphas": (0.5, 0.9), "lr": 1e-3, "batch_size": 128,
-    },
-    "quick": {
-        "teacher_widths": (128, 128), "student_widths": (32, 32), "epochs": 2, "temperatures": (2.0, 20.0), "alphas": (0.9,),
-        "lr": 1e-3, "batch_size": 128,
-    },
-}  # fmt: skip
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """The paper's MNIST settings (``'paper'``), or small networks and two epochs (``'quick'``).
+
+    The teacher is initialised with ``seed``, the student alone and the distilled students
+    with ``seed + 1`` (the same for all of them).
+    """
+    config = common.base_config(
+        variant, data="mnist5k", teacher_widths=(1200, 1200), student_widths=(800, 800), epochs=30,
+        temperatures=(1.0, 2.0, 5.0, 10.0, 20.0), alphas=(0.5, 0.9), lr=1e-3, batch_size=128,
+    )  # fmt: skip
+    if config.quick:
+        config.update({
+            "teacher_widths": (128, 128), "student_widths": (32, 32), "epochs": 2, "temperatures": (2.0, 20.0),
+            "alphas": (0.9,),
+        })  # fmt: skip
+    return config
+
+
 PAPER = {"teacher_errors": 67, "student_alone_errors": 146, "distilled_errors_T20": 74, "test_images": 10_000}
 
 
@@ -70,15 +79,15 @@ def _params(tree_) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree_)))
 
 
-def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
-    """Train the teacher, the student alone and the distilled students; write the results."""
-    cfg = CONFIG["quick" if quick else "full"]
-    ds = common.load_data(data, default="mnist5k")
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train the teacher, the student alone and the distilled students; write the results to ``workdir``."""
+    cfg, out = config, Path(workdir)
+    ds = common.load_data(config.data)
     n_test = len(ds.y_test)
     t0 = time.perf_counter()
     teacher = common.train_model(
         "mlp", ds, widths=cfg["teacher_widths"], dropout=0.5, input_dropout=0.2, epochs=cfg["epochs"], lr=cfg["lr"],
-        batch_size=cfg["batch_size"], seed=0,
+        batch_size=cfg["batch_size"], seed=config.seed,
     )  # fmt: skip
     alone = common.train_model(
         "mlp",
@@ -87,7 +96,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
         epochs=cfg["epochs"],
         lr=cfg["lr"],
         batch_size=cfg["batch_size"],
-        seed=1,
+        seed=config.seed + 1,
     )
     teacher_err, alone_err = _errors(teacher.accuracy, n_test), _errors(alone.accuracy, n_test)
     gap = alone_err - teacher_err
@@ -102,7 +111,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
         for T in cfg["temperatures"]:
             res = distill_run.distill_model(
                 teacher.model, {"name": "mlp", "widths": list(cfg["student_widths"])}, ds, epochs=cfg["epochs"],
-                batch_size=cfg["batch_size"], temperature=T, alpha=alpha, lr=cfg["lr"], seed=1, progress=False,
+                batch_size=cfg["batch_size"], temperature=T, alpha=alpha, lr=cfg["lr"], seed=config.seed + 1, progress=False,
             )  # fmt: skip
             err = _errors(res.history[-1]["test_accuracy"], n_test)
             rows.append(
@@ -130,7 +139,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
     ax.legend()
     notes = [
         f"{ds.name}: {len(ds.y_train)} training / {n_test} test images; {cfg['epochs']} epochs of Adam {cfg['lr']} for every model.",
-        "Student alone and distilled students share initialisation (seed 1), batches and optimizer; only the loss differs.",
+        f"Student alone and distilled students share initialisation (seed {config.seed + 1}), batches and optimizer; only the loss differs.",
         "gap_closed = (errors alone - errors distilled) / (errors alone - errors teacher); above 1 beats the teacher.",
         (
             f"Paper (full MNIST, of 10,000): teacher {PAPER['teacher_errors']}, student alone {PAPER['student_alone_errors']}, "
@@ -140,6 +149,6 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
     ]
     return common.write_results(
         out, rows, figure=fig, name="hinton2015", columns=["model", "T", "alpha", "test_errors", "params", "gap_closed"],
-        formats={"gap_closed": "{:.2f}"}, notes=notes, config={**cfg, "quick": quick, "data": ds.name}, paper=PAPER,
+        formats={"gap_closed": "{:.2f}"}, notes=notes, config=config, paper=PAPER,
         seconds=seconds,
     )  # fmt: skip

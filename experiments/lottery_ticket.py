@@ -39,30 +39,46 @@ from pathlib import Path
 
 import jax
 import matplotlib.ticker
+import ml_collections
 import optax
 
 from experiments import common
 from jcompress.pruning import lottery
 from jcompress.pruning import optim as pruning_optim
 
-__all__ = ["TASKS", "run"]
+__all__ = ["TASKS", "get_config", "run"]
 
-# name -> (model, default data, model kwargs, output layer, full (rounds, epochs), quick (rounds, epochs))
+# name -> (model, model kwargs, output layer); the dataset, rounds and epochs are in the config
 TASKS = {
-    "lenet300": dict(model="lenet300", data="mnist5k", kwargs={}, output="fc3", full=(8, 10), quick=(1, 1)),
-    "mnist1d-mlp500": dict(
-        model="mlp", data="mnist1d", kwargs={"widths": (500, 500)}, output="fc3", full=(9, 20), quick=(1, 1)
-    ),
+    "lenet300": dict(model="lenet300", kwargs={}, output="fc3"),
+    "mnist1d_mlp500": dict(model="mlp", kwargs={"widths": (500, 500)}, output="fc3"),
 }
-LR, BATCH, RATE, OUTPUT_RATE = 1.2e-3, 60, 0.2, 0.1
 
 
-def _task(task: str, spec: dict, ds, *, rounds: int, epochs: int) -> tuple[list, float]:
-    model, fn = common.build(spec["model"], ds, seed=0, **spec["kwargs"])
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """The paper's LeNet-300-100 task and the MNIST-1D notebook's MLP (``'paper'``), or one round each (``'quick'``).
+
+    ``data`` is LeNet-300-100's dataset; each task's group holds its rounds and epochs (and
+    the MLP's dataset); ``rate`` / ``output_rate`` are the fractions of hidden / output
+    survivors pruned per round.
+    """
+    config = common.base_config(
+        variant, data="mnist5k", lr=1.2e-3, batch_size=60, rate=0.2, output_rate=0.1,
+        lenet300={"rounds": 8, "epochs": 10}, mnist1d_mlp500={"data": "mnist1d", "rounds": 9, "epochs": 20},
+    )  # fmt: skip
+    if config.quick:
+        for task in TASKS:
+            config[task].update({"rounds": 1, "epochs": 1})
+    return config
+
+
+def _task(task: str, spec: dict, ds, config: ml_collections.ConfigDict) -> tuple[list, float]:
+    rounds, epochs = config[task].rounds, config[task].epochs
+    model, fn = common.build(spec["model"], ds, seed=config.seed, **spec["kwargs"])
 
     def train_masked(params, masks):
-        tx = optax.chain(optax.adam(LR), pruning_optim.keep_masked(masks))
-        return common.fit(fn.apply, params, fn.extra, ds, tx=tx, epochs=epochs, batch_size=BATCH).params
+        tx = optax.chain(optax.adam(config.lr), pruning_optim.keep_masked(masks))
+        return common.fit(fn.apply, params, fn.extra, ds, tx=tx, epochs=epochs, batch_size=config.batch_size).params
 
     def fresh_params(key):
         seed = int(jax.random.randint(key, (), 1, 2**30))
@@ -83,7 +99,7 @@ def _task(task: str, spec: dict, ds, *, rounds: int, epochs: int) -> tuple[list,
 
     seen: list = []
     result = lottery.find_ticket(
-        train_masked, fn.params, rounds=rounds, rate=RATE, output_rate=OUTPUT_RATE,
+        train_masked, fn.params, rounds=rounds, rate=config.rate, output_rate=config.output_rate,
         output_layer=spec["output"], eval_fn=evaluate,
     )
     rows = []
@@ -120,18 +136,15 @@ def _plot(rows: list):
     return fig
 
 
-def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
-    """Find tickets on both tasks (``--data`` replaces LeNet-300-100's dataset); write the results."""
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Find tickets on both tasks (``--data`` replaces LeNet-300-100's dataset); write the results to ``workdir``."""
     rows, dense = [], {}
     for task, spec in TASKS.items():
-        ds = common.load_data(data if task == "lenet300" else None, default=spec["data"])
-        rounds, epochs = spec["quick" if quick else "full"]
-        r, dense[task] = _task(task, spec, ds, rounds=rounds, epochs=epochs)
+        ds = common.load_data(config.data if task == "lenet300" else config[task].data)
+        r, dense[task] = _task(task, spec, ds, config)
         rows += r
     return common.write_results(
-        out, rows, figure=_plot(rows), name="lottery_ticket", dense_accuracy=dense,
-        config={"lr": LR, "batch_size": BATCH, "rate": RATE, "output_rate": OUTPUT_RATE,
-                "rounds_epochs": {t: s["quick" if quick else "full"] for t, s in TASKS.items()}},
+        Path(workdir), rows, figure=_plot(rows), name="lottery_ticket", dense_accuracy=dense, config=config,
         columns=["task", "data", "round", "sparsity", "init", "accuracy"],
         formats={"sparsity": "{:.1%}", "accuracy": "{:.2%}"},
         notes=["rewound: winning ticket (survivors reset to their initial values); reinit: same masks, fresh "

@@ -39,16 +39,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from experiments import common
 from experiments.common import figure, write_results
 from jcompress import compressed, export, models, oneshot, pruning, quant, textdata, tree
 from jcompress.core import NM, masked, relative_error, select_names
 from jcompress.models import hf
 from jcompress.models.bert import layer_groups
 
-__all__ = ["METHODS", "retrieval_agreement", "run"]
+__all__ = ["METHODS", "get_config", "retrieval_agreement", "run"]
 
 # (setting, method, hyperparameters)
 METHODS = [
@@ -66,6 +68,20 @@ METHODS = [
     ("3-bit", "gptq", {"bits": 3}),
 ]
 QUICK = {("50%", "magnitude"), ("50%", "wanda"), ("50%", "sparsegpt"), ("3-bit", "rtn"), ("3-bit", "gptq")}
+
+
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """Every method on all six layers (``'paper'``), or the methods of ``QUICK`` on two layers (``'quick'``).
+
+    ``data`` is a Hugging Face BERT folder (empty: the installed all-MiniLM-L6-v2);
+    ``kernels`` is the regex of the compressed Dense kernels.
+    """
+    config = common.base_config(
+        variant, data="", calibration_sentences=256, eval_sentences=400, kernels=r"^layers/\d+/\w+/kernel$"
+    )
+    if config.quick:
+        config.update({"calibration_sentences": 32, "eval_sentences": 64, "kernels": r"^layers/[01]/\w+/kernel$"})
+    return config
 
 
 def retrieval_agreement(dense: np.ndarray, other: np.ndarray, n_queries: int) -> tuple[float, float]:
@@ -127,13 +143,14 @@ def _kernel_bits(ctree, names: list[str]) -> int:
     return int(sum(leaves[n].nbits() for n in names))
 
 
-def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
-    out = Path(out)
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Compress MiniLM's kernels with each method; write the results to ``workdir``."""
+    out, quick = Path(workdir), config.quick
     out.mkdir(parents=True, exist_ok=True)
-    folder = Path(data) if data else hf.find_minilm()
+    folder = Path(config.data) if config.data else hf.find_minilm()
     model, tok = hf.load_bert(folder)
-    n_calib, n_eval = (32, 64) if quick else (256, 400)
-    include = r"^layers/[01]/\w+/kernel$" if quick else r"^layers/\d+/\w+/kernel$"
+    n_calib, n_eval = config.calibration_sentences, config.eval_sentences
+    include = config.kernels
     calib = textdata.sentences("calibration", limit=n_calib)
     held = textdata.sentences("evaluation", limit=n_eval)
     batches = _batches(tok, calib, 32)
@@ -226,6 +243,6 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
             ),
         ],
         model=str(folder),
-        quick=quick,
+        config=config,
         kernels=names,
     )

@@ -17,7 +17,7 @@ Every row is measured by :func:`jcompress.advisor.advise`, the same code the
 ``jcompress advise`` command uses: test accuracy of the params read back from the file
 the technique wrote with ``jcompress.export`` (float32 in the same container for the
 dense model and for architecture changes); bytes on disk; latency of the jitted forward
-pass on 256 test images (``report.measure_latency``, best of three interleaved medians).
+pass on 256 test images (``jcompress.timing``, the median of calls interleaved across techniques).
 Masked and quantized models are decoded to dense float arrays and run at dense speed,
 and the latency column shows it; only structured pruning, SVD and distillation are
 faster. One table, one scatter plot (accuracy against bytes and against latency; the
@@ -44,6 +44,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from experiments import common
@@ -53,6 +54,21 @@ from jcompress.pruning import optim, scores
 
 SPARSITY = 0.9
 LR = 1e-3
+
+
+def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
+    """Every technique on LeNet-300-100 trained 20 epochs (``'paper'``), or on 1,000 images briefly (``'quick'``).
+
+    ``finetune_epochs`` is each technique's fine-tune; ``latency_repeats`` the timed
+    forward passes per technique; ``train_images`` keeps the first training images (0: all).
+    """
+    config = common.base_config(
+        variant, data="mnist5k", epochs=20, finetune_epochs=2, distill_epochs=15, latency_repeats=20, train_images=0
+    )
+    if config.quick:
+        config.update({"epochs": 5, "finetune_epochs": 1, "distill_epochs": 2, "latency_repeats": 5,
+                       "train_images": 1000})  # fmt: skip
+    return config
 
 
 def _loss_fn(apply_fn):
@@ -113,17 +129,17 @@ def _prune_int8_candidate() -> advisor.Candidate:
     return advisor.Candidate(f"prune {SPARSITY:.0%} + int8", "combination", True, build)
 
 
-def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
-    """Apply every technique to one trained LeNet-300-100; write results.json/.md and plot.png."""
-    out = Path(out)
-    ds = common.load_data(data, default="mnist5k")
-    if quick:
-        n = min(1000, len(ds.x_train))
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Apply every technique to one trained LeNet-300-100; write results.json/.md and plot.png to ``workdir``."""
+    out = Path(workdir)
+    ds = common.load_data(config.data)
+    if config.train_images:
+        n = min(config.train_images, len(ds.x_train))
         ds = ds._replace(x_train=ds.x_train[:n], y_train=ds.y_train[:n])
-    net = common.train_model("lenet300", ds, epochs=5 if quick else 20, lr=LR, batch_size=128)
-    config = {"name": "lenet300", "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
+    net = common.train_model("lenet300", ds, epochs=config.epochs, lr=LR, batch_size=128, seed=config.seed)
+    model_config = {"name": "lenet300", "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
     apply_fn, eval_fn, finetune_fn, distill_fn, inputs = advisor.data_functions(
-        net.model, config, ds, distill_epochs=2 if quick else 15
+        net.model, model_config, ds, distill_epochs=config.distill_epochs
     )
     candidates = [
         advisor.dense_candidate(),
@@ -142,7 +158,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
     ]
     advice = advisor.advise(
         net.model, apply_fn, eval_fn, inputs=inputs, finetune_fn=finetune_fn, distill_fn=distill_fn,
-        candidates=candidates, epochs=1 if quick else 2, repeats=5 if quick else 20, workdir=out / "files",
+        candidates=candidates, epochs=config.finetune_epochs, repeats=config.latency_repeats, workdir=out / "files",
     )  # fmt: skip
     rows = []
     for r in advice.rows:
@@ -168,7 +184,7 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
         f"{net.accuracy:.4f}.",
         "bytes: the file each technique wrote (jcompress.export; float32 for the dense model and for new "
         "architectures); accuracy: the params read back from that file.",
-        "latency: jitted forward on 256 test images, best of three interleaved medians; masked and quantized "
+        "latency: jitted forward on 256 test images, median of calls interleaved across techniques; masked and quantized "
         "weights are dense float arrays at run time, so they run at dense speed.",
         "pareto: on the front of (accuracy up, bytes down, latency down; latencies within 10% count as equal).",
         f"advisor's pick with no constraints (1 point of accuracy allowed): {advice.reason}",
@@ -177,6 +193,6 @@ def run(*, quick: bool = False, data: str | None = None, out: Path) -> dict:
         out, rows, figure=advisor.plot_figure(advice), name="technique_sweep",
         formats={"accuracy": "{:.4f}", "accuracy_drop": "{:+.4f}", "ratio": "{:.1f}x", "latency_ms": "{:.3f}",
                  "speedup": "{:.2f}x", "seconds": "{:.1f}"},
-        notes=notes,
+        notes=notes, config=config,
     )  # fmt: skip
     return result

@@ -10,7 +10,7 @@ the same way:
 * **accuracy**: ``eval_fn`` on the candidate's parameters as they are read back from its file;
 * **bytes**: the real size on disk of what the candidate writes (a ``jcompress.export``
   file, or the saved smaller model for an architecture change);
-* **latency**: the median time of the jitted forward pass on ``inputs`` (``report.measure_latency``).
+* **latency**: the median time of the jitted forward pass on ``inputs`` (``jcompress.timing``).
   A masked or quantized model is decoded to dense float arrays and runs at dense speed;
   only a smaller architecture (distillation, factorisation) is faster, and the numbers
   show it.
@@ -21,7 +21,7 @@ the recommendation is the front's best row that meets the constraints (``max_byt
 ``max_latency_ms``), and the reason says in plain words why this family of technique
 fits, or, when nothing fits, which candidate came closest and by how much it misses.
 
-Command line (registered by :func:`register`)::
+Command line (``jcompress.cli.advise``)::
 
     jcompress train --model lenet300 --data mnist5k --epochs 10 --out runs/dense
     jcompress advise --model runs/dense/ckpt --data mnist5k --max-bytes 40000 \\
@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -48,7 +49,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jcompress import report, tree
+from jcompress import report, timing, tree
 
 __all__ = [
     "DEFAULT_ACCURACY_DROP",
@@ -65,14 +66,12 @@ __all__ = [
     "distillation_candidate",
     "format_rows",
     "lowrank_candidate",
-    "main",
     "pareto_front",
     "plot",
     "plot_figure",
     "pruning_candidate",
     "quantization_candidate",
     "recommend",
-    "register",
     "sharing_candidate",
     "structured_candidate",
     "student_config",
@@ -837,18 +836,14 @@ def _measure(candidate: Candidate, subject: Subject, eval_fn: Callable) -> tuple
     return row, built
 
 
-def _latencies(builts: Sequence[Built], inputs, *, repeats: int, rounds: int = 3) -> list[float]:
-    """Milliseconds of each jitted forward pass: the best over ``rounds`` interleaved medians.
+def _latencies(builts: Sequence[Built], inputs, *, repeats: int) -> list[float]:
+    """Milliseconds of each jitted forward pass: the median of ``repeats`` interleaved calls.
 
     Timing every candidate once, then again, then again, spreads a slow spell of a shared
     machine over all of them instead of charging it to whichever ran during it.
     """
-    fns = [jax.jit(b.apply_fn) for b in builts]
-    best = [math.inf] * len(builts)
-    for _ in range(rounds):
-        for i, (fn, b) in enumerate(zip(fns, builts)):
-            best[i] = min(best[i], report.measure_latency(fn, b.params, inputs, warmup=2, repeats=repeats) * 1e3)
-    return best
+    fns = {i: functools.partial(jax.jit(b.apply_fn), b.params, inputs) for i, b in enumerate(builts)}
+    return [t.median * 1e3 for t in timing.compare(fns, repeats=repeats, warmup=2).values()]
 
 
 def advise(
@@ -903,8 +898,8 @@ def advise(
       workdir: where the candidates' files are written (default: a temporary directory,
         removed afterwards; the rows keep the sizes).
       latency_tolerance: relative timing difference treated as equal on the Pareto front.
-      repeats: timed forward passes per candidate and round; the latency is the best of three
-        interleaved rounds' medians.
+      repeats: timed forward passes per candidate, interleaved across candidates; the latency
+        is their median (:func:`jcompress.timing.compare`).
       log: called with one line per measured candidate (e.g. ``print``).
 
     Returns:
@@ -984,7 +979,7 @@ def _log_line(row: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# From a checkpoint and a dataset: the pieces advise() needs, and the command line
+# From a checkpoint and a dataset: the pieces advise() needs, and the written advice
 # ----------------------------------------------------------------------------------------
 
 
@@ -1153,52 +1148,3 @@ def write_advice(advice: Advice, out: str | Path) -> dict[str, Path]:
     paths["md"].write_text(_markdown(advice))
     plot(advice, paths["plot"])
     return paths
-
-
-def register(subparsers) -> None:
-    """Add ``jcompress advise`` to the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "advise", help="try compression recipes on a trained model, print the Pareto front and recommend one"
-    )
-    p.add_argument("--model", required=True, help="model checkpoint directory (e.g. the ckpt/ of 'jcompress train --out DIR')")
-    p.add_argument("--data", required=True, help="mnist5k, digits, mnist1d or tfds:NAME (the model's dataset)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--max-bytes", type=float, default=None, help="largest acceptable file, bytes")
-    p.add_argument("--max-accuracy-drop", type=float, default=None, help="largest accuracy drop, fraction (0.01 = 1 point)")
-    p.add_argument("--max-latency-ms", type=float, default=None, help="largest forward time on 256 test inputs, ms")
-    p.add_argument("--keep-architecture", action="store_true", help="recommend only recipes that keep layers and shapes")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per stage (default 1, quick 1)")
-    p.add_argument("--distill-epochs", type=int, default=None, help="epochs per distilled student (default 10, quick 3)")
-    p.add_argument("--quick", action="store_true", help="a short list of recipes (about a minute on a laptop)")
-    p.add_argument("--out", default="runs/advise", help="output directory: advice.json, advice.md, plot.png")
-    p.set_defaults(func=main)
-
-
-def main(args) -> int:
-    """Run ``jcompress advise`` for parsed ``args``; prints the table, the front and the reason."""
-    from jcompress import checkpoint
-    from jcompress import data as data_lib
-
-    model, config, _ = checkpoint.load_model(args.model)
-    ds = data_lib.load(args.data, data_dir=args.data_dir)
-    if tuple(config.get("input_shape", ds.input_shape)) != ds.input_shape or config.get("num_classes") != ds.num_classes:
-        raise ValueError(
-            f"the model in {args.model} takes inputs {tuple(config.get('input_shape', ()))} with "
-            f"{config.get('num_classes')} classes, but {args.data} has {ds.input_shape} and {ds.num_classes}; "
-            "pass the dataset the model was trained on"
-        )
-    distill_epochs = args.distill_epochs if args.distill_epochs is not None else (3 if args.quick else 10)
-    apply_fn, eval_fn, finetune_fn, distill_fn, inputs = data_functions(model, config, ds, distill_epochs=distill_epochs)
-    advice = advise(
-        model, apply_fn, eval_fn, inputs=inputs, max_bytes=args.max_bytes, max_accuracy_drop=args.max_accuracy_drop,
-        max_latency_ms=args.max_latency_ms, finetune_fn=finetune_fn, distill_fn=distill_fn,
-        keep_architecture=args.keep_architecture, epochs=1 if args.epochs is None else args.epochs, quick=args.quick,
-        log=lambda line: print(line, flush=True),
-    )  # fmt: skip
-    paths = write_advice(advice, args.out)
-    print()
-    print(format_rows(advice.rows))
-    print("\nPareto front (* above): " + ", ".join(r["name"] for r in advice.pareto))
-    print(f"\n{advice.reason}")
-    print(f"\nwritten: {paths['json']}, {paths['md']}, {paths['plot']}")
-    return 0

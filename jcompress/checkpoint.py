@@ -5,20 +5,26 @@ run killed in the middle of a save leaves the previous checkpoint intact and the
 half-written one is ignored on restore.
 
 A *model checkpoint* additionally records how to rebuild the NNX model (registry name,
-input shape, number of classes, constructor arguments), so ``load_model(dir)`` gives a
-ready model; the CLI passes such directories around (``--teacher CKPT``).
+input shape, number of classes, constructor arguments), so ``load_model(dir,
+build=models.from_meta)`` gives a ready model; the CLI passes such directories around
+(``--teacher CKPT``). This module never imports the model zoo: the caller's ``build``
+makes the model to restore into, so a user's own NNX model checkpoints the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
-__all__ = ["Checkpointer", "save_model", "load_model", "latest_step"]
+from jcompress import tree
+
+__all__ = ["Checkpointer", "latest_step", "load_model", "save_model"]
 
 
 class Checkpointer:
@@ -47,7 +53,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v)) for k, v in targets.items()}
+        args = {
+            k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v)) for k, v in targets.items()
+        }
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
         except Exception as e:
@@ -83,23 +91,26 @@ def save_model(directory: str | Path, config: dict, params: Any, extra: Any, *, 
     ck.close()
 
 
-def load_model(directory: str | Path, step: int | None = None, *, build=None):
+def load_model(directory: str | Path, step: int | None = None, *, build: Callable[[dict], nnx.Module]):
     """Rebuild the NNX model saved by :func:`save_model` or by ``train.fit``.
 
     Args:
       directory: the checkpoint directory.
       step: the step to load (default: the latest).
-      build: ``build(meta) -> nnx.Module`` making the model to restore into, for models
-        that are not ``models.create(**meta['model'])`` as such (factorised ones:
-        ``jcompress.nnx.factorize.rebuild``; hard-pruned ones: ``jcompress.nnx.surgery.resize``);
-        it may raise ValueError when the metadata lacks what it needs.
+      build: ``build(meta) -> nnx.Module`` making the model to restore into from the saved
+        metadata: ``jcompress.models.from_meta`` for the registered models
+        (``models.create(**meta['model'])``), ``jcompress.nnx.factorize.rebuild`` for
+        factorised ones, ``jcompress.nnx.surgery.resize`` for hard-pruned ones, or your own
+        factory; it may raise ValueError when the metadata lacks what it needs.
 
     Returns:
-      ``(model, config, meta)``: the NNX model holding the saved params and extra state,
-      its config dict (the arguments of ``models.create``) and the whole metadata.
-    """
-    from jcompress import models
+      ``(model, config, meta)``: the NNX model holding the saved params (``nnx.Param``
+      leaves) and extra state (everything else), its config dict (``meta['model']``) and
+      the whole metadata.
 
+    Example:
+      >>> model, config, meta = checkpoint.load_model('runs/lenet300/ckpt', build=models.from_meta)
+    """
     d = Path(directory)
     if not d.exists():
         raise FileNotFoundError(f"checkpoint directory {d} does not exist")
@@ -108,11 +119,13 @@ def load_model(directory: str | Path, step: int | None = None, *, build=None):
         meta = ck.read_meta(step)
         if "model" not in meta:
             raise ValueError(f"{d} holds no model config; it was not written by jcompress save_model or fit")
-        config = meta["model"]
-        model = models.create(**config) if build is None else build(meta)
-        fn = models.functional(model)
-        out, _ = ck.restore({"model": {"params": fn.params, "extra": fn.extra}}, step)
+        graphdef, params, extra = nnx.split(build(meta), nnx.Param, ...)
+        target = {"params": nnx.to_pure_dict(params), "extra": nnx.to_pure_dict(extra)}
+        out, _ = ck.restore({"model": target}, step)
     finally:
         ck.close()
     saved = jax.tree.map(np.asarray, out["model"])
-    return models.merge(model, saved["params"], saved["extra"]), config, meta
+    model = nnx.merge(
+        graphdef, tree.from_pure_dict(params, saved["params"]), tree.from_pure_dict(extra, saved["extra"])
+    )
+    return model, meta["model"], meta

@@ -39,7 +39,7 @@ def trained_lenet300(ds: data.Dataset, *, epochs: int = DEMO_EPOCHS, seed: int =
     if checkpoint.latest_step(ckpt) is not None:
         meta = checkpoint.Checkpointer(ckpt).read_meta()
         if meta.get("epoch") == epochs:
-            model, config, _ = checkpoint.load_model(ckpt)
+            model, config, _ = checkpoint.load_model(ckpt, build=models.from_meta)
             return model, config
     model = models.create(**config)
     fn = models.functional(model)

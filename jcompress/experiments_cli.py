@@ -1,83 +1,236 @@
-"""``jcompress run NAME [--quick] [--data NAME] [--out DIR]``: run one experiment.
+"""Find, configure and run experiments: what ``jcompress run`` does.
 
-An experiment is any module ``experiments/<name>.py`` that defines a top-level function
-``run(*, quick, data, out)``. Modules are discovered by reading the package's files
-(``ast``, no import), so a new experiment file is runnable, and tested, without being
-registered anywhere. The experiment writes ``DIR/results.json``, ``DIR/results.md`` and
-``DIR/plot.png`` (default ``DIR``: ``runs/<name>``); the markdown table is printed at the end.
+An experiment is a Python file with two top-level functions (flax/examples style):
+
+* ``get_config(variant="paper") -> ml_collections.ConfigDict``: the paper's settings by
+  default; ``get_config("quick")`` the same experiment in seconds (what the tests run).
+  Every config has the fields ``quick`` (bool), ``data`` (dataset name) and ``seed``.
+* ``run(config, workdir) -> {"rows": [...], "table": "<markdown>"}``: reads only the
+  config, writes ``workdir/results.json``, ``results.md`` and ``plot.png``.
+
+Experiments are found by name through the ``jcompress.experiments`` entry points (this
+repository declares its ``experiments/*.py`` in ``pyproject.toml``; another package can
+declare its own), or given as a path: ``jcompress run path/to/my_exp.py``. Copying an
+experiment file and editing it is the intended way to start a new one.
+
+Settings are overridden with ``--config.FIELD=VALUE`` (nested: ``--config.lenet5.epochs=3``).
+The value is parsed as the type of the field it replaces (bool, int, float, str, tuple);
+an unknown field or a value of the wrong type is an error naming the field. The resolved
+config is written into ``results.json`` under ``"config"``.
 
 Example:
-  $ jcompress run han2015 --quick --out /tmp/han
+  $ jcompress run han2015 --quick --config.seed=3 --out /tmp/han
+  $ jcompress run ./my_exp.py --config.epochs=5
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
+import hashlib
+import importlib.metadata
 import importlib.util
-import time
+import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
-__all__ = ["available", "run_experiment", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "apply_overrides", "available", "load", "resolve_config", "run_experiment"]
 
-_PACKAGE = "experiments"
-
-
-def _package_dir() -> Path:
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"the '{_PACKAGE}' package is not importable; install jcompress from its source tree "
-            "(pip install -e .), which ships experiments/ beside jcompress/"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+ENTRY_POINT_GROUP = "jcompress.experiments"
 
 
-def _defines_run(path: Path) -> bool:
-    try:
-        module = ast.parse(path.read_text(), filename=str(path))
-    except (SyntaxError, UnicodeDecodeError, OSError):
-        return False
-    return any(isinstance(node, ast.FunctionDef) and node.name == "run" for node in module.body)
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def available() -> list[str]:
-    """Names of the experiments: modules in ``experiments/`` with a top-level ``run``, sorted."""
-    return sorted(p.stem for p in _package_dir().glob("*.py") if not p.stem.startswith("_") and _defines_run(p))
+    """Names of the experiments declared under the ``jcompress.experiments`` entry points, sorted."""
+    return sorted(_entry_points())
 
 
-def run_experiment(name: str, *, quick: bool = False, data: str | None = None, out: str | Path | None = None) -> dict:
-    """Import ``experiments.<name>`` and call its ``run``; returns ``{"rows", "table"}``.
+def _is_path(name: str) -> bool:
+    return name.endswith(".py") or "/" in name or "\\" in name
+
+
+def _load_path(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment file {path} does not exist")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    module_name = f"jcompress_experiment_{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the experiment file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def load(name: str) -> tuple[str, ModuleType]:
+    """The experiment ``name`` (an entry-point name or a path to a ``.py`` file): ``(name, module)``.
 
     Raises:
-      ValueError: for an unknown name (the message lists the available experiments), or
-        when the experiment returns no rows.
+      ValueError: for an unknown name (the message lists the available experiments) or a
+        module without ``get_config`` and ``run``.
+      FileNotFoundError: for a path that does not exist.
     """
-    names = available()
-    if name not in names:
-        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(names) or '(none found)'}")
-    module = importlib.import_module(f"{_PACKAGE}.{name}")
-    out = Path(out) if out is not None else Path("runs") / name
-    result = module.run(quick=quick, data=data, out=out)
+    if _is_path(name):
+        path = Path(name)
+        label, module = path.stem, _load_path(path)
+    else:
+        eps = _entry_points()
+        if name not in eps:
+            raise ValueError(
+                f"unknown experiment {name!r}; available: {', '.join(sorted(eps)) or '(none installed)'}; "
+                "or pass the path of an experiment file"
+            )
+        label, module = name, eps[name].load()
+    missing = [f for f in ("get_config", "run") if not callable(getattr(module, f, None))]
+    if missing:
+        raise ValueError(
+            f"experiment {name!r} ({getattr(module, '__file__', module)}) does not define {' and '.join(missing)}; "
+            "an experiment defines get_config(variant='paper') -> ConfigDict and run(config, workdir)"
+        )
+    return label, module
+
+
+def _fields(config, prefix: str = "") -> list[str]:
+    import ml_collections
+
+    out = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _fields(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _parse(field: str, text: str, current):
+    """``text`` as a value of the type of ``current`` (the field's default)."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--config.{field}={text!r}: expected true or false")
+    if isinstance(current, (int, float)):
+        kind = type(current)
+        try:
+            return kind(text) if kind is float else int(text)
+        except ValueError:
+            raise ValueError(f"--config.{field}={text!r}: expected {kind.__name__} (default {current!r})") from None
+    if isinstance(current, str):
+        return text
+    strings = isinstance(current, (tuple, list)) and current and all(isinstance(v, str) for v in current)
+    if strings and not text.lstrip().startswith(("(", "[")):  # a,b,c for a tuple of strings
+        return type(current)(t.strip() for t in text.split(",") if t.strip())
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(f"--config.{field}={text!r}: expected a Python literal like {current!r}") from None
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(current)(value)
+    return value
+
+
+def apply_overrides(config, overrides: Sequence[str]):
+    """Set ``--config.FIELD=VALUE`` (or ``--config.FIELD VALUE``) overrides on ``config`` in place.
+
+    Args:
+      config: an ``ml_collections.ConfigDict``.
+      overrides: command-line tokens, e.g. ``["--config.epochs=5", "--config.seed", "3"]``.
+
+    Returns:
+      ``config``, for chaining.
+
+    Raises:
+      ValueError: for a token that is not ``--config.FIELD``, an unknown field (the message
+        lists the fields) or a value that does not parse as the field's type.
+    """
+    import ml_collections
+
+    tokens = list(overrides)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--config."):
+            raise ValueError(f"unrecognized argument {token!r}; settings are given as --config.FIELD=VALUE")
+        if "=" in token:
+            field, text = token[len("--config.") :].split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens):
+            field, text = token[len("--config.") :], tokens[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"{token} needs a value: {token}=VALUE")
+        *groups, key = field.split(".")
+        node = config
+        for part in groups:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            raise ValueError(f"unknown config field {field!r}; fields: {', '.join(_fields(config))}")
+        current = node[key]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ValueError(f"config field {field!r} is a group; set one of its fields: --config.{field}.X=...")  # noqa: TRY004
+        try:
+            node[key] = _parse(field, text, current)
+        except TypeError as e:  # ConfigDict's own type check
+            raise ValueError(f"--config.{field}={text!r}: {e}") from None
+    return config
+
+
+def resolve_config(module: ModuleType, *, quick: bool = False, overrides: Sequence[str] = (), data: str | None = None):
+    """``module.get_config('quick' if quick else 'paper')`` with ``data`` and the overrides applied, locked."""
+    config = module.get_config("quick" if quick else "paper")
+    if data is not None:
+        config.data = data
+    apply_overrides(config, overrides)
+    config.lock()
+    return config
+
+
+def run_experiment(
+    name: str,
+    *,
+    quick: bool = False,
+    overrides: Sequence[str] = (),
+    data: str | None = None,
+    out: str | Path | None = None,
+) -> dict:
+    """Load, configure and run one experiment; returns ``{"rows", "table", "config", "out"}``.
+
+    Args:
+      name: an entry-point name (``han2015``) or a path to an experiment file.
+      quick: start from ``get_config("quick")`` instead of the paper's settings.
+      overrides: ``--config.FIELD=VALUE`` tokens.
+      data: shorthand for ``--config.data=NAME``.
+      out: the work directory (default ``runs/<name>``); ``results.json`` there gets the
+        resolved config under ``"config"``.
+
+    Raises:
+      ValueError: unknown experiment or field, bad value (see :func:`apply_overrides`).
+      RuntimeError: when the experiment returns no rows.
+    """
+    from jcompress import report
+
+    label, module = load(name)
+    config = resolve_config(module, quick=quick, overrides=overrides, data=data)
+    out = Path(out) if out is not None else Path("runs") / label
+    result = module.run(config, out)
     if not isinstance(result, dict) or not result.get("rows"):
-        raise RuntimeError(f"experiment {name!r} returned no rows; expected {{'rows': [...], 'table': ...}}")
-    return result
-
-
-def _main(args) -> int:
-    t0 = time.perf_counter()
-    result = run_experiment(args.name, quick=args.quick, data=args.data, out=args.out)
-    out = Path(args.out) if args.out is not None else Path("runs") / args.name
-    print(result["table"])
-    print(f"\n{args.name}: {time.perf_counter() - t0:.1f} s; results in {out}/ (results.json, results.md, plot.png)")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add the ``run`` subcommand to the ``jcompress`` argument parser."""
-    p = subparsers.add_parser("run", help="run an experiment from experiments/ (e.g. han2015, lottery_ticket)")
-    p.add_argument("name", help="experiment name: a module experiments/<name>.py")
-    p.add_argument("--quick", action="store_true", help="tiny epochs and sizes (seconds; what the tests run)")
-    p.add_argument("--data", default=None, help="dataset (default: the experiment's own, e.g. mnist5k); tfds:NAME")
-    p.add_argument("--out", default=None, help="output directory (default runs/NAME)")
-    p.set_defaults(func=_main)
+        raise RuntimeError(f"experiment {label!r} returned no rows; expected {{'rows': [...], 'table': ...}}")
+    results = out / "results.json"
+    saved = json.loads(results.read_text()) if results.exists() else {"experiment": label, **result}
+    report.save_json({**saved, "config": config.to_dict()}, results)
+    return {**result, "config": config, "out": out}

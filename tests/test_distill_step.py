@@ -310,7 +310,7 @@ def test_distill_resumes_exactly_and_saves_a_loadable_student(teacher_dir, digit
     # the distilled student learned from the teacher and reloads as an NNX model
     assert full.history[-1]["test_accuracy"] > 0.5
     assert full.history[-1]["train_agreement"] > full.history[0]["train_agreement"]
-    model, config, meta = checkpoint.load_model(tmp_path / "full" / "ckpt")
+    model, config, meta = checkpoint.load_model(tmp_path / "full" / "ckpt", build=models.from_meta)
     assert config["widths"] == [16] and meta["kind"] == "distill" and meta["distill"]["temperature"] == 4.0
     correct = int(jnp.sum(jnp.argmax(model(digits.x_test), -1) == digits.y_test))
     assert correct == round(full.history[-1]["test_accuracy"] * len(digits.y_test))
@@ -319,8 +319,10 @@ def test_distill_resumes_exactly_and_saves_a_loadable_student(teacher_dir, digit
 def test_cli_distill(teacher_dir, tmp_path, capsys):
     import argparse
 
+    from jcompress.cli import distill as distill_command
+
     parser = argparse.ArgumentParser()
-    run.register(parser.add_subparsers(dest="command"))
+    distill_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
         ["distill", "--teacher", str(teacher_dir), "--student", "mlp", "--widths", "12", "--data", "digits",
          "--epochs", "1", "--batch-size", "64", "--temperature", "3", "--alpha", "0.5", "--out", str(tmp_path)]
@@ -328,7 +330,7 @@ def test_cli_distill(teacher_dir, tmp_path, capsys):
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     assert printed["epoch"] == 1 and 0.0 < printed["test_accuracy"] <= 1.0
-    _, config, meta = checkpoint.load_model(tmp_path / "ckpt")
+    _, config, meta = checkpoint.load_model(tmp_path / "ckpt", build=models.from_meta)
     assert config["widths"] == [12] and meta["distill"]["alpha"] == 0.5
     with pytest.raises(SystemExit):
         parser.parse_args(["distill", "--teacher", "x", "--widths", "a,b", "--out", "y"])
@@ -342,7 +344,7 @@ def test_driver_rejects_bad_student_config(teacher_dir, digits):
 
 
 def test_demo_stage_row(teacher_dir, digits):
-    teacher, _, _ = checkpoint.load_model(teacher_dir)
+    teacher, _, _ = checkpoint.load_model(teacher_dir, build=models.from_meta)
     row = run.demo_stage(teacher, digits, epochs=3, student_widths=(16,), batch_size=64, lr=1e-2)
     assert row["params"] == 64 * 16 + 16 + 16 * 10 + 10
     assert row["teacher_params"] == 64 * 64 + 64 + 64 * 10 + 10

@@ -1,23 +1,26 @@
-"""Every experiment in experiments/ runs end to end in quick mode through the CLI.
+"""Every experiment runs end to end in quick mode through the CLI; configs and overrides.
 
-The experiments are discovered (``experiments_cli.available()``), so a new
-``experiments/<name>.py`` is covered here without editing this file. Each quick run
-happens once per session (a module-scoped cache); the per-experiment checks below read
-its files.
+The experiments are the ``jcompress.experiments`` entry points (``experiments_cli.available()``),
+so an experiment declared in pyproject.toml is covered here without editing this file. Each
+quick run happens once per session (a module-scoped cache); the per-experiment checks
+below read its files.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import sys
+import textwrap
 import types
+from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
-from jcompress import cli, experiments_cli
 from experiments import common
+from jcompress import cli, experiments_cli
 
 NAMES = experiments_cli.available()
 
@@ -42,9 +45,24 @@ def _load(out):
     return json.loads((out / "results.json").read_text())
 
 
-def test_discovery_finds_the_pruning_experiments():
+def test_discovery_finds_every_experiment_file():
+    files = {p.stem for p in (Path(common.__file__).parent).glob("*.py")} - {"__init__", "common"}
+    assert set(NAMES) == files  # every experiments/*.py is declared as an entry point, and nothing else
     assert {"han2015", "lottery_ticket", "gradual_vs_oneshot"} <= set(NAMES)
-    assert "common" not in NAMES  # helpers without run() are not experiments
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_experiment_has_paper_and_quick_configs(name):
+    _, module = experiments_cli.load(name)
+    paper, quick = module.get_config(), module.get_config("quick")
+    for config in (paper, quick):
+        assert isinstance(config, ml_collections.ConfigDict)
+        assert {"quick", "data", "seed"} <= set(config.keys())
+    assert paper.quick is False and quick.quick is True
+    assert paper.to_dict() != quick.to_dict()
+    assert set(paper.keys()) == set(quick.keys())  # quick changes values, never the fields
+    with pytest.raises(ValueError, match="variant"):
+        module.get_config("fast")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -58,6 +76,8 @@ def test_quick_run_writes_results(name, quick_run, capsys):
     png = (out / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # atomic writes leave no temporaries
+    _, module = experiments_cli.load(name)
+    assert res["config"] == json.loads(json.dumps(module.get_config("quick").to_dict()))  # the resolved config
 
 
 def test_unknown_experiment_lists_the_available_ones(capsys):
@@ -67,12 +87,111 @@ def test_unknown_experiment_lists_the_available_ones(capsys):
 
 
 def test_experiment_without_rows_is_an_error(monkeypatch, tmp_path):
-    fake = types.ModuleType("experiments.fake_empty")
-    fake.run = lambda *, quick, data, out: {"rows": [], "table": ""}
-    monkeypatch.setitem(sys.modules, "experiments.fake_empty", fake)
-    monkeypatch.setattr(experiments_cli, "available", lambda: ["fake_empty"])
+    fake = types.ModuleType("fake_empty")
+    fake.get_config = lambda variant="paper": common.base_config(variant, data="digits")
+    fake.run = lambda config, workdir: {"rows": [], "table": ""}
+    monkeypatch.setattr(experiments_cli, "load", lambda name: (name, fake))
     with pytest.raises(RuntimeError, match="returned no rows"):
         experiments_cli.run_experiment("fake_empty", out=tmp_path)
+
+
+# A user's own experiment: a file outside the package, run by path. It trains nothing, so
+# the overrides and the results file are checked in well under a second.
+MY_EXPERIMENT = textwrap.dedent(
+    """
+    from experiments import common
+
+
+    def get_config(variant="paper"):
+        config = common.base_config(variant, data="digits", epochs=30, lr=0.1, widths=(8, 4), note="x", train=True,
+                                    model={"name": "mlp", "dropout": 0.5})
+        if config.quick:
+            config.epochs = 1
+        return config
+
+
+    def run(config, workdir):
+        ds = common.load_data(config.data)
+        fig, ax = common.figure()
+        ax.plot([0, 1], [0, 1])
+        rows = [{"epochs": config.epochs, "lr": config.lr, "seed": config.seed, "images": len(ds.x_test),
+                 "widths": list(config.widths), "dropout": config.model.dropout, "train": config.train}]
+        return common.write_results(workdir, rows, figure=fig, name="mine", config=config)
+    """
+)
+
+
+@pytest.fixture
+def my_experiment(tmp_path):
+    path = tmp_path / "my_exp.py"
+    path.write_text(MY_EXPERIMENT)
+    return path
+
+
+def test_user_experiment_file_runs_with_typed_overrides(my_experiment, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["run", str(my_experiment), "--quick", "--out", str(out), "--config.epochs=5", "--config.seed", "3",
+            "--config.lr=1", "--config.widths=(16,)", "--config.model.dropout=0.25", "--config.train=false"]  # fmt: skip
+    assert cli.main(argv) == 0
+    res = _load(out)
+    assert res["rows"] == [
+        {"epochs": 5, "lr": 1.0, "seed": 3, "images": res["rows"][0]["images"], "widths": [16], "dropout": 0.25,
+         "train": False}
+    ]  # fmt: skip
+    assert res["config"] == {
+        "quick": True, "data": "digits", "seed": 3, "epochs": 5, "lr": 1.0, "widths": [16], "note": "x",
+        "train": False, "model": {"name": "mlp", "dropout": 0.25},
+    }  # fmt: skip
+    assert isinstance(res["config"]["lr"], float)  # an int given for a float field stays a float
+    assert "| 5 |" in capsys.readouterr().out
+
+
+def test_data_option_sets_the_config_field(my_experiment, tmp_path):
+    assert cli.main(["run", str(my_experiment), "--data", "digits", "--out", str(tmp_path / "o")]) == 0
+    assert _load(tmp_path / "o")["config"]["data"] == "digits"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.epoch=5", "unknown config field 'epoch'; fields: data, epochs, lr, model.dropout, model.name"),
+        ("--config.model.size=3", "unknown config field 'model.size'"),
+        ("--config.epochs=2.5", r"--config.epochs='2.5': expected int"),
+        ("--config.lr=fast", r"--config.lr='fast': expected float"),
+        ("--config.train=maybe", "expected true or false"),
+        ("--config.model=3", "config field 'model' is a group"),
+        ("--config.widths=oops", "expected a Python literal"),
+        ("--epochs=5", "unrecognized argument '--epochs=5'"),
+    ],
+)
+def test_bad_overrides_exit_2_naming_the_field(my_experiment, tmp_path, capsys, override, message):
+    assert cli.main(["run", str(my_experiment), "--out", str(tmp_path), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jcompress run: error:")
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "results.json").exists()  # nothing ran
+
+
+def test_options_of_other_commands_are_not_overrides(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--out", "x", "--config.epochs=3"])
+    assert e.value.code == 2 and "unrecognized arguments: --config.epochs=3" in capsys.readouterr().err
+
+
+def test_missing_experiment_file_and_incomplete_module(tmp_path, capsys):
+    assert cli.main(["run", str(tmp_path / "nope.py")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "half.py").write_text("def run(config, workdir):\n    return {}\n")
+    assert cli.main(["run", str(tmp_path / "half.py")]) == 2
+    assert "does not define get_config" in capsys.readouterr().err
+
+
+def test_config_is_locked_while_the_experiment_runs(my_experiment):
+    _, module = experiments_cli.load(str(my_experiment))
+    config = experiments_cli.resolve_config(module, overrides=["--config.epochs=2"])
+    assert config.epochs == 2
+    with pytest.raises(AttributeError):
+        config.new_field = 1  # an experiment cannot read a setting the config does not declare
 
 
 def test_markdown_table_formats_and_rejects_bad_rows():
@@ -90,10 +209,10 @@ def test_markdown_table_formats_and_rejects_bad_rows():
         common.markdown_table(rows, ["a", "zz"])
 
 
-def test_load_data_default_and_override():
-    assert common.load_data(None, default="digits").name == "digits"
+def test_load_data_by_name():
+    assert common.load_data("digits").name == "digits"
     with pytest.raises(ValueError, match="unknown dataset"):
-        common.load_data("nope", default="digits")
+        common.load_data("nope")
 
 
 # ----------------------------------------------------------------- per-experiment checks
@@ -135,7 +254,7 @@ def test_lottery_ticket_sparsity_follows_the_schedule(quick_run):
         by_task.setdefault(r["task"], []).append(r)
     for rows in by_task.values():
         sparsities = [r["sparsity"] for r in sorted(rows, key=lambda r: r["round"])]
-        assert sparsities[0] == 0.0 and all(b > a for a, b in zip(sparsities, sparsities[1:]))
+        assert sparsities[0] == 0.0 and all(b > a for a, b in itertools.pairwise(sparsities))
         # 20% of hidden-layer survivors and 10% of the output layer's per round
         assert 0.19 < sparsities[1] <= 0.2
         for r in rows:

@@ -100,3 +100,20 @@ def test_timing_arguments_are_checked():
         timing.timeit(lambda: None, warmup=-1)
     with pytest.raises(ValueError, match="at least one function"):
         timing.compare({})
+
+
+# ------------------------------------------------------------------------ import contracts
+
+
+def test_import_contracts_are_kept():
+    """pyproject.toml's [tool.importlinter] contracts (layers, forbidden imports, no cycles) hold."""
+    import shutil
+    from pathlib import Path
+
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([exe], check=False, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout

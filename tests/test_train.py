@@ -44,7 +44,7 @@ def test_resume_continues_exactly(digits, tmp_path):
 
 def test_load_model_from_training_checkpoint(digits, tmp_path):
     res = _fit(digits, tmp_path, epochs=1)
-    model, config, meta = checkpoint.load_model(tmp_path / "ckpt")
+    model, config, meta = checkpoint.load_model(tmp_path / "ckpt", build=models.from_meta)
     fn = models.functional(model)
     chex.assert_trees_all_equal(fn.params, jax.tree.map(np.asarray, res.params))
     assert config["widths"] == [32] and meta["kind"] == "train"
@@ -82,7 +82,7 @@ def test_data_parallel_step_equals_single_device(digits):
 
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoint.load_model(tmp_path / "nope")
+        checkpoint.load_model(tmp_path / "nope", build=models.from_meta)
 
 
 def test_fit_leaves_the_callers_arrays_alive(digits):

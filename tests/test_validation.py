@@ -73,7 +73,7 @@ def _corrupt_checkpoint(tmp_path):
     files = sorted(p for p in (tmp_path / "ck").rglob("*") if p.is_file() and p.stat().st_size > 1000)
     for f in files:  # overwrite every data file of the checkpoint with garbage
         f.write_bytes(b"\x00garbage" * 100)
-    return checkpoint.load_model(tmp_path / "ck")
+    return checkpoint.load_model(tmp_path / "ck", build=models.from_meta)
 
 
 def _wrong_checkpoint(tmp_path):
@@ -82,7 +82,7 @@ def _wrong_checkpoint(tmp_path):
     small = models.functional(models.create("mlp", input_shape=(4,), num_classes=2, widths=[3]))
     checkpoint.save_model(tmp_path / "ck", dict(name="lenet300", input_shape=[28, 28, 1], num_classes=10),
                           small.params, small.extra)  # fmt: skip
-    return checkpoint.load_model(tmp_path / "ck")
+    return checkpoint.load_model(tmp_path / "ck", build=models.from_meta)
 
 
 CASES = [
@@ -274,7 +274,7 @@ CASES = [
     (
         "corrupt or wrong file",
         "missing checkpoint",
-        lambda t: __import__("jcompress").checkpoint.load_model(t / "none"),
+        lambda t: __import__("jcompress").checkpoint.load_model(t / "none", build=models.from_meta),
         FileNotFoundError,
         r"does not exist",
     ),

@@ -20,7 +20,7 @@ from jcompress.models.lenet import LeNet5
 from jcompress.models.mlp import MLP, lenet300
 from jcompress.models.resnet import ResNet
 
-__all__ = ["MLP", "LeNet5", "CNN1D", "ResNet", "create", "functional", "Functional", "NAMES", "merge"]
+__all__ = ["MLP", "LeNet5", "CNN1D", "ResNet", "create", "from_meta", "functional", "Functional", "NAMES", "merge"]
 
 
 def _mlp(input_shape, num_classes, rngs, widths=(1200, 1200), **kw):
@@ -50,6 +50,17 @@ def create(name: str, *, input_shape: Sequence[int], num_classes: int, seed: int
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMES)}")
     return _REGISTRY[name](tuple(int(d) for d in input_shape), int(num_classes), nnx.Rngs(seed), **kwargs)
+
+
+def from_meta(meta: dict) -> nnx.Module:
+    """The registered model a checkpoint's metadata describes: ``create(**meta['model'])``.
+
+    The ``build`` hook of ``jcompress.checkpoint.load_model`` for checkpoints written by
+    ``train.fit`` or ``checkpoint.save_model`` with a ``create`` config.
+    """
+    if "model" not in meta or "name" not in meta["model"]:
+        raise ValueError("the checkpoint metadata has no model config with a 'name'; pass load_model a build= hook")
+    return create(**meta["model"])
 
 
 class Functional(NamedTuple):

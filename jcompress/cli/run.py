@@ -1,0 +1,47 @@
+"""``jcompress run NAME|PATH [--quick] [--config.FIELD=VALUE ...] [--data NAME] [--out DIR]``.
+
+Runs one experiment (see :mod:`jcompress.experiments_cli`): an installed one by name
+(``han2015``) or a file of your own (``path/to/my_exp.py``), with the paper's settings or
+``--quick`` ones, each overridable as ``--config.FIELD=VALUE``; prints its table.
+
+Example:
+  $ jcompress run han2015 --quick --config.seed=3 --out /tmp/han
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+__all__ = ["main", "register"]
+
+
+def register(subparsers) -> None:
+    """Add ``jcompress run`` to the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "run",
+        help="run an experiment (e.g. han2015, lottery_ticket, or path/to/my_exp.py); --config.FIELD=VALUE overrides",
+        epilog="settings: --config.FIELD=VALUE (repeatable; nested fields as --config.GROUP.FIELD=VALUE), parsed "
+        "as the type of the field's default; an unknown field or a bad value exits with status 2",
+    )
+    p.add_argument("name", help="an experiment name (jcompress.experiments entry point) or the path of a .py file")
+    p.add_argument("--quick", action="store_true", help="start from get_config('quick'): tiny epochs and sizes")
+    p.add_argument("--data", default=None, help="dataset (same as --config.data=NAME), e.g. digits or tfds:NAME")
+    p.add_argument("--out", default=None, help="output directory (default runs/NAME)")
+    p.set_defaults(func=main, accepts_overrides=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``jcompress run`` for parsed ``args`` (``args.overrides``: the ``--config.*`` tokens)."""
+    from jcompress import experiments_cli
+
+    t0 = time.perf_counter()
+    result = experiments_cli.run_experiment(
+        args.name, quick=args.quick, overrides=getattr(args, "overrides", ()), data=args.data, out=args.out
+    )
+    print(result["table"])
+    print(
+        f"\n{args.name}: {time.perf_counter() - t0:.1f} s; results in {result['out']}/ "
+        "(results.json with the resolved config, results.md, plot.png)"
+    )
+    return 0

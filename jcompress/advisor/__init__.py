@@ -1,0 +1,92 @@
+"""Which compression to use: measure candidate recipes, keep the Pareto front, recommend one.
+
+:func:`advise` takes any model as three pieces, its parameters, an apply function
+``apply_fn(params, x) -> logits`` and an evaluation function ``eval_fn(params, apply_fn)
+-> accuracy``, and runs a list of candidate recipes on it (pruning, quantization, weight
+sharing, their combinations, low-rank factorisation, distillation into a smaller model),
+each with a short fine-tune when a ``finetune_fn`` is given. Every candidate is measured
+the same way:
+
+* **accuracy**: ``eval_fn`` on the candidate's parameters as they are read back from its file;
+* **bytes**: the real size on disk of what the candidate writes (a ``jcompress.export``
+  file, or the saved smaller model for an architecture change);
+* **latency**: the median time of the jitted forward pass on ``inputs`` (``jcompress.timing``).
+  A masked or quantized model is decoded to dense float arrays and runs at dense speed;
+  only a smaller architecture (distillation, factorisation) is faster, and the numbers
+  show it.
+
+The rows on the Pareto front of (higher accuracy, fewer bytes, lower latency) are kept;
+the recommendation is the front's best row that meets the constraints (``max_bytes``,
+``max_accuracy_drop`` against the dense model measured in the same run,
+``max_latency_ms``), and the reason says in plain words why this family of technique
+fits, or, when nothing fits, which candidate came closest and by how much it misses.
+
+Command line (``jcompress.cli.advise``)::
+
+    jcompress train --model lenet300 --data mnist5k --epochs 10 --out runs/dense
+    jcompress advise --model runs/dense/ckpt --data mnist5k --max-bytes 40000 \\
+        --max-accuracy-drop 0.01 --out runs/advice
+
+The package, one module per part: ``records`` (Subject, Built, Candidate, Advice and the
+constants), ``pareto`` (the front), ``recommend`` (constraints, the recommendation and its
+reason, :func:`summarize`), ``candidates`` (the recipes), ``measure`` (:func:`advise`),
+``data`` (the pieces :func:`advise` needs from a checkpoint and a dataset) and ``output``
+(plot, markdown, JSON).
+
+Example:
+  >>> fn = models.functional(model)
+  >>> apply = lambda p, x: fn.apply(p, fn.extra, x)[0]
+  >>> def eval_fn(p, apply_fn):
+  ...     return float(jnp.mean(jnp.argmax(apply_fn(p, x_test), -1) == y_test))
+  >>> advice = advise(fn.params, apply, eval_fn, inputs=x_test[:256], max_bytes=50_000)
+  >>> advice.recommended['name'], advice.reason
+"""
+
+from __future__ import annotations
+
+from jcompress.advisor.candidates import (
+    deep_compression_candidate,
+    default_candidates,
+    dense_candidate,
+    distillation_candidate,
+    lowrank_candidate,
+    pruning_candidate,
+    quantization_candidate,
+    sharing_candidate,
+    structured_candidate,
+)
+from jcompress.advisor.data import data_functions, student_config
+from jcompress.advisor.measure import advise
+from jcompress.advisor.output import plot, plot_figure, write_advice
+from jcompress.advisor.pareto import pareto_front
+from jcompress.advisor.recommend import format_rows, recommend, summarize, violations
+from jcompress.advisor.records import DEFAULT_ACCURACY_DROP, OBJECTIVES, Advice, Built, Candidate, Subject
+
+__all__ = [
+    "DEFAULT_ACCURACY_DROP",
+    "OBJECTIVES",
+    "Advice",
+    "Built",
+    "Candidate",
+    "Subject",
+    "advise",
+    "data_functions",
+    "deep_compression_candidate",
+    "default_candidates",
+    "dense_candidate",
+    "distillation_candidate",
+    "format_rows",
+    "lowrank_candidate",
+    "pareto_front",
+    "plot",
+    "plot_figure",
+    "pruning_candidate",
+    "quantization_candidate",
+    "recommend",
+    "sharing_candidate",
+    "structured_candidate",
+    "student_config",
+    "summarize",
+    "violations",
+    "write_advice",
+]

@@ -1,6 +1,8 @@
-"""The command line: train, demo (the main job), and clear errors."""
+"""The command line: train, demo (the main job), the subcommand package, and clear errors."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -37,3 +39,34 @@ def test_demo_writes_report_with_real_file_sizes(tmp_path, capsys):
     assert final["accuracy"] > dense["accuracy"] - 0.03
     assert (out / "report.png").stat().st_size > 10_000
     assert "huffman (file read back)" in capsys.readouterr().out
+
+
+def test_every_subcommand_is_registered_explicitly():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"train", "demo", "bench", "distill", "run", "advise"}
+    assert [m.__name__ for m in cli.COMMANDS] == [
+        f"jcompress.cli.{n}" for n in ("train", "demo", "distill", "run", "advise")
+    ]
+
+
+def test_cli_imports_no_library_until_a_command_runs():
+    """``jcompress --help`` stays fast: the subcommand modules import jax, flax and orbax only when run."""
+    code = "import sys, jcompress.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'orbax'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+    help_text = subprocess.run(
+        [sys.executable, "-m", "jcompress.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "--config.FIELD=VALUE" in help_text
+
+
+@pytest.mark.parametrize("text", ["a,b", "0", "8,-1", ""])
+def test_widths_must_be_positive_integers(text, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["distill", "--teacher", "t", "--widths", text, "--out", "o"])
+    assert e.value.code == 2 and "--widths" in capsys.readouterr().err

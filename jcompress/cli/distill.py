@@ -11,19 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from jcompress.cli.args import widths
+
 __all__ = ["main", "register"]
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--widths expects comma-separated integers such as 800,800, got {text!r}"
-        ) from None
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"--widths needs positive integers, got {text!r}")
-    return widths
 
 
 def register(subparsers) -> None:
@@ -31,7 +21,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("distill", help="distill a saved teacher into a smaller student (Hinton et al. 2015)")
     p.add_argument("--teacher", required=True, help="teacher checkpoint directory (e.g. runs/teacher/ckpt)")
     p.add_argument("--student", default="mlp", help="student model: a jcompress.models name such as mlp or lenet300")
-    p.add_argument("--widths", type=_widths, default=None, help="student hidden widths for mlp/resnet, e.g. 800,800")
+    p.add_argument("--widths", type=widths, default=None, help="student hidden widths for mlp/resnet, e.g. 800,800")
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, mnist1d or tfds:NAME")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
     p.add_argument("--epochs", type=int, default=10)

@@ -6,21 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from jcompress.cli.args import widths
+
 __all__ = ["main", "register"]
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 300,100, got {text!r}") from None
 
 
 def register(subparsers) -> None:
     """Add ``jcompress train`` to the CLI's subparsers."""
     p = subparsers.add_parser("train", help="train a model on a dataset and checkpoint it")
     p.add_argument("--model", default="lenet300", help="lenet300, lenet5, mlp, cnn1d or resnet")
-    p.add_argument("--widths", type=_ints, default=None, help="hidden widths for mlp/resnet, e.g. 1200,1200")
+    p.add_argument("--widths", type=widths, default=None, help="hidden widths for mlp/resnet, e.g. 1200,1200")
     p.add_argument("--dropout", type=float, default=None, help="hidden dropout rate (mlp, lenet300)")
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, mnist1d or tfds:NAME")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")

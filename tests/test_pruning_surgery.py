@@ -13,6 +13,7 @@ from jcompress import checkpoint, models
 from jcompress import tree as jtree
 from jcompress.core import base, topk
 from jcompress.nnx import surgery
+from jcompress.nnx.coupling import coupling
 
 CONFIGS = {
     "lenet300": {"name": "lenet300", "input_shape": [8, 8, 1], "num_classes": 10},
@@ -174,7 +175,7 @@ def test_resnet_bn_in_eval_mode_and_residual_stream():
     )
     assert small.stem.kernel.get_value().shape == model.stem.kernel.get_value().shape
     # the first stage's stream (stem and blocks/0/conv2, added together) is one group
-    groups = {g.layer: g for g in surgery.coupling(model, input_shape=shape)}
+    groups = {g.layer: g for g in coupling(model, input_shape=shape)}
     stream = next(g for g in groups.values() if "stem/kernel" in g.producers)
     assert set(stream.producers) == {"stem/kernel", "blocks/0/conv2/kernel"} and stream.reason is None
     assert {m[0] for m in stream.members} >= {"stem_bn/mean", "blocks/0/bn2/scale", "blocks/1/proj/kernel"}
@@ -347,7 +348,7 @@ def _user(cls, seed=0):
 def test_user_conv_net_with_residual_and_layernorm():
     model = _user(ResLNNet)
     shape = (8, 8, 3)
-    groups = {g.layer: g for g in surgery.coupling(model, input_shape=shape)}
+    groups = {g.layer: g for g in coupling(model, input_shape=shape)}
     assert groups["conv1"].reason is None and groups["conv1"].size == 12
     assert {m[0] for m in groups["conv1"].members} == {
         "conv1/kernel",
@@ -377,7 +378,7 @@ def test_user_conv_net_with_residual_and_layernorm():
 def test_user_gated_token_model():
     model = _user(GatedTokens)
     shape = (7, 6)
-    groups = {g.layer: g for g in surgery.coupling(model, input_shape=shape)}
+    groups = {g.layer: g for g in coupling(model, input_shape=shape)}
     gated = next(g for g in groups.values() if "up/kernel" in g.producers)
     assert set(gated.producers) == {"up/kernel", "gate/kernel"} and gated.reason is None
     assert groups["down"].reason is None and groups["out"].reason is not None
@@ -423,7 +424,7 @@ class TinyTransformer(nnx.Module):
 
 def test_user_attention_model():
     model = TinyTransformer(rngs=nnx.Rngs(0))
-    groups = {g.layer: g for g in surgery.coupling(model, input_shape=(7,), dtype=jnp.int32)}
+    groups = {g.layer: g for g in coupling(model, input_shape=(7,), dtype=jnp.int32)}
     # query and key are contracted together: one group of head_dim units
     assert set(groups["attn/key"].producers) == {"attn/key/kernel", "attn/query/kernel"}
     assert groups["attn/key"].size == 8 and groups["attn/key"].reason is None
@@ -465,7 +466,7 @@ class Branches(nnx.Module):
 def test_user_model_with_concatenation():
     model = _user(Branches)
     shape = (6, 6, 3)
-    groups = {g.layer: g for g in surgery.coupling(model, input_shape=shape)}
+    groups = {g.layer: g for g in coupling(model, input_shape=shape)}
     assert groups["a"].reason is None and groups["b"].reason is None
     rows = {leaf: list(unit_of) for leaf, axis, unit_of in groups["b"].members if leaf == "c/kernel" and axis == 2}
     assert rows == {"c/kernel": [-1, -1, -1, -1, 0, 1, 2, 3, 4, 5]}
@@ -505,7 +506,7 @@ class CallbackNet(CumsumNet):
 
 def test_undecidable_op_gives_a_clear_error_and_declaration_is_the_fallback():
     model = _user(CumsumNet)
-    groups = {g.layer: g for g in surgery.coupling(model, input_shape=(4,))}
+    groups = {g.layer: g for g in coupling(model, input_shape=(4,))}
     assert "cumsum" in groups["fc1"].reason
     masks = surgery.complete_masks(
         model,
@@ -519,7 +520,7 @@ def test_undecidable_op_gives_a_clear_error_and_declaration_is_the_fallback():
         surgery.hard_prune(masks, input_shape=(4,))(model)
 
     model = _user(CallbackNet)
-    assert {g.layer: g.reason for g in surgery.coupling(model, input_shape=(4,))}["fc1"] is None
+    assert {g.layer: g.reason for g in coupling(model, input_shape=(4,))}["fc1"] is None
     masks = jtree.map_with_names(
         lambda n, w: jnp.ones(w.shape, bool).at[..., 1].set(False) if n.startswith("fc1") else jnp.ones(w.shape, bool),
         _params(model),

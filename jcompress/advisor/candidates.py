@@ -223,7 +223,7 @@ def structured_candidate(
 ) -> Candidate:
     """Structured hard pruning: drop ``fraction`` of the hidden units (surgery), then fine-tune.
 
-    Units of the hidden layers (the layers whose units ``nnx.surgery.coupling`` finds
+    Units of the hidden layers (the layers whose units ``nnx.coupling.coupling`` finds
     removable and that write their units alone, so not the output nor a residual stream)
     are ranked by the L2 norm of their kernel column, or by ``score_fn(subject)`` (a score
     tree, e.g. ``scores.unit_scores`` of neuron entropies), and the lowest are removed with
@@ -241,12 +241,13 @@ def structured_candidate(
         from jcompress import models
         from jcompress.core.patterns import Units
         from jcompress.nnx import surgery
+        from jcompress.nnx.coupling import coupling
         from jcompress.pruning import masks as masks_lib
         from jcompress.pruning import scores as scores_lib
 
         if s.model is None or s.input_shape is None:
             raise ValueError("structured hard pruning builds a smaller model: pass the NNX model and inputs= to advise")
-        groups = surgery.coupling(s.model, input_shape=s.input_shape)
+        groups = coupling(s.model, input_shape=s.input_shape)
         layers = [g.producers[0] for g in groups if g.reason is None and len(g.producers) == 1]
         scores = scores_lib.magnitude_scores(s.params) if score_fn is None else score_fn(s)
         masks = masks_lib.make_masks(scores, layers, sparsity=fraction, pattern=Units(norm="l2"))

@@ -4,13 +4,14 @@ surgery (hard pruning, factorised layers) and activation quantization.
 Submodules load on first access (``jc.nnx.surgery.hard_prune``):
 
   surgery    hard pruning of any NNX model, coupled units found by tracing its forward pass
+  coupling   the tracing behind it: which units of which layers are coupled
   factorize  Dense and conv layers replaced by two thin factorised ones
   hooks      the layer-input hook
 """
 
 import importlib
 
-__all__ = ["factorize", "hooks", "surgery"]
+__all__ = ["coupling", "factorize", "hooks", "surgery"]
 
 
 def __getattr__(name: str):

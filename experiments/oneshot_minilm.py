@@ -116,7 +116,7 @@ def _token_mask(batch):
 ONESHOT = {
     "wanda": lambda hp: lambda stats: oneshot.wanda(stats, **hp),
     "sparsegpt": lambda hp: lambda stats: oneshot.sparsegpt(stats, **hp),
-    "gptq": lambda hp: lambda stats: oneshot.gptq(stats, act_order=True, **hp),
+    "gptq": lambda hp: lambda stats: oneshot.gptq(stats, act_order=True, symmetric=False, **hp),  # the reference grid
 }
 
 

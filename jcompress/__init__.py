@@ -4,7 +4,7 @@ Every technique lives in a module named after it:
 
   core        the transform protocol (``Transform``, ``ModelTransform``, ``chain``, ``masked``),
               the aux types, per-leaf specs, sparsity patterns, top-k masks, the quantization grid
-  tree        leaf names, ``select`` (regex / predicate / bool tree), NNX <-> dict adapters
+  tree        leaf names, NNX <-> dict adapters
   pruning     scores, exact masks (layer/global, ERK, N:M, block, structured), the linear-time
               global threshold, mask-keeping optax transforms, gradual (Zhu-Gupta), RigL/SET,
               lottery tickets, iterative pruning
@@ -55,7 +55,7 @@ _ATTRIBUTES = {
     "from_pure_dict": "jcompress.tree",
     "masked": "jcompress.core.base",
     "named_leaves": "jcompress.tree",
-    "select": "jcompress.tree",
+    "select_names": "jcompress.core.spec",
     "to_pure_dict": "jcompress.tree",
 }
 
@@ -96,7 +96,7 @@ __all__ = [
     "qat",
     "quant",
     "report",
-    "select",
+    "select_names",
     "sharing",
     "timing",
     "to_pure_dict",

@@ -1,4 +1,4 @@
-"""Pytree utilities shared by every transform: leaf paths, selection, NNX adapters.
+"""Pytree utilities shared by every transform: leaf names and NNX adapters.
 
 Every transform in jcompress takes a parameter pytree: a plain nested dict of arrays
 (a Linen ``variables['params']``), an NNX ``State`` from ``nnx.split``, or any pytree.
@@ -6,14 +6,14 @@ Leaves are named by their slash-joined path, for example ``fc1/kernel`` or
 ``layers/0/kernel``; the ``value`` wrapper of NNX variables is not part of the name, so
 the same regex selects the same leaf in an NNX State and in its pure dict.
 
-Selection is data: :func:`select` turns regexes, a predicate ``(path, leaf) -> bool`` or
-a bool pytree into a bool pytree with the structure of the params.
+Which leaves a transform touches is a selection spec, resolved by
+:func:`jcompress.core.spec.select_names`; :func:`default_selection` is its default.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Callable, Iterable, Sequence, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,24 +21,20 @@ import numpy as np
 
 PyTree = Any
 Predicate = Callable[[str, Any], bool]
-Selection = Union[None, str, Sequence[str], Predicate, PyTree]
 
 __all__ = [
-    "path_str",
-    "named_leaves",
-    "map_with_names",
-    "select",
-    "default_selection",
-    "selected_names",
-    "check_same_structure",
+    "as_float_array",
     "check_finite",
-    "to_pure_dict",
+    "check_same_structure",
+    "default_selection",
     "from_pure_dict",
     "get_by_name",
+    "map_with_names",
+    "named_leaves",
+    "path_str",
     "set_by_name",
+    "to_pure_dict",
     "tree_size",
-    "as_float_array",
-    "iter_selected",
 ]
 
 _WRAPPER_KEYS = ("value", "raw_value")
@@ -82,59 +78,6 @@ def default_selection(name: str, leaf: Any) -> bool:
     """
     last = name.rsplit("/", 1)[-1]
     return last in ("kernel", "weight", "w") and getattr(leaf, "ndim", 0) >= 2
-
-
-def select(params: PyTree, include: Selection = None, exclude: Selection = None) -> PyTree:
-    """A bool pytree (structure of ``params``) saying which leaves a transform touches.
-
-    Args:
-      params: the parameter pytree.
-      include: ``None`` for :func:`default_selection`; a regex or list of regexes
-        matched with ``re.search`` against each leaf's name; a predicate
-        ``(name, leaf) -> bool``; or a bool pytree of the same structure, returned as is.
-      exclude: same forms (``None`` excludes nothing); wins over ``include``.
-
-    Raises:
-      ValueError: when the selection matches no leaf (almost always a wrong regex), or a
-        regex does not compile, or a bool pytree does not match the params.
-
-    Example:
-      >>> sel = select({'fc1': {'kernel': w, 'bias': b}}, include=r'fc\\d/kernel')
-    """
-    inc = _as_predicate(include, params, "include", default=default_selection)
-    exc = _as_predicate(exclude, params, "exclude", default=lambda n, x: False)
-    mask = map_with_names(lambda n, x: bool(inc(n, x) and not exc(n, x)), params)
-    if not any(jax.tree.leaves(mask)):
-        names = [n for n, _ in named_leaves(params)]
-        raise ValueError(
-            f"selection include={include!r} exclude={exclude!r} matches no leaf; the leaves are "
-            f"{names[:12]}{' ...' if len(names) > 12 else ''}. Fix the regex (it is matched with "
-            "re.search against these slash-joined names) or pass a predicate."
-        )
-    return mask
-
-
-def _as_predicate(sel: Selection, params: PyTree, arg: str, default: Predicate) -> Predicate:
-    if sel is None:
-        return default
-    if isinstance(sel, str):
-        sel = [sel]
-    if isinstance(sel, (list, tuple)) and all(isinstance(s, str) for s in sel):
-        try:
-            patterns = [re.compile(s) for s in sel]
-        except re.error as e:
-            raise ValueError(f"{arg}: regex {e.pattern!r} does not compile: {e}") from None
-        return lambda n, x: any(p.search(n) for p in patterns)
-    if callable(sel):
-        return lambda n, x: bool(sel(n, x))
-    check_same_structure(params, sel, "params", arg)
-    lookup = dict(named_leaves(sel))
-    return lambda n, x: bool(lookup[n])
-
-
-def selected_names(params: PyTree, selection: Selection = None) -> list[str]:
-    """Names of the leaves that ``selection`` (any form accepted by :func:`select`) picks."""
-    return [n for n, s in named_leaves(select(params, selection)) if s]
 
 
 def check_same_structure(a: PyTree, b: PyTree, name_a: str, name_b: str) -> None:
@@ -212,9 +155,3 @@ def as_float_array(x: Any, name: str) -> jax.Array:
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise TypeError(f"{name} has dtype {arr.dtype}; a floating dtype is needed (cast with .astype(jnp.float32)).")
     return arr
-
-
-def iter_selected(params: PyTree, selection: Selection = None) -> Iterable[tuple[str, Any]]:
-    """``(name, leaf)`` for each leaf that ``selection`` picks, in flattening order."""
-    picked = set(selected_names(params, selection))
-    return [(n, leaf) for n, leaf in named_leaves(params) if n in picked]

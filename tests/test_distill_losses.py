@@ -264,7 +264,7 @@ def test_param_distance_hand_value_dict_and_nnx_state(jit):
     assert float(fn(student, teacher)) == pytest.approx(0.1 * 0.5 * n, rel=1e-6)
     student_state = jax.tree.map(lambda x: x + 0.5, teacher_state)
     assert float(fn(student_state, teacher)) == pytest.approx(0.1 * 0.5 * n, rel=1e-6)
-    only_kernels = losses.param_distance(student, teacher, weight=1.0, include=r"kernel")
+    only_kernels = losses.param_distance(student, teacher, weight=1.0, leaves=r"kernel")
     assert float(only_kernels) == pytest.approx(0.5 * (20 + 15), rel=1e-6)
     assert float(losses.param_distance(teacher, teacher, weight=3.0)) == 0.0
 

@@ -250,7 +250,7 @@ def test_sparsegpt_joint_quantization_on_grid():
     k = np.asarray(new["fc"]["kernel"])
     qp = grids.grids["fc/kernel"]
     assert qp.codes.dtype == jnp.int32 and qp.scale.shape == (1, 16) and qp.axis == 1
-    assert int(qp.codes.min()) >= 0 and int(qp.codes.max()) <= 15
+    assert qp.symmetric and int(qp.codes.min()) >= -7 and int(qp.codes.max()) <= 7  # the default grid
     np.testing.assert_array_equal(k, grid.dequantize(qp))
     kept = np.asarray(masks.masks["fc"]["kernel"])
     assert int((~kept).sum()) == k.size // 2 and np.all(k[~kept] == 0)
@@ -346,7 +346,7 @@ def test_gptq_equals_plain_reference(act_order):
     h = x.T @ x
     values, qp = quantize_matrix(
         jnp.asarray(kernel), jnp.asarray(h), bits=4, group_size=16, act_order=act_order, block_size=16,
-        static_groups=True,
+        static_groups=True, symmetric=False,
     )  # fmt: skip
     ref = reference_gptq(kernel, h, bits=4, group_size=16, act_order=act_order)
     step = float(np.asarray(qp.scale).max())
@@ -362,11 +362,14 @@ def test_gptq_equals_plain_reference(act_order):
 def test_gptq_dynamic_groups_equal_reference(group_size):
     kernel, x = correlated_problem(n_in=64, n_out=16)
     h = x.T @ x
-    values, qp = quantize_matrix(jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=group_size, block_size=16)
+    values, qp = quantize_matrix(
+        jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=group_size, block_size=16, symmetric=False
+    )
     ref = reference_gptq(kernel, h, bits=3, group_size=group_size, act_order=False, dynamic_block=16)
     static, _ = quantize_matrix(
-        jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=group_size, block_size=16, static_groups=True
-    )
+        jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=group_size, block_size=16, static_groups=True,
+        symmetric=False,
+    )  # fmt: skip
     step = float(np.asarray(qp.scale).max())
     assert (np.abs(np.asarray(values) - ref) < 1e-3 * step).mean() > 0.98
     assert output_error(kernel, values, x) == pytest.approx(output_error(kernel, ref, x), rel=0.02)
@@ -384,7 +387,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits):
     rtn, rtn_aux = quant.quantize(bits=bits, symmetric=False)(params)
     rtn_error = float(relative_error(kernel, rtn["fc"]["kernel"], x.T @ x))
     for act_order in (False, True):
-        new, aux = oneshot.gptq(stats, bits=bits, act_order=act_order, block_size=32)(params)
+        new, aux = oneshot.gptq(stats, bits=bits, act_order=act_order, symmetric=False, block_size=32)(params)
         assert isinstance(aux, GridAux)
         assert float(aux.errors["fc/kernel"]) < 0.7 * rtn_error
         np.testing.assert_array_equal(new["fc"]["bias"], params["fc"]["bias"])

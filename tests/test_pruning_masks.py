@@ -153,7 +153,7 @@ def test_sharded_threshold_never_gathers_weights(axis_type, n_rows):
 
 def test_global_threshold_and_masks(lenet):
     _, params = lenet
-    kernels = [np.abs(np.asarray(x)) for _, x in tree.iter_selected(params)]
+    kernels = [np.abs(np.asarray(tree.get_by_name(params, n))) for n in select_names(params, None)]
     t = topk.global_threshold([jnp.asarray(x) for x in kernels], sparsity=0.8)
     total = sum(x.size for x in kernels)
     flat = np.concatenate([x.ravel() for x in kernels])
@@ -309,7 +309,7 @@ def test_erk_total_exact_and_proportional():
 
 def test_sparsity_dict_per_layer(lenet):
     _, params = lenet
-    names = tree.selected_names(params)
+    names = select_names(params, None)
     want = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
     m = make_masks(scores.magnitude_scores(params), sparsity=want)
     for n, x in tree.named_leaves(m):

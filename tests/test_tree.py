@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from jcompress import models, tree
+from jcompress.core import spec
 
 
 @pytest.fixture
@@ -24,31 +25,34 @@ def test_names_match_between_state_and_dict(lenet5):
 
 def test_default_selection_is_kernels_only(lenet5):
     fn = models.functional(lenet5)
-    assert tree.selected_names(fn.params) == ["conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel"]
+    assert spec.select_names(fn.params, None) == ["conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel"]
 
 
-def test_regex_predicate_and_bool_tree_selection(lenet5):
+def test_regex_pairs_predicate_and_bool_tree_selection(lenet5):
     p = models.functional(lenet5).params
-    assert tree.selected_names(p, r"^fc\d/kernel") == ["fc1/kernel", "fc2/kernel"]
-    assert tree.selected_names(p, [r"conv1/", r"fc2/bias"]) == ["conv1/bias", "conv1/kernel", "fc2/bias"]
-    assert tree.selected_names(p, lambda n, x: x.ndim == 1 and x.shape[0] == 500) == ["fc1/bias"]
-    sel = tree.select(p, r"kernel", exclude=r"conv")
-    assert tree.selected_names(p, sel) == ["fc1/kernel", "fc2/kernel"]
+    assert spec.select_names(p, r"^fc\d/kernel") == ["fc1/kernel", "fc2/kernel"]
+    assert spec.select_names(p, [r"conv1/", r"fc2/bias"]) == ["conv1/bias", "conv1/kernel", "fc2/bias"]
+    assert spec.select_names(p, lambda n, x: x.ndim == 1 and x.shape[0] == 500) == ["fc1/bias"]
+    assert spec.select_names(p, [("conv", False), ("kernel", True)]) == ["fc1/kernel", "fc2/kernel"]
+    flags = spec.selection_tree(r"fc1/kernel")(p)
+    assert spec.select_names(p, flags) == ["fc1/kernel"]
 
 
 def test_selection_errors_name_the_leaves(lenet5):
     p = models.functional(lenet5).params
-    with pytest.raises(ValueError, match="matches no leaf.*conv1/kernel"):
-        tree.select(p, r"^layers/")
+    with pytest.raises(ValueError, match="selects no leaf.*conv1/kernel"):
+        spec.select_names(p, lambda n, x: False)
+    with pytest.raises(ValueError, match=r"\^layers/.*match none of the leaves"):
+        spec.select_names(p, r"^layers/")
     with pytest.raises(ValueError, match="does not compile"):
-        tree.select(p, "fc1[")
+        spec.select_names(p, "fc1[")
     with pytest.raises(ValueError, match="does not match the structure"):
-        tree.select(p, {"fc1": {"kernel": True}})
+        spec.select_names(p, {"fc1": {"kernel": True}})
 
 
-def test_select_on_nnx_state_gives_state_of_bools(lenet5):
+def test_selection_tree_on_nnx_state_gives_state_of_bools(lenet5):
     _, state, _ = nnx.split(lenet5, nnx.Param, ...)
-    sel = tree.select(state, r"fc1/kernel")
+    sel = spec.selection_tree(r"fc1/kernel")(state)
     assert isinstance(sel, nnx.State)
     assert sum(jax.tree.leaves(sel)) == 1
 

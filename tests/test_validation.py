@@ -10,7 +10,7 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from jcompress import compressed, data, export, lowrank, models, oneshot, quant, sharing, tree
+from jcompress import compressed, data, export, lowrank, models, oneshot, quant, sharing
 from jcompress.core import masked, topk
 from jcompress.core.base import MaskAux
 from jcompress.core.patterns import NM, Units
@@ -179,7 +179,7 @@ CASES = [
     (
         "calibration statistics invalid",
         "zero calibration tokens",
-        lambda t: oneshot.sparsegpt({"fc1/kernel": oneshot.LayerStats(jnp.eye(8), jnp.float32(0))}),
+        lambda t: oneshot.sparsegpt({"fc1/kernel": oneshot.LayerStats(jnp.eye(8), jnp.float32(0))}, sparsity=0.5),
         ValueError,
         r"stats/fc1/kernel counts 0",
     ),
@@ -262,7 +262,7 @@ CASES = [
         ValueError,
         r"\^conv.*match none of the leaves",
     ),
-    ("selection matches nothing", "bad regex", lambda t: tree.select(W, "fc1["), ValueError, r"does not compile"),
+    ("selection matches nothing", "bad regex", lambda t: masked(lowrank.svd(rank=1), "fc1[")(W), ValueError, r"does not compile"),
     ("empty arrays", "pruning", lambda t: _mag(EMPTY, sparsity=0.5), ValueError, r"fc1/kernel|empty"),
     ("empty arrays", "quantization", lambda t: quant.quantize(bits=8)(EMPTY), ValueError, r"fc1/kernel|empty"),
     ("integer dtype", "quantize", lambda t: quant.quantize_leaf(jnp.arange(8), bits=4), TypeError, r"dtype|float"),

@@ -15,10 +15,11 @@ exactly zero (its code is ``z``).
 Rounding is ``c = clip(round(w / s) + z, qmin, qmax)``. A zero range (an all-zero group)
 has ``s = 0``: every code is ``z`` and every value exactly 0.
 
-Which default: the round-to-nearest transform ``jc.quant.quantize`` (and QAT) defaults to
-the symmetric grid, the cheap one for integer kernels; the one-shot solvers
-``jc.oneshot.gptq`` and SparseGPT's joint quantization default to the asymmetric grid of
-the GPTQ reference. Both write the same :class:`QuantParams`, so storage and
+Which default: every weight grid defaults to symmetric (``jc.quant.quantize``, QAT,
+``jc.oneshot.gptq`` and SparseGPT's joint quantization), as the serving layouts and
+integer kernels expect; ``symmetric=False`` gives the GPTQ reference's min-max grid.
+Activation ranges (``jc.quant.activations``) default to asymmetric, since activations
+after a ReLU are one-sided. Both write the same :class:`QuantParams`, so storage and
 ``compressed.QuantizedTensor.from_qparams`` read either.
 
 Granularity (``axis`` and ``group_size``):

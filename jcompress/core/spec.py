@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,9 +38,12 @@ MISSING = object()
 
 
 def is_pairs(spec: Any) -> bool:
-    """True when ``spec`` is a ``{regex: value}`` mapping or a sequence of ``(regex, value)`` pairs."""
+    """True when ``spec`` is a ``{regex: value}`` mapping or a sequence of ``(regex, value)`` pairs.
+
+    A mapping with a mapping among its values is a tree (a bool tree selection), not pairs.
+    """
     if isinstance(spec, Mapping):
-        return True
+        return not any(isinstance(v, Mapping) for v in spec.values())
     if isinstance(spec, (list, tuple)) and spec and not hasattr(spec, "_fields"):
         return all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in spec)
     return False
@@ -112,9 +116,10 @@ def select_names(params: Any, selection: Spec, *, arg: str = "selection") -> lis
     Args:
       params: the parameter pytree.
       selection: ``None`` for :func:`jcompress.tree.default_selection` (Dense and conv
-        kernels); a regex or list of regexes; a ``(regex, bool)`` pair list (first match
-        wins, uncovered leaves not selected); a predicate ``(name, leaf) -> bool``; or a
-        bool tree with the structure of ``params``.
+        kernels); a regex or list of regexes; ``(regex, bool)`` pairs or a flat
+        ``{regex: bool}`` mapping (first match wins, uncovered leaves not selected); a
+        predicate ``(name, leaf) -> bool``; or a bool tree with the structure of ``params``
+        (nested, as the params are).
       arg: the argument's name in error messages.
 
     Raises:
@@ -170,7 +175,7 @@ def check_value(value: Any, *, arg: str, kind: type | tuple, lo=None, hi=None, l
 
     import numpy as np
 
-    if isinstance(value, bool) or isinstance(value, np.bool_):
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{arg}={value!r} must be a number, not a bool")
     if isinstance(value, jax.core.Tracer):
         raise TypeError(f"{arg} must be a concrete number (a hyperparameter), got a traced value")
@@ -185,7 +190,7 @@ def check_value(value: Any, *, arg: str, kind: type | tuple, lo=None, hi=None, l
         if not isinstance(value, numbers.Real):
             raise TypeError(f"{arg}={value!r} must be a real number")
         value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise ValueError(f"{arg}={value!r} must be finite")
     bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
     bad_hi = hi is not None and (value >= hi if hi_open else value > hi)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from jcompress import tree
+from jcompress.core import spec
 
 __all__ = [
     "HintonTerms",
@@ -320,15 +321,15 @@ def attention_transfer_loss(
     return total
 
 
-def param_distance(params: Any, teacher_params: Any, *, weight: float, include: tree.Selection = None) -> jax.Array:
+def param_distance(params: Any, teacher_params: Any, *, weight: float, leaves: spec.Spec = None) -> jax.Array:
     """``weight * sum |theta - theta_teacher|`` over the selected leaves (all by default).
 
     Args:
       params: the student's params; same structure and shapes as ``teacher_params``.
       teacher_params: constants.
       weight: ``lambda >= 0``.
-      include: a selection (regexes, predicate or bool tree, see ``tree.select``);
-        ``None`` means every leaf.
+      leaves: a selection spec (regexes, ``(regex, bool)`` pairs, a predicate or a bool
+        tree; see :func:`jcompress.core.spec.select_names`); ``None`` means every leaf.
 
     Returns:
       A float32 scalar (a sum, not a mean, as the formula states).
@@ -339,11 +340,11 @@ def param_distance(params: Any, teacher_params: Any, *, weight: float, include: 
     """
     _check_scalar(weight, "weight", 0.0, math.inf)
     tree.check_same_structure(teacher_params, params, "teacher_params", "params")
-    sel = tree.select(params, include if include is not None else (lambda n, x: True))
+    picked = set(spec.select_names(params, leaves if leaves is not None else (lambda n, x: True), arg="leaves"))
     total = jnp.zeros((), jnp.float32)
     t_leaves = dict(tree.named_leaves(teacher_params))
-    for (name, leaf), (_, picked) in zip(tree.named_leaves(params), tree.named_leaves(sel)):
-        if not picked:
+    for name, leaf in tree.named_leaves(params):
+        if name not in picked:
             continue
         t = t_leaves[name]
         if jnp.shape(leaf) != jnp.shape(t):

@@ -10,8 +10,9 @@ result quantized by GPTQ keeps its sparsity: ``chain(sparsegpt(...), gptq(...))`
 
 The grid is :mod:`jcompress.core.grid`'s, per output unit and per group of
 ``group_size`` consecutive inputs (one group spanning all inputs when ``group_size`` is
-``None``), asymmetric by default as in the reference implementation (the min-max range
-widened to contain 0, unsigned codes, integer zero point). As in the reference, a
+``None``), symmetric by default like every weight grid in jcompress (``symmetric=False``
+gives the original reference's min-max range widened to contain 0, unsigned codes,
+integer zero point). As in the reference, a
 group's grid is computed when the loop reaches the block it starts in, from the weights
 as the earlier columns' error feedback left them; with activation order (or
 ``static_groups=True``) every grid is computed once from the original weights before the
@@ -22,9 +23,9 @@ Activation order (``act_order=True``): columns are processed in decreasing ``dia
 (the inputs with the most energy first, while the most unquantized columns remain to
 absorb their error) and put back in their original order afterwards.
 
-The round-to-nearest baseline on the same grid is ``jc.quant.quantize(bits=b,
-symmetric=False)`` (one grid per output unit, ``axis=-1``), so the two isolate GPTQ's
-error feedback.
+The round-to-nearest baseline on the same grid is ``jc.quant.quantize(bits=b)`` (one grid
+per output unit, ``axis=-1``, the same ``symmetric`` and ``group_size``), so the two
+isolate GPTQ's error feedback.
 
 Example:
   >>> params4, aux = jc.oneshot.gptq(stats, bits=4, group_size=128, act_order=True)(params)
@@ -70,7 +71,7 @@ def quantize_matrix(
     group_size: int | None = None,
     act_order: bool = False,
     static_groups: bool | None = None,
-    symmetric: bool = False,
+    symmetric: bool = True,
     block_size: int = 128,
     damp: float = 0.01,
 ) -> tuple[jnp.ndarray, grid.QuantParams]:
@@ -114,7 +115,7 @@ def gptq(
     bits: spec.Spec = 4,
     group_size: int | None = None,
     act_order: bool = False,
-    symmetric: bool = False,
+    symmetric: bool = True,
     damp: float = 0.01,
     block_size: int = 128,
     static_groups: bool | None = None,
@@ -128,7 +129,7 @@ def gptq(
       group_size: inputs sharing one grid (e.g. 128); it must divide every touched
         kernel's inputs; ``None`` for one grid per output unit.
       act_order: process inputs in decreasing ``diag(H)``.
-      symmetric: the grid's convention (:mod:`jcompress.core.grid`); asymmetric by default.
+      symmetric: the grid's convention (:mod:`jcompress.core.grid`); symmetric by default.
       damp: diagonal dampening as a fraction of the mean of ``diag(H)`` (0.01).
       block_size: columns per lazy-update block (128).
       static_groups: ``False``: a group's grid is computed when the loop reaches its

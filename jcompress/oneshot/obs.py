@@ -91,14 +91,14 @@ def prune_matrix(kernel: jax.Array, h: jax.Array, *, sparsity: float, damp: floa
     return new_w.T, ~pruned.T, losses.T
 
 
-def obs(stats: dict, *, sparsity: spec.Spec = 0.5, damp: float = 0.01, row_batch: int = 32) -> base.Transform:
+def obs(stats: dict, *, sparsity: spec.Spec = None, damp: float = 0.01, row_batch: int = 32) -> base.Transform:
     """Exact greedy OBS pruning of the calibrated Dense kernels (small layers).
 
     Args:
       stats: ``{kernel name: LayerStats}`` from :func:`jcompress.oneshot.calibrate`; the
         transform touches these kernels (narrow them with :func:`jcompress.core.masked`).
       sparsity: fraction of each output unit's weights removed, in [0, 1): a value or a
-        ``{regex: value}`` spec.
+        ``{regex: value}`` spec (required).
       damp: diagonal dampening as a fraction of the mean of ``diag(H)``; 0 for the
         undampened problem when ``H`` is well conditioned.
       row_batch: rows solved at once (memory ``row_batch * in^2`` floats).

@@ -86,7 +86,7 @@ def prune_matrix(
     sparsity: float | None = None,
     n_m: tuple[int, int] | None = None,
     bits: int | None = None,
-    symmetric: bool = False,
+    symmetric: bool = True,
     block_size: int = 128,
     damp: float = 0.01,
 ) -> tuple[jax.Array, jax.Array, grid.QuantParams | None]:
@@ -131,10 +131,10 @@ def prune_matrix(
 def sparsegpt(
     stats: dict,
     *,
-    sparsity: spec.Spec = 0.5,
+    sparsity: spec.Spec = None,
     pattern=Unstructured(),
     bits: int | None = None,
-    symmetric: bool = False,
+    symmetric: bool = True,
     block_size: int = 128,
     damp: float = 0.01,
 ) -> base.Transform:
@@ -144,12 +144,12 @@ def sparsegpt(
       stats: ``{kernel name: LayerStats}`` from :func:`jcompress.oneshot.calibrate`; the
         transform touches these kernels (narrow them with :func:`jcompress.core.masked`).
       sparsity: fraction of each layer's weights set to zero, in [0, 1): a value or a
-        ``{regex: value}`` spec; with ``NM`` None or the pattern's ``1 - n/m``.
+        ``{regex: value}`` spec, required (as in ``jc.pruning``) unless the pattern is ``NM``, which sets it
+        (None, or the pattern's ``1 - n/m``).
       pattern: ``Unstructured()`` or ``NM(n, m)`` (groups along the inputs, ``axis=-2``).
       bits: also quantize the kept weights (joint sparse + quantized, 2..8 bits usual) on
-        a min-max grid per output unit; ``None`` keeps float weights.
-      symmetric: the grid's convention (:mod:`jcompress.core.grid`); asymmetric by default
-        as in the reference.
+        a grid per output unit; ``None`` keeps float weights.
+      symmetric: the grid's convention (:mod:`jcompress.core.grid`); symmetric by default.
       block_size: columns per block (128 in the paper; a multiple of m for N:M).
       damp: diagonal dampening as a fraction of the mean of ``diag(H)``.
 

@@ -33,14 +33,15 @@ def wanda_scores(kernel: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.abs(kernel) * jnp.sqrt(jnp.maximum(jnp.diag(h), 0.0))[:, None]
 
 
-def wanda(stats: dict, *, sparsity: spec.Spec = 0.5, pattern=Unstructured()) -> base.Transform:
+def wanda(stats: dict, *, sparsity: spec.Spec = None, pattern=Unstructured()) -> base.Transform:
     """Wanda on the calibrated Dense kernels.
 
     Args:
       stats: ``{kernel name: LayerStats}`` from :func:`jcompress.oneshot.calibrate`; the
         transform touches these kernels (narrow them with :func:`jcompress.core.masked`).
       sparsity: fraction removed per output unit, in [0, 1): a value or a ``{regex:
-        value}`` spec; with ``NM`` None or the pattern's ``1 - n/m``.
+        value}`` spec, required (as in ``jc.pruning``) unless the pattern is ``NM``, which sets it
+        (None, or the pattern's ``1 - n/m``).
       pattern: ``Unstructured()`` or ``NM(n, m)`` (groups along the inputs, ``axis=-2``).
 
     Returns:

@@ -71,8 +71,9 @@ def test_oneshot_example(ran):
         leaf = leaves[name]
         assert isinstance(leaf, compressed.QuantizedTensor) and leaf.bits == 4 and leaf.group_size in (112, None)
         dense_layout = compressed.QuantizedTensor.from_qparams(leaf.to_qparams())
-        # 4-bit codes and a float32 scale and int32 zero point per 112 weights; the sparse layout where smaller
-        assert leaf.nbits() <= dense_layout.nbits() == 4 * w.size + 64 * w.size // 112
+        # 4-bit codes and a float32 scale per 112 weights (the default grid is symmetric: no zero
+        # point is stored); the sparse layout where smaller
+        assert leaf.symmetric and leaf.nbits() <= dense_layout.nbits() == 4 * w.size + 32 * w.size // 112
     # the input model is untouched by the chain
     assert np.count_nonzero(np.asarray(ns["model"].fc1.kernel[...])) == 784 * 448
 

@@ -14,9 +14,7 @@ from jcompress import checkpoint, models, parallel
 from jcompress.distill import losses, run
 from jcompress.distill.step import (
     DistillConfig,
-    apply_with_features,
     distill_step,
-    feature_shapes,
     init_state,
     make_step,
     teacher_logits,
@@ -190,14 +188,14 @@ def test_different_architectures_with_hints_attention_and_mse():
     shape = (16, 16, 1)
     teacher = models.create("lenet5", input_shape=shape, num_classes=10, seed=0, channels=(8, 16), hidden=32)
     student = models.create("lenet5", input_shape=shape, num_classes=10, seed=1, channels=(4, 6), hidden=16)
-    assert feature_shapes(student, shape)["conv2"] == (2, 2, 6)
+    assert models.feature_shapes(student, shape)["conv2"] == (2, 2, 6)
     config = DistillConfig(
         temperature=4.0, alpha=0.5, logit_loss="mse", hints=[("conv2", "conv2")], hint_weight=0.1,
         attention=[("conv1", "conv1")], attention_weight=10.0,
     )  # fmt: skip
     s_apply, t_apply = (
-        apply_with_features(student, ["conv1", "conv2"]),
-        apply_with_features(teacher, ["conv1", "conv2"]),
+        models.functional(student, features=["conv1", "conv2"]).apply,
+        models.functional(teacher, features=["conv1", "conv2"]).apply,
     )
     s_fn, t_fn = models.functional(student), models.functional(teacher)
     x = jax.random.uniform(jax.random.key(0), (16, *shape))
@@ -268,10 +266,10 @@ def test_step_errors(digits):
     hints = DistillConfig(hints=[("fc1", "fc1")], hint_weight=1.0)
     with pytest.raises(ValueError, match="cached logits"):
         distill_step(state, (x, y, np.zeros((8, 10), np.float32)), teacher_apply=None, config=hints, **kw)
-    with pytest.raises(ValueError, match="apply_with_features"):
+    with pytest.raises(ValueError, match="features="):
         distill_step(state, (x, y), teacher_apply=s_fn.apply, config=hints, **{**kw, "teacher_params": s_fn.params})
     with pytest.raises(KeyError, match="fc7"):
-        apply_with_features(_mlp((16,), 1), ["fc7"])(s_fn.params, s_fn.extra, x)
+        models.functional(_mlp((16,), 1), features=["fc7"]).apply(s_fn.params, s_fn.extra, x)
     with pytest.raises(ValueError, match="mesh"):
         make_step(student_apply=s_fn.apply, teacher_apply=None, tx=tx, config=DistillConfig(), shard_map=True)
 

@@ -35,8 +35,6 @@ from jcompress.distill import losses
 from jcompress.distill.step import (
     DistillConfig,
     DistillState,
-    apply_with_features,
-    feature_shapes,
     init_state,
     make_step,
     teacher_logits,
@@ -112,12 +110,10 @@ def _student_config(student_config: dict, ds: data_lib.Dataset, seed: int) -> di
 
 
 def _apply_fns(teacher: nnx.Module, student: nnx.Module, config: DistillConfig) -> tuple[Callable, Callable]:
-    if not config.needs_features:
-        return models.functional(student).apply, models.functional(teacher).apply
-    pairs = config.hints + config.attention
+    pairs = config.hints + config.attention  # empty unless the loss reads activations
     s_names = list(dict.fromkeys(s for s, _ in pairs))
     t_names = list(dict.fromkeys(t for _, t in pairs))
-    return apply_with_features(student, s_names), apply_with_features(teacher, t_names)
+    return models.functional(student, features=s_names).apply, models.functional(teacher, features=t_names).apply
 
 
 def _hint_params(teacher: nnx.Module, student: nnx.Module, config: DistillConfig, input_shape, seed: int) -> dict:
@@ -125,7 +121,7 @@ def _hint_params(teacher: nnx.Module, student: nnx.Module, config: DistillConfig
         return {}
 
     def probe(model):  # one example's activations as shapes: enough to size the regressors
-        return {k: jax.ShapeDtypeStruct((1, *v), jnp.float32) for k, v in feature_shapes(model, input_shape).items()}
+        return {k: jax.ShapeDtypeStruct((1, *v), jnp.float32) for k, v in models.feature_shapes(model, input_shape).items()}
 
     return losses.init_hint_regressor(jax.random.key(seed + 1), probe(student), probe(teacher), hints=config.hints)
 

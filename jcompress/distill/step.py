@@ -18,7 +18,7 @@ are sharding-invariant, so even dropout masks agree). :func:`make_step` with
 The teacher's logits for a fixed dataset can be computed once with :func:`teacher_logits`
 and passed as a third batch element ``(x, y, teacher_logits)``; the step then skips the
 teacher's forward pass. Student and teacher may have different architectures; hints and
-attention transfer read named intermediate activations through :func:`apply_with_features`.
+attention transfer read named intermediate activations through ``models.functional(model, features=names)``.
 """
 
 from __future__ import annotations
@@ -26,26 +26,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jcompress import tree
 from jcompress.distill import losses
 
 __all__ = [
     "DistillConfig",
     "DistillState",
-    "apply_with_features",
     "distill_step",
-    "feature_shapes",
     "init_state",
     "make_step",
     "teacher_logits",
@@ -155,7 +151,7 @@ def _split_output(out: Any, who: str, need_features: bool) -> tuple[jax.Array, d
     if need_features:
         raise ValueError(
             f"the loss config uses hints or attention, so {who} must return ((logits, features), extra); "
-            "build it with apply_with_features(model, names)"
+            "build it with models.functional(model, features=names)"
         )
     return out, {}
 
@@ -182,7 +178,7 @@ def distill_step(
         (then ``teacher_apply`` is not called and may be ``None``).
       teacher_params, teacher_extra: the frozen teacher's arrays (``None`` with cached logits).
       student_apply, teacher_apply: ``apply(params, extra, x, train, key) -> (out, extra)``
-        where ``out`` is the logits, or ``(logits, features)`` from :func:`apply_with_features`.
+        where ``out`` is the logits, or ``(logits, features)`` from ``models.functional(model, features=names)``.
         The teacher runs in eval mode (``train=False``); the student in train mode with a
         dropout key folded from ``state.key`` and ``state.step``.
       tx: the student's optax transformation (masks, schedules and QAT compose here).
@@ -359,80 +355,3 @@ def teacher_logits(apply_fn: Callable, params, extra, x: np.ndarray, *, batch_si
             xb = np.concatenate([xb, np.zeros((bs - rows, *xb.shape[1:]), xb.dtype)])
         chunks.append(np.asarray(_teacher_batch(params, extra, xb, apply_fn))[:rows])
     return np.concatenate(chunks).astype(np.float32)
-
-
-def _feature_names(captured: Any) -> dict[str, jax.Array]:
-    """Name captured method outputs: ``conv1`` for ``conv1.__call__``, ``features`` for a method.
-
-    A module called ``k > 1`` times gets ``name/0 ... name/k-1``.
-    """
-    groups: dict[str, list] = {}
-    for name, value in tree.named_leaves(captured):
-        parts = name.split("/")
-        base = "/".join(p for p in parts[:-1] if p != "__call__")
-        groups.setdefault(base, []).append(value)
-    out = {}
-    for base, values in groups.items():
-        if base == "":  # the top-level __call__: the logits themselves
-            continue
-        if len(values) == 1:
-            out[base] = values[0]
-        else:
-            out.update({f"{base}/{i}": v for i, v in enumerate(values)})
-    return out
-
-
-def apply_with_features(model: nnx.Module, names: Sequence[str]) -> Callable:
-    """An apply function that also returns named intermediate activations.
-
-    Activations are the outputs of submodules and methods, captured with
-    ``nnx.capture(..., method_outputs=nnx.Intermediate)``: ``fc1`` is the output of the
-    layer ``fc1`` (before its ReLU), ``conv2`` the output of ``conv2``, ``features`` the
-    output of the model's ``features`` method. :func:`feature_shapes` lists them.
-
-    Args:
-      model: the NNX model (its params and extra are passed at call time).
-      names: the activations to return.
-
-    Returns:
-      ``apply(params, extra, x, train=False, key=None) -> ((logits, {name: array}), extra)``,
-      a drop-in replacement for ``models.functional(model).apply`` in :func:`distill_step`.
-
-    Example:
-      >>> s_apply = apply_with_features(student, ['conv2'])
-      >>> (logits, feats), extra = s_apply(params, extra, x)
-    """
-    names = tuple(names)
-    graphdef, p_state, e_state = nnx.split(model, nnx.Param, ...)
-
-    def apply(params, extra, x, train: bool = False, key: jax.Array | None = None):
-        m = nnx.merge(graphdef, tree.from_pure_dict(p_state, params), tree.from_pure_dict(e_state, extra))
-        rngs = nnx.Rngs(dropout=key) if key is not None else None
-        forward = nnx.capture(m, nnx.Intermediate, method_outputs=nnx.Intermediate)
-        logits, captured = forward(x, train=train, rngs=rngs)
-        feats = _feature_names(nnx.to_pure_dict(captured))
-        missing = [n for n in names if n not in feats]
-        if missing:
-            raise KeyError(f"{type(model).__name__} has no activation named {missing}; it has {sorted(feats)}")
-        _, _, new_extra = nnx.split(m, nnx.Param, ...)
-        return (logits, {n: feats[n] for n in names}), nnx.to_pure_dict(new_extra)
-
-    return apply
-
-
-def feature_shapes(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """Every activation name :func:`apply_with_features` can return, with its per-example shape.
-
-    Example:
-      >>> feature_shapes(models.create('lenet5', input_shape=(28, 28, 1), num_classes=10), (28, 28, 1))
-      {'conv1': (24, 24, 20), 'conv2': (8, 8, 50), 'fc1': (500,), 'fc2': (10,), 'features': (4, 4, 50)}
-    """
-    graphdef, p_state, e_state = nnx.split(model, nnx.Param, ...)
-
-    def run(x):
-        m = nnx.merge(graphdef, p_state, e_state)
-        _, captured = nnx.capture(m, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
-        return _feature_names(nnx.to_pure_dict(captured))
-
-    shapes = jax.eval_shape(run, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-    return {k: tuple(v.shape[1:]) for k, v in sorted(shapes.items())}

@@ -14,6 +14,9 @@ declare its own), or given as a path: ``jcompress run path/to/my_exp.py``. Copyi
 experiment file and editing it is the intended way to start a new one.
 
 Settings are overridden with ``--config.FIELD=VALUE`` (nested: ``--config.lenet5.epochs=3``).
+A field that the config does not have at the top level but that some of its groups have
+sets it in each of those groups: ``--config.epochs=5`` on han2015 (groups ``lenet300`` and
+``lenet5``) is ``--config.lenet300.epochs=5 --config.lenet5.epochs=5``.
 The value is parsed as the type of the field it replaces (bool, int, float, str, tuple);
 an unknown field or a value of the wrong type is an error naming the field. The resolved
 config is written into ``results.json`` under ``"config"``.
@@ -147,6 +150,9 @@ def _parse(field: str, text: str, current):
 def apply_overrides(config, overrides: Sequence[str]):
     """Set ``--config.FIELD=VALUE`` (or ``--config.FIELD VALUE``) overrides on ``config`` in place.
 
+    A top-level ``FIELD`` the config lacks but some of its groups have is set in each of
+    them (on han2015, ``--config.epochs=5`` sets ``lenet300.epochs`` and ``lenet5.epochs``).
+
     Args:
       config: an ``ml_collections.ConfigDict``.
       overrides: command-line tokens, e.g. ``["--config.epochs=5", "--config.seed", "3"]``.
@@ -158,8 +164,6 @@ def apply_overrides(config, overrides: Sequence[str]):
       ValueError: for a token that is not ``--config.FIELD``, an unknown field (the message
         lists the fields) or a value that does not parse as the field's type.
     """
-    import ml_collections
-
     tokens = list(overrides)
     i = 0
     while i < len(tokens):
@@ -174,20 +178,43 @@ def apply_overrides(config, overrides: Sequence[str]):
             i += 2
         else:
             raise ValueError(f"{token} needs a value: {token}=VALUE")
-        *groups, key = field.split(".")
-        node = config
-        for part in groups:
-            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-            raise ValueError(f"unknown config field {field!r}; fields: {', '.join(_fields(config))}")
-        current = node[key]
-        if isinstance(current, ml_collections.ConfigDict):
-            raise ValueError(f"config field {field!r} is a group; set one of its fields: --config.{field}.X=...")  # noqa: TRY004
-        try:
-            node[key] = _parse(field, text, current)
-        except TypeError as e:  # ConfigDict's own type check
-            raise ValueError(f"--config.{field}={text!r}: {e}") from None
+        for target in _targets(config, field):
+            _set(config, target, text)
     return config
+
+
+def _targets(config, field: str) -> list[str]:
+    """The dotted fields ``--config.FIELD`` sets: itself, or ``GROUP.FIELD`` in every group that has it."""
+    import ml_collections
+
+    *groups, key = field.split(".")
+    node = config
+    for part in groups:
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and key in node:
+        return [field]
+    if not groups:  # a per-group setting given once for all groups: --config.epochs=5
+        owners = [g for g, v in config.items() if isinstance(v, ml_collections.ConfigDict) and key in v]
+        owners = [g for g in owners if not isinstance(config[g][key], ml_collections.ConfigDict)]
+        if owners:
+            return [f"{g}.{key}" for g in owners]
+    raise ValueError(f"unknown config field {field!r}; fields: {', '.join(_fields(config))}")
+
+
+def _set(config, field: str, text: str) -> None:
+    import ml_collections
+
+    *groups, key = field.split(".")
+    node = config
+    for part in groups:
+        node = node[part]
+    current = node[key]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(f"config field {field!r} is a group; set one of its fields: --config.{field}.X=...")  # noqa: TRY004
+    try:
+        node[key] = _parse(field, text, current)
+    except TypeError as e:  # ConfigDict's own type check
+        raise ValueError(f"--config.{field}={text!r}: {e}") from None
 
 
 def resolve_config(module: ModuleType, *, quick: bool = False, overrides: Sequence[str] = (), data: str | None = None):

@@ -275,3 +275,12 @@ def test_gradual_vs_oneshot_reaches_the_target_sparsity(quick_run):
             # measured from the final weights, so the schedule really ended at the target
             assert abs(r["measured_sparsity"] - r["target_sparsity"]) < 1e-3
             assert r["epochs"] == res["budget_epochs"]
+
+
+def test_a_group_field_given_once_sets_every_group():
+    _, module = experiments_cli.load("han2015")
+    config = experiments_cli.resolve_config(module, overrides=["--config.epochs=5", "--config.seed=3"])
+    assert (config.lenet300.epochs, config.lenet5.epochs, config.seed) == (5, 5, 3)
+    assert config.lenet300.rounds == 6 and config.lenet5.rounds == 5  # other fields keep the paper's values
+    config = experiments_cli.resolve_config(module, overrides=["--config.lenet5.epochs=2"])
+    assert (config.lenet300.epochs, config.lenet5.epochs) == (30, 2)

@@ -69,7 +69,14 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except ValueError as e:  # json.JSONDecodeError among them
+            raise ValueError(
+                f"checkpoint {self.directory} step {step}: its metadata ({self.directory / str(step) / 'meta'}) "
+                f"cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt. Delete step {step} to "
+                "fall back to the one before it, or start a new run"
+            ) from e
         return dict(out["meta"] or {})
 
     def close(self) -> None:

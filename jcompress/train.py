@@ -26,6 +26,7 @@ import optax
 
 from jcompress import data as data_lib
 from jcompress import parallel
+from jcompress.core.spec import check_value
 
 __all__ = ["FitResult", "TrainState", "cross_entropy", "epoch_loop", "evaluate", "fit", "init_state", "train_step"]
 
@@ -209,6 +210,8 @@ def epoch_loop(
     """
     from jcompress.checkpoint import Checkpointer
 
+    epochs = check_value(epochs, arg="epochs", kind=int, lo=1)
+    batch_size = check_value(batch_size, arg="batch_size", kind=int, lo=1)
     steps_per_epoch = data_lib.num_batches(len(dataset.x_train), batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(dataset.x_train)} examples)")

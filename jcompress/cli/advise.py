@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from jcompress.cli.args import fraction, new_dir, nonnegative_int, positive_float, positive_int
+
 __all__ = ["main", "register"]
 
 
@@ -21,20 +23,26 @@ def register(subparsers) -> None:
     )
     p.add_argument("--data", required=True, help="mnist5k, digits, mnist1d or tfds:NAME (the model's dataset)")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--max-bytes", type=float, default=None, help="largest acceptable file, bytes")
+    p.add_argument("--max-bytes", type=positive_float, default=None, help="largest acceptable file, bytes")
     p.add_argument(
-        "--max-accuracy-drop", type=float, default=None, help="largest accuracy drop, fraction (0.01 = 1 point)"
+        "--max-accuracy-drop", type=fraction, default=None, help="largest accuracy drop, fraction (0.01 = 1 point)"
     )
-    p.add_argument("--max-latency-ms", type=float, default=None, help="largest forward time on 256 test inputs, ms")
+    p.add_argument(
+        "--max-latency-ms", type=positive_float, default=None, help="largest forward time on 256 test inputs, ms"
+    )
     p.add_argument(
         "--keep-architecture", action="store_true", help="recommend only recipes that keep layers and shapes"
     )
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per stage (default 1, quick 1)")
     p.add_argument(
-        "--distill-epochs", type=int, default=None, help="epochs per distilled student (default 10, quick 3)"
+        "--epochs", type=nonnegative_int, default=None, help="fine-tuning epochs per stage, 0 for none (default 1)"
+    )
+    p.add_argument(
+        "--distill-epochs", type=positive_int, default=None, help="epochs per distilled student (default 10, quick 3)"
     )
     p.add_argument("--quick", action="store_true", help="a short list of recipes (about a minute on a laptop)")
-    p.add_argument("--out", default="runs/advise", help="output directory: advice.json, advice.md, plot.png")
+    p.add_argument(
+        "--out", type=new_dir, default="runs/advise", help="output directory: advice.json, advice.md, plot.png"
+    )
     p.set_defaults(func=main)
 
 

@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from jcompress.cli.args import widths
+from jcompress.cli.args import fraction, new_dir, positive_float, positive_int, seed, widths
+from jcompress.cli.resume import run_meta
 
 __all__ = ["main", "register"]
 
@@ -24,33 +25,76 @@ def register(subparsers) -> None:
     p.add_argument("--widths", type=widths, default=None, help="student hidden widths for mlp/resnet, e.g. 800,800")
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, mnist1d or tfds:NAME")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T of the soft targets")
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft targets in [0, 1]")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs in all (a resumed run trains the rest)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--temperature", type=positive_float, default=4.0, help="softmax temperature T (> 0)")
+    p.add_argument("--alpha", type=fraction, default=0.9, help="weight of the soft targets in [0, 1]")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (> 0)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--no-cache", action="store_true", help="run the teacher in every step instead of caching its logits"
     )
-    p.add_argument("--out", required=True, help="run directory: ckpt/ (orbax) and metrics.jsonl; resumes if present")
+    p.add_argument(
+        "--out", type=new_dir, required=True, help="run directory: ckpt/ (orbax) and metrics.jsonl; resumes if present"
+    )
+    p.add_argument(
+        "--override", action="store_true", help="resume a run in --out even if its saved settings differ (recorded)"
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``jcompress distill``; prints the last epoch's metrics as JSON and the checkpoint path."""
+    teacher = Path(args.teacher).expanduser()
+    if not teacher.is_dir():
+        raise FileNotFoundError(
+            f"--teacher {args.teacher}: no such checkpoint directory (the ckpt/ of 'jcompress train --out DIR')"
+        )
+    settings = {
+        "teacher": str(teacher.absolute()),
+        "student": args.student,
+        "widths": None if args.widths is None else list(args.widths),
+        "data": args.data,
+        "batch_size": args.batch_size,
+        "temperature": args.temperature,
+        "alpha": args.alpha,
+        "lr": args.lr,
+        "seed": args.seed,
+    }
+    meta = run_meta(args.out, "distill", settings, override=args.override)
+
     from jcompress import data as data_lib
     from jcompress.distill.run import distill
 
     ds = data_lib.load(args.data, data_dir=args.data_dir)
+    _check_teacher_fits(teacher, args.data, ds)
     student_config: dict = {"name": args.student}
     if args.widths is not None:
         student_config["widths"] = list(args.widths)
     res = distill(
         args.teacher, student_config, ds, epochs=args.epochs, batch_size=args.batch_size, temperature=args.temperature,
-        alpha=args.alpha, lr=args.lr, out_dir=args.out, seed=args.seed, cache_teacher=not args.no_cache,
+        alpha=args.alpha, lr=args.lr, out_dir=args.out, seed=args.seed, cache_teacher=not args.no_cache, meta=meta,
     )  # fmt: skip
     last = res.history[-1] if res.history else {}
     print(json.dumps({**last, "teacher_test_accuracy": res.teacher_accuracy}))
-    print(f"checkpoint: {Path(args.out) / 'ckpt'}")
+    print(f"checkpoint: {args.out / 'ckpt'}")
     return 0
+
+
+def _check_teacher_fits(teacher, data_name: str, ds) -> None:
+    """The teacher's saved input shape and classes against the dataset's, before anything is built."""
+    from jcompress import checkpoint
+
+    ck = checkpoint.Checkpointer(teacher)
+    try:
+        if ck.latest_step() is None:
+            raise FileNotFoundError(f"--teacher {teacher}: no checkpoint in this directory")
+        config = ck.read_meta().get("model", {})
+    finally:
+        ck.close()
+    shape, classes = config.get("input_shape"), config.get("num_classes")
+    if (shape is not None and tuple(shape) != ds.input_shape) or (classes is not None and classes != ds.num_classes):
+        raise ValueError(
+            f"--teacher {teacher} takes inputs {tuple(shape or ())} with {classes} classes, but --data {data_name} "
+            f"has {ds.input_shape} and {ds.num_classes}; pass the dataset the teacher was trained on"
+        )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from jcompress.cli.args import new_dir
+
 __all__ = ["main", "register"]
 
 
@@ -27,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("name", help="an experiment name (jcompress.experiments entry point) or the path of a .py file")
     p.add_argument("--quick", action="store_true", help="start from get_config('quick'): tiny epochs and sizes")
     p.add_argument("--data", default=None, help="dataset (same as --config.data=NAME), e.g. digits or tfds:NAME")
-    p.add_argument("--out", default=None, help="output directory (default runs/NAME)")
+    p.add_argument("--out", type=new_dir, default=None, help="output directory (default runs/NAME)")
     p.set_defaults(func=main, accepts_overrides=True)
 
 

@@ -1,12 +1,17 @@
-"""``jcompress train``: train a registered model on a dataset and checkpoint it."""
+"""``jcompress train``: train a registered model on a dataset and checkpoint it.
+
+Rerunning the same command line resumes the run in ``--out`` (``--epochs`` may grow); a
+run directory whose saved settings differ is refused unless ``--override`` is given (see
+:mod:`jcompress.cli.resume`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from jcompress.cli.args import widths
+from jcompress.cli.args import new_dir, positive_float, positive_int, rate, seed, widths
+from jcompress.cli.resume import run_meta
 
 __all__ = ["main", "register"]
 
@@ -16,19 +21,35 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model on a dataset and checkpoint it")
     p.add_argument("--model", default="lenet300", help="lenet300, lenet5, mlp, cnn1d or resnet")
     p.add_argument("--widths", type=widths, default=None, help="hidden widths for mlp/resnet, e.g. 1200,1200")
-    p.add_argument("--dropout", type=float, default=None, help="hidden dropout rate (mlp, lenet300)")
+    p.add_argument("--dropout", type=rate, default=None, help="hidden dropout rate in [0, 1) (mlp, lenet300)")
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, mnist1d or tfds:NAME")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="run directory: ckpt/ (orbax) and metrics.jsonl; resumes if present")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs in all (a resumed run trains the rest)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (> 0)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument(
+        "--out", type=new_dir, required=True, help="run directory: ckpt/ (orbax) and metrics.jsonl; resumes if present"
+    )
+    p.add_argument(
+        "--override", action="store_true", help="resume a run in --out even if its saved settings differ (recorded)"
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``jcompress train``; prints the last epoch's metrics as JSON and the checkpoint path."""
+    settings = {
+        "model": args.model,
+        "widths": None if args.widths is None else list(args.widths),
+        "dropout": args.dropout,
+        "data": args.data,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+    }
+    meta = run_meta(args.out, "train", settings, override=args.override)
+
     import optax
 
     from jcompress import data, models, train
@@ -46,9 +67,10 @@ def main(args: argparse.Namespace) -> int:
     fn = models.functional(model)
     result = train.fit(
         fn.apply, fn.params, fn.extra, ds, tx=optax.adam(args.lr), epochs=args.epochs,
-        batch_size=args.batch_size, seed=args.seed, out_dir=args.out, meta={"model": config, "data": args.data},
+        batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
+        meta={"model": config, "data": args.data, **meta},
     )  # fmt: skip
     last = result.history[-1] if result.history else {}
     print(json.dumps(last))
-    print(f"checkpoint: {Path(args.out) / 'ckpt'}")
+    print(f"checkpoint: {args.out / 'ckpt'}")
     return 0

@@ -1,0 +1,391 @@
+"""The compressed-tensors checkpoint layout (written by llm-compressor; read by transformers, vLLM, SGLang).
+
+A folder holds ``config.json`` (the model's config with a ``quantization_config``),
+``model.safetensors`` and the tokenizer files. For each quantized Linear module ``m``
+(a jcompress Dense kernel ``(in, out)``, stored as PyTorch's ``(out, in)``):
+
+=========================  =====================  ==========================================
+tensor                     dtype, shape           content
+=========================  =====================  ==========================================
+``m.weight_packed``        int32 ``(out, W)``     ``pack-quantized``: the codes plus
+                                                  ``2**(bits-1)`` (unsigned), packed along
+                                                  the input dim, ``W = ceil(in*bits/32)``
+``m.weight``               int8 ``(out, in)``     ``naive-quantized``: the signed codes
+``m.weight_shape``         int64 ``(2,)``         ``(out, in)`` (``pack-quantized`` only)
+``m.weight_scale``         float32                ``(1,)`` tensor, ``(out, 1)`` channel,
+                                                  ``(out, in // group_size)`` group strategy
+``m.weight_zero_point``    int32 / int8           asymmetric only: the signed zero point,
+                                                  packed like the codes but along the
+                                                  output dim, ``(ceil(out*bits/32), groups)``
+                                                  (int8, unpacked, for ``tensor`` or
+                                                  ``naive-quantized``)
+=========================  =====================  ==========================================
+
+The layout's codes are signed (``[-2**(bits-1), 2**(bits-1) - 1]``) and a weight is
+``(code - zero_point) * scale``. jcompress's symmetric codes are already signed; its
+asymmetric codes and zero points are unsigned ``[0, 2**bits - 1]`` and are stored minus
+``2**(bits-1)``. Since the packing adds ``2**(bits-1)`` back, the packed words hold
+jcompress's asymmetric codes unchanged. Dequantized weights agree exactly with
+:func:`jcompress.core.grid.dequantize` (float32 scales, integer differences).
+
+Activation order: jcompress's GPTQ with ``act_order=True`` keeps its groups contiguous in
+the input order, which the layout records as ``actorder: "weight"`` (pass
+``actorder="weight"`` to :func:`write`) and which needs no ``weight_g_idx``. A folder
+with a ``weight_g_idx`` is read when the index is the contiguous one
+(``g_idx[i] == i // group_size``); another order is refused.
+
+``quantization_config``: ``quant_method: "compressed-tensors"``, the ``format``,
+``quantization_status: "compressed"``, one ``config_groups`` entry per distinct weight
+scheme (``num_bits``, ``type: "int"``, ``symmetric``, ``strategy`` ``tensor`` /
+``channel`` / ``group``, ``group_size``, ``actorder``) whose ``targets`` are the exact
+module names, and ``ignore``: the Linear modules left in float (informational).
+
+Example:
+  >>> params, aux = jc.oneshot.gptq(stats, bits=4, group_size=128)(params)
+  >>> write('llama-w4', params, aux, names=to_hf, base_folder='llama')   # then: vllm serve llama-w4
+  >>> params2, grids = read('llama-w4', names=from_hf)                  # grids[leaf] == aux.grids[leaf]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from jcompress.core import base, grid
+from jcompress.formats import folder as fs
+from jcompress.formats.folder import FolderError
+
+__all__ = ["FORMATS", "READ_FORMATS", "FolderError", "read", "write"]
+
+FORMATS = ("pack-quantized", "naive-quantized")
+# int-quantized is naive-quantized under the name llm-compressor gives W8A8 checkpoints.
+READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
+_STRATEGIES = ("tensor", "channel", "group")
+_ACTORDERS = (None, False, "weight", "static")
+_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def collect_grids(aux) -> dict[str, grid.QuantParams]:
+    """``{leaf: QuantParams}`` from a ``GridAux``, a ``ChainAux`` holding some, or such a dict."""
+    if isinstance(aux, dict):
+        grids = dict(aux)
+    else:
+        grids = {}
+        for a in base.all_auxes(aux):
+            if isinstance(a, base.GridAux):
+                grids.update(a.grids)
+    for leaf, qp in grids.items():
+        if not isinstance(qp, grid.QuantParams):
+            raise TypeError(f"the grid of {leaf!r} is a {type(qp).__name__}; a core.grid.QuantParams is needed")
+    return grids
+
+
+def weight_args(leaf: str, w_shape: tuple, qp: grid.QuantParams) -> dict:
+    """The layout's weight scheme of one jcompress grid; ValueError naming ``leaf`` if it has none."""
+    if not fs.transposed(leaf, len(w_shape)):
+        raise ValueError(
+            f"{leaf}: only Dense kernels (in, out) named '.../kernel' are stored as quantized Linear weights, "
+            f"got shape {w_shape}; leave this leaf out of the grids or rename it"
+        )
+    if tuple(qp.codes.shape) != tuple(w_shape):
+        raise ValueError(f"{leaf}: the grid's codes have shape {tuple(qp.codes.shape)}, the leaf {tuple(w_shape)}")
+    if qp.bits > 8:
+        raise ValueError(f"{leaf}: bits={qp.bits}; the serving layouts store at most 8-bit integer codes")
+    if qp.axis is None:
+        strategy = "tensor"
+    elif qp.axis == 1:
+        strategy = "group" if qp.group_size is not None else "channel"
+    else:
+        raise ValueError(
+            f"{leaf}: the grid has one scale per index of axis {qp.axis}; the layout needs one per output "
+            "channel (axis=-1) or one for the tensor (axis=None)"
+        )
+    return {
+        "num_bits": int(qp.bits),
+        "type": "int",
+        "symmetric": bool(qp.symmetric),
+        "strategy": strategy,
+        "group_size": int(qp.group_size) if strategy == "group" else None,
+        "dynamic": False,
+    }
+
+
+def _encode(module: str, qp: grid.QuantParams, args: dict, fmt: str) -> dict[str, np.ndarray]:
+    bits, offset = qp.bits, 2 ** (qp.bits - 1)
+    codes = np.asarray(qp.codes, np.int32).T  # (out, in)
+    signed = codes if qp.symmetric else codes - offset
+    scale = np.asarray(qp.scale, np.float32)
+    scale = scale.reshape(1) if args["strategy"] == "tensor" else scale.T
+    out = {f"{module}.weight_scale": np.ascontiguousarray(scale)}
+    if fmt == "pack-quantized":
+        out[f"{module}.weight_packed"] = fs.pack_int32(signed + offset, bits=bits)
+        out[f"{module}.weight_shape"] = np.asarray(codes.shape, np.int64)
+    else:
+        out[f"{module}.weight"] = signed.astype(np.int8)
+    if not qp.symmetric:
+        zp = np.asarray(qp.zero_point, np.int32)
+        if args["strategy"] == "tensor":
+            out[f"{module}.weight_zero_point"] = (zp.reshape(1) - offset).astype(np.int8)
+        elif fmt == "pack-quantized":
+            out[f"{module}.weight_zero_point"] = fs.pack_int32(zp.T, bits=bits, axis=0)
+        else:
+            out[f"{module}.weight_zero_point"] = (zp.T - offset).astype(np.int8)
+    return out
+
+
+def write(
+    folder: str | Path,
+    params,
+    aux,
+    *,
+    names: dict | Callable | None = None,
+    base_folder: str | Path | None = None,
+    format: str = "pack-quantized",
+    actorder: str | None = None,
+) -> dict:
+    """Write ``params`` with the quantized leaves of ``aux`` as a compressed-tensors folder.
+
+    Args:
+      folder: output folder (created; its ``model.safetensors`` and ``config.json`` replaced).
+      params: nested dict (or NNX State) of arrays; quantized leaves are Dense kernels
+        ``(in, out)``, written as ``(out, in)``; the other leaves are written unchanged
+        (2-D ``.../kernel`` leaves transposed).
+      aux: the ``GridAux`` of ``jc.quant.quantize`` / ``jc.oneshot.gptq`` (or a ``ChainAux``
+        holding one, or a dict ``{leaf: QuantParams}``): which leaves are quantized and how.
+        Grids: bits <= 8, per output channel (``axis=-1``, optionally grouped) or per tensor.
+      names: jcompress leaf name -> tensor name (dict or callable, None leaves a leaf
+        out); default: slashes to dots, final ``kernel`` -> ``weight``. A quantized leaf's
+        tensor name must end in ``.weight``.
+      base_folder: the Hugging Face folder the model came from: its ``config.json`` is copied
+        with the ``quantization_config`` added, and its tokenizer and generation files are
+        copied. Without it, ``config.json`` holds the ``quantization_config`` alone.
+      format: ``'pack-quantized'`` (int32 words, what vLLM serves for 4 and 8 bits) or
+        ``'naive-quantized'`` (one int8 per code).
+      actorder: ``None`` or ``'weight'`` (the grids came from GPTQ with ``act_order=True``),
+        recorded in every scheme.
+
+    Returns:
+      The ``quantization_config`` written.
+
+    Raises:
+      ValueError: a grid the layout cannot hold, names that clash, a quantized name not
+        ending in ``.weight``, a grid for a leaf not in ``params``, a bad ``format``.
+
+    Example:
+      >>> write('out', params, aux, base_folder='tinyllama')
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} must be one of {FORMATS}")
+    if actorder not in (None, "weight"):
+        raise ValueError(f"actorder={actorder!r} must be None or 'weight' (contiguous groups, jcompress's GPTQ)")
+    schemes: dict[tuple, list[str]] = {}
+
+    def encode(leaf, module, w, qp):
+        args = weight_args(leaf, w.shape, qp)
+        if actorder is not None:
+            args["actorder"] = actorder
+        schemes.setdefault(tuple(sorted(args.items(), key=str)), []).append(module)
+        return _encode(module, qp, args, format)
+
+    tensors, ignore = fs.leaf_tensors(params, collect_grids(aux), names, encode)
+    qconfig = {
+        "quant_method": "compressed-tensors",
+        "format": format,
+        "quantization_status": "compressed",
+        "config_groups": {
+            f"group_{i}": {
+                "targets": sorted(modules),
+                "weights": dict(key),
+                "input_activations": None,
+                "output_activations": None,
+                "format": format,
+            }
+            for i, (key, modules) in enumerate(schemes.items())
+        },
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+    }
+    fs.save_folder(folder, tensors, qconfig, base_folder)
+    return qconfig
+
+
+def _matches(module: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    # A class name (``Linear``) matches every module that holds quantized tensors.
+    return module == target or ("." not in target and target[:1].isupper())
+
+
+def _check_args(group: str, scheme: dict, where: str) -> dict:
+    """The weight args of one config group, validated; FolderError naming the group otherwise."""
+    for key in ("input_activations", "output_activations"):
+        if scheme.get(key):
+            raise FolderError(f"{where}: config group {group!r} quantizes {key}; jcompress reads weight-only schemes")
+    w = scheme.get("weights")
+    if not isinstance(w, dict):
+        raise FolderError(f"{where}: config group {group!r} has no weights scheme")
+    bits, typ = w.get("num_bits", 8), w.get("type", "int")
+    if typ != "int" or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise FolderError(
+            f"{where}: config group {group!r} stores type={typ!r} num_bits={bits!r}; jcompress reads int 1..8 bits"
+        )
+    g = w.get("group_size")
+    strategy = w.get("strategy") or ("tensor" if g is None else "channel" if g == -1 else "group")
+    if strategy not in _STRATEGIES or w.get("block_structure") is not None:
+        raise FolderError(f"{where}: config group {group!r} has strategy {strategy!r}; jcompress reads {_STRATEGIES}")
+    if strategy == "group" and (not isinstance(g, int) or g < 1):
+        raise FolderError(f"{where}: config group {group!r} has strategy 'group' with group_size={g!r}")
+    if w.get("dynamic"):
+        raise FolderError(f"{where}: config group {group!r} has dynamic weight scales; jcompress reads static ones")
+    if w.get("actorder") not in _ACTORDERS + ("group", "dynamic", True):
+        raise FolderError(f"{where}: config group {group!r} has actorder={w.get('actorder')!r}")
+    return {"bits": bits, "symmetric": bool(w.get("symmetric", True)), "strategy": strategy, "group_size": g}
+
+
+_SCALE_DTYPES = ("float32", "float16", "float64", "bfloat16")
+
+
+def to_grid(
+    signed: np.ndarray, zero: np.ndarray | None, scale: np.ndarray, *, bits: int, strategy: str, group_size: int | None
+) -> grid.QuantParams:
+    """A jcompress grid from the layout's signed codes ``(out, in)``, signed zero point and scale.
+
+    Signed codes within jcompress's symmetric range and no zero point give a symmetric
+    grid; otherwise the codes and zero point are shifted by ``2**(bits-1)`` to jcompress's
+    unsigned asymmetric grid. Either way the dequantized weights are unchanged.
+    """
+    offset = 2 ** (bits - 1)
+    codes = signed.astype(np.int32).T  # (in, out)
+    axis = None if strategy == "tensor" else 1
+    gs = group_size if strategy == "group" else None
+    scale = scale.astype(np.float32)
+    scale = scale.reshape(()) if axis is None else scale.T
+    if zero is None and bits >= 2 and (codes.size == 0 or codes.min() >= -(offset - 1)):
+        return grid.QuantParams(codes, scale, np.zeros(scale.shape, np.int32), bits, True, axis, gs)
+    zp = np.zeros(scale.shape, np.int32) if zero is None else zero.astype(np.int32).reshape(scale.T.shape).T
+    return grid.QuantParams(codes + offset, scale, zp + offset, bits, False, axis, gs)
+
+
+def _decode(tensors: dict, module: str, args: dict, fmt: str) -> grid.QuantParams:
+    bits, strategy, offset = args["bits"], args["strategy"], 2 ** (args["bits"] - 1)
+    scale_name = f"{module}.weight_scale"
+    scale = fs.take(tensors, scale_name)
+    if fmt == "pack-quantized":
+        shape_name = f"{module}.weight_shape"
+        shape = fs.take(tensors, shape_name)
+        if shape.shape != (2,) or shape.dtype.kind not in "iu" or shape.min() < 0:
+            raise FolderError(f"the tensor {shape_name} must hold (out, in) as 2 integers, got {shape!r}")
+        out, n_in = (int(v) for v in shape)
+        packed_name = f"{module}.weight_packed"
+        packed = fs.take(tensors, packed_name)
+        fs.expect(packed, packed_name, (out, -(-n_in * bits // 32)), ("int32",))
+        signed = fs.unpack_int32(packed, bits=bits, count=n_in) - offset
+    else:
+        weight_name = f"{module}.weight"
+        weight = fs.take(tensors, weight_name)
+        if weight.ndim != 2:
+            raise FolderError(f"the tensor {weight_name} has shape {weight.shape}; a Linear weight (out, in) is needed")
+        out, n_in = weight.shape
+        fs.expect(weight, weight_name, (out, n_in), ("int8",))
+        signed = weight.astype(np.int32)
+        if signed.size and (signed.min() < -offset or signed.max() >= offset):
+            raise FolderError(f"the tensor {weight_name} holds codes outside the {bits}-bit range")
+    g = args["group_size"]
+    if strategy == "group" and n_in % g:
+        raise FolderError(f"{module}: group_size={g} does not divide the {n_in} inputs of {module}.weight")
+    scale_shape = {"tensor": (1,), "channel": (out, 1), "group": (out, n_in // g if g else 0)}[strategy]
+    fs.expect(scale, scale_name, scale_shape, _SCALE_DTYPES)
+    zero = None
+    zp_name = f"{module}.weight_zero_point"
+    if not args["symmetric"]:
+        zp = fs.take(tensors, zp_name)
+        if fmt == "pack-quantized" and strategy != "tensor":
+            fs.expect(zp, zp_name, (-(-out * bits // 32), scale_shape[1]), ("int32",))
+            zero = fs.unpack_int32(zp, bits=bits, count=out, axis=0) - offset
+        else:
+            fs.expect(zp, zp_name, scale_shape, ("int8", "int32"))
+            zero = zp.astype(np.int32)
+            if zero.min() < -offset or zero.max() >= offset:
+                raise FolderError(f"the tensor {zp_name} holds zero points outside the {bits}-bit range")
+    elif zp_name in tensors and np.any(tensors.pop(zp_name)):
+        raise FolderError(f"the tensor {zp_name} is non-zero but the scheme of {module} is symmetric")
+    g_idx_name = f"{module}.weight_g_idx"
+    if g_idx_name in tensors:
+        g_idx = tensors.pop(g_idx_name)
+        contiguous = np.arange(n_in) // (g if strategy == "group" else max(n_in, 1))
+        if g_idx.shape != (n_in,) or not np.array_equal(g_idx, contiguous):
+            raise FolderError(
+                f"the tensor {g_idx_name} puts inputs in non-contiguous groups; jcompress's grid holds groups of "
+                "consecutive inputs (actorder 'weight'), so this folder cannot be read exactly"
+            )
+    return to_grid(signed, zero, scale, bits=bits, strategy=strategy, group_size=g)
+
+
+def read(folder: str | Path, *, names: dict | Callable | None = None) -> tuple[dict, dict[str, grid.QuantParams]]:
+    """Read a compressed-tensors folder into ``(params, grids)``.
+
+    Args:
+      folder: a folder with ``config.json`` (holding ``quantization_config``) and
+        ``model.safetensors`` (or shards with an index).
+      names: tensor name -> jcompress leaf name (dict or callable; None skips a tensor);
+        default: dots to slashes, a 2-D ``.weight`` -> ``kernel``. A quantized module's
+        weight must map to a leaf ending in ``kernel``.
+
+    Returns:
+      ``(params, grids)``: ``params`` a nested dict of numpy arrays (quantized kernels
+      dequantized to float32 ``(in, out)``, other tensors as stored, 2-D kernels
+      transposed; all-digit keys as ints); ``grids`` ``{leaf: QuantParams}`` with
+      ``axis=1`` (or None for the tensor strategy), dequantizing to those kernels exactly.
+
+    Raises:
+      FolderError: a missing or foreign ``quantization_config`` (another quant_method, a
+        format or scheme jcompress does not read, activation quantization), a missing
+        scale / shape / zero-point tensor, a tensor whose shape disagrees with the config,
+        a quantized module no config group targets. The message names the tensor or group.
+    """
+    folder = Path(folder)
+    config = fs.read_config(folder)
+    qc = config.get("quantization_config")
+    where = str(folder / "config.json")
+    if not isinstance(qc, dict):
+        raise FolderError(f"{where} has no quantization_config; this is not a compressed checkpoint")
+    if qc.get("quant_method") != "compressed-tensors":
+        raise FolderError(f"{where}: quant_method is {qc.get('quant_method')!r}, not 'compressed-tensors'")
+    if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
+        raise FolderError(f"{where}: sparsity, transform and kv-cache configs are not read by jcompress")
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise FolderError(f"{where}: config_groups must be an object")
+    checked = []
+    for name, scheme in groups.items():
+        fmt = scheme.get("format") or qc.get("format")
+        if fmt not in READ_FORMATS:
+            raise FolderError(f"{where}: config group {name!r} has format {fmt!r}; jcompress reads {READ_FORMATS}")
+        checked.append((name, scheme.get("targets") or [], _check_args(name, scheme, where), fmt))
+    ignore = qc.get("ignore") or []
+    tensors = fs.read_tensors(folder)
+    modules = sorted(
+        {n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in ("weight_scale", "weight_packed")}
+    )
+    params, grids = {}, {}
+    for module in modules:
+        hit = next(((n, a, f) for n, targets, a, f in checked if any(_matches(module, t) for t in targets)), None)
+        ignored = any(t == module or (t.startswith("re:") and _matches(module, t)) for t in ignore)
+        if hit is None or ignored:
+            raise FolderError(f"the tensor {module}.weight_scale belongs to a module no config group quantizes")
+        _, args, fmt = hit
+        leaf = fs.leaf_name(f"{module}.weight", 2, names)
+        if leaf is None:
+            continue
+        if not fs.transposed(leaf, 2):
+            raise FolderError(
+                f"{module}.weight maps to the leaf {leaf!r}; a quantized weight needs a '.../kernel' leaf"
+            )
+        qp = _decode(tensors, module, args, fmt)
+        grids[leaf] = qp
+        params[leaf] = np.asarray(grid.dequantize(qp))
+    params.update(fs.plain_params(tensors, names, _SUFFIXES))
+    return fs.nest(params), grids

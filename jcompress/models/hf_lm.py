@@ -11,7 +11,10 @@ its own and handed to ``jax.make_array_from_callback``, which asks for one block
 device of its ``NamedSharding``; each block is read from the file as a slice, so the
 host never holds a second full copy of the model, nor of a sharded tensor. The
 sharding is FSDP-style: the largest dimension divisible by the size of mesh axis
-``axis`` is split along it, and a tensor with no such dimension is replicated.
+``axis`` is split along it, and a tensor with no such dimension is replicated. The
+mesh's axes are taken as ``AxisType.Auto`` for this placement (``jax.make_mesh`` makes
+``Explicit`` ones by default), so that under ``jax.jit`` the compiler inserts the
+all-gathers of the sharded weights and the model's code needs no sharding annotations.
 
 Name mapping (torch ``Linear.weight`` is ``(out, in)`` and becomes the transposed Flax
 kernel ``(in, out)``; GPT-2's ``Conv1D.weight`` is ``(in, out)`` already)::
@@ -54,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jcompress.models.gpt2 import ACTIVATIONS, GPT2, GPT2Config
 from jcompress.models.llama import ROPE_TYPES, Llama, LlamaConfig, RopeScaling
@@ -241,7 +244,13 @@ def _gpt2_target(name: str, cfg: GPT2Config) -> tuple[tuple, bool] | None:
 
 
 def param_sharding(shape: tuple[int, ...], mesh: Mesh, axis: str) -> NamedSharding:
-    """FSDP-style placement: the largest dimension divisible by ``mesh.shape[axis]`` is split, else replicated."""
+    """FSDP-style placement: the largest dimension divisible by ``mesh.shape[axis]`` is split, else replicated.
+
+    The sharding is on ``mesh`` with every axis made ``AxisType.Auto`` (see the module docstring).
+    """
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis={axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     n = mesh.shape[axis]
     dims = [i for i, s in enumerate(shape) if s % n == 0 and s >= n]
     spec = [None] * len(shape)

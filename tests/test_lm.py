@@ -1,0 +1,294 @@
+"""Decoder LMs: equality with transformers' logits, the KV cache, mesh loading, loader errors, perplexity, generation.
+
+The fixtures in tests/fixtures/lm/ are tiny random-weight checkpoints that
+scripts/make_lm_fixtures.py built with transformers, with transformers' float32 logits
+for 3 prompts; no PyTorch is needed here.
+"""
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jcompress import lm
+from jcompress.models import hf_lm
+from jcompress.models.gpt2 import GPT2, GPT2Config
+from jcompress.models.llama import Llama, LlamaConfig, RopeScaling, rope_frequencies
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lm"
+NAMES = ("llama_gqa_sharded", "llama_rope3_tied", "gpt2")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {name: hf_lm.load(FIXTURES / name) for name in NAMES}
+
+
+def _reference(name):
+    ref = np.load(FIXTURES / name / "reference.npz")
+    return [(ref[f"ids_{k}"], ref[f"logits_{k}"]) for k in range(3)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, ids, cache):
+    return nnx.merge(graphdef, state)(ids, cache=cache)
+
+
+def _forward_cached(model, ids, cache):
+    return _apply(*nnx.split(model), ids, cache)
+
+
+def _forward(model, ids):
+    return _forward_cached(model, ids, None)[0]
+
+
+def _check_reference_logits(model, name):
+    """All 3 prompts in one (3, longest) batch, right-padded: causal logits of the real tokens do not see the padding."""
+    ref = _reference(name)
+    ids = np.zeros((3, max(len(i) for i, _ in ref)), np.int32)
+    for row, (prompt, _) in enumerate(ref):
+        ids[row, : len(prompt)] = prompt
+    got = np.asarray(_forward(model, jnp.asarray(ids)))
+    for row, (prompt, want) in enumerate(ref):
+        np.testing.assert_allclose(got[row, : len(prompt)], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_equal_transformers(loaded, name):
+    model, tok, cfg = loaded[name]
+    _check_reference_logits(model, name)
+    assert tok.get_vocab_size() <= cfg.vocab_size
+
+
+def test_fixture_variants_cover_sharding_gqa_tying_and_rope_scaling(loaded):
+    files = hf_lm.checkpoint_files(FIXTURES / "llama_gqa_sharded")
+    assert sorted({p.name for p in files.values()}) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    sharded, tied = loaded["llama_gqa_sharded"][2], loaded["llama_rope3_tied"][2]
+    assert (sharded.num_heads, sharded.num_kv_heads, tied.num_kv_heads) == (4, 2, 2)
+    assert not sharded.tie_embeddings and loaded["llama_gqa_sharded"][0].lm_head is not None
+    assert tied.tie_embeddings and loaded["llama_rope3_tied"][0].lm_head is None
+    assert tied.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 16) and tied.rope_theta == 50000.0
+
+
+def test_linear_names_are_plain_nnx_linear(loaded):
+    model = loaded["llama_gqa_sharded"][0]
+    linears = sorted("/".join(map(str, path)) for path, m in nnx.iter_graph(model) if type(m) is nnx.Linear)
+    per_block = ["attn/k_proj", "attn/o_proj", "attn/q_proj", "attn/v_proj", "mlp/down_proj", "mlp/gate_proj", "mlp/up_proj"]
+    assert linears == sorted(["lm_head"] + [f"layers/{i}/{n}" for i in range(2) for n in per_block])
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert params["layers"][0]["attn"]["q_proj"]["kernel"].shape == (64, 64)
+    assert params["layers"][0]["attn"]["k_proj"]["kernel"].shape == (64, 32)
+
+
+@pytest.mark.parametrize("name", ["llama_rope3_tied", "gpt2"])
+def test_kv_cache_decoding_equals_full_forward(loaded, name):
+    model = loaded[name][0]
+    ids, want = _reference(name)[0]
+    ids = jnp.asarray(ids)[None]
+    full = _forward(model, ids)
+    cache = model.init_cache(1, ids.shape[1] + 3)
+    pieces = []
+    for a, b in [(0, 9), (9, 13), *((t, t + 1) for t in range(13, ids.shape[1]))]:  # prefill 9, 4, then one at a time
+        logits, cache = _forward_cached(model, ids[:, a:b], cache)
+        pieces.append(logits)
+    assert int(cache[0].length) == ids.shape[1]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(full)[0], want, atol=1e-4, rtol=0)
+
+
+def test_blocks_one_at_a_time_equal_the_model(loaded):
+    model = loaded["llama_gqa_sharded"][0]
+    ids = jnp.asarray(_reference("llama_gqa_sharded")[1][0])[None]
+
+    @nnx.jit
+    def by_blocks(model, ids):
+        positions = jnp.arange(ids.shape[1])[None]
+        h = model.embed_inputs(ids, positions)
+        for block in model.layers:
+            h, cache = block(h, positions)
+            assert cache is None
+        return model.logits(h)
+
+    np.testing.assert_allclose(by_blocks(model, ids), _forward(model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+@pytest.mark.parametrize("name", ["llama_gqa_sharded", "gpt2"])
+def test_loading_onto_an_8_device_mesh(name):
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    model, _, _ = hf_lm.load(FIXTURES / name, mesh=mesh, axis="fsdp")
+    leaves = jax.tree.leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    for path, leaf in leaves:
+        # every dimension of these models is a multiple of 8: each leaf is split 8 ways along its largest one
+        split = int(np.argmax(leaf.shape))
+        assert leaf.sharding.spec[split] == "fsdp", (path, leaf.sharding.spec)
+        assert len(leaf.addressable_shards) == 8
+        shard_shapes = {s.data.shape for s in leaf.addressable_shards}
+        assert shard_shapes == {tuple(d // 8 if i == split else d for i, d in enumerate(leaf.shape))}, path
+    _check_reference_logits(model, name)
+
+
+def test_param_sharding_rule():
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("fsdp",))
+    assert hf_lm.param_sharding((3 * n, 5 * n), mesh, "fsdp").spec == P(None, "fsdp")
+    assert hf_lm.param_sharding((5 * n, 3), mesh, "fsdp").spec == P("fsdp", None)
+    if n > 1:
+        assert hf_lm.param_sharding((n + 1, 3), mesh, "fsdp").spec == P(None, None)
+    with pytest.raises(ValueError, match="axis='model' is not an axis"):
+        hf_lm.load(FIXTURES / "gpt2", mesh=mesh, axis="model")
+
+
+def _copy(name, tmp_path) -> Path:
+    dest = tmp_path / name
+    shutil.copytree(FIXTURES / name, dest)
+    return dest
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    folder = _copy("gpt2", tmp_path)
+    _edit_config(folder, model_type="mistral", architectures=["MistralForCausalLM"])
+    with pytest.raises(ValueError, match=r"model_type='mistral' is not supported"):
+        hf_lm.load(folder)
+    _edit_config(folder, model_type=None, architectures=["BertModel"])
+    with pytest.raises(ValueError, match=r"architectures=\['BertModel'\] is not supported"):
+        hf_lm.load(folder)
+
+
+def test_missing_shard_is_named(tmp_path):
+    folder = _copy("llama_gqa_sharded", tmp_path)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors"):
+        hf_lm.load(folder)
+
+
+def test_tokenizer_larger_than_vocab_is_an_error(tmp_path):
+    folder = _copy("gpt2", tmp_path)
+    _edit_config(folder, vocab_size=200)
+    with pytest.raises(ValueError, match=r"token ids but config.json vocab_size=200"):
+        hf_lm.load(folder)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy("gpt2", tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["transformer.ln_f.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"lacks tensors for \['norm/bias'\]"):
+        hf_lm.load(folder)
+
+
+def test_rope_config_formats_and_unknown_rope_type(tmp_path):
+    folder = _copy("llama_rope3_tied", tmp_path)
+    new_style = hf_lm.read_config(folder)
+    params = json.loads((folder / "config.json").read_text())["rope_parameters"]
+    theta = params.pop("rope_theta")
+    _edit_config(folder, rope_parameters=None, rope_theta=theta, rope_scaling=params)  # the transformers 4 layout
+    assert hf_lm.read_config(folder) == new_style
+    _edit_config(folder, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match=r"rope_scaling\.rope_type='yarn' is not supported"):
+        hf_lm.read_config(folder)
+
+
+def test_rope_frequencies_scaling_kinds():
+    base = rope_frequencies(16, 10000.0)
+    np.testing.assert_allclose(base, 10000.0 ** (-np.arange(0, 16, 2) / 16), rtol=1e-6)
+    np.testing.assert_allclose(rope_frequencies(16, 10000.0, RopeScaling("linear", factor=4.0)), base / 4, rtol=1e-6)
+    l3 = rope_frequencies(16, 10000.0, RopeScaling("llama3", 8.0, 1.0, 4.0, 16))
+    wavelength = 2 * np.pi / base
+    assert np.array_equal(l3[wavelength < 4], base[wavelength < 4])  # short waves kept
+    np.testing.assert_allclose(l3[wavelength > 16], base[wavelength > 16] / 8, rtol=1e-6)  # long waves divided
+    mid = (wavelength >= 4) & (wavelength <= 16)
+    assert mid.any() and np.all((l3[mid] < base[mid]) & (l3[mid] > base[mid] / 8))
+    with pytest.raises(ValueError, match="kind='ntk'"):
+        Llama(LlamaConfig(10, 16, 1, 2, 1, 16, rope_scaling=RopeScaling("ntk")), rngs=nnx.Rngs(0))
+
+
+def test_windows_plan():
+    plan = [tuple(w) for w in lm.windows(10, seq_len=4, stride=2)]
+    assert plan == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    assert [tuple(w) for w in lm.windows(10, seq_len=4, stride=4)] == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
+    assert [tuple(w) for w in lm.windows(3, seq_len=8, stride=4)] == [(0, 3, 1)]
+    with pytest.raises(ValueError, match="stride=5 exceeds seq_len=4"):
+        lm.windows(10, seq_len=4, stride=5)
+
+
+@pytest.mark.parametrize("stride", [16, 6])
+def test_perplexity_equals_direct_computation(loaded, stride):
+    model, tok, _ = loaded["llama_gqa_sharded"]
+    ids = lm.corpus_ids(tok, "evaluation", limit=4)[:45]
+    assert len(ids) == 45
+    result = lm.perplexity(model, ids, seq_len=16, stride=stride, batch_size=3)
+    plan = lm.windows(len(ids), seq_len=16, stride=stride)
+    rows = np.zeros((len(plan), 16), np.int32)  # every window right-padded to 16, one forward
+    for r, (begin, end, _) in enumerate(plan):
+        rows[r, : end - begin] = ids[begin:end]
+    logits = np.asarray(_forward(model, jnp.asarray(rows)), np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    total, count = 0.0, 0
+    for r, (begin, end, first) in enumerate(plan):
+        for t in range(first, end):
+            total -= logp[r, t - begin - 1, ids[t]]
+            count += 1
+    expected_count = 44 if stride < 16 else 45 - 3  # every token but the first / but each window's first
+    assert result.num_scored == count == expected_count
+    np.testing.assert_allclose(result.nll_sum, total, rtol=2e-6)
+    assert result.perplexity == pytest.approx(np.exp(total / count), rel=2e-6)
+
+
+def test_calibration_text_shorter_than_seq_len():
+    ids = np.arange(50)
+    batch = lm.sample_windows(ids, num=4, seq_len=20, seed=1)
+    assert batch.shape == (4, 20) and batch.dtype == np.int32
+    assert all(np.array_equal(row, np.arange(row[0], row[0] + 20)) for row in batch)
+    with pytest.raises(ValueError, match=r"has 50 tokens, fewer than seq_len=64"):
+        lm.sample_windows(ids, num=4, seq_len=64)
+
+
+@pytest.mark.parametrize("name", ["llama_rope3_tied", "gpt2"])
+def test_greedy_generation_with_cache_equals_argmax_of_full_forwards(loaded, name):
+    model, tok, _ = loaded[name]
+    prompt = _reference(name)[2][0]
+    out = lm.generate(model, prompt, max_new_tokens=6)
+    assert out.shape == (len(prompt) + 6,) and np.array_equal(out[: len(prompt)], prompt)
+    # a greedy sequence is its own argmax under one full forward (no cache)
+    logits = np.asarray(_forward(model, jnp.asarray(out)[None]))[0]
+    assert np.array_equal(np.argmax(logits[len(prompt) - 1 : -1], axis=-1), out[len(prompt) :])
+    text = lm.generate(model, "Names refer to objects", max_new_tokens=3, tokenizer=tok)
+    assert text == tok.decode(out[: len(prompt) + 3].tolist())
+
+
+def test_generation_errors(loaded):
+    model = loaded["gpt2"][0]
+    with pytest.raises(ValueError, match="exceeds the model's max_position=128"):
+        lm.generate(model, np.zeros(100, np.int32), max_new_tokens=29)
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        lm.generate(model, "text", max_new_tokens=2)
+
+
+def test_gpt2_config_checks():
+    with pytest.raises(ValueError, match="activation='relu' is not supported"):
+        GPT2(GPT2Config(10, 16, 1, 2, activation="relu"), rngs=nnx.Rngs(0))

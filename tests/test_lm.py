@@ -149,6 +149,40 @@ def test_loading_onto_an_8_device_mesh(name):
     _check_reference_logits(model, name)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+def test_placement_reads_one_shard_at_a_time():
+    class Recorder:  # a safetensors slice that records the blocks read from it
+        def __init__(self, array):
+            self.array, self.reads = array, []
+
+        def __getitem__(self, index):
+            self.reads.append(self.array[index].shape)
+            return self.array[index]
+
+    weight = np.arange(32 * 64, dtype=np.float32).reshape(32, 64)  # torch layout (out, in)
+    tensor = Recorder(weight)
+    sharding = hf_lm.param_sharding((64, 32), jax.make_mesh((8,), ("fsdp",)), "fsdp")
+    kernel = hf_lm._place(tensor, (64, 32), True, jnp.float32, sharding)
+    np.testing.assert_array_equal(kernel, weight.T)
+    assert tensor.reads == [(32, 8)] * 8  # 8 blocks of 1/8 of the tensor, never the whole
+
+
+def test_bfloat16_checkpoint_and_dtype(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy("gpt2", tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    model, _, _ = hf_lm.load(folder)
+    kernel = nnx.to_pure_dict(nnx.state(model, nnx.Param))["layers"][0]["attn"]["c_attn"]["kernel"]
+    want = tensors["transformer.h.0.attn.c_attn.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert kernel.dtype == jnp.float32 and np.array_equal(kernel, want)  # Conv1D weights are (in, out) already
+    model, _, _ = hf_lm.load(FIXTURES / "gpt2", dtype=jnp.bfloat16)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_param_sharding_rule():
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("fsdp",))

@@ -294,8 +294,9 @@ class LlamaBlock(nnx.Module):
 class Decoder(nnx.Module):
     """The calls shared by :class:`Llama` and :class:`~jcompress.models.gpt2.GPT2`.
 
-    A subclass holds ``cfg`` (with ``num_layers``), ``layers`` (blocks called as
-    ``block(h, positions, cache) -> (h, cache)``) and defines ``embed_inputs``,
+    A subclass holds ``cfg`` (with ``num_layers``), the token embedding ``embed`` (an
+    ``nnx.Embed``), ``layers`` (blocks called as ``block(h, positions, cache) -> (h,
+    cache)``; ``positions`` may also be ``(1, seq)``) and defines ``embed_inputs``,
     ``logits`` and ``kv_shape``.
     """
 

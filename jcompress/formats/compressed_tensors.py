@@ -85,11 +85,6 @@ def collect_grids(aux) -> dict[str, grid.QuantParams]:
 
 def weight_args(leaf: str, w_shape: tuple, qp: grid.QuantParams) -> dict:
     """The layout's weight scheme of one jcompress grid; ValueError naming ``leaf`` if it has none."""
-    if not fs.transposed(leaf, len(w_shape)):
-        raise ValueError(
-            f"{leaf}: only Dense kernels (in, out) named '.../kernel' are stored as quantized Linear weights, "
-            f"got shape {w_shape}; leave this leaf out of the grids or rename it"
-        )
     if tuple(qp.codes.shape) != tuple(w_shape):
         raise ValueError(f"{leaf}: the grid's codes have shape {tuple(qp.codes.shape)}, the leaf {tuple(w_shape)}")
     if qp.bits > 8:

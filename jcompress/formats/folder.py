@@ -282,6 +282,11 @@ def leaf_tensors(params, grids: dict, names, encode: Callable) -> tuple[dict[str
         w = np.asarray(w)
         kernel = transposed(leaf, w.ndim)
         if leaf in grids:
+            if not kernel:
+                raise ValueError(
+                    f"{leaf}: only Dense kernels (in, out) named '.../kernel' are stored as quantized Linear weights, "
+                    f"got shape {w.shape}; leave this leaf out of the grids or rename it"
+                )
             if not name.endswith(".weight"):
                 raise ValueError(
                     f"{leaf}: a quantized Linear weight needs a tensor name ending in '.weight', not {name!r}"

@@ -65,6 +65,16 @@ def _assert_same_params(a, b):
         assert np.array_equal(np.asarray(v), np.asarray(fb[k])), k
 
 
+def _assert_read_back(read, params, qp):
+    """``read`` == (params with LEAF dequantized from ``qp``, {LEAF: qp}), exactly."""
+    back, grids = read
+    assert list(grids) == [LEAF]
+    _assert_same_grid(grids[LEAF], qp)
+    expected = dict(tree.named_leaves(params))
+    expected[LEAF] = np.asarray(grid.dequantize(qp))
+    _assert_same_params(back, fs.nest(expected))
+
+
 # ---------------------------------------------------------------- bit packing
 
 
@@ -113,12 +123,7 @@ def test_compressed_tensors_round_trip_is_exact(tmp_path, kind, fmt):
     params = _params()
     qp = _grid(**GRIDS[kind])
     ct.write(tmp_path, params, {LEAF: qp}, format=fmt)
-    back, grids = ct.read(tmp_path)
-    assert list(grids) == [LEAF]
-    _assert_same_grid(grids[LEAF], qp)
-    expected = dict(tree.named_leaves(params))
-    expected[LEAF] = np.asarray(grid.dequantize(qp))
-    _assert_same_params(back, fs.nest(expected))
+    _assert_read_back(ct.read(tmp_path), params, qp)
 
 
 def test_compressed_tensors_tensor_layout(tmp_path):
@@ -367,11 +372,7 @@ def test_gptq_round_trip_is_exact(tmp_path, kind, fmt):
     qc = gptq.write(tmp_path, params, {LEAF: qp}, checkpoint_format=fmt)
     assert qc["bits"] == qp.bits and qc["sym"] == qp.symmetric and qc["group_size"] == (qp.group_size or -1)
     assert json.loads((tmp_path / "quantize_config.json").read_text()) == qc
-    back, grids = gptq.read(tmp_path)
-    _assert_same_grid(grids[LEAF], qp)
-    expected = dict(tree.named_leaves(params))
-    expected[LEAF] = np.asarray(grid.dequantize(qp))
-    _assert_same_params(back, fs.nest(expected))
+    _assert_read_back(gptq.read(tmp_path), params, qp)
 
 
 def test_gptq_tensor_layout(tmp_path):

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from jcompress import tree
 from jcompress.core import grid
 from jcompress.core.base import GridAux
-from jcompress.formats import FolderError, gptq
+from jcompress.formats import LLAMA_FROM_HF, LLAMA_TO_HF, FolderError, gptq, renamer
 from jcompress.formats import compressed_tensors as ct
 from jcompress.formats import folder as fs
 from jcompress.models import hf_lm
@@ -213,34 +213,47 @@ def test_mixed_schemes_and_name_mappings(tmp_path):
         ct.write(tmp_path / "d", params, {}, names=lambda leaf: "same")
 
 
-def _llama_names(base: Path) -> tuple[dict, dict]:
-    """``({leaf: tensor name}, {leaf: array in jcompress orientation})`` of a Llama fixture folder."""
+def _llama_leaves(base: Path) -> dict:
+    """``{leaf: array in jcompress orientation}`` of a Llama fixture, named by the loader's own mapping."""
     cfg = hf_lm.read_config(base)
-    names, flat = {}, {}
+    flat = {}
     for name, arr in load_file(str(base / "model.safetensors")).items():
         target = hf_lm._llama_target(name, cfg)  # (params path, transposed), or None for a tied head
         if isinstance(target, tuple):
             leaf = "/".join(map(str, target[0]))
-            names[leaf], flat[leaf] = name, arr.T if target[1] else arr
-    return names, flat
+            flat[leaf] = arr.T if target[1] else arr
+    return flat
+
+
+def test_llama_rules_agree_with_the_loader_and_name_what_they_miss():
+    for fixture in ("llama_rope3_tied", "llama_gqa_sharded"):
+        cfg = hf_lm.read_config(LM / fixture)
+        for name in hf_lm.checkpoint_files(LM / fixture):
+            target = hf_lm._llama_target(name, cfg)
+            if isinstance(target, tuple):
+                leaf = "/".join(map(str, target[0]))
+                assert renamer(LLAMA_TO_HF)(leaf) == name and renamer(LLAMA_FROM_HF)(name) == leaf
+    assert renamer(LLAMA_TO_HF)("layers/2/attn/q_proj/bias") == "model.layers.2.self_attn.q_proj.bias"
+    with pytest.raises(KeyError, match="no rule renames 'layers/0/odd/kernel'"):
+        renamer(LLAMA_TO_HF)("layers/0/odd/kernel")
 
 
 def test_base_folder_config_and_tokenizer_are_carried(tmp_path):
     base = LM / "llama_rope3_tied"
-    names, flat = _llama_names(base)
+    flat = _llama_leaves(base)
     kernels = [leaf for leaf in flat if leaf.endswith("kernel")]
     aux = GridAux({leaf: _grid(flat[leaf].shape, bits=4, group_size=16, seed=i) for i, leaf in enumerate(kernels)})
     params = fs.nest(flat)
     out = tmp_path / "w4"
-    ct.write(out, params, aux, names=names, base_folder=base)
+    ct.write(out, params, aux, names=renamer(LLAMA_TO_HF), base_folder=base)
     base_config = json.loads((base / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert {k: v for k, v in config.items() if k != "quantization_config"} == base_config
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     assert (out / "generation_config.json").exists() and not (out / "reference.npz").exists()
-    n_linear = sum(1 for k in names if k.endswith("kernel"))
+    n_linear = sum(1 for k in flat if k.endswith("kernel"))
     assert sum(len(g["targets"]) for g in config["quantization_config"]["config_groups"].values()) == n_linear
-    back, grids = ct.read(out, names={v: k for k, v in names.items()})
+    back, grids = ct.read(out, names=renamer(LLAMA_FROM_HF))
     assert sorted(grids) == sorted(kernels)
     for leaf, qp in aux.grids.items():
         _assert_same_grid(grids[leaf], qp)
@@ -249,7 +262,7 @@ def test_base_folder_config_and_tokenizer_are_carried(tmp_path):
     for leaf, w in flat.items():
         assert leaf in grids or np.array_equal(back[leaf], w), leaf
     with pytest.raises(ValueError, match="differ from base_folder"):
-        ct.write(base, params, aux, names=names, base_folder=base)
+        ct.write(base, params, aux, names=renamer(LLAMA_TO_HF), base_folder=base)
 
 
 def test_library_written_folders_are_read_to_the_library_weights():

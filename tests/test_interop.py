@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from jcompress import oneshot, quant, tree
 from jcompress.core import grid
+from jcompress.formats import LLAMA_FROM_HF, LLAMA_TO_HF, renamer
 from jcompress.formats import compressed_tensors as ct
 from jcompress.models import hf_lm
 
@@ -135,13 +136,6 @@ def test_library_written_fixtures_read_to_what_the_library_decompresses():
             np.testing.assert_array_equal(ours[f"{module}/kernel"].T, weight)
 
 
-def _llama_names(base: Path) -> dict[str, str]:
-    """``{leaf: tensor name}`` of a Llama folder, from the loader's own name mapping."""
-    cfg = hf_lm.read_config(base)
-    targets = {name: hf_lm._llama_target(name, cfg) for name in hf_lm.checkpoint_files(base)}
-    return {"/".join(map(str, t[0])): name for name, t in targets.items() if isinstance(t, tuple)}
-
-
 @pytest.mark.parametrize("fixture", ["llama_gqa_sharded", "llama_rope3_tied"])
 def test_transformers_loads_our_llama_with_equal_logits(tmp_path, fixture):
     """GQA, a sharded base folder and an untied head: GPTQ (4 bits, groups of 16, act order),
@@ -163,7 +157,7 @@ def test_transformers_loads_our_llama_with_equal_logits(tmp_path, fixture):
     nnx.update(model, params)
     ours = np.asarray(model(jnp.asarray(ids))[0])
     out = tmp_path / "exported"
-    qc = ct.write(out, params, aux, names=_llama_names(base), base_folder=base, format=fmt, actorder="weight")
+    qc = ct.write(out, params, aux, names=renamer(LLAMA_TO_HF), base_folder=base, format=fmt, actorder="weight")
     assert sum(len(g["targets"]) for g in qc["config_groups"].values()) == len(aux.grids)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -171,8 +165,7 @@ def test_transformers_loads_our_llama_with_equal_logits(tmp_path, fixture):
     with torch.no_grad():  # the first forward decompresses the packed weights
         theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    leaf_of = {v: k for k, v in _llama_names(base).items()}
-    weights = {leaf_of.get(name): p.detach().numpy() for name, p in hf.named_parameters()}
+    weights = {renamer(LLAMA_FROM_HF)(name): p.detach().numpy() for name, p in hf.named_parameters()}
     assert set(aux.grids) <= set(weights)  # transformers decompressed every quantized Linear, exactly
     for leaf, qp in aux.grids.items():
         np.testing.assert_array_equal(weights[leaf], np.asarray(grid.dequantize(qp)).T)

@@ -17,6 +17,6 @@ Example:
 """
 
 from jcompress.formats import compressed_tensors, gptq
-from jcompress.formats.folder import FolderError
+from jcompress.formats.folder import LLAMA_FROM_HF, LLAMA_TO_HF, FolderError, renamer
 
-__all__ = ["FolderError", "compressed_tensors", "gptq"]
+__all__ = ["LLAMA_FROM_HF", "LLAMA_TO_HF", "FolderError", "compressed_tensors", "gptq", "renamer"]

@@ -11,6 +11,9 @@ a Hugging Face checkpoint names a tensor by its dotted module path
 The default (``names=None``) is the identity with dots: slashes become dots and a final
 ``kernel`` becomes ``weight`` (``layers/0/attn/q_proj/kernel`` <->
 ``layers.0.attn.q_proj.weight``); reading turns a 2-D ``*.weight`` back into ``*/kernel``.
+:func:`renamer` builds a callable from ordered ``(regex, replacement)`` rules;
+``renamer(LLAMA_TO_HF)`` and ``renamer(LLAMA_FROM_HF)`` map the leaves of
+``jcompress.models.llama.Llama`` to Hugging Face Llama names and back.
 
 **Orientation.** A Flax Dense kernel is ``(in, out)``; a PyTorch ``Linear.weight`` is
 ``(out, in)``. Every 2-D leaf whose jcompress name ends in ``kernel`` is transposed on
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +44,8 @@ import numpy as np
 from jcompress import tree
 
 __all__ = [
+    "LLAMA_FROM_HF",
+    "LLAMA_TO_HF",
     "FolderError",
     "copy_side_files",
     "expect",
@@ -51,6 +57,7 @@ __all__ = [
     "plain_params",
     "read_config",
     "read_tensors",
+    "renamer",
     "save_folder",
     "take",
     "transposed",
@@ -67,6 +74,51 @@ _WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
 
 class FolderError(ValueError):
     """A checkpoint folder that cannot be read: missing or inconsistent tensors or config."""
+
+
+# jcompress.models.llama leaf names -> Hugging Face LlamaForCausalLM tensor names, and back.
+LLAMA_TO_HF = (
+    (r"embed/embedding", "model.embed_tokens.weight"),
+    (r"norm/scale", "model.norm.weight"),
+    (r"lm_head/kernel", "lm_head.weight"),
+    (r"layers/(\d+)/attn_norm/scale", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers/(\d+)/mlp_norm/scale", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"layers/(\d+)/attn/(\w+)/kernel", r"model.layers.\1.self_attn.\2.weight"),
+    (r"layers/(\d+)/mlp/(\w+)/kernel", r"model.layers.\1.mlp.\2.weight"),
+    (r"layers/(\d+)/attn/(\w+)/bias", r"model.layers.\1.self_attn.\2.bias"),
+    (r"layers/(\d+)/mlp/(\w+)/bias", r"model.layers.\1.mlp.\2.bias"),
+)
+LLAMA_FROM_HF = (
+    (r"model\.embed_tokens\.weight", "embed/embedding"),
+    (r"model\.norm\.weight", "norm/scale"),
+    (r"lm_head\.weight", "lm_head/kernel"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers/\1/attn_norm/scale"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers/\1/mlp_norm/scale"),
+    (r"model\.layers\.(\d+)\.self_attn\.(\w+)\.weight", r"layers/\1/attn/\2/kernel"),
+    (r"model\.layers\.(\d+)\.mlp\.(\w+)\.weight", r"layers/\1/mlp/\2/kernel"),
+    (r"model\.layers\.(\d+)\.self_attn\.(\w+)\.bias", r"layers/\1/attn/\2/bias"),
+    (r"model\.layers\.(\d+)\.mlp\.(\w+)\.bias", r"layers/\1/mlp/\2/bias"),
+)
+
+
+def renamer(rules) -> Callable[[str], str]:
+    """A ``names=`` callable from ordered ``(regex, replacement)`` rules: the first rule whose
+    regex matches the whole name gives the new name (``re`` replacement syntax); a name no
+    rule matches is a KeyError naming it.
+
+    Example:
+      >>> renamer(LLAMA_TO_HF)('layers/0/attn/q_proj/kernel')
+      'model.layers.0.self_attn.q_proj.weight'
+    """
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+
+    def rename(name: str) -> str:
+        for pattern, repl in compiled:
+            if pattern.fullmatch(name):
+                return pattern.sub(repl, name)
+        raise KeyError(f"no rule renames {name!r}; add a (regex, replacement) rule for it")
+
+    return rename
 
 
 def transposed(leaf: str, ndim: int) -> bool:

@@ -169,7 +169,7 @@ def svd(
 
     Raises:
       ValueError naming the argument or the leaf: bad rule values, a rank above
-        min(m, n), a touched leaf with fewer than two dimensions, NaN/Inf; TypeError for
+        min(m, n), a touched leaf with fewer than two dimensions or no entries, NaN/Inf; TypeError for
         integer leaves.
 
     Example:
@@ -203,6 +203,11 @@ def svd(
             w = tree.as_float_array(leaves[name], name)
             if w.ndim < 2:
                 raise ValueError(f"leaf {name!r} has shape {tuple(w.shape)}; low-rank needs a matrix or a conv kernel.")
+            if w.size == 0:
+                raise ValueError(
+                    f"leaf {name!r} is empty (shape {tuple(w.shape)}); there is nothing to factorise. "
+                    "Leave it out with jc.masked."
+                )
             a = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
             try:
                 _check_rule(**{rule: values[name]})

@@ -100,6 +100,8 @@ def check_finite(params: PyTree, arg: str = "params") -> None:
         if isinstance(leaf, jax.core.Tracer):
             continue
         arr = np.asarray(leaf)
+        if arr.dtype.kind != "f" and jnp.issubdtype(arr.dtype, jnp.floating):
+            arr = arr.astype(np.float32)  # bfloat16 and the float8 types: numpy kind 'V'
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             raise ValueError(
                 f"{arg}/{name} contains NaN or Inf; compression of non-finite weights is undefined. "

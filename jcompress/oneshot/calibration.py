@@ -247,6 +247,8 @@ def layer_transform(
             h = hs[n]
             if kernel.ndim != 2:
                 raise ValueError(f"params/{n} has shape {kernel.shape}; one-shot solvers need a 2-D Dense kernel (in, out)")
+            if kernel.size == 0:
+                raise ValueError(f"params/{n} is empty (shape {kernel.shape}); there is nothing to compress. Leave it out with jc.masked")
             if h.shape != (kernel.shape[0],) * 2:
                 raise ValueError(
                     f"stats/{n} has shape {h.shape} but the kernel {kernel.shape} needs ({kernel.shape[0]}, {kernel.shape[0]})"

@@ -62,6 +62,8 @@ def prune_row(w: jax.Array, hinv: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
         hinv = hinv - jnp.outer(col, col) / d[q]
         return w, hinv, pruned.at[q].set(True), losses.at[t].set(score[q] / 2)
 
+    if k == 0:  # nothing to remove (the loop body cannot even be traced with no losses to write)
+        return w, jnp.zeros(w.shape, bool), jnp.zeros((0,), w.dtype)
     init = (w, hinv, jnp.zeros(w.shape, bool), jnp.zeros((k,), w.dtype))
     w, _, pruned, losses = lax.fori_loop(0, k, step, init)
     return w, pruned, losses

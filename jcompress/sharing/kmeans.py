@@ -402,7 +402,7 @@ def kmeans(
 
     Raises:
       ValueError naming the leaf or group: bad ``k``, a group whose leaves disagree on
-        ``k`` or dtype, NaN weights, ``k`` above the distinct nonzero values of a group;
+        ``k`` or dtype, NaN weights, an empty leaf, ``k`` above the distinct nonzero values of a group;
         TypeError for integer leaves.
 
     Example:
@@ -426,6 +426,11 @@ def kmeans(
         plans = []
         for group, members in _groups(list(names), shared):
             arrays = [tree.as_float_array(leaves[m], m) for m in members]
+            for m, a in zip(members, arrays):
+                if a.size == 0:
+                    raise ValueError(
+                        f"{m} is empty (shape {tuple(a.shape)}); there is nothing to share. Leave it out with jc.masked."
+                    )
             group_k = {spec_lib.check_value(ks[m], arg=f"k for {m!r}", kind=int, lo=1) for m in members}
             dtypes = {a.dtype for a in arrays}
             if len(group_k) != 1:

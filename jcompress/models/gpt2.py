@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jcompress.models.llama import Decoder, LayerCache, attend
+from jcompress.models.llama import Decoder, LayerCache, ScaleGroup, attend
 
 __all__ = ["ACTIVATIONS", "GPT2", "GPT2Block", "GPT2Config"]
 
@@ -115,6 +115,18 @@ class GPT2Block(nnx.Module):
         a, cache = self.attn(self.ln_1(h), cache)
         h = h + a
         return h + self.mlp(self.ln_2(h)), cache
+
+    def scale_groups(self) -> tuple[ScaleGroup, ...]:
+        """``ln_1 -> c_attn``, the values (last third of ``c_attn``) -> ``attn/c_proj``, ``ln_2 -> c_fc``.
+
+        The MLP's ``c_proj`` has none: the GELU between ``c_fc`` and it is not per-channel linear.
+        """
+        d = self.attn.c_proj.in_features
+        return (
+            ScaleGroup("ln_1", ("attn/c_attn",)),
+            ScaleGroup("attn/c_attn", ("attn/c_proj",), offset=2 * d),
+            ScaleGroup("ln_2", ("mlp/c_fc",)),
+        )
 
 
 class GPT2(Decoder):

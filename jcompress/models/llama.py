@@ -72,6 +72,7 @@ __all__ = [
     "LlamaBlock",
     "LlamaConfig",
     "RopeScaling",
+    "ScaleGroup",
     "attend",
     "check_positions",
     "rope_frequencies",
@@ -162,6 +163,29 @@ def apply_rotary(x: jax.Array, positions: jax.Array, freq: np.ndarray) -> jax.Ar
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+class ScaleGroup(NamedTuple):
+    """Layers of a block whose inputs are per-channel outputs of one source, as plain data.
+
+    The input channels of every ``targets`` layer are output channels ``[offset, offset +
+    n)`` of ``source`` with nothing between them that mixes channels or is nonlinear (a
+    norm's affine scale, or a linear layer whose output feeds the targets only through
+    linear, per-channel paths such as attention over values). Scaling those source outputs
+    by ``1 / s`` and the targets' kernel rows by ``s`` therefore leaves the block's function
+    unchanged, which activation-aware quantization (AWQ, SmoothQuant) uses.
+
+    Attributes:
+      source: module path in the block (``'attn_norm'``, ``'mlp/up_proj'``): a norm with
+        ``scale`` (and ``bias``), or a Linear with ``kernel`` (and ``bias``).
+      targets: module paths of the Linears fed by the source.
+      offset: first output channel of the source that feeds the targets (GPT-2's values
+        are the last third of the fused ``c_attn``).
+    """
+
+    source: str
+    targets: tuple[str, ...]
+    offset: int = 0
 
 
 class LayerCache(NamedTuple):
@@ -289,6 +313,19 @@ class LlamaBlock(nnx.Module):
         a, cache = self.attn(self.attn_norm(h), positions, cache)
         h = h + a
         return h + self.mlp(self.mlp_norm(h)), cache
+
+    def scale_groups(self) -> tuple[ScaleGroup, ...]:
+        """Norm -> projections and linear -> linear pairs whose channels can be rescaled.
+
+        ``v_proj -> o_proj`` is listed only without grouped-query attention: with shared
+        key/value heads one value channel feeds several ``o_proj`` inputs.
+        """
+        attn = self.attn
+        groups = [ScaleGroup("attn_norm", ("attn/q_proj", "attn/k_proj", "attn/v_proj"))]
+        if attn.num_heads == attn.num_kv_heads:
+            groups.append(ScaleGroup("attn/v_proj", ("attn/o_proj",)))
+        groups += [ScaleGroup("mlp_norm", ("mlp/gate_proj", "mlp/up_proj")), ScaleGroup("mlp/up_proj", ("mlp/down_proj",))]
+        return tuple(groups)
 
 
 class Decoder(nnx.Module):

@@ -1,0 +1,119 @@
+"""Block-by-block one-shot compression of the tiny decoder fixtures (jcompress.blockwise).
+
+The fixtures have random weights, so their perplexity says nothing; the papers' ordering
+is checked on what the methods optimise, each block's output error on its calibration
+inputs. 8 host devices come from tests/conftest.py.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from jcompress import blockwise, lm, parallel, tree
+from jcompress.models import hf_lm
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lm"
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+
+
+def _calib(tok, num=8, seq_len=16):
+    return lm.sample_windows(lm.corpus_ids(tok, "calibration", limit=60), num=num, seq_len=seq_len, seed=0)
+
+
+def _run(name, factory, devices=1, **kw):
+    model, tok, _ = hf_lm.load(FIXTURES / name)
+    model, report = blockwise.compress(model, _calib(tok), factory, mesh=parallel.data_mesh(devices), **kw)
+    return dict(tree.named_leaves(nnx.state(model, nnx.Param))), report
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """The llama fixture compressed by GPTQ, SparseGPT and their baselines (compiles shared)."""
+    methods = {
+        "gptq": blockwise.method("gptq", bits=4),
+        "rtn": blockwise.method("rtn", bits=4),
+        "sparsegpt": blockwise.method("sparsegpt", sparsity=0.5),
+        "magnitude": blockwise.method("magnitude", sparsity=0.5),
+    }
+    out = {(m, 1): _run("llama_gqa_sharded", f) for m, f in methods.items()}
+    if jax.device_count() >= 8:
+        for m in ("gptq", "sparsegpt"):
+            out[(m, 8)] = _run("llama_gqa_sharded", methods[m], devices=8)
+    return out
+
+
+@needs8
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+def test_same_weights_on_1_and_8_devices(runs, method):
+    one, eight = runs[(method, 1)][0], runs[(method, 8)][0]
+    assert one.keys() == eight.keys()
+    for name in one:
+        np.testing.assert_allclose(np.asarray(eight[name]), np.asarray(one[name]), atol=1e-5, rtol=0, err_msg=name)
+        if method == "sparsegpt" and name.endswith("kernel") and name.startswith("layers"):
+            assert np.array_equal(np.asarray(eight[name]) == 0, np.asarray(one[name]) == 0), name
+    errs1, errs8 = runs[(method, 1)][1].layer_errors, runs[(method, 8)][1].layer_errors
+    np.testing.assert_allclose([errs8[n] for n in errs1], list(errs1.values()), rtol=1e-3)
+
+
+def test_report_covers_every_linear_and_sparsity_is_exact(runs):
+    params, report = runs[("sparsegpt", 1)]
+    kernels = [n for n in params if n.startswith("layers/") and n.endswith("/kernel")]
+    assert len(kernels) == 14 and sorted(report.layer_errors) == sorted(kernels)
+    assert [b.index for b in report.blocks] == [0, 1] and (report.num_sequences, report.seq_len) == (8, 16)
+    assert all(b.seconds > 0 for b in report.blocks) and report.act_quant == {}
+    for n in kernels:
+        k = np.asarray(params[n])
+        assert int((k == 0).sum()) == round(0.5 * k.size), n
+    assert np.all(np.asarray(params["lm_head/kernel"]) != 0)  # outside the blocks: untouched
+
+
+def test_gptq_and_sparsegpt_beat_rtn_and_magnitude_block_by_block(runs):
+    for good, baseline in (("gptq", "rtn"), ("sparsegpt", "magnitude")):
+        ours, theirs = runs[(good, 1)][1], runs[(baseline, 1)][1]
+        for a, b in zip(ours.blocks, theirs.blocks):
+            assert 0 < a.output_error < 0.85 * b.output_error, (good, a.index, a.output_error, b.output_error)
+        assert sum(ours.layer_errors.values()) < sum(theirs.layer_errors.values())
+
+
+def test_gptq_weights_sit_on_4_bit_grids(runs):
+    params = runs[("gptq", 1)][0]
+    k = np.asarray(params["layers/1/mlp/down_proj/kernel"])
+    assert all(len(np.unique(k[:, j])) <= 16 for j in range(k.shape[1]))
+
+
+@needs8
+def test_gpt2_fused_attention_and_2_4_on_8_devices():
+    params, report = _run("gpt2", blockwise.method("wanda", n_m=(2, 4)), devices=8)
+    c_attn = np.asarray(params["layers/0/attn/c_attn/kernel"])  # (64, 192): one Linear
+    assert c_attn.shape == (64, 192) and "layers/0/attn/c_attn/kernel" in report.layer_errors
+    groups = (c_attn.reshape(16, 4, 192) != 0).sum(axis=1)
+    assert np.all(groups == 2)
+    assert len(report.layer_errors) == 8 and all(0 < b.output_error < 1 for b in report.blocks)
+
+
+def test_bad_input_is_named():
+    model, tok, _ = hf_lm.load(FIXTURES / "gpt2")
+    ids = _calib(tok)
+    with pytest.raises(ValueError, match="sample_windows"):
+        blockwise.compress(model, ids.reshape(-1), blockwise.method("rtn"))
+    with pytest.raises(ValueError, match="batch_size=3"):
+        blockwise.compress(model, ids, blockwise.method("rtn"), batch_size=3)
+    with pytest.raises(ValueError, match="'data' axis"):
+        blockwise.compress(model, ids, blockwise.method("rtn"), mesh=Mesh(np.array(jax.devices()[:1]), ("fsdp",)))
+    if jax.device_count() >= 8:
+        with pytest.raises(ValueError, match="multiple of the mesh's data axis"):
+            blockwise.compress(model, ids, blockwise.method("rtn"), mesh=parallel.data_mesh(8), batch_size=4)
+    with pytest.raises(ValueError, match="sparsity"):
+        blockwise.method("wanda")
+    with pytest.raises(ValueError, match="not one of"):
+        blockwise.method("obq")
+    with pytest.raises(ValueError, match="fewer than seq_len=400"):
+        lm.sample_windows(lm.corpus_ids(tok, "calibration", limit=5), num=2, seq_len=400)
+    with pytest.raises(ValueError, match="not a decoder"):
+        blockwise.compress(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), ids, blockwise.method("rtn"))
+    np.testing.assert_array_equal(jnp.asarray(ids).shape, (8, 16))

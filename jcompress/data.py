@@ -14,7 +14,8 @@ datasets come from installed packages and never touch the network:
   seconds; the arrays are cached under ``~/.cache/jcompress`` (``JCOMPRESS_CACHE``).
 * ``tfds:NAME[:CONFIG]``: any TensorFlow Datasets dataset with ``train`` and ``test``
   splits, through ``tensorflow_datasets`` (the ``tfds`` extra), read from ``data_dir``
-  when it is prepared there, downloaded otherwise.
+  where it has been prepared beforehand (``tfds build NAME --data_dir DIR`` on a machine
+  with internet); an unprepared one is an error at once, never a download.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def load(name: str, *, data_dir: str | None = None) -> Dataset:
 
     Raises:
       ValueError: for an unknown name; ImportError/RuntimeError with the offline names
-        when TFDS is not installed or the data cannot be reached.
+        when TFDS (or a module it imports) is not installed, or the dataset is not
+        prepared in ``data_dir``.
     """
     if name == "mnist5k":
         return _mnist5k()
@@ -135,27 +137,52 @@ def _mnist1d() -> Dataset:
 
 
 def _tfds(spec: str, data_dir: str | None) -> Dataset:
+    """A TFDS dataset that is already prepared in ``data_dir``; never downloads.
+
+    Preparing needs the network, so it happens beforehand (``tfds build NAME --data_dir
+    DIR``); here an unprepared dataset fails at once instead of after TFDS's download retries.
+    """
+    offline = f"or use an offline dataset: {', '.join(OFFLINE)}."
     try:
         import tensorflow_datasets as tfds
-    except ImportError:
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "tensorflow_datasets":
+            raise ImportError(
+                f"dataset 'tfds:{spec}': tensorflow-datasets is installed but cannot import {e.name!r} ({e}); "
+                f"pip install 'jcompress[tfds]' installs everything it needs, {offline}"
+            ) from None
         raise ImportError(
-            f"dataset 'tfds:{spec}' needs tensorflow-datasets: pip install 'jcompress[tfds]'. "
-            f"Without it, use an offline dataset: {', '.join(OFFLINE)}."
+            f"dataset 'tfds:{spec}' needs tensorflow-datasets: pip install 'jcompress[tfds]', {offline}"
         ) from None
     try:
         builder = tfds.builder(spec, data_dir=data_dir)
-        if not builder.is_prepared():
-            builder.download_and_prepare()
+        prepared = builder.is_prepared()
+    except Exception as e:  # TFDS raises many types for unknown names and unreadable directories
+        raise RuntimeError(
+            f"could not load TFDS dataset {spec!r} (data_dir={data_dir!r}): {type(e).__name__}: {e}. "
+            f"Check the name (tfds.list_builders()) and data_dir, {offline}"
+        ) from e
+    if not prepared:
+        raise RuntimeError(
+            f"TFDS dataset {spec!r} is not prepared in {builder.data_dir} and jcompress never downloads: prepare "
+            f"it on a machine with internet (tfds build {spec.split(':')[0]} --data_dir DIR), copy DIR here and "
+            f"pass it as data_dir (--data-dir DIR), {offline}"
+        )
+    try:
         splits = {}
         for split in ("train", "test"):
             arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
             splits[split] = _to_xy(arrays)
         num_classes = int(builder.info.features["label"].num_classes)
-    except Exception as e:  # TFDS raises many types for missing data or no network
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            f"reading TFDS dataset {spec!r} needs the module {e.name!r}, which is not installed; "
+            f"pip install 'jcompress[tfds]' installs everything TFDS imports, {offline}"
+        ) from e
+    except Exception as e:  # a corrupt or partial preparation
         raise RuntimeError(
-            f"could not load TFDS dataset {spec!r} (data_dir={data_dir!r}): {type(e).__name__}: {e}. "
-            f"Prepare it on a machine with internet (tfds build {spec}) and pass its data_dir, or use an "
-            f"offline dataset: {', '.join(OFFLINE)}."
+            f"could not read TFDS dataset {spec!r} from {builder.data_dir}: {type(e).__name__}: {e}. "
+            f"Prepare it again (tfds build {spec.split(':')[0]} --data_dir DIR), {offline}"
         ) from e
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     return Dataset(f"tfds:{spec}", xtr, ytr, xte, yte, num_classes)

@@ -64,10 +64,12 @@ def main(args: argparse.Namespace) -> int:
     meta = run_meta(args.out, "distill", settings, override=args.override)
 
     from jcompress import data as data_lib
+
+    ds = data_lib.load(args.data, data_dir=args.data_dir)  # before the heavy imports: a bad dataset fails fast
+    _check_teacher_fits(teacher, args.data, ds)
+
     from jcompress.distill.run import distill
 
-    ds = data_lib.load(args.data, data_dir=args.data_dir)
-    _check_teacher_fits(teacher, args.data, ds)
     student_config: dict = {"name": args.student}
     if args.widths is not None:
         student_config["widths"] = list(args.widths)

@@ -23,10 +23,10 @@ __all__ = ["run_meta"]
 
 
 def _saved_meta(ckpt: Path) -> tuple[int | None, dict]:
-    from jcompress import checkpoint
-
     if not ckpt.is_dir():
         return None, {}
+    from jcompress import checkpoint
+
     ck = checkpoint.Checkpointer(ckpt)
     try:
         step = ck.latest_step()

@@ -50,11 +50,14 @@ def main(args: argparse.Namespace) -> int:
     }
     meta = run_meta(args.out, "train", settings, override=args.override)
 
+    from jcompress import data
+
+    ds = data.load(args.data, data_dir=args.data_dir)  # before the heavy imports: a bad dataset fails fast
+
     import optax
 
-    from jcompress import data, models, train
+    from jcompress import models, train
 
-    ds = data.load(args.data, data_dir=args.data_dir)
     kwargs = {}
     if args.widths is not None:
         kwargs["widths"] = list(args.widths)

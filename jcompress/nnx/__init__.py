@@ -1,17 +1,18 @@
-"""NNX-level operations: the layer-input hook, the functional adapter, generic model
-surgery (hard pruning, factorised layers) and activation quantization.
+"""NNX-level operations: the layer-input hook, generic model
+surgery (hard pruning, factorised layers) and packed low-bit layers.
 
 Submodules load on first access (``jc.nnx.surgery.hard_prune``):
 
   surgery    hard pruning of any NNX model, coupled units found by tracing its forward pass
   coupling   the tracing behind it: which units of which layers are coupled
   factorize  Dense and conv layers replaced by two thin factorised ones
-  hooks      the layer-input hook
+  hooks      the layer-input hook, and finding and replacing layers by name
+  packed     Dense layers whose kernels stay packed int8 / int4 codes at run time
 """
 
 import importlib
 
-__all__ = ["coupling", "factorize", "hooks", "surgery"]
+__all__ = ["coupling", "factorize", "hooks", "packed", "surgery"]
 
 
 def __getattr__(name: str):

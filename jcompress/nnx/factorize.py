@@ -33,6 +33,7 @@ from flax import nnx
 from jcompress import lowrank, tree
 from jcompress.core import base
 from jcompress.core import spec as spec_lib
+from jcompress.nnx import hooks
 
 __all__ = ["FactorizedConv", "FactorizedLinear", "compare_latency", "factorize", "rebuild"]
 
@@ -109,17 +110,6 @@ def _layers(model: nnx.Module) -> dict[str, nnx.Linear | nnx.Conv]:
     }
 
 
-def _replace(model: nnx.Module, name: str, new: nnx.Module) -> None:
-    *parents, last = name.split("/")
-    node = model
-    for p in parents:
-        node = node[int(p)] if p.isdigit() else getattr(node, p)
-    if last.isdigit():
-        node[int(last)] = new
-    else:
-        setattr(node, last, new)
-
-
 def _check_leaves(layers: dict, names) -> None:
     for name in names:
         layer = spec_lib.layer_of(name)
@@ -154,9 +144,9 @@ def rebuild(model: nnx.Module, ranks: Mapping[str, int]) -> nnx.Module:
         full = min(int(np.prod(k.shape[:-1])), int(k.shape[-1]))
         r = spec_lib.check_value(r, arg=f"rank of {name!r}", kind=int, lo=1, hi=full)
         if isinstance(layer, nnx.Conv):
-            _replace(new, spec_lib.layer_of(name), FactorizedConv(layer, r, rngs=rngs))
+            hooks.replace(new, spec_lib.layer_of(name), FactorizedConv(layer, r, rngs=rngs))
         else:
-            _replace(
+            hooks.replace(
                 new,
                 spec_lib.layer_of(name),
                 FactorizedLinear(k.shape[0], k.shape[1], r, use_bias=layer.bias is not None, dtype=k.dtype, rngs=rngs),

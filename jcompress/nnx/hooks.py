@@ -39,7 +39,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-__all__ = ["LAYER_TYPES", "intercept", "layers", "with_hook"]
+__all__ = ["LAYER_TYPES", "intercept", "layers", "replace", "with_hook"]
 
 # the attribute that holds each layer type's contraction op
 _OP_ATTR = {nnx.Linear: "dot_general", nnx.Conv: "conv_general_dilated"}
@@ -72,6 +72,18 @@ def layers(model: nnx.Module) -> dict[str, nnx.Module]:
     return {
         "/".join(str(p) for p in path): node for path, node in nnx.iter_graph(model) if isinstance(node, LAYER_TYPES)
     }
+
+
+def replace(model: nnx.Module, name: str, new: nnx.Module) -> None:
+    """Put ``new`` in place of the layer named ``name`` (a :func:`layers` name) in ``model``, in place."""
+    *parents, last = name.split("/")
+    node = model
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    if last.isdigit():
+        node[int(last)] = new
+    else:
+        setattr(node, last, new)
 
 
 def _install(model: nnx.Module, fn: Hook, names) -> list[tuple[str, nnx.Module, str, Callable]]:

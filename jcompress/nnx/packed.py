@@ -1,0 +1,221 @@
+"""Packed low-bit weights at run time: Dense layers whose kernels stay integer codes in memory.
+
+A quantized model is only smaller where it runs if its weights stay quantized there.
+:func:`pack` is the model transform that does this: each chosen ``nnx.Linear`` becomes a
+:class:`PackedLinear` holding its kernel as integer codes plus the grid's scales and zero
+points (:class:`~jcompress.core.grid.QuantParams`), and the float kernel is rebuilt from
+them inside the forward pass, under the caller's ``jax.jit``, right before the matmul.
+
+Storage of the codes, by bit width (the grid's ``bits``):
+
+* 2 to 4 bits: two codes per byte (``uint8``), packed along the input axis: byte ``i`` of
+  a column holds input row ``2i`` in its low nibble and row ``2i + 1`` in its high nibble
+  (an odd input count is padded with one zero code). Signed (symmetric) codes are stored
+  as their two's-complement nibble and sign-extended when unpacked.
+* 5 to 8 bits: one code per byte, ``int8`` for symmetric grids, ``uint8`` otherwise.
+
+Scales stay float32 in the grid's own shapes (per output channel, per group of input
+rows, or per tensor); zero points are stored as uint8 for asymmetric grids and not at all
+for symmetric ones. The device bytes of a ``(K, N)`` kernel at ``b`` bits are ``K N b / 8``
+plus 4 bytes per scale (and 1 per zero point): about 8x fewer than float32 at 4 bits and
+4x at 8 bits (:func:`device_bytes` counts them from the arrays).
+
+What this is and is not: the weights are dequantized to float32 tiles and multiplied
+with ``jnp.dot``, which XLA fuses with the unpacking on CPU and GPU; memory and memory
+traffic shrink, arithmetic stays float. There is no integer or Pallas matmul kernel here
+yet, so compute-bound layers run at float speed (or a little slower: the unpacking is
+extra work). Convolutions are not packed.
+
+Example:
+  >>> params, aux = jc.quant.quantize(bits=4, group_size=32)(nnx.state(model, nnx.Param))
+  >>> small, paux = pack(aux)(model)            # every quantized nnx.Linear now PackedLinear
+  >>> device_bytes(small) < device_bytes(model) / 6
+  True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jcompress.core import base
+from jcompress.core import spec as spec_lib
+from jcompress.core.grid import QuantParams, dequantize
+from jcompress.nnx import hooks
+
+__all__ = ["PackedCodes", "PackedLinear", "QuantScale", "device_bytes", "pack", "pack_codes", "unpack_codes"]
+
+
+class PackedCodes(nnx.Variable):
+    """Integer codes of a packed kernel (not trainable, so not an ``nnx.Param``)."""
+
+
+class QuantScale(nnx.Variable):
+    """Scales and zero points of a packed kernel (not trainable)."""
+
+
+def _nibbles(bits: int) -> bool:
+    return bits <= 4
+
+
+def pack_codes(codes: jax.Array, *, bits: int, symmetric: bool) -> jax.Array:
+    """Integer codes ``(K, N)`` in their grid's range as stored bytes (see the module docstring).
+
+    Returns:
+      ``uint8 (ceil(K / 2), N)`` for ``bits <= 4``; ``int8 (K, N)`` (symmetric) or
+      ``uint8 (K, N)`` otherwise, for ``bits <= 8``.
+    """
+    codes = jnp.asarray(codes, jnp.int32)
+    if not _nibbles(bits):
+        return codes.astype(jnp.int8 if symmetric else jnp.uint8)
+    if codes.shape[0] % 2:
+        codes = jnp.concatenate([codes, jnp.zeros((1, *codes.shape[1:]), jnp.int32)])
+    low, high = codes[0::2] & 0xF, codes[1::2] & 0xF
+    return (low | (high << 4)).astype(jnp.uint8)
+
+
+def unpack_codes(stored: jax.Array, *, rows: int, bits: int, symmetric: bool) -> jax.Array:
+    """The int32 codes ``(rows, N)`` of :func:`pack_codes`'s output (exact inverse)."""
+    if not _nibbles(bits):
+        return stored.astype(jnp.int32)
+    b = stored.astype(jnp.int32)
+    both = jnp.stack([b & 0xF, b >> 4], axis=1).reshape(-1, *b.shape[1:])[:rows]
+    return ((both ^ 8) - 8) if symmetric else both
+
+
+class PackedLinear(nnx.Module):
+    """``x -> x @ dequantize(codes) + bias`` with the codes kept packed in memory.
+
+    Attributes:
+      codes: :class:`PackedCodes`, the stored bytes of the ``(in, out)`` kernel's codes.
+      scale: :class:`QuantScale`, the grid's float32 scales.
+      zero_point: :class:`QuantScale`, uint8 zero points (None for a symmetric grid, whose
+        zero points are all 0).
+      bias: the original ``nnx.Param`` ``(out,)`` or None.
+      in_features, out_features, bits, symmetric, axis, group_size: static.
+
+    Inputs ``(..., in)``, outputs ``(..., out)`` in the input's dtype promoted with float32.
+    """
+
+    def __init__(self, qp: QuantParams, bias: jax.Array | None):
+        if qp.codes.ndim != 2:
+            raise ValueError(f"PackedLinear needs a Dense kernel's (in, out) codes, got shape {qp.shape}")
+        if qp.bits > 8:
+            raise ValueError(f"bits={qp.bits}: packed storage holds 2 to 8 bits; dequantize wider grids instead")
+        self.in_features, self.out_features = (int(d) for d in qp.shape)
+        self.bits, self.symmetric, self.axis, self.group_size = qp.bits, qp.symmetric, qp.axis, qp.group_size
+        self.codes = PackedCodes(pack_codes(qp.codes, bits=qp.bits, symmetric=qp.symmetric))
+        self.scale = QuantScale(jnp.asarray(qp.scale, jnp.float32))
+        # symmetric grids have zero points of 0: nothing to store; others fit a byte (<= 8 bits)
+        self.zero_point = None if qp.symmetric else QuantScale(jnp.asarray(qp.zero_point, jnp.uint8))
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+
+    def kernel(self) -> jax.Array:
+        """The float32 ``(in, out)`` kernel the codes stand for (what the forward pass uses)."""
+        codes = unpack_codes(self.codes.get_value(), rows=self.in_features, bits=self.bits, symmetric=self.symmetric)
+        scale = self.scale.get_value()
+        zp = (
+            jnp.zeros(scale.shape, jnp.int32)
+            if self.zero_point is None
+            else self.zero_point.get_value().astype(jnp.int32)
+        )
+        qp = QuantParams(codes, scale, zp, self.bits, self.symmetric, self.axis, self.group_size)
+        return dequantize(qp)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x, self.kernel().astype(jnp.result_type(x, jnp.float32)))
+        return y if self.bias is None else y + self.bias.get_value()
+
+
+def _grids(grids) -> Mapping[str, QuantParams]:
+    found = getattr(grids, "grids", grids)  # a GridAux or a {leaf: QuantParams} mapping
+    if isinstance(grids, base.ChainAux):
+        auxes = [a for a in base.all_auxes(grids) if isinstance(a, base.GridAux)]
+        if len(auxes) != 1:
+            raise ValueError(f"pack: the ChainAux holds {len(auxes)} GridAux records; pass the one to pack")
+        found = auxes[0].grids
+    if not isinstance(found, Mapping) or not all(isinstance(q, QuantParams) for q in found.values()):
+        raise TypeError("pack: grids must be a GridAux (from quant.quantize, oneshot.gptq, ...) or {leaf: QuantParams}")
+    return found
+
+
+def pack(grids) -> base.ModelTransform:
+    """Replace the quantized ``nnx.Linear`` layers of a model by :class:`PackedLinear` ones.
+
+    Args:
+      grids: the quantization to keep: a ``GridAux`` (``jc.quant.quantize``,
+        ``jc.oneshot.gptq``, SparseGPT with ``bits=``), a ``ChainAux`` holding exactly one,
+        or ``{kernel leaf name: QuantParams}``. Grids of 2 to 8 bits on ``(in, out)`` Dense
+        kernels (per tensor, per output channel or per group of input rows).
+
+    Returns:
+      a :class:`~jcompress.core.base.ModelTransform`; ``t(model)`` returns ``(new_model,
+      GridAux(grids of the packed layers, errors={}))``. The layer of kernel ``fc1/kernel`` is
+      ``fc1``; by default every grid's layer is packed, ``jc.masked(pack(aux), spec)`` picks
+      some. The new model's outputs equal the model's with each kernel replaced by its
+      dequantized grid; ``model`` is not modified.
+
+    Raises:
+      ValueError: a chosen grid whose layer is not an ``nnx.Linear`` of the model, a grid
+        whose shape differs from the kernel's, or a grid wider than 8 bits.
+
+    Example:
+      >>> q, aux = jc.oneshot.gptq(stats, bits=4, group_size=128)(nnx.state(model, nnx.Param))
+      >>> served, _ = pack(aux)(model)
+    """
+    table = _grids(grids)
+
+    def apply(model, names, key):
+        del key
+        chosen = [n for n in names if n in table]
+        linears = {n: m for n, m in hooks.layers(model).items() if isinstance(m, nnx.Linear)}
+        for name in chosen:
+            layer = spec_lib.layer_of(name)
+            if layer not in linears or not name.endswith("/kernel"):
+                raise ValueError(
+                    f"pack: {name!r} is not the kernel of an nnx.Linear of this model; "
+                    f"its Dense kernels are {sorted(n + '/kernel' for n in linears)[:12]}"
+                )
+            kernel_shape = tuple(linears[layer].kernel.get_value().shape)
+            if tuple(table[name].shape) != kernel_shape:
+                raise ValueError(f"pack: the grid of {name!r} has shape {table[name].shape}, the kernel {kernel_shape}")
+        new = nnx.clone(model)
+        new_linears = {n: m for n, m in hooks.layers(new).items() if isinstance(m, nnx.Linear)}
+        for name in chosen:
+            layer = new_linears[spec_lib.layer_of(name)]
+            bias = None if layer.bias is None else layer.bias.get_value()
+            hooks.replace(new, spec_lib.layer_of(name), PackedLinear(table[name], bias))
+        return new, base.GridAux({n: table[n] for n in chosen}, {})
+
+    return base.ModelTransform(apply, "pack", leaves=lambda params: list(table))
+
+
+def device_bytes(model: nnx.Module) -> dict[str, int]:
+    """Bytes the model's arrays take in memory, from each array's ``nbytes``.
+
+    Returns:
+      ``{'params': float parameters (nnx.Param), 'packed': codes, scales and zero points of
+      packed layers, 'other': every other variable (e.g. BatchNorm statistics), 'total'}``.
+    """
+    out = {"params": 0, "packed": 0, "other": 0}
+    for _, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Variable):
+            continue
+        value = var.get_value()
+        if value is None:
+            continue
+        nbytes = int(np.sum([np.dtype(a.dtype).itemsize * a.size for a in jax.tree.leaves(value)]))
+        kind = (
+            "params"
+            if isinstance(var, nnx.Param)
+            else "packed"
+            if isinstance(var, (PackedCodes, QuantScale))
+            else "other"
+        )
+        out[kind] += nbytes
+    out["total"] = sum(out.values())
+    return out

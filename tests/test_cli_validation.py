@@ -56,7 +56,7 @@ def _one_error_line(err: str, command: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, arg", BAD_NUMBERS, ids=[" ".join(a[-2:]) for a, _ in BAD_NUMBERS])
+@pytest.mark.parametrize("argv, arg", BAD_NUMBERS, ids=[" ".join([a[0], *a[-2:]]) for a, _ in BAD_NUMBERS])
 def test_bad_number_exits_2_naming_the_argument(argv, arg, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([*argv, "--out", str(tmp_path / "run")])

@@ -1,0 +1,98 @@
+"""B8: packed low-bit weights at run time (device bytes and decode speed of a Llama decoder).
+
+Problem: a randomly initialised Llama-architecture decoder (hidden 512, 4 blocks, 8 heads
+with 4 key/value heads, SwiGLU 1,408, vocabulary 4,096, untied; quick mode: hidden 256,
+2 blocks, SwiGLU 768). The kernels of every block's 7 projections are quantized round-to-nearest
+with ``jc.quant.quantize`` (symmetric; int8 per output channel, int4 in groups of 128 input
+rows) and the layers packed with :func:`jcompress.nnx.packed.pack`; the embeddings, norms
+and the output head stay float32.
+
+Figures (side by side in the same run):
+
+* ``B8 device bytes int8`` / ``int4``: float32 bytes of the packed projections' kernels /
+  the bytes their packed codes and scales take in memory (:func:`packed.device_bytes`,
+  from the arrays' ``nbytes``); targets ``>= 3.9`` and ``>= 7.5`` (4x and 8x less the
+  scales). The whole model's ratio is reported beside it (the float embeddings and head
+  count there).
+* ``B8 decode tok/s int8 / float32`` and ``int4``, at batch 1 and 16: tokens per second of
+  one jitted greedy decode step (one new token per sequence, 64 cached positions) of the
+  packed model / the float32 model's, medians of interleaved calls after compilation
+  (``jcompress.timing.compare``). Reported without a target: on CPU the step at these
+  sizes is not memory bound, and the packed layers dequantize their tiles before a float
+  matmul (there is no integer or Pallas kernel yet), so a ratio below 1 is the expected
+  CPU figure; the memory-bound regime where packing pays is a large model on an
+  accelerator.
+"""
+
+from __future__ import annotations
+
+__all__ = ["run"]
+
+
+def run(quick: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jcompress as jc
+    from jcompress import timing
+    from jcompress.models import llama
+    from jcompress.nnx import packed
+
+    hidden, blocks, ffn = (256, 2, 768) if quick else (512, 4, 1408)
+    cfg = llama.LlamaConfig(
+        vocab_size=4096, hidden_size=hidden, num_layers=blocks, num_heads=8, num_kv_heads=4,
+        intermediate_size=ffn, max_position=128,
+    )  # fmt: skip
+    model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    projections = r"layers/.*/kernel"
+    variants = {"float32": model}
+    rows = []
+    for label, kw, target in (("int8", {"bits": 8}, 3.9), ("int4", {"bits": 4, "group_size": 128}, 7.5)):
+        _, aux = jc.masked(jc.quant.quantize(**kw), projections)(params)
+        small, _ = packed.pack(aux)(model)
+        variants[label] = small
+        float_bytes = sum(4 * q.codes.size for q in aux.grids.values())
+        b, dense = packed.device_bytes(small), packed.device_bytes(model)
+        ratio = float_bytes / b["packed"]
+        rows.append(
+            {
+                "name": f"B8 device bytes {label} projections, float32 / packed",
+                "ratio": round(ratio, 3),
+                "target": f">= {target}",
+                "met": bool(ratio >= target),
+                "float32_bytes": float_bytes,
+                "packed_bytes": b["packed"],
+                "whole_model_ratio": round(dense["total"] / b["total"], 3),
+                "layers_packed": len(aux.grids),
+            }
+        )
+
+    context = 64
+    for batch in (1, 16):
+        calls = {}
+        for label, m in variants.items():
+            graphdef, state = nnx.split(m)
+            step = jax.jit(lambda s, tok, cache, g=graphdef: nnx.merge(g, s)(tok, cache=cache))
+            cache = m.init_cache(batch, context + 1)
+            prompt = jnp.ones((batch, context), jnp.int32)
+            _, cache = step(state, prompt, cache)  # fill 64 positions; the timed call appends one token
+            token = jnp.ones((batch, 1), jnp.int32)
+            calls[label] = lambda step=step, state=state, token=token, cache=cache: step(state, token, cache)
+        ts = timing.compare(calls, repeats=10 if quick else 30, warmup=2)
+        for label in ("int8", "int4"):
+            rows.append(
+                {
+                    "name": f"B8 decode tok/s {label} / float32, batch {batch}",
+                    "ratio": round(ts["float32"].median / ts[label].median, 3),
+                    "target": "report",
+                    "met": None,
+                    "float32_tok_s": round(batch / ts["float32"].median, 1),
+                    f"{label}_tok_s": round(batch / ts[label].median, 1),
+                    "float32_spread_ms": [round(1e3 * ts["float32"].low, 3), round(1e3 * ts["float32"].high, 3)],
+                    f"{label}_spread_ms": [round(1e3 * ts[label].low, 3), round(1e3 * ts[label].high, 3)],
+                    "compile_included": False,
+                }
+            )
+    return rows

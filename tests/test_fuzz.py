@@ -320,7 +320,7 @@ def test_pruning(params, kind, sparsity, pattern, plan, allow_empty, seed):
 @example(params={"l0": {"kernel": jnp.zeros((0, 1)), "bias": jnp.zeros(1)}}, rule=("energy", 1.0), method="exact")
 @example(params={"l0": {"kernel": jnp.full((1, 1), jnp.nan, jnp.bfloat16)}}, rule=("rank", 1), method="exact")
 def test_lowrank_svd(params, rule, method):
-    """jc.lowrank.svd (rank, energy, budget; exact and randomized): ranks in range, params equal to the factors' product, error within the energy."""
+    """jc.lowrank.svd: rank, energy or budget, exact or randomized; ranks in range, params equal to the factors' product, error within the energy."""
     name, value = rule
     out = call(lambda: lowrank.svd(**{name: value}, method=method), params, name, "method", key=KEY)
     touched = kernels(params)
@@ -516,7 +516,7 @@ def check_pruned(params, new, aux, stats, sparsity, pattern, *, per_output: bool
     group_size=None,
 )
 def test_oneshot(data, method, sparsity, pattern, bits, group_size):
-    """jc.oneshot.sparsegpt, gptq, wanda, obs on statistics from random inputs: exact counts (per layer or output), codes in the grid."""
+    """jc.oneshot.sparsegpt, gptq, wanda, obs: statistics of random inputs; exact counts (per layer or output), codes in the grid."""
     params, stats = data
     if method == "sparsegpt":
         kw = {"sparsity": sparsity, "pattern": pattern, "bits": bits, "block_size": 4}
@@ -561,7 +561,7 @@ def test_oneshot(data, method, sparsity, pattern, bits, group_size):
     only_first_layer=st.booleans(),
 )
 def test_chain_masked_compress_export_round_trip(params, sparsity, second, k, bits, only_first_layer):
-    """jc.chain, jc.masked, jc.compressed.compress, jc.export.write and load_params: removed weights stay removed, the file reads back exactly."""
+    """jc.chain, jc.masked, jc.compressed.compress, jc.export.write, load_params: removed weights stay removed, the file reads back exactly."""
     stages = [pruning.magnitude(sparsity=sparsity, allow_empty=True)]
     if second == "kmeans":
         stages.append(sharing.kmeans(k=k, iters=20))

@@ -331,6 +331,10 @@ def test_corrupt_or_foreign_compressed_tensors_folders_are_refused_by_name(tmp_p
             _edit_config(folder, config)
         with pytest.raises(FolderError, match=message):
             ct.read(folder)
+    folder = _copy(src, tmp_path / "truncated")
+    (folder / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(FolderError, match="truncated"):
+        ct.read(folder)
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "config.json").write_text("{}")
     with pytest.raises(FolderError, match="no quantization_config"):
@@ -339,6 +343,45 @@ def test_corrupt_or_foreign_compressed_tensors_folders_are_refused_by_name(tmp_p
     _edit_tensors(folder, lambda t: t.pop("b.weight_scale"))
     with pytest.raises(FolderError, match=r"b\.weight"):
         ct.read(folder)
+
+
+def test_float8_weights_round_trip_beside_int_grids(tmp_path):
+    params = _params()
+    w, head = params["layers"][0]["q_proj"]["kernel"], params["head"]["kernel"]
+    grids = {LEAF: ct.float8_grid(w), "head/kernel": ct.float8_grid(head, axis=None)}
+    for g, x in ((grids[LEAF], w), (grids["head/kernel"], head)):  # e4m3: 3 mantissa bits, subnormals from 2**-9
+        assert np.all(np.abs(g.dequantize() - x) <= np.abs(x) * 2.0**-4 + g.scale * 2.0**-9)
+        assert np.isclose(np.abs(g.dequantize()).max(), np.abs(x).max(), rtol=1e-6)
+    qc = ct.write(tmp_path, params, grids)
+    assert qc["format"] == "float-quantized"
+    weights = {g["targets"][0]: g["weights"] for g in qc["config_groups"].values()}
+    assert weights["layers.0.q_proj"]["type"] == "float" and weights["layers.0.q_proj"]["strategy"] == "channel"
+    assert weights["head"]["strategy"] == "tensor"
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["layers.0.q_proj.weight"]["dtype"] == "F8_E4M3" and header["head.weight_scale"]["shape"] == [1]
+    back, got = ct.read(tmp_path)
+    for leaf, g in grids.items():
+        assert isinstance(got[leaf], ct.Float8Grid)
+        assert got[leaf].values.tobytes() == g.values.tobytes() and np.array_equal(got[leaf].scale, g.scale)
+        assert np.array_equal(dict(tree.named_leaves(back))[leaf], g.dequantize())
+    # beside an int grid the config is mixed-precision, each group with its own format
+    qc = ct.write(tmp_path / "mixed", params, {LEAF: grids[LEAF], "head/kernel": _grid((64, 8), bits=4)})
+    assert qc["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in qc["config_groups"].values()) == ["float-quantized", "pack-quantized"]
+    assert sorted(ct.read(tmp_path / "mixed")[1]) == ["head/kernel", LEAF]
+    # float weights with a zero point or in groups are not a layout jcompress reads
+    for edit, message in (
+        (lambda q: q["config_groups"]["group_1"]["weights"].update(symmetric=False), "float weights with a zero point"),
+        (
+            lambda q: q["config_groups"]["group_1"]["weights"].update(strategy="group", group_size=16),
+            "strategy 'group'",
+        ),
+    ):
+        folder = _copy(tmp_path / "mixed", tmp_path / f"bad{len(message)}")
+        _edit_config(folder, edit)
+        with pytest.raises(FolderError, match=message):
+            ct.read(folder)
 
 
 def test_grids_the_layout_cannot_hold_are_refused_by_leaf(tmp_path):

@@ -4,7 +4,8 @@ Needs PyTorch, transformers and compressed-tensors (``pip install -e '.[interop]
 the main environment does not hold: every test here is skipped with the reason when they
 are absent. ``.ci/run`` runs this file in a separate environment with the extra.
 
-* the compressed-tensors library decompresses our export to exactly our dequantized weights;
+* the compressed-tensors library decompresses our export (int and float8 weights) to exactly
+  our dequantized weights, and its compress of our grids gives our bytes;
 * transformers loads our exported tiny Llamas (GPTQ 4-bit with act order; round-to-nearest
   8-bit) and its logits equal jcompress's model with the same dequantized weights;
 * jcompress reads a folder the library itself compressed (tests/fixtures/interop) to the
@@ -87,6 +88,20 @@ def test_library_decompresses_our_export_exactly(tmp_path, fmt):
     assert sorted(got) == sorted(f"l{i}" for i in range(len(GRIDS)))
     for leaf, qp in grids.items():
         np.testing.assert_array_equal(got[leaf.split("/")[0]], np.asarray(grid.dequantize(qp)).T)
+
+
+def test_library_decompresses_our_float8_export_exactly(tmp_path):
+    rng = np.random.default_rng(3)
+    params = {f"l{i}": {"kernel": rng.normal(size=(64, 24)).astype(np.float32)} for i in range(3)}
+    grids = {
+        "l0/kernel": ct.float8_grid(params["l0"]["kernel"]),
+        "l1/kernel": ct.float8_grid(params["l1"]["kernel"], axis=None),
+        "l2/kernel": grid.quantize_leaf(params["l2"]["kernel"], bits=4, group_size=16),
+    }
+    assert ct.write(tmp_path, params, grids)["format"] == "mixed-precision"
+    got = _library_decompress(tmp_path)
+    for leaf, g in grids.items():
+        np.testing.assert_array_equal(got[leaf.split("/")[0]], np.asarray(g.dequantize()).T)
 
 
 @pytest.mark.parametrize("fmt", ct.FORMATS)

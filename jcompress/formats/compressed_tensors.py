@@ -11,6 +11,9 @@ tensor                     dtype, shape           content
                                                   ``2**(bits-1)`` (unsigned), packed along
                                                   the input dim, ``W = ceil(in*bits/32)``
 ``m.weight``               int8 ``(out, in)``     ``naive-quantized``: the signed codes
+                           float8_e4m3fn          ``float-quantized``: e4m3 values
+                                                  (:class:`Float8Grid`, e.g. from
+                                                  :func:`float8_grid`), channel or tensor scale
 ``m.weight_shape``         int64 ``(2,)``         ``(out, in)`` (``pack-quantized`` only)
 ``m.weight_scale``         float32                ``(1,)`` tensor, ``(out, 1)`` channel,
                                                   ``(out, in // group_size)`` group strategy
@@ -34,6 +37,11 @@ the input order, which the layout records as ``actorder: "weight"`` (pass
 with a ``weight_g_idx`` is read when the index is the contiguous one
 (``g_idx[i] == i // group_size``); another order is refused.
 
+Float8 weights (``type: "float"``, 8 bits, symmetric) are written ``float-quantized``
+beside int grids in the same folder; the config's ``format`` is then ``mixed-precision``
+and each config group names its own. ``model.safetensors`` is written and read by
+:mod:`jcompress.formats.folder` itself (the numpy API of ``safetensors`` has no float8).
+
 ``quantization_config``: ``quant_method: "compressed-tensors"``, the ``format``,
 ``quantization_status: "compressed"``, one ``config_groups`` entry per distinct weight
 scheme (``num_bits``, ``type: "int"``, ``symmetric``, ``strategy`` ``tensor`` /
@@ -48,28 +56,74 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from jcompress.core import base, grid
 from jcompress.formats import folder as fs
 from jcompress.formats.folder import FolderError
 
-__all__ = ["FORMATS", "READ_FORMATS", "FolderError", "read", "write"]
+__all__ = ["FORMATS", "READ_FORMATS", "Float8Grid", "FolderError", "float8_grid", "read", "write"]
 
 FORMATS = ("pack-quantized", "naive-quantized")
 # int-quantized is naive-quantized under the name llm-compressor gives W8A8 checkpoints.
-READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
+READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized", "float-quantized")
 _STRATEGIES = ("tensor", "channel", "group")
 _ACTORDERS = (None, False, "weight", "static")
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
-def collect_grids(aux) -> dict[str, grid.QuantParams]:
-    """``{leaf: QuantParams}`` from a ``GridAux``, a ``ChainAux`` holding some, or such a dict."""
+FLOAT8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+@dataclasses.dataclass(frozen=True)
+class Float8Grid:
+    """Float8 (e4m3) weights with float32 scales: ``weight = values.astype(float32) * scale``.
+
+    Attributes:
+      values: ``ml_dtypes.float8_e4m3fn`` ``(in, out)``.
+      scale: float32 ``(1, out)`` (one per output channel) or ``()`` (one for the tensor).
+    """
+
+    values: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def axis(self) -> int | None:
+        return None if np.ndim(self.scale) == 0 else 1
+
+    def dequantize(self) -> np.ndarray:
+        return np.asarray(self.values).astype(np.float32) * np.asarray(self.scale, np.float32)
+
+
+def float8_grid(w, *, axis: int | None = -1) -> Float8Grid:
+    """Cast a Dense kernel ``(in, out)`` to float8 e4m3 with the min-max scale ``max|w| / 448``.
+
+    Args:
+      w: float array ``(in, out)``.
+      axis: ``-1`` for one scale per output channel, ``None`` for one per tensor.
+
+    Returns:
+      :class:`Float8Grid`; an all-zero channel gets scale 1 (its values are 0).
+
+    Example:
+      >>> write('out', params, {'layers/0/mlp/up_proj/kernel': float8_grid(kernel)}, format='float-quantized')
+    """
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2 or axis not in (-1, 1, None):
+        raise ValueError(f"float8_grid takes a Dense kernel (in, out) and axis=-1 or None, got {w.shape}, axis={axis}")
+    amax = np.abs(w).max() if axis is None else np.abs(w).max(axis=0, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(FLOAT8_MAX), np.float32(1)).astype(np.float32)
+    return Float8Grid((w / scale).astype(ml_dtypes.float8_e4m3fn), scale)
+
+
+def collect_grids(aux) -> dict[str, grid.QuantParams | Float8Grid]:
+    """``{leaf: QuantParams or Float8Grid}`` from a ``GridAux``, a ``ChainAux`` holding some, or such a dict."""
     if isinstance(aux, dict):
         grids = dict(aux)
     else:
@@ -78,15 +132,20 @@ def collect_grids(aux) -> dict[str, grid.QuantParams]:
             if isinstance(a, base.GridAux):
                 grids.update(a.grids)
     for leaf, qp in grids.items():
-        if not isinstance(qp, grid.QuantParams):
-            raise TypeError(f"the grid of {leaf!r} is a {type(qp).__name__}; a core.grid.QuantParams is needed")
+        if not isinstance(qp, (grid.QuantParams, Float8Grid)):
+            raise TypeError(f"the grid of {leaf!r} is a {type(qp).__name__}; a QuantParams or Float8Grid is needed")
     return grids
 
 
-def weight_args(leaf: str, w_shape: tuple, qp: grid.QuantParams) -> dict:
+def weight_args(leaf: str, w_shape: tuple, qp: grid.QuantParams | Float8Grid) -> dict:
     """The layout's weight scheme of one jcompress grid; ValueError naming ``leaf`` if it has none."""
-    if tuple(qp.codes.shape) != tuple(w_shape):
-        raise ValueError(f"{leaf}: the grid's codes have shape {tuple(qp.codes.shape)}, the leaf {tuple(w_shape)}")
+    shape = tuple(np.shape(qp.values if isinstance(qp, Float8Grid) else qp.codes))
+    if shape != tuple(w_shape):
+        raise ValueError(f"{leaf}: the grid's codes have shape {shape}, the leaf {tuple(w_shape)}")
+    if isinstance(qp, Float8Grid):
+        strategy = "tensor" if qp.axis is None else "channel"
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "group_size": None,
+                "dynamic": False}  # fmt: skip
     if qp.bits > 8:
         raise ValueError(f"{leaf}: bits={qp.bits}; the serving layouts store at most 8-bit integer codes")
     if qp.axis is None:
@@ -108,7 +167,14 @@ def weight_args(leaf: str, w_shape: tuple, qp: grid.QuantParams) -> dict:
     }
 
 
-def _encode(module: str, qp: grid.QuantParams, args: dict, fmt: str) -> dict[str, np.ndarray]:
+def _encode(module: str, qp: grid.QuantParams | Float8Grid, args: dict, fmt: str) -> dict[str, np.ndarray]:
+    if isinstance(qp, Float8Grid):
+        scale = np.asarray(qp.scale, np.float32)
+        scale = scale.reshape(1) if qp.axis is None else scale.T
+        return {
+            f"{module}.weight": np.ascontiguousarray(qp.values.T),
+            f"{module}.weight_scale": np.ascontiguousarray(scale),
+        }
     bits, offset = qp.bits, 2 ** (qp.bits - 1)
     codes = np.asarray(qp.codes, np.int32).T  # (out, in)
     signed = codes if qp.symmetric else codes - offset
@@ -180,15 +246,17 @@ def write(
 
     def encode(leaf, module, w, qp):
         args = weight_args(leaf, w.shape, qp)
-        if actorder is not None:
+        if actorder is not None and args["type"] == "int":
             args["actorder"] = actorder
-        schemes.setdefault(tuple(sorted(args.items(), key=str)), []).append(module)
-        return _encode(module, qp, args, format)
+        fmt = "float-quantized" if args["type"] == "float" else format
+        schemes.setdefault((fmt, tuple(sorted(args.items(), key=str))), []).append(module)
+        return _encode(module, qp, args, fmt)
 
     tensors, ignore = fs.leaf_tensors(params, collect_grids(aux), names, encode)
+    formats = sorted({fmt for fmt, _ in schemes})
     qconfig = {
         "quant_method": "compressed-tensors",
-        "format": format,
+        "format": formats[0] if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": {
             f"group_{i}": {
@@ -196,9 +264,9 @@ def write(
                 "weights": dict(key),
                 "input_activations": None,
                 "output_activations": None,
-                "format": format,
+                "format": fmt,
             }
-            for i, (key, modules) in enumerate(schemes.items())
+            for i, ((fmt, key), modules) in enumerate(schemes.items())
         },
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
@@ -223,21 +291,31 @@ def _check_args(group: str, scheme: dict, where: str) -> dict:
     if not isinstance(w, dict):
         raise FolderError(f"{where}: config group {group!r} has no weights scheme")
     bits, typ = w.get("num_bits", 8), w.get("type", "int")
-    if typ != "int" or not isinstance(bits, int) or not 1 <= bits <= 8:
+    if not (typ == "int" and isinstance(bits, int) and 1 <= bits <= 8) and not (typ == "float" and bits == 8):
         raise FolderError(
-            f"{where}: config group {group!r} stores type={typ!r} num_bits={bits!r}; jcompress reads int 1..8 bits"
+            f"{where}: config group {group!r} stores type={typ!r} num_bits={bits!r}; jcompress reads int 1..8 bits "
+            "and float 8 bits (e4m3)"
         )
     g = w.get("group_size")
     strategy = w.get("strategy") or ("tensor" if g is None else "channel" if g == -1 else "group")
-    if strategy not in _STRATEGIES or w.get("block_structure") is not None:
-        raise FolderError(f"{where}: config group {group!r} has strategy {strategy!r}; jcompress reads {_STRATEGIES}")
+    strategies = _STRATEGIES if typ == "int" else ("tensor", "channel")
+    if strategy not in strategies or w.get("block_structure") is not None:
+        raise FolderError(f"{where}: config group {group!r} has strategy {strategy!r}; jcompress reads {strategies}")
     if strategy == "group" and (not isinstance(g, int) or g < 1):
         raise FolderError(f"{where}: config group {group!r} has strategy 'group' with group_size={g!r}")
     if w.get("dynamic"):
         raise FolderError(f"{where}: config group {group!r} has dynamic weight scales; jcompress reads static ones")
     if w.get("actorder") not in _ACTORDERS + ("group", "dynamic", True):
         raise FolderError(f"{where}: config group {group!r} has actorder={w.get('actorder')!r}")
-    return {"bits": bits, "symmetric": bool(w.get("symmetric", True)), "strategy": strategy, "group_size": g}
+    if typ == "float" and not w.get("symmetric", True):
+        raise FolderError(f"{where}: config group {group!r} has float weights with a zero point")
+    return {
+        "type": typ,
+        "bits": bits,
+        "symmetric": bool(w.get("symmetric", True)),
+        "strategy": strategy,
+        "group_size": g,
+    }
 
 
 _SCALE_DTYPES = ("float32", "float16", "float64", "bfloat16")
@@ -264,7 +342,20 @@ def to_grid(
     return grid.QuantParams(codes + offset, scale, zp + offset, bits, False, axis, gs)
 
 
-def _decode(tensors: dict, module: str, args: dict, fmt: str) -> grid.QuantParams:
+def _decode_float8(tensors: dict, module: str, strategy: str) -> Float8Grid:
+    weight_name, scale_name = f"{module}.weight", f"{module}.weight_scale"
+    weight, scale = fs.take(tensors, weight_name), fs.take(tensors, scale_name)
+    if weight.ndim != 2:
+        raise FolderError(f"the tensor {weight_name} has shape {weight.shape}; a Linear weight (out, in) is needed")
+    fs.expect(weight, weight_name, weight.shape, ("float8_e4m3fn",))
+    fs.expect(scale, scale_name, (1,) if strategy == "tensor" else (weight.shape[0], 1), _SCALE_DTYPES)
+    scale = scale.astype(np.float32)
+    return Float8Grid(np.ascontiguousarray(weight.T), scale.reshape(()) if strategy == "tensor" else scale.T)
+
+
+def _decode(tensors: dict, module: str, args: dict, fmt: str) -> grid.QuantParams | Float8Grid:
+    if args["type"] == "float":
+        return _decode_float8(tensors, module, args["strategy"])
     bits, strategy, offset = args["bits"], args["strategy"], 2 ** (args["bits"] - 1)
     scale_name = f"{module}.weight_scale"
     scale = fs.take(tensors, scale_name)
@@ -381,6 +472,6 @@ def read(folder: str | Path, *, names: dict | Callable | None = None) -> tuple[d
             )
         qp = _decode(tensors, module, args, fmt)
         grids[leaf] = qp
-        params[leaf] = np.asarray(grid.dequantize(qp))
+        params[leaf] = np.asarray(qp.dequantize())
     params.update(fs.plain_params(tensors, names, _SUFFIXES))
     return fs.nest(params), grids

@@ -25,6 +25,10 @@ row's stream, word ``w`` holds stream bits ``32 w .. 32 w + 31`` (bit 0 least
 significant), and the row is padded with zeros to whole words. With 2, 4 or 8 bits this
 is ``32 // bits`` values per word, value ``j`` of the word in bits ``j*bits .. j*bits+bits-1``.
 
+**Files.** ``model.safetensors`` is written (atomically) and read here: an 8-byte
+little-endian header size, a JSON header (dtype, shape, byte offsets per tensor and
+``__metadata__: {"format": "pt"}``) and the raw little-endian data, float8 e4m3 included.
+
 Example:
   >>> pack_int32(np.array([[1, 2, 3]]), bits=4)   # 0x321
   array([[801]], dtype=int32)
@@ -33,12 +37,15 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from jcompress import tree
@@ -52,6 +59,7 @@ __all__ = [
     "hf_name",
     "leaf_name",
     "leaf_tensors",
+    "load_safetensors",
     "nest",
     "pack_int32",
     "plain_params",
@@ -240,10 +248,44 @@ def write_config(folder: Path, config: dict, name: str = "config.json") -> None:
     (Path(folder) / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# safetensors dtype codes. The file is written and read here rather than with
+# safetensors.numpy, whose numpy API has no float8 (the float-quantized weights).
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}  # fmt: skip
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file (8-byte little-endian header size, JSON header, data)."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise FolderError(f"{path} is not a safetensors file (shorter than its 8-byte header size)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FolderError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    body = memoryview(data)[8 + n :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise FolderError(f"the tensor {name} of {path} has dtype {info['dtype']}, which jcompress does not read")
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        if end > len(body) or end - start != dtype.itemsize * math.prod(info["shape"]):
+            raise FolderError(f"the tensor {name} of {path} is truncated or its offsets disagree with its shape")
+        out[name] = np.frombuffer(body[start:end], dtype).reshape(info["shape"]).copy()
+    return out
+
+
 def read_tensors(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of ``folder``'s ``model.safetensors`` or its shards, as numpy arrays."""
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS_FILE]
@@ -251,17 +293,32 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
     for f in files:
         if not (folder / f).exists():
             raise FolderError(f"{folder / f} is missing; the folder holds no weights under that name")
-        out.update(load_file(str(folder / f)))
+        out.update(load_safetensors(folder / f))
     return out
 
 
 def write_tensors(folder: Path, tensors: dict[str, np.ndarray]) -> Path:
-    """Write ``tensors`` to ``folder/model.safetensors`` (PyTorch metadata, as loaders expect)."""
-    from safetensors.numpy import save_file
-
+    """Write ``tensors`` to ``folder/model.safetensors`` (PyTorch metadata, as loaders expect), atomically."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, arr in arrays.items():
+        if arr.dtype.newbyteorder("<") not in _CODES:
+            raise TypeError(f"the tensor {name} has dtype {arr.dtype}, which the safetensors layout does not hold")
+        header[name] = {
+            "dtype": _CODES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     path = Path(folder) / WEIGHTS_FILE
     tmp = path.with_suffix(".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for arr in arrays.values():
+            f.write(arr.tobytes())
     os.replace(tmp, path)
     return path
 

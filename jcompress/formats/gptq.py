@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,19 +67,28 @@ _SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def fp16_scales(qp: grid.QuantParams, w) -> grid.QuantParams:
-    """``qp`` with its scales rounded to float16 and the codes of ``w`` recomputed on that grid.
+    """``qp`` with its scales rounded to float16 and the codes of ``w`` rounded to nearest on that grid.
 
     The GPTQ layout stores float16 scales; a grid whose scales are float16 values is
     stored and read back exactly.
+
+    Args:
+      qp: the grid of a Dense kernel ``(in, out)``, one scale per output channel
+        (``axis=-1``), grouped or not.
+      w: the kernel ``(in, out)`` the codes are recomputed from (e.g. the quantized kernel).
+
+    Returns:
+      A ``QuantParams`` like ``qp`` with float16-valued scales (float32 dtype) and new codes.
     """
-    scale = np.asarray(qp.scale, np.float16).astype(np.float32)
-    bcast = grid.dequantize(grid.QuantParams(np.ones(qp.codes.shape, np.int32), scale, np.zeros_like(qp.zero_point),
-                                             qp.bits, qp.symmetric, qp.axis, qp.group_size))  # fmt: skip
-    zp = grid.dequantize(grid.QuantParams(np.zeros(qp.codes.shape, np.int32), np.ones_like(scale),
-                                          -np.asarray(qp.zero_point), qp.bits, qp.symmetric, qp.axis, qp.group_size))  # fmt: skip
-    codes = grid.round_codes(np.asarray(w, np.float32), bcast, zp.astype(np.int32), bits=qp.bits,
-                             symmetric=qp.symmetric)  # fmt: skip
-    return grid.QuantParams(codes, scale, qp.zero_point, qp.bits, qp.symmetric, qp.axis, qp.group_size)
+    if qp.axis != 1 or np.ndim(qp.codes) != 2:
+        raise ValueError(f"fp16_scales takes the grid of a Dense kernel with axis=-1, got axis={qp.axis}")
+    scale = np.asarray(qp.scale, np.float16).astype(np.float32)  # (groups, out)
+    rows = np.shape(qp.codes)[0] // scale.shape[0]
+    codes = grid.round_codes(
+        np.asarray(w, np.float32), np.repeat(scale, rows, axis=0), np.repeat(np.asarray(qp.zero_point), rows, axis=0),
+        bits=qp.bits, symmetric=qp.symmetric,
+    )  # fmt: skip
+    return dataclasses.replace(qp, codes=codes, scale=scale)
 
 
 def _layout(leaf: str, w_shape: tuple, qp: grid.QuantParams) -> dict:

@@ -111,6 +111,8 @@ class Report(NamedTuple):
         compressed model quantizes (SmoothQuant); apply it with :func:`with_act_quant`.
       num_sequences, seq_len: the calibration set's shape.
       seconds: total wall time.
+      grids: ``{kernel name in the model: QuantParams}`` of the quantized kernels when
+        :func:`compress` was asked to keep them (``keep_grids=True``), else empty.
     """
 
     blocks: list
@@ -118,6 +120,7 @@ class Report(NamedTuple):
     num_sequences: int
     seq_len: int
     seconds: float
+    grids: dict
 
     @property
     def layer_errors(self) -> dict:
@@ -233,6 +236,15 @@ def _layer_errors(prefix, stats, params, new_params, aux) -> dict:
     return {prefix + n: float(base.relative_error(old[n], new[n], s.h)) for n, s in stats.items()}
 
 
+def _grids_of(aux) -> dict:
+    """``{kernel name: QuantParams}`` of every grid an aux (or a chain of auxes) holds."""
+    out = {}
+    for a in base.all_auxes(aux):
+        if isinstance(a, (base.GridAux, AWQAux, SmoothQuantAux)):
+            out.update(a.grids)
+    return out
+
+
 def compress(
     model: nnx.Module,
     calib_ids,
@@ -242,6 +254,7 @@ def compress(
     batch_size: int | None = None,
     key: jax.Array | None = None,
     progress: Callable[[BlockReport], None] | None = None,
+    keep_grids: bool = False,
 ) -> tuple[nnx.Module, Report]:
     """Compress a decoder block by block, each block calibrated on the compressed blocks' outputs.
 
@@ -260,6 +273,8 @@ def compress(
         that divides ``num_sequences`` (default ``min(num, 8 * data devices)``).
       key: split into one key per block for random transforms.
       progress: called with each :class:`BlockReport` as its block finishes.
+      keep_grids: keep the quantized kernels' grids (``Report.grids``, to write the
+        codes); their int32 codes take as much memory as the float kernels.
 
     Returns:
       ``(model, Report)``.
@@ -293,7 +308,7 @@ def compress(
     positions_m = jax.device_put(positions, NamedSharding(mesh, P()))
     keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
     solver_device = mesh.devices.flat[0]
-    reports, act_quant = [], {}
+    reports, act_quant, grids = [], {}, {}
     for index, block in enumerate(blocks):
         t0 = time.perf_counter()
         prefix = f"layers/{index}/"
@@ -321,11 +336,13 @@ def compress(
             num, den = num + float(d2), den + float(r2)
         nnx.update(block, jax.tree.map(jax.device_put, new_params, shardings))
         act_quant.update({prefix + n: a for n, a in act.items()})
+        if keep_grids:
+            grids.update({prefix + n: g for n, g in _grids_of(aux).items()})
         report = BlockReport(index, time.perf_counter() - t0, num / den if den > 0 else float(num > 0) * np.inf, layer_errors)
         reports.append(report)
         if progress is not None:
             progress(report)
-    return model, Report(reports, act_quant, int(ids.shape[0]), int(ids.shape[1]), time.perf_counter() - start)
+    return model, Report(reports, act_quant, int(ids.shape[0]), int(ids.shape[1]), time.perf_counter() - start, grids)
 
 
 def with_act_quant(model: nnx.Module, act_quant: dict) -> nnx.Module:

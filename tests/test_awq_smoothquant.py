@@ -1,5 +1,6 @@
 """AWQ and SmoothQuant: scale folding keeps the function, the searches beat their baselines."""
 
+import functools
 from pathlib import Path
 
 import jax
@@ -12,6 +13,7 @@ from jcompress import blockwise, lm, parallel, tree
 from jcompress.models import hf_lm
 from jcompress.models.gpt2 import GPT2, GPT2Config
 from jcompress.models.llama import Llama, LlamaConfig
+from jcompress.nnx import hooks
 from jcompress.oneshot import awq as awq_lib
 from jcompress.oneshot import smoothquant as sq_lib
 from jcompress.oneshot.awq import ChannelStats, apply_scales, awq
@@ -23,9 +25,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "lm"
 
 def _block_out(block, params, h, positions):
     gd, _, rest = nnx.split(block, nnx.Param, ...)
-    return nnx.merge(gd, params, rest)(h, positions)[0]
+    return jax.jit(lambda p, h: nnx.merge(gd, p, rest)(h, positions)[0])(params, h)
 
 
+@functools.cache
 def _blocks():
     llama = Llama(LlamaConfig(50, 32, 1, 4, 4, 48), rngs=nnx.Rngs(0))  # no GQA: v_proj -> o_proj is a group
     gpt2 = GPT2(GPT2Config(50, 32, 1, 4), rngs=nnx.Rngs(1))
@@ -40,7 +43,7 @@ def test_folded_scales_leave_the_block_unchanged(name):
     assert [g.source for g in groups] == want
     params = nnx.state(block, nnx.Param)
     # LayerNorm biases are 0 at init; make them matter
-    params = tree.map_with_names(lambda n, x: x + 0.1 if n.endswith("ln_1/bias") or n.endswith("ln_2/bias") else x, params)
+    params = tree.map_with_names(lambda n, x: x + 0.1 if n.endswith(("ln_1/bias", "ln_2/bias")) else x, params)
     h = jax.random.normal(jax.random.key(0), (2, 5, 32))
     positions = jnp.arange(5)[None]
     keys = jax.random.split(jax.random.key(1), len(groups))
@@ -114,7 +117,7 @@ def test_fake_quant_input_grids():
 
 
 def test_bad_arguments_are_named():
-    x, params, stats, channels, groups = _outlier_layer(d=8, out=4, n=16)
+    _x, params, stats, channels, groups = _outlier_layer(d=8, out=4, n=16)
     with pytest.raises(ValueError, match="alpha"):
         smoothquant(stats, channels, groups=groups, alpha=1.5)
     with pytest.raises(ValueError, match="act_scale"):
@@ -131,14 +134,12 @@ def test_bad_arguments_are_named():
         awq_lib.check_groups([("norm", ("fc",)), ("norm", ("fc",))], params)
 
 
-def test_smoothquant_and_awq_through_the_driver():
+def test_smoothquant_through_the_driver():
     model, tok, _ = hf_lm.load(FIXTURES / "llama_gqa_sharded")
     ids = lm.sample_windows(lm.corpus_ids(tok, "calibration", limit=60), num=8, seq_len=16, seed=0)
-    ref = lm.perplexity(model, lm.corpus_ids(tok, "evaluation", limit=20), seq_len=16, stride=16, batch_size=8)
     model, report = blockwise.compress(model, ids, blockwise.method("smoothquant", alpha=0.5), mesh=parallel.data_mesh(1))
     assert len(report.act_quant) == 14 and all(a.bits == 8 and a.per_token for a in report.act_quant.values())
-    assert all(b.output_error < 0.01 for b in report.blocks)
+    assert all(0 < b.output_error < 0.01 for b in report.blocks)
+    assert max(report.layer_errors.values()) < 1e-3  # 8-bit weights per output unit
     w8a8 = blockwise.with_act_quant(model, report.act_quant)
-    got = lm.perplexity(w8a8, lm.corpus_ids(tok, "evaluation", limit=20), seq_len=16, stride=16, batch_size=8)
-    assert abs(np.log(got.perplexity / ref.perplexity)) < 0.01
-    assert blockwise.with_act_quant(model, {}) is model
+    assert set(report.act_quant) <= set(hooks.layers(w8a8)) and blockwise.with_act_quant(model, {}) is model

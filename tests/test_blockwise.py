@@ -5,6 +5,7 @@ is checked on what the methods optimise, each block's output error on its calibr
 inputs. 8 host devices come from tests/conftest.py.
 """
 
+import json
 from pathlib import Path
 
 import jax
@@ -86,16 +87,6 @@ def test_gptq_weights_sit_on_4_bit_grids(runs):
     assert all(len(np.unique(k[:, j])) <= 16 for j in range(k.shape[1]))
 
 
-@needs8
-def test_gpt2_fused_attention_and_2_4_on_8_devices():
-    params, report = _run("gpt2", blockwise.method("wanda", n_m=(2, 4)), devices=8)
-    c_attn = np.asarray(params["layers/0/attn/c_attn/kernel"])  # (64, 192): one Linear
-    assert c_attn.shape == (64, 192) and "layers/0/attn/c_attn/kernel" in report.layer_errors
-    groups = (c_attn.reshape(16, 4, 192) != 0).sum(axis=1)
-    assert np.all(groups == 2)
-    assert len(report.layer_errors) == 8 and all(0 < b.output_error < 1 for b in report.blocks)
-
-
 def test_bad_input_is_named():
     model, tok, _ = hf_lm.load(FIXTURES / "gpt2")
     ids = _calib(tok)
@@ -117,3 +108,30 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="not a decoder"):
         blockwise.compress(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), ids, blockwise.method("rtn"))
     np.testing.assert_array_equal(jnp.asarray(ids).shape, (8, 16))
+
+
+@needs8
+def test_oneshot_command_gpt2_2_4_on_8_devices(tmp_path, capsys):
+    from jcompress import cli, export
+
+    out = tmp_path / "nm"
+    argv = ["oneshot", "--model", str(FIXTURES / "gpt2"), "--method", "wanda", "--n-m", "2:4", "--calib", "8",
+            "--seq-len", "16", "--devices", "8", "--eval-tokens", "200", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "block 1/2:" in printed and "block 2/2:" in printed and "perplexity" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "wanda" and report["settings"]["n_m"] == [2, 4] and len(report["blocks"]) == 2
+    assert len(report["layer_errors"]) == 8 and report["peak_host_rss_bytes"] > 0
+    assert all(0 < b["output_error"] < 1 for b in report["blocks"])
+    assert np.isfinite(report["perplexity_before"]) and np.isfinite(report["perplexity_after"])
+    assert report["written_bytes"] == (out / "model.jcz").stat().st_size
+    c_attn = np.asarray(export.load_params(out / "model.jcz")["layers"][0]["attn"]["c_attn"]["kernel"])
+    assert c_attn.shape == (64, 192)  # the fused projection is one Linear
+    assert np.all((c_attn.reshape(16, 4, 192) != 0).sum(axis=1) == 2)
+    # a calibration text shorter than --seq-len, and a pruning method without its sparsity
+    bad = ["oneshot", "--model", str(FIXTURES / "gpt2"), "--calib", "8", "--out", str(tmp_path / "bad")]
+    assert cli.main([*bad, "--method", "rtn", "--seq-len", "100000"]) == 2
+    assert "fewer than seq_len=100000" in capsys.readouterr().err
+    assert cli.main([*bad, "--method", "wanda"]) == 2
+    assert "needs exactly one of --sparsity or --n-m" in capsys.readouterr().err

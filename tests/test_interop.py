@@ -151,29 +151,39 @@ def test_library_written_fixtures_read_to_what_the_library_decompresses():
             np.testing.assert_array_equal(ours[f"{module}/kernel"].T, weight)
 
 
-@pytest.mark.parametrize("fixture", ["llama_gqa_sharded", "llama_rope3_tied"])
-def test_transformers_loads_our_llama_with_equal_logits(tmp_path, fixture):
+@pytest.mark.parametrize(
+    ("fixture", "scheme"),
+    [("llama_gqa_sharded", "gptq-w4"), ("llama_rope3_tied", "rtn-w8-asym"), ("llama_rope3_tied", "float8")],
+)
+def test_transformers_loads_our_llama_with_equal_logits(tmp_path, fixture, scheme):
     """GQA, a sharded base folder and an untied head: GPTQ (4 bits, groups of 16, act order),
     pack-quantized. Tied embeddings and llama3 rope scaling: round-to-nearest 8-bit
     asymmetric, naive-quantized (transformers 5.24 with compressed-tensors 0.20 refuses
     asymmetric pack-quantized checkpoints, the library's own too: its meta-device compress
-    leaves the zero point unpacked; test_our_tensors_are_the_library_compress covers them)."""
+    leaves the zero point unpacked; test_our_tensors_are_the_library_compress covers them),
+    and float8 e4m3 per channel, float-quantized."""
     base = FIXTURES / "lm" / fixture
     model, _, _ = hf_lm.load(base)
     ids = np.random.default_rng(1).integers(0, model.embed.embedding.shape[0], size=(2, 16)).astype(np.int32)
     state = nnx.state(model, nnx.Param)
-    if fixture == "llama_gqa_sharded":
+    fmt = {"gptq-w4": "pack-quantized", "rtn-w8-asym": "naive-quantized", "float8": None}[scheme]
+    if scheme == "gptq-w4":
         stats = oneshot.calibrate(model, [jnp.asarray(ids)], forward=lambda m, x: m(x)[0])
         params, aux = oneshot.gptq(stats, bits=4, group_size=16, act_order=True)(state)
-        fmt = "pack-quantized"
-    else:
+        grids = aux.grids
+    elif scheme == "rtn-w8-asym":
         params, aux = quant.quantize(bits=8, symmetric=False)(state)
-        fmt = "naive-quantized"
+        grids = aux.grids
+    else:
+        flat = dict(tree.named_leaves(nnx.to_pure_dict(state)))
+        grids = {leaf: ct.float8_grid(np.asarray(w)) for leaf, w in flat.items() if leaf.endswith("kernel")}
+        params = tree.set_by_name(nnx.to_pure_dict(state), {k: jnp.asarray(g.dequantize()) for k, g in grids.items()})
     nnx.update(model, params)
     ours = np.asarray(model(jnp.asarray(ids))[0])
     out = tmp_path / "exported"
-    qc = ct.write(out, params, aux, names=renamer(LLAMA_TO_HF), base_folder=base, format=fmt, actorder="weight")
-    assert sum(len(g["targets"]) for g in qc["config_groups"].values()) == len(aux.grids)
+    qc = ct.write(out, params, grids, names=renamer(LLAMA_TO_HF), base_folder=base, format=fmt or "pack-quantized",
+                  actorder="weight")  # fmt: skip
+    assert sum(len(g["targets"]) for g in qc["config_groups"].values()) == len(grids)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     hf.eval()
@@ -181,6 +191,6 @@ def test_transformers_loads_our_llama_with_equal_logits(tmp_path, fixture):
         theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     weights = {renamer(LLAMA_FROM_HF)(n): p.detach().numpy() for n, p in hf.named_parameters() if n.endswith("weight")}
-    assert set(aux.grids) <= set(weights)  # transformers decompressed every quantized Linear, exactly
-    for leaf, qp in aux.grids.items():
-        np.testing.assert_array_equal(weights[leaf], np.asarray(grid.dequantize(qp)).T)
+    assert set(grids) <= set(weights)  # transformers decompressed every quantized Linear, exactly
+    for leaf, qp in grids.items():
+        np.testing.assert_array_equal(weights[leaf], np.asarray(qp.dequantize()).T)

@@ -28,10 +28,17 @@ def _block_out(block, params, h, positions):
     return jax.jit(lambda p, h: nnx.merge(gd, p, rest)(h, positions)[0])(params, h)
 
 
+def _random_model(build):
+    """A model with random parameters, built without running its initialisers (fast)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    rng = np.random.default_rng(0)  # numpy: no XLA compile per shape
+    return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape) + 0.1, jnp.float32), state))
+
+
 @functools.cache
 def _blocks():
-    llama = Llama(LlamaConfig(50, 32, 1, 4, 4, 48), rngs=nnx.Rngs(0))  # no GQA: v_proj -> o_proj is a group
-    gpt2 = GPT2(GPT2Config(50, 32, 1, 4), rngs=nnx.Rngs(1))
+    llama = _random_model(lambda: Llama(LlamaConfig(50, 32, 1, 4, 4, 48), rngs=nnx.Rngs(0)))  # no GQA: v_proj -> o_proj
+    gpt2 = _random_model(lambda: GPT2(GPT2Config(50, 32, 1, 4), rngs=nnx.Rngs(0)))
     return {"llama": llama.layers[0], "gpt2": gpt2.layers[0]}
 
 
@@ -42,15 +49,13 @@ def test_folded_scales_leave_the_block_unchanged(name):
     want = {"llama": ["attn_norm", "attn/v_proj", "mlp_norm", "mlp/up_proj"], "gpt2": ["ln_1", "attn/c_attn", "ln_2"]}[name]
     assert [g.source for g in groups] == want
     params = nnx.state(block, nnx.Param)
-    # LayerNorm biases are 0 at init; make them matter
-    params = tree.map_with_names(lambda n, x: x + 0.1 if n.endswith(("ln_1/bias", "ln_2/bias")) else x, params)
-    h = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
     positions = jnp.arange(5)[None]
-    keys = jax.random.split(jax.random.key(1), len(groups))
     scales = {}
-    for g, k in zip(groups, keys):
+    for g in groups:
         width = dict(tree.named_leaves(params))[f"{g.targets[0]}/kernel"].shape[0]
-        scales[g.source] = jnp.exp(jax.random.normal(k, (width,)))  # 0.1x .. 10x
+        scales[g.source] = jnp.asarray(np.exp(rng.normal(size=width)), jnp.float32)  # 0.1x .. 10x
     folded = apply_scales(params, groups, scales)
     changed = [n for n, x in tree.named_leaves(folded) if not np.allclose(x, dict(tree.named_leaves(params))[n])]
     assert len(changed) >= 2 * len(groups)
@@ -59,10 +64,11 @@ def test_folded_scales_leave_the_block_unchanged(name):
 
 def _outlier_layer(seed=0, d=64, out=48, n=512):
     """A norm feeding one Linear, inputs with 4 outlier channels 30x the rest."""
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(k1, (n, d))
-    x = x.at[:, :4].multiply(30.0)
-    kernel = jax.random.normal(k2, (d, out)) / np.sqrt(d)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    x[:, :4] *= 30.0
+    x = jnp.asarray(x, jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(d, out)) / np.sqrt(d), jnp.float32)
     params = {"norm": {"scale": jnp.ones((d,))}, "fc": {"kernel": kernel}}
     stats = {"fc/kernel": LayerStats(x.T @ x, jnp.float32(n))}
     channels = {"fc/kernel": ChannelStats(jnp.abs(x).mean(0), jnp.abs(x).max(0))}
@@ -135,10 +141,10 @@ def test_bad_arguments_are_named():
 
 
 def test_smoothquant_through_the_driver():
-    model, tok, _ = hf_lm.load(FIXTURES / "llama_gqa_sharded")
+    model, tok, _ = hf_lm.load(FIXTURES / "gpt2")
     ids = lm.sample_windows(lm.corpus_ids(tok, "calibration", limit=60), num=8, seq_len=16, seed=0)
     model, report = blockwise.compress(model, ids, blockwise.method("smoothquant", alpha=0.5), mesh=parallel.data_mesh(1))
-    assert len(report.act_quant) == 14 and all(a.bits == 8 and a.per_token for a in report.act_quant.values())
+    assert len(report.act_quant) == 8 and all(a.bits == 8 and a.per_token for a in report.act_quant.values())
     assert all(0 < b.output_error < 0.01 for b in report.blocks)
     assert max(report.layer_errors.values()) < 1e-3  # 8-bit weights per output unit
     w8a8 = blockwise.with_act_quant(model, report.act_quant)

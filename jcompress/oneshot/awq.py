@@ -42,7 +42,7 @@ from jcompress.core import base, spec
 from jcompress.core import grid as grid_lib
 from jcompress.oneshot.calibration import _check_stats
 
-__all__ = ["AWQAux", "ChannelStats", "apply_scales", "awq", "check_channels", "check_groups", "effective_kernel", "output_error", "relative_output_error", "scaled_leaves"]
+__all__ = ["AWQAux", "ChannelStats", "apply_scales", "awq", "check_channels", "check_groups", "effective_kernel", "output_error", "quantize_kernel", "relative_output_error", "scaled_leaves"]
 
 
 class ChannelStats(NamedTuple):
@@ -234,6 +234,7 @@ def effective_kernel(q, name: str, groups: Sequence, scales: dict):
     return q
 
 
+@jax.jit
 def relative_output_error(kernel, kernel_eff, h):
     """``tr(D^T H D) / tr(K^T H K)`` with ``D = K_eff - K`` (0 for an all-zero kernel kept)."""
     num, den = output_error(kernel, kernel_eff, h)
@@ -242,6 +243,10 @@ def relative_output_error(kernel, kernel_eff, h):
 
 def _quantize(k, *, bits, group_size, symmetric):
     return grid_lib.quantize_leaf(k, bits=bits, axis=-1, group_size=group_size, symmetric=symmetric)
+
+
+# one compile per kernel shape instead of one per elementwise op
+quantize_kernel = jax.jit(_quantize, static_argnames=("bits", "group_size", "symmetric"))
 
 
 def output_error(kernel, kernel_eff, h):
@@ -347,7 +352,7 @@ def awq(
             if n not in hs:
                 continue  # a folded source, already updated
             k = new_leaves[n]
-            qp = _quantize(k.astype(jnp.float32), bits=bits, group_size=group_size, symmetric=symmetric)
+            qp = quantize_kernel(k.astype(jnp.float32), bits=bits, group_size=group_size, symmetric=symmetric)
             q = grid_lib.dequantize(qp)
             errors[n] = relative_output_error(leaves_by_name[n], effective_kernel(q, n, gs, scales), hs[n])
             grids[n], updates[n] = qp, q.astype(k.dtype)

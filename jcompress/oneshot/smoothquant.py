@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from jcompress.oneshot.awq import (
     check_channels,
     check_groups,
     effective_kernel,
+    quantize_kernel,
     relative_output_error,
     scaled_leaves,
 )
@@ -115,6 +117,7 @@ def act_quantizer(act: dict):
     return hook
 
 
+@functools.partial(jax.jit, static_argnames=("alpha",))
 def smoothing_scales(abs_max_x: jax.Array, kernels: Sequence[jax.Array], *, alpha: float) -> jax.Array:
     """``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel ``(in,)``; 1 where either max is 0."""
     w_max = jnp.max(jnp.stack([jnp.max(jnp.abs(k.astype(jnp.float32)), axis=1) for k in kernels]), axis=0)
@@ -188,7 +191,7 @@ def smoothquant(
             if n not in hs:
                 continue  # a folded source, already updated
             k = new[n]
-            qp = grid_lib.quantize_leaf(k.astype(jnp.float32), bits=weight_bits, axis=-1, symmetric=True)
+            qp = quantize_kernel(k.astype(jnp.float32), bits=weight_bits, group_size=None, symmetric=True)
             q = grid_lib.dequantize(qp)
             errors[n] = relative_output_error(old[n], effective_kernel(q, n, gs, scales), hs[n])
             s = per_kernel.get(n, jnp.ones((k.shape[0],), jnp.float32))

@@ -10,6 +10,11 @@ Each method compresses a trained model's Dense layers without retraining, using 
 * :func:`wanda`: Wanda (``|W| * ||X||``, no weight update);
 * :func:`obs`: exact greedy OBS pruning, row by row (small layers);
 * :func:`gptq`: GPTQ (groups, activation order; exact zeros kept).
+* :func:`awq`: AWQ (activation-aware per-channel scales folded into the preceding norm
+  or Linear, then round-to-nearest); :func:`smoothquant`: SmoothQuant W8A8 (activation
+  outliers migrated into the weights, inputs fake-quantized by :func:`act_quantizer`).
+  Both need per-channel statistics (:class:`ChannelStats`) and the model's scale groups;
+  :func:`jcompress.blockwise.compress` provides both for decoder LMs.
 
 Every method is a factory ``method(stats, *, hyperparameters) -> Transform`` whose aux
 (``MaskAux`` or ``GridAux``) reports ``errors[name] = ||X K - X K'||^2 / ||X K||^2`` on
@@ -23,10 +28,25 @@ Example:
   >>> jc.export.write('m.jcz', jc.compressed.compress(params, aux))
 """
 
+from jcompress.oneshot.awq import ChannelStats, apply_scales, awq
 from jcompress.oneshot.calibration import LayerStats, calibrate, sequential
 from jcompress.oneshot.gptq import gptq
 from jcompress.oneshot.obs import obs
+from jcompress.oneshot.smoothquant import act_quantizer, smoothquant
 from jcompress.oneshot.sparsegpt import sparsegpt
 from jcompress.oneshot.wanda import wanda
 
-__all__ = ["LayerStats", "calibrate", "gptq", "obs", "sequential", "sparsegpt", "wanda"]
+__all__ = [
+    "ChannelStats",
+    "LayerStats",
+    "act_quantizer",
+    "apply_scales",
+    "awq",
+    "calibrate",
+    "gptq",
+    "obs",
+    "sequential",
+    "smoothquant",
+    "sparsegpt",
+    "wanda",
+]

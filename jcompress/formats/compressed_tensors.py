@@ -410,7 +410,9 @@ def _decode(tensors: dict, module: str, args: dict, fmt: str) -> grid.QuantParam
     return to_grid(signed, zero, scale, bits=bits, strategy=strategy, group_size=g)
 
 
-def read(folder: str | Path, *, names: dict | Callable | None = None) -> tuple[dict, dict[str, grid.QuantParams]]:
+def read(
+    folder: str | Path, *, names: dict | Callable | None = None
+) -> tuple[dict, dict[str, grid.QuantParams | Float8Grid]]:
     """Read a compressed-tensors folder into ``(params, grids)``.
 
     Args:
@@ -424,7 +426,8 @@ def read(folder: str | Path, *, names: dict | Callable | None = None) -> tuple[d
       ``(params, grids)``: ``params`` a nested dict of numpy arrays (quantized kernels
       dequantized to float32 ``(in, out)``, other tensors as stored, 2-D kernels
       transposed; all-digit keys as ints); ``grids`` ``{leaf: QuantParams}`` with
-      ``axis=1`` (or None for the tensor strategy), dequantizing to those kernels exactly.
+      ``axis=1`` (or None for the tensor strategy), a :class:`Float8Grid` for float8
+      weights, each dequantizing to its kernel exactly.
 
     Raises:
       FolderError: a missing or foreign ``quantization_config`` (another quant_method, a

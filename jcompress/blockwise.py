@@ -338,7 +338,8 @@ def compress(
         act_quant.update({prefix + n: a for n, a in act.items()})
         if keep_grids:
             grids.update({prefix + n: g for n, g in _grids_of(aux).items()})
-        report = BlockReport(index, time.perf_counter() - t0, num / den if den > 0 else float(num > 0) * np.inf, layer_errors)
+        output_error = num / den if den > 0 else (np.inf if num > 0 else 0.0)
+        report = BlockReport(index, time.perf_counter() - t0, output_error, layer_errors)
         reports.append(report)
         if progress is not None:
             progress(report)

@@ -14,11 +14,9 @@ from jcompress.models import hf_lm
 from jcompress.models.gpt2 import GPT2, GPT2Config
 from jcompress.models.llama import Llama, LlamaConfig
 from jcompress.nnx import hooks
-from jcompress.oneshot import awq as awq_lib
-from jcompress.oneshot import smoothquant as sq_lib
-from jcompress.oneshot.awq import ChannelStats, apply_scales, awq
+from jcompress.oneshot.awq import ChannelStats, apply_scales, awq, check_groups
 from jcompress.oneshot.calibration import LayerStats
-from jcompress.oneshot.smoothquant import act_quantizer, smoothquant
+from jcompress.oneshot.smoothquant import act_quantizer, fake_quant_input, smoothing_scales, smoothquant
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm"
 
@@ -110,15 +108,15 @@ def test_smoothquant_w8a8_closer_to_float_than_without_smoothing(act_scale):
         err[label] = float(jnp.sum((y8 - y) ** 2) / jnp.sum(y**2))
     assert err["smooth"] < 0.5 * err["plain"], err
     # smoothing alone keeps the float function
-    s = sq_lib.smoothing_scales(channels["fc/kernel"].abs_max, [params["fc"]["kernel"]], alpha=0.5)
+    s = smoothing_scales(channels["fc/kernel"].abs_max, [params["fc"]["kernel"]], alpha=0.5)
     np.testing.assert_allclose(_apply(apply_scales(params, groups, {"norm": s}), x), y, rtol=1e-4, atol=1e-4)
 
 
 def test_fake_quant_input_grids():
     x = jnp.array([[1.0, -0.5, 0.25], [100.0, 1.0, 0.0]])
-    q = sq_lib.fake_quant_input(x, bits=8, per_token=True)
+    q = fake_quant_input(x, bits=8, per_token=True)
     np.testing.assert_allclose(q[1, 0], 100.0) and np.testing.assert_allclose(q[0], [1.0, -0.5, 0.25], atol=1 / 254)
-    t = sq_lib.fake_quant_input(x, bits=8, per_token=False, absmax=10.0)
+    t = fake_quant_input(x, bits=8, per_token=False, absmax=10.0)
     assert float(t[1, 0]) == 10.0  # clipped at the calibrated max
 
 
@@ -137,7 +135,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="source 'ln'"):
         awq(stats, channels, groups=[("ln", ("fc",))])(params)
     with pytest.raises(ValueError, match="two groups"):
-        awq_lib.check_groups([("norm", ("fc",)), ("norm", ("fc",))], params)
+        check_groups([("norm", ("fc",)), ("norm", ("fc",))], params)
 
 
 def test_smoothquant_through_the_driver():

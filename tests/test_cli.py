@@ -44,9 +44,9 @@ def test_demo_writes_report_with_real_file_sizes(tmp_path, capsys):
 def test_every_subcommand_is_registered_explicitly():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "demo", "bench", "distill", "run", "advise"}
+    assert set(sub.choices) == {"train", "demo", "bench", "distill", "run", "advise", "oneshot"}
     assert [m.__name__ for m in cli.COMMANDS] == [
-        f"jcompress.cli.{n}" for n in ("train", "demo", "distill", "run", "advise")
+        f"jcompress.cli.{n}" for n in ("train", "demo", "distill", "run", "advise", "oneshot")
     ]
 
 

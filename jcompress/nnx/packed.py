@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -62,6 +63,7 @@ def _nibbles(bits: int) -> bool:
     return bits <= 4
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "symmetric"))
 def pack_codes(codes: jax.Array, *, bits: int, symmetric: bool) -> jax.Array:
     """Integer codes ``(K, N)`` in their grid's range as stored bytes (see the module docstring).
 

@@ -69,16 +69,21 @@ def base_config(variant: str, *, data: str, seed: int = 0, **fields: Any) -> ml_
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: choose one of {', '.join(VARIANTS)}")
-    return ml_collections.ConfigDict({"quick": variant == "quick", "data": data, "seed": seed, **fields})
+    # data_dir: where prepared TFDS datasets live ('' = TFDS's default); `jcompress run --data-dir`
+    return ml_collections.ConfigDict(
+        {"quick": variant == "quick", "data": data, "data_dir": "", "seed": seed, **fields}
+    )
 
 
-def load_data(name: str) -> data_lib.Dataset:
+def load_data(name: str, data_dir: str = "") -> data_lib.Dataset:
     """The dataset ``name`` (a config's ``data``: ``mnist5k``, ``digits``, ``mnist1d``, ``tfds:NAME``).
+
+    ``data_dir`` (a config's ``data_dir``) is where prepared TFDS datasets live; ``''`` is TFDS's default.
 
     Raises:
       ValueError: for an unknown name (the message lists the offline datasets).
     """
-    return data_lib.load(name)
+    return data_lib.load(name, data_dir=data_dir or None)
 
 
 def build(name: str, ds: data_lib.Dataset, *, seed: int = 0, **model_kwargs: Any):

@@ -185,7 +185,7 @@ def _plot(stages: list[dict]):
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Run Deep Compression on the ``config.models``; write results.json/.md and plot.png to ``workdir``."""
     out, quick = Path(workdir), config.quick
-    ds = common.load_data(config.data)
+    ds = common.load_data(config.data, config.data_dir)
     if config.train_images:
         n = min(config.train_images, len(ds.x_train))
         ds = ds._replace(x_train=ds.x_train[:n], y_train=ds.y_train[:n])

@@ -71,7 +71,7 @@ def _measured(params) -> float:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Compare the two methods at each sparsity of ``config``; write the results to ``workdir``."""
     cfg, out = config, Path(workdir)
-    ds = common.load_data(config.data)
+    ds = common.load_data(config.data, config.data_dir)
     budget, bs = cfg["budget_epochs"], cfg["batch_size"]
     net = common.train_model("lenet300", ds, epochs=cfg["dense_epochs"], lr=cfg["lr"], batch_size=bs, seed=config.seed)
     steps = budget * data_lib.num_batches(len(ds.x_train), bs)

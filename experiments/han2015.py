@@ -180,7 +180,7 @@ def _plot(rows: list, curves: dict):
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Prune the ``config.models`` as Han et al.; write the results to ``workdir``."""
-    ds = common.load_data(config.data)
+    ds = common.load_data(config.data, config.data_dir)
     rows, curves, saved = [], {}, {}
     for name in config.models:
         r, c, s = _one_model(name, ds, _model_config(config, name))

@@ -82,7 +82,7 @@ def _params(tree_) -> int:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train the teacher, the student alone and the distilled students; write the results to ``workdir``."""
     cfg, out = config, Path(workdir)
-    ds = common.load_data(config.data)
+    ds = common.load_data(config.data, config.data_dir)
     n_test = len(ds.y_test)
     t0 = time.perf_counter()
     teacher = common.train_model(

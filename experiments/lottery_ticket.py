@@ -140,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Find tickets on both tasks (``--data`` replaces LeNet-300-100's dataset); write the results to ``workdir``."""
     rows, dense = [], {}
     for task, spec in TASKS.items():
-        ds = common.load_data(config.data if task == "lenet300" else config[task].data)
+        ds = common.load_data(config.data if task == "lenet300" else config[task].data, config.data_dir)
         r, dense[task] = _task(task, spec, ds, config)
         rows += r
     return common.write_results(

@@ -132,7 +132,7 @@ def _prune_int8_candidate() -> advisor.Candidate:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Apply every technique to one trained LeNet-300-100; write results.json/.md and plot.png to ``workdir``."""
     out = Path(workdir)
-    ds = common.load_data(config.data)
+    ds = common.load_data(config.data, config.data_dir)
     if config.train_images:
         n = min(config.train_images, len(ds.x_train))
         ds = ds._replace(x_train=ds.x_train[:n], y_train=ds.y_train[:n])

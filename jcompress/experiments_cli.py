@@ -217,11 +217,25 @@ def _set(config, field: str, text: str) -> None:
         raise ValueError(f"--config.{field}={text!r}: {e}") from None
 
 
-def resolve_config(module: ModuleType, *, quick: bool = False, overrides: Sequence[str] = (), data: str | None = None):
-    """``module.get_config('quick' if quick else 'paper')`` with ``data`` and the overrides applied, locked."""
+def resolve_config(
+    module: ModuleType,
+    *,
+    quick: bool = False,
+    overrides: Sequence[str] = (),
+    data: str | None = None,
+    data_dir: str | None = None,
+):
+    """``module.get_config(...)`` ('quick' or 'paper') with ``data``, ``data_dir`` and the overrides applied, locked."""
     config = module.get_config("quick" if quick else "paper")
     if data is not None:
         config.data = data
+    if data_dir is not None:
+        if "data_dir" not in config:
+            raise ValueError(
+                "--data-dir: this experiment's config has no data_dir field; add data_dir='' to its get_config "
+                "(experiments.common.base_config does) and pass it to data.load"
+            )
+        config.data_dir = str(data_dir)
     apply_overrides(config, overrides)
     config.lock()
     return config
@@ -233,6 +247,7 @@ def run_experiment(
     quick: bool = False,
     overrides: Sequence[str] = (),
     data: str | None = None,
+    data_dir: str | None = None,
     out: str | Path | None = None,
 ) -> dict:
     """Load, configure and run one experiment; returns ``{"rows", "table", "config", "out"}``.
@@ -242,6 +257,7 @@ def run_experiment(
       quick: start from ``get_config("quick")`` instead of the paper's settings.
       overrides: ``--config.FIELD=VALUE`` tokens.
       data: shorthand for ``--config.data=NAME``.
+      data_dir: shorthand for ``--config.data_dir=DIR`` (prepared TFDS datasets).
       out: the work directory (default ``runs/<name>``); ``results.json`` there gets the
         resolved config under ``"config"``.
 
@@ -252,7 +268,7 @@ def run_experiment(
     from jcompress import report
 
     label, module = load(name)
-    config = resolve_config(module, quick=quick, overrides=overrides, data=data)
+    config = resolve_config(module, quick=quick, overrides=overrides, data=data, data_dir=data_dir)
     out = Path(out) if out is not None else Path("runs") / label
     result = module.run(config, out)
     if not isinstance(result, dict) or not result.get("rows"):

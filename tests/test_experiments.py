@@ -111,7 +111,7 @@ MY_EXPERIMENT = textwrap.dedent(
 
 
     def run(config, workdir):
-        ds = common.load_data(config.data)
+        ds = common.load_data(config.data, config.data_dir)
         fig, ax = common.figure()
         ax.plot([0, 1], [0, 1])
         rows = [{"epochs": config.epochs, "lr": config.lr, "seed": config.seed, "images": len(ds.x_test),
@@ -139,7 +139,7 @@ def test_user_experiment_file_runs_with_typed_overrides(my_experiment, tmp_path,
          "train": False}
     ]  # fmt: skip
     assert res["config"] == {
-        "quick": True, "data": "digits", "seed": 3, "epochs": 5, "lr": 1.0, "widths": [16], "note": "x",
+        "quick": True, "data": "digits", "data_dir": "", "seed": 3, "epochs": 5, "lr": 1.0, "widths": [16], "note": "x",
         "train": False, "model": {"name": "mlp", "dropout": 0.25},
     }  # fmt: skip
     assert isinstance(res["config"]["lr"], float)  # an int given for a float field stays a float
@@ -154,7 +154,7 @@ def test_data_option_sets_the_config_field(my_experiment, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.epoch=5", "unknown config field 'epoch'; fields: data, epochs, lr, model.dropout, model.name"),
+        ("--config.epoch=5", "unknown config field 'epoch'; fields: data, data_dir, epochs, lr, model.dropout, model.name"),
         ("--config.model.size=3", "unknown config field 'model.size'"),
         ("--config.epochs=2.5", r"--config.epochs='2.5': expected int"),
         ("--config.lr=fast", r"--config.lr='fast': expected float"),
@@ -284,3 +284,19 @@ def test_a_group_field_given_once_sets_every_group():
     assert config.lenet300.rounds == 6 and config.lenet5.rounds == 5  # other fields keep the paper's values
     config = experiments_cli.resolve_config(module, overrides=["--config.lenet5.epochs=2"])
     assert (config.lenet300.epochs, config.lenet5.epochs) == (30, 2)
+
+
+def test_data_dir_option_sets_the_config_field(my_experiment, tmp_path, capsys):
+    _, module = experiments_cli.load("han2015")
+    assert module.get_config().data_dir == ""  # TFDS's default directory
+    config = experiments_cli.resolve_config(module, data="tfds:mnist", data_dir=str(tmp_path))
+    assert (config.data, config.data_dir) == ("tfds:mnist", str(tmp_path))
+    assert cli.main(["run", str(my_experiment), "--data-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "o")]) == 0
+    assert _load(tmp_path / "o")["config"]["data_dir"] == str(tmp_path / "tfds")
+    # a config without the field says so instead of ignoring the option
+    bare = tmp_path / "bare.py"
+    bare.write_text("import ml_collections\n\ndef get_config(variant='paper'):\n"
+                    "    return ml_collections.ConfigDict({'quick': False, 'data': 'digits', 'seed': 0})\n\n"
+                    "def run(config, workdir):\n    return {}\n")  # fmt: skip
+    assert cli.main(["run", str(bare), "--data-dir", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "has no data_dir field" in capsys.readouterr().err

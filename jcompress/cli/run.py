@@ -1,4 +1,4 @@
-"""``jcompress run NAME|PATH [--quick] [--config.FIELD=VALUE ...] [--data NAME] [--out DIR]``.
+"""``jcompress run NAME|PATH [--quick] [--config.FIELD=VALUE ...] [--data NAME] [--data-dir DIR] [--out DIR]``.
 
 Runs one experiment (see :mod:`jcompress.experiments_cli`): an installed one by name
 (``han2015``) or a file of your own (``path/to/my_exp.py``), with the paper's settings or
@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("name", help="an experiment name (jcompress.experiments entry point) or the path of a .py file")
     p.add_argument("--quick", action="store_true", help="start from get_config('quick'): tiny epochs and sizes")
     p.add_argument("--data", default=None, help="dataset (same as --config.data=NAME), e.g. digits or tfds:NAME")
+    p.add_argument(
+        "--data-dir", default=None, help="where prepared TFDS datasets live (same as --config.data_dir=DIR)"
+    )
     p.add_argument("--out", type=new_dir, default=None, help="output directory (default runs/NAME)")
     p.set_defaults(func=main, accepts_overrides=True)
 
@@ -39,7 +42,12 @@ def main(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     result = experiments_cli.run_experiment(
-        args.name, quick=args.quick, overrides=getattr(args, "overrides", ()), data=args.data, out=args.out
+        args.name,
+        quick=args.quick,
+        overrides=getattr(args, "overrides", ()),
+        data=args.data,
+        data_dir=args.data_dir,
+        out=args.out,
     )
     print(result["table"])
     print(

@@ -283,3 +283,16 @@ def test_param_distance_errors():
         losses.param_distance({"a": jnp.ones(2)}, {"a": jnp.ones(3)}, weight=1.0)
     with pytest.raises(ValueError, match="weight"):
         losses.param_distance({"a": jnp.ones(2)}, {"a": jnp.ones(2)}, weight=-1.0)
+
+
+def test_hinton_loss_refuses_labels_outside_the_classes_and_an_infinite_temperature():
+    s, t = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\), got values from 0 to 5"):
+        losses.hinton_loss(s, t, jnp.array([0, 5]), temperature=2.0, alpha=0.5)
+    with pytest.raises(ValueError, match=r"labels must be class indices"):
+        losses.hinton_loss(s, t, jnp.array([-1, 0]), temperature=2.0, alpha=0.5)
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="temperature="):
+            losses.hinton_loss(s, t, jnp.array([0, 2]), temperature=bad, alpha=0.5)
+    loss, _ = losses.hinton_loss(s, t, jnp.array([0, 2]), temperature=2.0, alpha=0.5)
+    assert np.isfinite(float(loss))

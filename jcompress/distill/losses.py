@@ -65,10 +65,10 @@ def _check_scalar(value: Any, name: str, low: float, high: float, *, low_open: b
     if not isinstance(value, (numbers.Real, jax.Array)) or getattr(value, "ndim", 0) != 0:
         raise TypeError(f"{name} must be a real scalar, got {value!r}")
     v = float(value)
-    bad = math.isnan(v) or v > high or (v <= low if low_open else v < low)
+    bad = not math.isfinite(v) or v > high or (v <= low if low_open else v < low)
     if bad:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name}={value} is outside {interval}")
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if math.isinf(high) else ']'}"
+        raise ValueError(f"{name}={value} is outside {interval}; give a finite value in that range")
 
 
 def _check_logits(student: jax.Array, teacher: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -142,6 +142,10 @@ def hinton_loss(
         raise ValueError(
             f"labels {labels.shape} must have the shape of the logits without the class axis, {s.shape[:-1]}"
         )
+    if not isinstance(labels, jax.core.Tracer) and labels.size:  # traced labels give a NaN loss instead
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= s.shape[-1]:
+            raise ValueError(f"labels must be class indices in [0, {s.shape[-1]}), got values from {lo} to {hi}")
     hard = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, labels)).astype(jnp.float32)
     soft = (temperature**2) * kl_divergence(s, teacher_logits, temperature=temperature)
     return (1.0 - alpha) * hard + alpha * soft, HintonTerms(hard, soft)

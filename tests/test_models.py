@@ -69,3 +69,9 @@ def test_unknown_model_and_too_small_input():
         models.create("vgg", input_shape=(28, 28, 1), num_classes=10)
     with pytest.raises(ValueError, match="at least 12x12"):
         models.create("lenet5", input_shape=(8, 8, 1), num_classes=10)
+
+
+@pytest.mark.parametrize("kw", [{"dropout": 1.5}, {"dropout": 1.0}, {"input_dropout": -0.1}, {"dropout": float("nan")}])
+def test_mlp_refuses_dropout_outside_0_1(kw):
+    with pytest.raises(ValueError, match=next(iter(kw)) + r"=.* must be in \[0, 1\)"):
+        models.create("mlp", input_shape=(4,), num_classes=2, widths=(3,), **kw)

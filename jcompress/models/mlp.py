@@ -39,6 +39,9 @@ class MLP(nnx.Module):
         self.num_layers = len(sizes) - 1
         for i in range(self.num_layers):
             setattr(self, f"fc{i + 1}", nnx.Linear(sizes[i], sizes[i + 1], rngs=rngs))
+        for name, rate in (("dropout", dropout), ("input_dropout", input_dropout)):
+            if not 0.0 <= float(rate) < 1.0:  # also false for NaN
+                raise ValueError(f"{name}={rate} must be in [0, 1): the fraction of units dropped in training")
         self.dropout = nnx.Dropout(dropout)
         self.input_dropout = nnx.Dropout(input_dropout)
 

@@ -412,8 +412,17 @@ def remove_smallest(score: jax.Array, count, *, axis: int | None = None) -> jax.
     n = jnp.shape(score)[axis]
     if not isinstance(count, jax.core.Tracer) and not 0 <= int(count) <= n:
         raise ValueError(f"count={int(count)} must be in [0, {n}] (the entries compared along axis {axis})")
+    return _remove_smallest(jnp.asarray(score), jnp.asarray(count, jnp.int32), axis=axis % jnp.ndim(score))
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _remove_smallest(score: jax.Array, count: jax.Array, *, axis: int) -> jax.Array:
+    """:func:`remove_smallest` along ``axis`` (arguments checked), compiled once per shape and
+    axis: called eagerly, the bisection loop would otherwise be traced and compiled anew on
+    every call (about 0.4 s each for a 256 x 256 score on CPU)."""
+    n = score.shape[axis]
     keys = float_to_key(score)
-    count = jnp.clip(jnp.asarray(count, jnp.int32), 0, n)
+    count = jnp.clip(count, 0, n)
     lo = jnp.zeros(tuple(1 if a == axis % keys.ndim else d for a, d in enumerate(keys.shape)), jnp.uint32)
 
     def halve(_, bounds):  # invariant: the count-th smallest key lies in [lo, hi]

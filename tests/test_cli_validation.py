@@ -164,7 +164,7 @@ def test_resume_with_other_settings_is_refused_then_overridden(trained_run, tmp_
     assert cli.main(changed) == 2
     line = _one_error_line(capsys.readouterr().err, "train")
     assert "lr: saved 0.001, given 0.01; seed: saved 0, given 3" in line and "--override" in line
-    assert checkpoint.latest_step(out / "ckpt") == 11  # untouched: one epoch, 1438 // 128 full batches
+    assert checkpoint.latest_step(out / "ckpt") == 10  # untouched: one epoch, 1295 // 128 full batches
 
     assert cli.main([*changed, "--override"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -200,7 +200,7 @@ def test_teacher_that_does_not_fit_the_data(trained_run, tmp_path, capsys, monke
     from jcompress import data
 
     x, y = np.zeros((4, 28, 28, 1), np.float32), np.zeros(4, np.int32)
-    monkeypatch.setattr(data, "load", lambda name, data_dir=None: data.Dataset(name, x, y, x, y, 10))
+    monkeypatch.setattr(data, "load", lambda name, data_dir=None: data.Dataset(name, x, y, x, y, x, y, 10))
     argv = ["distill", "--teacher", str(trained_run / "ckpt"), "--data", "other", "--out", str(tmp_path / "s")]
     assert cli.main(argv) == 2
     line = _one_error_line(capsys.readouterr().err, "distill")

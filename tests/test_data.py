@@ -13,25 +13,55 @@ from jcompress import data
 
 
 @pytest.mark.parametrize(
-    "name, train, test, shape",
-    [("mnist5k", 4000, 1000, (28, 28, 1)), ("digits", 1438, 359, (8, 8, 1)), ("mnist1d", 4000, 1000, (40,))],
+    "name, train, val, test, shape",
+    [
+        ("mnist5k", 3600, 400, 1000, (28, 28, 1)),
+        ("digits", 1295, 143, 359, (8, 8, 1)),
+        ("mnist1d", 3601, 399, 1000, (40,)),
+    ],
 )
-def test_offline_datasets(name, train, test, shape):
+def test_offline_datasets_have_three_disjoint_splits(name, train, val, test, shape):
     ds = data.load(name)
-    assert ds.x_train.shape == (train, *shape) and ds.x_test.shape == (test, *shape)
-    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
-    assert set(np.unique(ds.y_train)) == set(range(10)) and ds.num_classes == 10
-    # train and test are disjoint images
-    tr = {x.tobytes() for x in ds.x_train}
-    assert not any(x.tobytes() in tr for x in ds.x_test[:200])
+    assert ds.x_train.shape == (train, *shape) and ds.x_val.shape == (val, *shape) and ds.x_test.shape == (test, *shape)
+    assert len(ds.y_train) == train and len(ds.y_val) == val and len(ds.y_test) == test
+    assert ds.x_train.dtype == ds.x_val.dtype == np.float32 and ds.y_train.dtype == ds.y_val.dtype == np.int32
+    assert set(np.unique(ds.y_train)) == set(np.unique(ds.y_val)) == set(range(10)) and ds.num_classes == 10
+    # no example is in two splits (compared as bytes of input and label; digits and mnist1d
+    # have a few exact duplicate inputs in the source data, so the label is part of the key)
+    keys = {s: [x.tobytes() + bytes([int(l)]) for x, l in zip(getattr(ds, f"x_{s}"), getattr(ds, f"y_{s}"))]
+            for s in ("train", "val", "test")}
+    sets = {s: set(k) for s, k in keys.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sets[a] & sets[b]
+        dup_source = {k for k in shared if keys[a].count(k) + keys[b].count(k) > 1}
+        assert shared == dup_source, f"{name}: {len(shared)} examples in both {a} and {b}"
+    # the validation split is stratified: every class within one example of 10% of its train+val count
+    for c in range(10):
+        n_val, n_all = int(np.sum(ds.y_val == c)), int(np.sum(ds.y_val == c) + np.sum(ds.y_train == c))
+        assert abs(n_val - round(0.1 * n_all)) <= 1
 
 
 def test_mnist5k_split_is_balanced_and_fixed(mnist5k):
-    assert np.bincount(mnist5k.y_train).tolist() == [400] * 10
+    assert np.bincount(mnist5k.y_train).tolist() == [360] * 10
+    assert np.bincount(mnist5k.y_val).tolist() == [40] * 10
     assert np.bincount(mnist5k.y_test).tolist() == [100] * 10
     again = data.load("mnist5k")
     np.testing.assert_array_equal(again.x_test, mnist5k.x_test)
+    np.testing.assert_array_equal(again.x_val, mnist5k.x_val)
     assert 0.0 <= mnist5k.x_train.min() and mnist5k.x_train.max() == 1.0
+
+
+def test_split_validation_is_stratified_deterministic_and_checked():
+    y = np.repeat(np.arange(3), [10, 20, 3]).astype(np.int32)
+    tr, va = data.split_validation(y, fraction=0.2, seed=5)
+    assert np.bincount(y[va]).tolist() == [2, 4, 1] and len(tr) + len(va) == len(y)
+    assert not set(tr.tolist()) & set(va.tolist())
+    tr2, va2 = data.split_validation(y, fraction=0.2, seed=5)
+    np.testing.assert_array_equal(va, va2)
+    assert not np.array_equal(data.split_validation(y, fraction=0.2, seed=6)[1], va)
+    for bad in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="fraction"):
+            data.split_validation(y, fraction=bad)
 
 
 def test_mnist1d_matches_generator_and_cache():
@@ -39,7 +69,9 @@ def test_mnist1d_matches_generator_and_cache():
 
     ref = make_dataset(get_dataset_args())
     ds = data.load("mnist1d")  # second call reads the cache
-    np.testing.assert_allclose(ds.x_train, ref["x"].astype(np.float32))
+    tr, va = data.split_validation(ref["y"])
+    np.testing.assert_allclose(ds.x_train, ref["x"][tr].astype(np.float32))
+    np.testing.assert_allclose(ds.x_val, ref["x"][va].astype(np.float32))
     np.testing.assert_array_equal(ds.y_test, ref["y_test"])
 
 
@@ -132,7 +164,8 @@ TFDS_CHILD = textwrap.dedent(
 
     JcompressTinyImages(data_dir=data_dir).download_and_prepare()
     ds = data.load("tfds:jcompress_tiny_images", data_dir=data_dir)
-    got = {(xi * 255).round().astype(np.uint8).tobytes(): int(yi) for xi, yi in zip(ds.x_train, ds.y_train)}
+    x_all, y_all = np.concatenate([ds.x_train, ds.x_val]), np.concatenate([ds.y_train, ds.y_val])
+    got = {(xi * 255).round().astype(np.uint8).tobytes(): int(yi) for xi, yi in zip(x_all, y_all)}
     want = {images[i].tobytes(): int(labels[i]) for i in range(20)}
     try:
         data.load("tfds:no_such_dataset_xyz", data_dir=data_dir)
@@ -140,7 +173,7 @@ TFDS_CHILD = textwrap.dedent(
     except RuntimeError as e:
         missing = str(e)
     print(json.dumps({
-        "train_shape": list(ds.x_train.shape), "test_shape": list(ds.x_test.shape),
+        "train_shape": list(ds.x_train.shape), "val_shape": list(ds.x_val.shape), "test_shape": list(ds.x_test.shape),
         "num_classes": ds.num_classes, "dtype": str(ds.x_train.dtype), "images_equal": got == want,
         "missing_error": missing,
     }))
@@ -157,7 +190,9 @@ def test_tfds_dataset_prepared_on_disk(tmp_path):
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["train_shape"] == [20, 12, 12, 1] and out["test_shape"] == [10, 12, 12, 1]
+    # TFDS's 20 training images are 10% of each class validation, the rest train
+    assert out["train_shape"][0] + out["val_shape"][0] == 20 and out["val_shape"][0] >= 3
+    assert out["train_shape"][1:] == out["val_shape"][1:] == [12, 12, 1] and out["test_shape"] == [10, 12, 12, 1]
     assert out["num_classes"] == 3 and out["dtype"] == "float32"
     assert out["images_equal"]  # every image comes back exactly (PNG is lossless), with its label
     assert "offline dataset: mnist5k" in out["missing_error"]

@@ -5,10 +5,15 @@ An experiment is one file ``experiments/<name>.py`` (flax/examples style) with
 :func:`base_config`; ``get_config("quick")`` is the seconds-long variant) and
 ``run(config, workdir) -> {"rows": [...], "table": "<markdown>"}`` that reads only the
 config. It reads its data with :func:`load_data`, trains with :func:`train_model` /
-:func:`fit`, measures with :func:`accuracy`, and ends with :func:`write_results`, which
+:func:`fit`, makes every choice (learning rates, rounds, temperatures, thresholds, which
+variant wins) on the validation split with :func:`val_accuracy`, measures each trained
+model once on the test split with :func:`accuracy`, and ends with :func:`write_results`, which
 writes ``workdir/results.json`` (``{"experiment", "rows", "table", "config", ...}``),
 ``workdir/results.md`` (the markdown table) and ``workdir/plot.png``, each atomically
-(temporary file, then rename), so a killed run never leaves a half-written result. The
+(temporary file, then rename), so a killed run never leaves a half-written result.
+``write_results`` also records the experiment's ``deviations`` from the paper (each a
+:func:`deviation`), the ``comparisons`` its paper makes (each a :func:`comparison`, paired
+by seed when ``jcompress run NAME --seeds N`` aggregates the seeds) and the row ``keys``. The
 entry point in ``pyproject.toml`` (``[project.entry-points."jcompress.experiments"]``) makes
 it runnable as ``jcompress run NAME``; any such file also runs as ``jcompress run PATH``.
 
@@ -23,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,17 +38,21 @@ import optax
 
 from jcompress import data as data_lib
 from jcompress import models, report, train
+from jcompress.experiments_cli import deviations_markdown, markdown_table
 
 __all__ = [
     "Trained",
     "accuracy",
     "base_config",
     "build",
+    "comparison",
+    "deviation",
     "figure",
     "fit",
     "load_data",
     "markdown_table",
     "train_model",
+    "val_accuracy",
     "write_results",
 ]
 
@@ -98,8 +106,62 @@ def build(name: str, ds: data_lib.Dataset, *, seed: int = 0, **model_kwargs: Any
 
 
 def accuracy(apply_fn: Callable, params, extra, ds: data_lib.Dataset) -> float:
-    """Test-set accuracy in [0, 1] of ``apply_fn`` with ``params``/``extra`` on ``ds``."""
+    """Test-set accuracy in [0, 1] of ``apply_fn`` with ``params``/``extra`` on ``ds``.
+
+    Measured once per trained model and reported; never used to choose anything (use
+    :func:`val_accuracy` for that).
+    """
     return float(train.evaluate(apply_fn, params, extra, ds.x_test, ds.y_test)["accuracy"])
+
+
+def val_accuracy(apply_fn: Callable, params, extra, ds: data_lib.Dataset) -> float:
+    """Validation-split accuracy in [0, 1] of ``apply_fn`` with ``params``/``extra`` on ``ds``.
+
+    The split every choice is made on (``ds.x_val``/``ds.y_val``: 10% of each class of the
+    source's training split, disjoint from train and test).
+    """
+    return float(train.evaluate(apply_fn, params, extra, ds.x_val, ds.y_val)["accuracy"])
+
+
+def deviation(setting: str, *, paper: Any, ours: Any, reason: str) -> dict:
+    """One setting where the experiment differs from the paper, for ``write_results(deviations=...)``.
+
+    Example:
+      >>> deviation("optimizer", paper="SGD, momentum 0.9", ours="Adam", reason="SGD lost 1 point here")
+      {'setting': 'optimizer', 'paper': 'SGD, momentum 0.9', 'ours': 'Adam', 'reason': 'SGD lost 1 point here'}
+
+    Raises:
+      ValueError: when ``setting`` or ``reason`` is empty (a deviation without a reason is not disclosed).
+    """
+    if not setting or not reason:
+        raise ValueError(f"deviation({setting!r}): setting and reason must both be non-empty strings")
+    return {"setting": setting, "paper": str(paper), "ours": str(ours), "reason": reason}
+
+
+def comparison(
+    name: str, *, metric: str, a: dict, b: dict, b_metric: str | None = None, higher_is_better: bool = True
+) -> dict:
+    """A claim of the paper, as the paired difference ``a[metric] - b[b_metric or metric]`` of two rows.
+
+    ``a`` and ``b`` select one row each (every item must match, e.g. ``{"method": "gradual",
+    "target_sparsity": 0.95}``; they may select the same row when ``b_metric`` names another
+    column of it, e.g. pruned against dense error); ``jcompress run --seeds N`` pairs them by seed (same data
+    order and initialisation) and reports the mean difference, its standard deviation and
+    standard error, and a verdict (see :func:`jcompress.experiments_cli.compare`).
+
+    Example:
+      >>> comparison("ticket - reinit", metric="accuracy", a={"init": "rewound"}, b={"init": "reinit"})["metric"]
+      'accuracy'
+
+    Raises:
+      ValueError: for an empty selector.
+    """
+    if not a or not b:
+        raise ValueError(f"comparison {name!r}: a and b must each select a row by at least one column, e.g. {{'method': 'x'}}")
+    return {
+        "name": name, "metric": metric, "b_metric": b_metric or metric, "a": dict(a), "b": dict(b),
+        "higher_is_better": bool(higher_is_better),
+    }  # fmt: skip
 
 
 def fit(
@@ -129,7 +191,7 @@ def fit(
 
 
 class Trained(NamedTuple):
-    """A trained model: the NNX module, its pure pieces, its test accuracy and history."""
+    """A trained model: the NNX module, its pure pieces, its test and validation accuracy and history."""
 
     model: Any
     apply: Callable
@@ -138,6 +200,7 @@ class Trained(NamedTuple):
     init_params: dict
     accuracy: float
     history: list
+    val_accuracy: float
 
 
 def train_model(
@@ -155,7 +218,8 @@ def train_model(
 
     Args:
       name: a :mod:`jcompress.models` registry name (``lenet300``, ``lenet5``, ``mlp``...).
-      ds: the dataset (train split for training, test split for ``accuracy``).
+      ds: the dataset (train split for training; ``val_accuracy`` and ``accuracy`` on the
+        validation and test splits).
       epochs, lr, batch_size, seed: the run (``seed`` fixes initialisation and batch order).
       tx: an optax transformation to use instead of ``optax.adam(lr)``.
       **model_kwargs: passed to ``models.create`` (``widths=``, ``dropout=``...).
@@ -173,47 +237,8 @@ def train_model(
         init_params=fn.params,
         accuracy=accuracy(fn.apply, res.params, res.extra, ds),
         history=res.history,
+        val_accuracy=val_accuracy(fn.apply, res.params, res.extra, ds),
     )
-
-
-def _cell(value: Any, fmt: str | None) -> str:
-    if value is None:
-        return ""
-    if fmt is not None:
-        return fmt.format(value)
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, formats: dict | None = None) -> str:
-    """A GitHub markdown table of ``rows``.
-
-    Args:
-      rows: one dict per row.
-      columns: which keys, in order (default: every key, in first-seen order).
-      formats: ``{column: "{:.2%}"}`` format strings; floats default to 4 significant
-        digits, ``None`` to an empty cell.
-
-    Raises:
-      ValueError: when ``rows`` is empty or a column is in no row.
-    """
-    if not rows:
-        raise ValueError("markdown_table: rows is empty; an experiment must measure at least one row")
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    missing = [c for c in columns if not any(c in r for r in rows)]
-    if missing:
-        raise ValueError(f"markdown_table: columns {missing} are in no row; row keys are {sorted(rows[0])}")
-    formats = formats or {}
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c), formats.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
 
 
 def figure(ncols: int = 1, *, width: float = 5.5, height: float = 4.0):
@@ -242,6 +267,9 @@ def write_results(
     columns: Sequence[str] | None = None,
     formats: dict | None = None,
     notes: Sequence[str] = (),
+    deviations: Sequence[dict] = (),
+    comparisons: Sequence[dict] = (),
+    keys: Sequence[str] | None = None,
     **extra: Any,
 ) -> dict:
     """Write ``results.json``, ``results.md`` and ``plot.png`` under ``out``; return the result.
@@ -252,7 +280,12 @@ def write_results(
       figure: a matplotlib figure (from :func:`figure`); saved as ``plot.png`` and closed.
       name: the experiment's name (the title of ``results.md``).
       columns, formats: what the markdown table shows (see :func:`markdown_table`).
-      notes: lines printed under the table (what was measured, how it differs from the paper).
+      notes: lines printed under the table (what was measured).
+      deviations: every setting that differs from the paper (:func:`deviation` dicts),
+        printed under the table.
+      comparisons: the paper's claims as paired row differences (:func:`comparison` dicts).
+      keys: the columns that name a row (rows with equal keys are the same measurement in
+        different seeds); default: the columns holding strings.
       **extra: more JSON fields for ``results.json`` (baselines; ``config=`` the resolved
         ConfigDict, written as a dict).
 
@@ -265,9 +298,22 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
     table = markdown_table(rows, columns, formats=formats)
+    deviations = [dict(d) for d in deviations]
+    bad = [d for d in deviations if set(d) != {"setting", "paper", "ours", "reason"}]
+    if bad:
+        raise ValueError(f"write_results: deviations {bad} must be made with common.deviation(setting, paper=, ours=, reason=)")
+    comparisons = [dict(c) for c in comparisons]
+    if keys is None:
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r) if any(isinstance(r.get(k), str) for r in rows)]
     extra = {k: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v for k, v in extra.items()}
-    report.save_json({"experiment": name, "rows": rows, "table": table, "notes": list(notes), **extra}, out / "results.json")
+    report.save_json(
+        {"experiment": name, "rows": rows, "table": table, "notes": list(notes), "deviations": deviations,
+         "comparisons": comparisons, "keys": list(keys), "columns": list(columns) if columns else None,
+         "formats": dict(formats or {}), **extra},
+        out / "results.json",
+    )  # fmt: skip
     md = f"# {name}\n\n{table}\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")
+    md += deviations_markdown(deviations)
     _write_text(out / "results.md", md)
     tmp = out / f".plot.png.tmp{os.getpid()}"
     figure.tight_layout()

@@ -2,7 +2,7 @@
 
 Command::
 
-    jcompress run deep_compression [--quick] [--data mnist5k] [--out runs/deep_compression]
+    jcompress run deep_compression [--quick] [--seeds N] [--data mnist5k] [--out runs/deep_compression]
 
 What it does, for LeNet-300-100 and LeNet-5 (Caffe variant) on ``mnist5k`` (4,000 train /
 1,000 test real MNIST digits) by default: train the dense model with Adam, then run
@@ -16,8 +16,10 @@ relative sparse indices (conv 8 bits, fc 5 bits). Every stage writes a real file
 ``jcompress.export``; the last row evaluates the params read back from the final file.
 
 Reported per stage (dense, pruned, pruned + fine-tuned, clustered, centroids fine-tuned,
-Huffman): test accuracy, nonzeros, bits per weight, bytes on disk, ratio to the float32
-dense file; per layer (as the paper's Tables 2-3): weights, kept %, codebook bits, index
+Huffman): validation and test accuracy, nonzeros, bits per weight, bytes on disk, ratio to
+the float32 dense file; a control row, the dense model trained on for as many epochs as
+the compressed one was fine-tuned (``dense, trained as long``), so that the extra training
+is not mistaken for a compression gain; per layer (as the paper's Tables 2-3): weights, kept %, codebook bits, index
 bits and stored bits per original weight after Huffman coding.
 
 Expected result (full mode, about 15 minutes of wall time on 2 busy CPU cores; measured on
@@ -28,8 +30,11 @@ against 93.9% dense; LeNet-5 1,725 KB -> 40.3 KB (42.8x) at 97.3% against 97.0% 
 paper's 20-30%. Absolute accuracy is lower than the paper's because mnist5k has 4,000
 training images instead of 60,000; run with ``--data tfds:mnist`` on a machine with
 internet to compare the absolute numbers.
-Quick mode (LeNet-300-100 only, a 1,000-image training subset, one epoch per stage) needs
-about a minute of CPU and checks only that every stage runs and writes its files.
+Quick mode (LeNet-300-100 only, 3 dense epochs, 2 + 1 fine-tune epochs) needs about 15 s
+of CPU; its file is still about 40x smaller and within a few points of dense.
+
+Claims checked over seeds (``--seeds``, paired by seed): the final file's test accuracy
+minus the dense model's, and minus the dense model trained as long.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ KEPT = {
 }
 TARGET_RATIO = 40.0
 LR = 1e-3
+# The control row: the dense model trained on for finetune_epochs + centroid_epochs more epochs.
+CONTROL = "dense, trained as long (control)"
 
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
@@ -79,19 +86,25 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         train_images=0,
     )  # fmt: skip
     if config.quick:
-        config.update({"models": ("lenet300",), "epochs": 1, "finetune_epochs": 1, "centroid_epochs": 1,
-                       "train_images": 1000})  # fmt: skip
+        config.update({"models": ("lenet300",), "epochs": 3, "finetune_epochs": 2, "centroid_epochs": 1})
     return config
 
 
 def _compress_model(name: str, ds, config: ml_collections.ConfigDict, *, out: Path) -> tuple[list[dict], list[dict]]:
-    epochs, ft_epochs, cft_epochs = config.epochs, config.finetune_epochs, config.centroid_epochs
-    net = common.train_model(name, ds, epochs=epochs, lr=LR, batch_size=128, seed=config.seed)
+    epochs, ft_epochs, cft_epochs, seed = config.epochs, config.finetune_epochs, config.centroid_epochs, config.seed
+    net = common.train_model(name, ds, epochs=epochs, lr=LR, batch_size=128, seed=seed)
+    longer = common.fit(
+        net.apply, net.params, net.extra, ds, tx=optax.adam(LR), epochs=ft_epochs + cft_epochs, batch_size=128,
+        seed=seed + 1,
+    )  # fmt: skip
     config = {"name": name, "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
-    apply_fn, eval_fn, finetune, _, _ = advisor.data_functions(net.model, config, ds)
+    apply_fn, _, finetune, _, _ = advisor.data_functions(net.model, config, ds, seed=seed)
 
     def evaluate(params):
-        return {"accuracy": eval_fn(params, apply_fn)}
+        return {
+            "val_accuracy": common.val_accuracy(net.apply, params, net.extra, ds),
+            "accuracy": common.accuracy(net.apply, params, net.extra, ds),
+        }
 
     def finetune_fn(n_epochs):
         # advisor.data_functions' fine-tune copies its inputs: train.fit donates its state.
@@ -116,6 +129,7 @@ def _compress_model(name: str, ds, config: ml_collections.ConfigDict, *, out: Pa
             {
                 "model": name,
                 "stage": r["stage"],
+                "val_accuracy": r["val_accuracy"],
                 "accuracy": r["accuracy"],
                 "nonzeros": r["nonzeros"],
                 "bits_per_weight": r["bits_per_weight"],
@@ -124,6 +138,13 @@ def _compress_model(name: str, ds, config: ml_collections.ConfigDict, *, out: Pa
             }
         )
     final = stages[-1]
+    stages.insert(1, {
+        "model": name, "stage": CONTROL,
+        "val_accuracy": common.val_accuracy(net.apply, longer.params, longer.extra, ds),
+        "accuracy": common.accuracy(net.apply, longer.params, longer.extra, ds), "nonzeros": stages[0]["nonzeros"],
+        "bits_per_weight": stages[0]["bits_per_weight"], "bytes": dense_bytes, "ratio": 1.0,
+    })  # fmt: skip
+    final["stage"] = "final file (read back)"
     final["target"] = f">= {TARGET_RATIO:g}x and accuracy >= dense ({dense_acc:.4f})"
     final["met"] = bool(final["ratio"] >= TARGET_RATIO and final["accuracy"] >= dense_acc)
     final["paper"] = (
@@ -195,20 +216,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         stages += s
         layers += layer
     notes = [
-        f"data: {ds.name}, {len(ds.x_train)} training and {len(ds.x_test)} test images"
-        + (" (quick mode: one epoch per stage)" if quick else ""),
-        "bytes are the real sizes of the files written with jcompress.export (float32 dense baseline in the same "
-        "container); the last stage's accuracy is measured on the params read back from its file.",
-        "kept per layer: the paper's rates except fc1 at 5% instead of 8% (at 8% the file is 33x smaller here: "
-        "Huffman coding saves 7-8% instead of the paper's 20-30%, and the plain JSON header of file format 1 took "
-        "about 2.5 KB; format 2 deflates it to about 0.7 KB).",
-        "paper (full MNIST): LeNet-300-100 1070 KB -> 27 KB (40x) at 1.64% -> 1.58% error; "
-        "LeNet-5 1720 KB -> 44 KB (39x) at 0.80% -> 0.74% error.",
+        f"data: {ds.name}, {len(ds.x_train)} training, {len(ds.x_val)} validation and {len(ds.x_test)} test images"
+        + (" (quick mode: a few epochs per stage)" if quick else ""),
+        ("bytes are the real sizes of the files written with jcompress.export (float32 dense baseline in the same "
+        "container); the last stage's accuracy is measured on the params read back from its file."),
+        ("kept per layer: the paper's rates except fc1 at 5% instead of 8% in both LeNet-300-100 and LeNet-5 (at 8% "
+        "the file is 33x smaller here: Huffman coding saves 7-8% instead of the paper's 20-30%, and the plain JSON "
+        "header of file format 1 took about 2.5 KB; format 2 deflates it to about 0.7 KB)."),
+        ("paper (full MNIST): LeNet-300-100 1070 KB -> 27 KB (40x) at 1.64% -> 1.58% error; "
+        "LeNet-5 1720 KB -> 44 KB (39x) at 0.80% -> 0.74% error."),
     ]
+    deviations = [
+        common.deviation("fc1 kept, LeNet-300-100", paper="8%", ours=f"{KEPT['lenet300']['fc1/kernel']:.0%}",
+                         reason="with 8% the file is 33x smaller, not 40x: Huffman saves 7-8% here, not 20-30%"),
+        common.deviation("fc1 kept, LeNet-5", paper="8%", ours=f"{KEPT['lenet5']['fc1/kernel']:.0%}",
+                         reason="the same rule as LeNet-300-100, to reach the paper's 39x"),
+        common.deviation("optimizer", paper="Caffe SGD; fine-tuning at 1/10 of the rate", ours=f"Adam {LR:g} throughout",
+                         reason="at 1/10 of the rate the pruned LeNet-300-100 stayed 1.5 points below dense; "
+                         "chosen on test error before the validation split existed"),
+        common.deviation("data", paper="MNIST, 60,000 training images", ours=f"{ds.name}, {len(ds.x_train)} training images",
+                         reason="offline data; --data tfds:mnist runs the paper's"),
+    ]  # fmt: skip
+    comparisons = []
+    for name in config.models:
+        final = {"model": name, "stage": "final file (read back)"}
+        comparisons += [
+            common.comparison(f"{name}: final file vs dense, test accuracy", metric="accuracy", a=final,
+                              b={"model": name, "stage": "dense (float32)"}),
+            common.comparison(f"{name}: final file vs dense trained as long, test accuracy", metric="accuracy",
+                              a=final, b={"model": name, "stage": CONTROL}),
+        ]  # fmt: skip
     result = common.write_results(
-        out, stages, figure=_plot(stages), name="deep_compression",
-        columns=["model", "stage", "accuracy", "nonzeros", "bits_per_weight", "bytes", "ratio", "met"],
-        formats={"accuracy": "{:.4f}", "bits_per_weight": "{:.3f}", "ratio": "{:.1f}x"},
+        out, stages, figure=_plot(stages), name="deep_compression", deviations=deviations, comparisons=comparisons,
+        keys=["model", "stage"],
+        columns=["model", "stage", "val_accuracy", "accuracy", "nonzeros", "bits_per_weight", "bytes", "ratio", "met"],
+        formats={"val_accuracy": "{:.4f}", "accuracy": "{:.4f}", "bits_per_weight": "{:.3f}", "ratio": "{:.1f}x",
+                 "bytes": "{:,.0f}", "nonzeros": "{:,.0f}"},
         notes=notes, layers=layers, paper=PAPER, config=config,
     )  # fmt: skip
     layer_table = common.markdown_table(

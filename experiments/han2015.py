@@ -1,7 +1,7 @@
 """Han et al. 2015, "Learning both Weights and Connections": iterative magnitude pruning
 with retraining on LeNet-300-100 and LeNet-5 (Caffe).
 
-Command: ``jcompress run han2015 [--quick] [--data mnist5k]``
+Command: ``jcompress run han2015 [--quick] [--seeds N] [--data mnist5k]``
 
 Method, as in the paper: train the dense network with an L2 penalty on the kernels;
 then, for several rounds, prune the smallest-magnitude weights of every layer (scores
@@ -27,6 +27,12 @@ worse than its dense baseline (the paper, on full MNIST: 1.64% -> 1.59% and
 as long), pruned 4.70%; LeNet-5 dense 4.40% (2.30% trained as long), pruned 2.40%, one
 test image behind the longer-trained dense model. Absolute errors are higher than the
 paper's because the training set is 15x smaller.
+
+Every error is measured on the validation split (``*_val_error``) and on the test split
+(measured once per trained model). The claims checked over seeds (``--seeds``, paired by
+seed) are pruned minus dense test error and pruned minus "dense, same budget" test error,
+per model. The optimizer settings (Adam, L2 1e-4, retraining at lr/10) were fixed before
+the validation split existed, by looking at test error; they are listed as deviations.
 
 Runtime: full 19 minutes measured on 2 heavily shared CPU cores (load average about 15;
 LeNet-5 dominates), less on an idle machine; ``--quick`` (LeNet-300-100 only, 2 dense
@@ -109,7 +115,9 @@ def _prune_and_retrain(net: common.Trained, ds, cfg: dict, *, target: dict):
         pruned_acc = common.accuracy(net.apply, params, extra, ds)
         tx = optax.chain(_optimizer(cfg, lr / 10), pruning_optim.keep_masked(masks))
         epochs = cfg["final_epochs"] if r == rounds else retrain_epochs
-        res = common.fit(net.apply, params, extra, ds, tx=tx, epochs=epochs, batch_size=cfg["batch_size"])
+        res = common.fit(
+            net.apply, params, extra, ds, tx=tx, epochs=epochs, batch_size=cfg["batch_size"], seed=cfg["seed"] + r
+        )
         params, extra = res.params, res.extra
         summary = pruning.sparsity_summary(params)
         history.append({
@@ -117,6 +125,7 @@ def _prune_and_retrain(net: common.Trained, ds, cfg: dict, *, target: dict):
             "kept_fraction": summary["total"]["density"],
             "error_after_pruning": 1.0 - pruned_acc,
             "error_after_retraining": 1.0 - common.accuracy(net.apply, params, extra, ds),
+            "val_error_after_retraining": 1.0 - common.val_accuracy(net.apply, params, extra, ds),
         })
     return params, extra, history
 
@@ -129,9 +138,11 @@ def _one_model(name: str, ds, cfg: dict) -> tuple[list, dict, dict]:
     )
     budget = (cfg["rounds"] - 1) * cfg["retrain_epochs"] + cfg["final_epochs"]
     dense_more = common.fit(
-        net.apply, net.params, net.extra, ds, tx=_optimizer(cfg, cfg["lr"] / 10), epochs=budget, batch_size=cfg["batch_size"]
-    )
+        net.apply, net.params, net.extra, ds, tx=_optimizer(cfg, cfg["lr"] / 10), epochs=budget,
+        batch_size=cfg["batch_size"], seed=cfg["seed"] + 1,
+    )  # fmt: skip
     dense_budget_err = 1.0 - common.accuracy(net.apply, dense_more.params, dense_more.extra, ds)
+    dense_budget_val_err = 1.0 - common.val_accuracy(net.apply, dense_more.params, dense_more.extra, ds)
     params, _, history = _prune_and_retrain(net, ds, cfg, target=target)
     summary = pruning.sparsity_summary(params)
     rows = []
@@ -146,6 +157,8 @@ def _one_model(name: str, ds, cfg: dict) -> tuple[list, dict, dict]:
     rows.append({
         "model": name, "layer": "total", "params": total["size"], "kept": total["nonzeros"],
         "kept_fraction": total["density"], "compression": total["size"] / total["nonzeros"],
+        "dense_val_error": 1.0 - net.val_accuracy, "dense_same_budget_val_error": dense_budget_val_err,
+        "pruned_val_error": history[-1]["val_error_after_retraining"],
         "dense_error": 1.0 - net.accuracy, "dense_same_budget_error": dense_budget_err, "pruned_error": pruned_err,
         "no_accuracy_loss": bool(pruned_err <= 1.0 - net.accuracy),
         "paper_error": f"{PAPER_ERROR[name][0]:.2%} -> {PAPER_ERROR[name][1]:.2%}",
@@ -192,12 +205,36 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     tmp = out / f".pruned_params.tmp{os.getpid()}.npz"
     np.savez(tmp, **saved)
     os.replace(tmp, out / "pruned_params.npz")
+    deviations = [
+        common.deviation("data", paper="MNIST, 60,000 training images", ours=f"{ds.name}, {len(ds.x_train)} training images",
+                         reason="offline data; --data tfds:mnist runs the paper's"),
+        common.deviation("optimizer", paper="Caffe SGD, momentum 0.9, L2 on the kernels",
+                         ours=f"Adam {config.lr:g} with L2 {config.l2:g} on the kernels, retraining at lr/10",
+                         reason="SGD at lr/10 left the pruned model 0.6-1.3 points behind dense on 4,000 images; chosen "
+                         "on test error before the validation split existed"),
+        common.deviation("LeNet-5 fc1 kept", paper="8%", ours="7.5%",
+                         reason="with biases counted the paper's fractions give 11.7x, short of its 12x"),
+        common.deviation("pruning schedule", paper="iterative, rounds not stated",
+                         ours="geometric: every layer's kept fraction shrinks by the same factor per round",
+                         reason="the paper gives the final fractions only"),
+    ]  # fmt: skip
+    comparisons = []
+    for name in config.models:
+        sel = {"model": name, "layer": "total"}
+        comparisons += [
+            common.comparison(f"{name}: pruned vs dense, test error", metric="pruned_error", a=sel, b=sel,
+                              b_metric="dense_error", higher_is_better=False),
+            common.comparison(f"{name}: pruned vs dense trained as long, test error", metric="pruned_error", a=sel,
+                              b=sel, b_metric="dense_same_budget_error", higher_is_better=False),
+        ]  # fmt: skip
     return common.write_results(
         out, rows, figure=_plot(rows, curves), name="han2015", data=ds.name, config=config, curves=curves,
+        deviations=deviations, comparisons=comparisons, keys=["model", "layer"],
         columns=["model", "layer", "params", "kept", "kept_fraction", "paper_kept", "compression", "dense_error",
-                 "dense_same_budget_error", "pruned_error", "paper_error"],
+                 "dense_same_budget_error", "pruned_error", "pruned_val_error", "paper_error"],
         formats={"kept_fraction": "{:.2%}", "paper_kept": "{:.0%}", "compression": "{:.1f}x", "dense_error": "{:.2%}",
-                 "dense_same_budget_error": "{:.2%}", "pruned_error": "{:.2%}"},
+                 "dense_same_budget_error": "{:.2%}", "pruned_error": "{:.2%}", "pruned_val_error": "{:.2%}",
+                 "params": "{:,.0f}", "kept": "{:,.0f}"},
         notes=[f"data: {ds.name} ({len(ds.x_train)} train / {len(ds.x_test)} test images)",
                "kept/params count every leaf of the model (biases included, never pruned), from the final weights",
                "training: Adam + L2 on kernels; retraining at lr/10 with keep_masked",

@@ -178,6 +178,18 @@ def test_resume_with_other_settings_is_refused_then_overridden(trained_run, tmp_
     ]
     # the same (new) settings now resume without --override
     assert cli.main([*TRAIN, "--epochs", "2", "--lr", "0.01", "--seed", "3", "--out", str(out)]) == 0
+    logged = [json.loads(line) for line in (out / "overrides.jsonl").read_text().splitlines()]
+    assert logged == meta["overrides"]
+
+
+def test_override_of_a_finished_run_is_recorded(trained_run, tmp_path):
+    """All epochs done: --override trains nothing and saves no checkpoint, but the change is logged."""
+    out = tmp_path / "r"
+    shutil.copytree(trained_run, out)
+    assert cli.main([*TRAIN, "--epochs", "1", "--lr", "0.02", "--out", str(out), "--override"]) == 0
+    assert checkpoint.latest_step(out / "ckpt") == 10  # nothing trained
+    logged = [json.loads(line) for line in (out / "overrides.jsonl").read_text().splitlines()]
+    assert logged == [{"epoch": 1, "changed": {"lr": {"saved": 0.001, "given": 0.02}}}]
 
 
 def test_resume_into_a_run_of_another_kind_or_with_corrupt_metadata(trained_run, tmp_path, capsys):
@@ -187,11 +199,11 @@ def test_resume_into_a_run_of_another_kind_or_with_corrupt_metadata(trained_run,
     assert cli.main(argv) == 2
     assert "holds a 'jcompress train' run, not a distill run" in _one_error_line(capsys.readouterr().err, "distill")
 
-    meta_file = out / "ckpt" / "11" / "meta" / "metadata"
+    meta_file = out / "ckpt" / "10" / "meta" / "metadata"
     meta_file.write_text(meta_file.read_text()[:30])
     assert cli.main([*TRAIN, "--epochs", "2", "--out", str(out)]) == 2
     line = _one_error_line(capsys.readouterr().err, "train")
-    assert f"{out / 'ckpt' / '11' / 'meta'}" in line and "truncated or corrupt" in line
+    assert f"{out / 'ckpt' / '10' / 'meta'}" in line and "truncated or corrupt" in line
 
 
 def test_teacher_that_does_not_fit_the_data(trained_run, tmp_path, capsys, monkeypatch):

@@ -5,7 +5,8 @@
 ``--out`` already holds a checkpoint, the run resumes from it only if the settings are the
 same; otherwise the command stops and names the differing fields, unless ``--override``
 is given, in which case the run continues with the new settings and the change is recorded
-in the checkpoint metadata under ``overrides``. The number of epochs may always change (it
+in the checkpoint metadata under ``overrides`` and appended to ``out/overrides.jsonl`` (at
+once, so a finished run that trains no further epoch still records it). The number of epochs may always change (it
 is how a finished run is extended).
 
 Example:
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,12 @@ def run_meta(out: Path, kind: str, settings: dict[str, Any], *, override: bool) 
         )
     overrides = list(saved.get("overrides", []))
     if changed:
-        overrides.append({"epoch": saved.get("epoch"), "changed": changed})
+        record = {"epoch": saved.get("epoch"), "changed": changed}
+        overrides.append(record)
+        # Also logged beside the checkpoints at once: a run whose epochs are all done saves
+        # no new checkpoint, and the override must not go unrecorded.
+        with open(Path(out) / "overrides.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
     if overrides:
         meta["overrides"] = overrides
     return meta

@@ -1,5 +1,5 @@
-"""Packed low-bit Dense layers: exact storage round trips, outputs equal the dequantized
-model's, real device bytes, and the decoder LM packed end to end."""
+"""Packed low-bit Dense and conv layers: exact storage round trips, outputs equal the
+dequantized model's, real device bytes, and the decoder LM packed end to end."""
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,64 @@ def test_device_bytes_shrink_by_the_bit_width():
     assert b["packed"] == (256 * 512 + 512 * 256) // 2 + 5 * (2 * 512 + 4 * 256)  # + a uint8 zero point per group
 
 
+@pytest.mark.parametrize(
+    "name, shape, kw, quantize",
+    [
+        # odd reduction sizes (conv1: 5*5*1 = 25 rows) pad one nibble; VALID padding, biases
+        ("lenet5", (16, 16, 1), {"channels": (6, 8), "hidden": 16}, jc.quant.quantize(bits=4)),
+        # 1-D convs, stride 2, explicit padding; asymmetric 3-bit codes in groups of 5 rows
+        (
+            "cnn1d",
+            (40,),
+            {"channels": (8, 8, 8)},
+            jc.masked(jc.quant.quantize(bits=3, symmetric=False, group_size=5), "conv.*/kernel"),
+        ),
+        # SAME padding, strided 1x1 projections, no biases, BatchNorm between; int8 per tensor
+        ("resnet", (8, 8, 3), {"widths": (4, 8)}, jc.quant.quantize(bits=8, axis=None)),
+    ],
+)
+def test_packed_cnn_equals_the_dequantized_model(name, shape, kw, quantize):
+    model = models.create(name, input_shape=shape, num_classes=10, seed=0, **kw)
+    q_params, aux = quantize(nnx.state(model, nnx.Param))
+    small, paux = packed.pack(aux)(model)
+    convs = [n for n in paux.grids if "conv" in n or "stem" in n or "proj" in n]
+    assert len(convs) == {"lenet5": 2, "cnn1d": 3, "resnet": 6}[name]
+    layers = dict(nnx.iter_graph(small))
+    for n in paux.grids:
+        layer = layers[tuple(int(p) if p.isdigit() else p for p in n.split("/")[:-1])]
+        assert isinstance(layer, packed.PackedConv if n in convs else packed.PackedLinear), n
+    kernels = {n for n, _ in jc.named_leaves(nnx.state(model, nnx.Param)) if n.endswith("kernel")}
+    left = {n for n, _ in jc.named_leaves(nnx.state(small, nnx.Param)) if n.endswith("kernel")}
+    assert left == kernels - set(paux.grids)  # cnn1d's fc stays float
+    x = jax.random.uniform(jax.random.key(1), (3, *shape))
+    want = _jit_forward(models.merge(model, jc.to_pure_dict(q_params)), x)
+    np.testing.assert_allclose(_jit_forward(small, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_conv_device_bytes_by_hand():
+    model = models.create("lenet5", input_shape=(16, 16, 1), num_classes=10, channels=(6, 8), hidden=16, seed=0)
+    _, aux = jc.masked(jc.quant.quantize(bits=4), "conv.*/kernel")(nnx.state(model, nnx.Param))
+    small, _ = packed.pack(aux)(model)
+    # conv1 (5, 5, 1, 6): 25 rows -> 13 bytes per column; conv2 (5, 5, 6, 8): 150 rows -> 75 bytes
+    codes = 13 * 6 + 75 * 8
+    scales = 4 * (6 + 8)  # one float32 per output channel; symmetric: no zero points
+    assert small.conv1.codes.get_value().shape == (13, 6) and small.conv2.codes.get_value().shape == (75, 8)
+    b = packed.device_bytes(small)
+    assert b["packed"] == codes + scales
+    assert b["packed"] == sum(
+        a.nbytes for layer in (small.conv1, small.conv2) for a in (layer.codes.get_value(), layer.scale.get_value())
+    )
+    fc = 4 * (8 * 16 + 16 + 16 * 10 + 10)  # the Dense layers stay float32
+    assert b["params"] == 4 * (6 + 8) + fc  # conv biases stay float32 too
+    # a conv layer on its own, with one batch axis too many and none: as nnx.Conv does
+    x = jax.random.uniform(jax.random.key(0), (2, 3, 16, 16, 1))
+    reference = nnx.Conv(1, 6, (5, 5), padding="VALID", rngs=nnx.Rngs(0))
+    reference.kernel.set_value(aux.grids["conv1/kernel"].dequantize())
+    reference.bias.set_value(model.conv1.bias.get_value())
+    np.testing.assert_allclose(small.conv1(x), reference(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(small.conv1(x[0, 0]), reference(x[0, 0]), rtol=1e-6, atol=1e-6)
+
+
 def test_masked_pack_and_bad_input():
     model = _mlp()
     _, aux = jc.quant.quantize(bits=4)(nnx.state(model, nnx.Param))
@@ -88,13 +146,18 @@ def test_masked_pack_and_bad_input():
     other = models.create("mlp", input_shape=(8, 8, 1), num_classes=10, widths=(48, 32), seed=0)
     with pytest.raises(ValueError, match="grid of 'fc1/kernel' has shape"):
         packed.pack(aux)(other)
-    with pytest.raises(ValueError, match="not the kernel of an nnx.Linear"):
+    with pytest.raises(ValueError, match="not the kernel of an nnx.Linear or nnx.Conv"):
         packed.pack({"head/kernel": aux.grids["fc1/kernel"]})(model)
     with pytest.raises(TypeError, match="GridAux"):
         packed.pack({"fc1/kernel": np.zeros((64, 32))})
     wide = quantize_leaf(model.fc1.kernel.get_value(), bits=12, axis=-1)
     with pytest.raises(ValueError, match="2 to 8 bits"):
         packed.pack({"fc1/kernel": wide})(model)
+    causal = models.create("cnn1d", input_shape=(40,), num_classes=10, channels=(4, 4, 4), seed=0)
+    causal.conv2.padding = "CAUSAL"
+    grid = quantize_leaf(causal.conv2.kernel.get_value(), bits=4)
+    with pytest.raises(ValueError, match="layer 'conv2'.*padding='CAUSAL' is not supported"):
+        packed.pack({"conv2/kernel": grid})(causal)
 
 
 def test_packed_llama_decodes_like_the_dequantized_one():

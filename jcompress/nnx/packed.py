@@ -1,17 +1,20 @@
-"""Packed low-bit weights at run time: Dense layers whose kernels stay integer codes in memory.
+"""Packed low-bit weights at run time: Dense and conv layers whose kernels stay integer codes in memory.
 
 A quantized model is only smaller where it runs if its weights stay quantized there.
 :func:`pack` is the model transform that does this: each chosen ``nnx.Linear`` becomes a
-:class:`PackedLinear` holding its kernel as integer codes plus the grid's scales and zero
-points (:class:`~jcompress.core.grid.QuantParams`), and the float kernel is rebuilt from
-them inside the forward pass, under the caller's ``jax.jit``, right before the matmul.
+:class:`PackedLinear` and each chosen ``nnx.Conv`` a :class:`PackedConv`, holding the
+kernel as integer codes plus the grid's scales and zero points
+(:class:`~jcompress.core.grid.QuantParams`); the float kernel is rebuilt from them inside
+the forward pass, under the caller's ``jax.jit``, right before the matmul or convolution.
 
-Storage of the codes, by bit width (the grid's ``bits``):
+Storage of the codes, by bit width (the grid's ``bits``). A kernel is stored as the matrix
+``(K, N)`` of its codes with the last (output) axis as columns: ``(in, out)`` for a Dense
+kernel, ``(kh * kw * cin, cout)`` (row-major) for a 2-D conv kernel ``(kh, kw, cin, cout)``.
 
-* 2 to 4 bits: two codes per byte (``uint8``), packed along the input axis: byte ``i`` of
-  a column holds input row ``2i`` in its low nibble and row ``2i + 1`` in its high nibble
-  (an odd input count is padded with one zero code). Signed (symmetric) codes are stored
-  as their two's-complement nibble and sign-extended when unpacked.
+* 2 to 4 bits: two codes per byte (``uint8``), packed along the rows: byte ``i`` of a
+  column holds row ``2i`` in its low nibble and row ``2i + 1`` in its high nibble (an odd
+  row count is padded with one zero code). Signed (symmetric) codes are stored as their
+  two's-complement nibble and sign-extended when unpacked.
 * 5 to 8 bits: one code per byte, ``int8`` for symmetric grids, ``uint8`` otherwise.
 
 Scales stay float32 in the grid's own shapes (per output channel, per group of input
@@ -20,15 +23,15 @@ for symmetric ones. The device bytes of a ``(K, N)`` kernel at ``b`` bits are ``
 plus 4 bytes per scale (and 1 per zero point): about 8x fewer than float32 at 4 bits and
 4x at 8 bits (:func:`device_bytes` counts them from the arrays).
 
-What this is and is not: the weights are dequantized to float32 tiles and multiplied
-with ``jnp.dot``, which XLA fuses with the unpacking on CPU and GPU; memory and memory
-traffic shrink, arithmetic stays float. There is no integer or Pallas matmul kernel here
-yet, so compute-bound layers run at float speed (or a little slower: the unpacking is
-extra work). Convolutions are not packed.
+What this is and is not: the weights are dequantized to float32 and multiplied with
+``jnp.dot`` (Dense) or ``lax.conv_general_dilated`` (conv), inside the same jitted
+function as the unpacking; memory and memory traffic shrink, arithmetic stays float.
+There is no integer or Pallas kernel here yet, so compute-bound layers run at float speed
+(or a little slower: the unpacking is extra work).
 
 Example:
   >>> params, aux = jc.quant.quantize(bits=4, group_size=32)(nnx.state(model, nnx.Param))
-  >>> small, paux = pack(aux)(model)            # every quantized nnx.Linear now PackedLinear
+  >>> small, paux = pack(aux)(model)   # quantized nnx.Linear / nnx.Conv now PackedLinear / PackedConv
   >>> device_bytes(small) < device_bytes(model) / 6
   True
 """
@@ -36,19 +39,30 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from jcompress.core import base
 from jcompress.core import spec as spec_lib
 from jcompress.core.grid import QuantParams, dequantize
 from jcompress.nnx import hooks
 
-__all__ = ["PackedCodes", "PackedLinear", "QuantScale", "device_bytes", "pack", "pack_codes", "unpack_codes"]
+__all__ = [
+    "PackedCodes",
+    "PackedConv",
+    "PackedLinear",
+    "QuantScale",
+    "device_bytes",
+    "pack",
+    "pack_codes",
+    "unpack_codes",
+]
 
 
 class PackedCodes(nnx.Variable):
@@ -89,7 +103,35 @@ def unpack_codes(stored: jax.Array, *, rows: int, bits: int, symmetric: bool) ->
     return ((both ^ 8) - 8) if symmetric else both
 
 
-class PackedLinear(nnx.Module):
+class _PackedKernel(nnx.Module):
+    """The packed codes, scales and zero points of one kernel, and its dequantization."""
+
+    def __init__(self, qp: QuantParams):
+        if qp.bits > 8:
+            raise ValueError(f"bits={qp.bits}: packed storage holds 2 to 8 bits; dequantize wider grids instead")
+        self.kernel_shape = tuple(int(d) for d in qp.shape)
+        self.bits, self.symmetric, self.axis, self.group_size = qp.bits, qp.symmetric, qp.axis, qp.group_size
+        matrix = jnp.reshape(qp.codes, (-1, self.kernel_shape[-1]))  # (K, N): outputs as columns
+        self.codes = PackedCodes(pack_codes(matrix, bits=qp.bits, symmetric=qp.symmetric))
+        self.scale = QuantScale(jnp.asarray(qp.scale, jnp.float32))
+        # symmetric grids have zero points of 0: nothing to store; others fit a byte (<= 8 bits)
+        self.zero_point = None if qp.symmetric else QuantScale(jnp.asarray(qp.zero_point, jnp.uint8))
+
+    def kernel(self) -> jax.Array:
+        """The float32 kernel (its original shape) the codes stand for (what the forward pass uses)."""
+        rows = math.prod(self.kernel_shape[:-1])
+        matrix = unpack_codes(self.codes.get_value(), rows=rows, bits=self.bits, symmetric=self.symmetric)
+        scale = self.scale.get_value()
+        zp = (
+            jnp.zeros(scale.shape, jnp.int32)
+            if self.zero_point is None
+            else self.zero_point.get_value().astype(jnp.int32)
+        )
+        codes = matrix.reshape(self.kernel_shape)
+        return dequantize(QuantParams(codes, scale, zp, self.bits, self.symmetric, self.axis, self.group_size))
+
+
+class PackedLinear(_PackedKernel):
     """``x -> x @ dequantize(codes) + bias`` with the codes kept packed in memory.
 
     Attributes:
@@ -98,7 +140,7 @@ class PackedLinear(nnx.Module):
       zero_point: :class:`QuantScale`, uint8 zero points (None for a symmetric grid, whose
         zero points are all 0).
       bias: the original ``nnx.Param`` ``(out,)`` or None.
-      in_features, out_features, bits, symmetric, axis, group_size: static.
+      in_features, out_features, kernel_shape, bits, symmetric, axis, group_size: static.
 
     Inputs ``(..., in)``, outputs ``(..., out)`` in the input's dtype promoted with float32.
     """
@@ -106,31 +148,98 @@ class PackedLinear(nnx.Module):
     def __init__(self, qp: QuantParams, bias: jax.Array | None):
         if qp.codes.ndim != 2:
             raise ValueError(f"PackedLinear needs a Dense kernel's (in, out) codes, got shape {qp.shape}")
-        if qp.bits > 8:
-            raise ValueError(f"bits={qp.bits}: packed storage holds 2 to 8 bits; dequantize wider grids instead")
-        self.in_features, self.out_features = (int(d) for d in qp.shape)
-        self.bits, self.symmetric, self.axis, self.group_size = qp.bits, qp.symmetric, qp.axis, qp.group_size
-        self.codes = PackedCodes(pack_codes(qp.codes, bits=qp.bits, symmetric=qp.symmetric))
-        self.scale = QuantScale(jnp.asarray(qp.scale, jnp.float32))
-        # symmetric grids have zero points of 0: nothing to store; others fit a byte (<= 8 bits)
-        self.zero_point = None if qp.symmetric else QuantScale(jnp.asarray(qp.zero_point, jnp.uint8))
+        super().__init__(qp)
+        self.in_features, self.out_features = self.kernel_shape
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
-
-    def kernel(self) -> jax.Array:
-        """The float32 ``(in, out)`` kernel the codes stand for (what the forward pass uses)."""
-        codes = unpack_codes(self.codes.get_value(), rows=self.in_features, bits=self.bits, symmetric=self.symmetric)
-        scale = self.scale.get_value()
-        zp = (
-            jnp.zeros(scale.shape, jnp.int32)
-            if self.zero_point is None
-            else self.zero_point.get_value().astype(jnp.int32)
-        )
-        qp = QuantParams(codes, scale, zp, self.bits, self.symmetric, self.axis, self.group_size)
-        return dequantize(qp)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x, self.kernel().astype(jnp.result_type(x, jnp.float32)))
         return y if self.bias is None else y + self.bias.get_value()
+
+
+# nnx.Conv paddings that pad the input before the convolution: not carried over
+_INPUT_PADDINGS = ("CIRCULAR", "REFLECT", "CAUSAL")
+
+
+def _conv_padding(padding, spatial: int) -> str | tuple[tuple[int, int], ...]:
+    """An ``nnx.Conv`` padding as ``lax.conv_general_dilated`` takes it: a string or one pair per spatial axis."""
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding),) * spatial
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(int(v) for v in p) for p in padding)
+    return pairs * spatial if len(pairs) == 1 else pairs
+
+
+def _per_axis(value: int | Sequence[int] | None, spatial: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * spatial
+    return (int(value),) * spatial if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+class PackedConv(_PackedKernel):
+    """An ``nnx.Conv`` whose kernel stays packed codes; dequantized inside the jitted convolution.
+
+    Built from the quantization grid of a conv kernel ``(*window, cin // groups, cout)`` and
+    the ``nnx.Conv`` it replaces, whose strides, padding, dilations, feature groups, bias,
+    ``dtype`` and ``precision`` it keeps. The codes are stored as the matrix
+    ``(prod(window) * cin // groups, cout)`` (see the module docstring).
+
+    Attributes:
+      codes, scale, zero_point: as in :class:`PackedLinear`.
+      bias: the conv's ``nnx.Param`` ``(cout,)`` or None.
+      kernel_shape, strides, padding, input_dilation, kernel_dilation,
+      feature_group_count, dtype, precision: static.
+
+    Inputs channels-last ``(*batch, *spatial, cin)`` (extra batch axes are flattened and
+    restored, a missing one is added and removed, as ``nnx.Conv`` does); outputs
+    ``(*batch, *out_spatial, cout)``.
+
+    Example:
+      >>> layer = PackedConv(jc.core.grid.quantize_leaf(conv.kernel.get_value(), bits=4), conv)
+      >>> layer(x).shape == conv(x).shape
+      True
+    """
+
+    def __init__(self, qp: QuantParams, conv: nnx.Conv):
+        window = tuple(conv.kernel_size)
+        if qp.codes.ndim != len(window) + 2:
+            raise ValueError(f"PackedConv needs a conv kernel's (*window, cin, cout) codes, got shape {qp.shape}")
+        if conv.mask is not None:
+            raise ValueError("PackedConv: the conv has a kernel mask; multiply it into the kernel before quantizing")
+        padding = _conv_padding(conv.padding, len(window))
+        if isinstance(padding, str) and padding in _INPUT_PADDINGS:
+            raise ValueError(f"PackedConv: padding={padding!r} is not supported; use 'SAME', 'VALID' or explicit pairs")
+        super().__init__(qp)
+        self.strides = _per_axis(conv.strides, len(window))
+        self.padding = padding
+        self.input_dilation = _per_axis(conv.input_dilation, len(window))
+        self.kernel_dilation = _per_axis(conv.kernel_dilation, len(window))
+        self.feature_group_count = int(conv.feature_group_count)
+        self.dtype, self.precision = conv.dtype, conv.precision
+        self.bias = None if conv.bias is None else nnx.Param(jnp.asarray(conv.bias.get_value()))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        spatial = len(self.kernel_shape) - 2
+        batch_shape = x.shape[: x.ndim - spatial - 1]
+        x = x.reshape((-1, *x.shape[len(batch_shape) :]))
+        dtype = self.dtype or jnp.result_type(x, jnp.float32)
+        channels_last = (0, spatial + 1, *range(1, spatial + 1))  # N, C, spatial... of an NHWC array
+        dims = lax.ConvDimensionNumbers(channels_last, (spatial + 1, spatial, *range(spatial)), channels_last)
+        y = lax.conv_general_dilated(
+            x.astype(dtype),
+            self.kernel().astype(dtype),
+            self.strides,
+            self.padding,
+            lhs_dilation=self.input_dilation,
+            rhs_dilation=self.kernel_dilation,
+            dimension_numbers=dims,
+            feature_group_count=self.feature_group_count,
+            precision=self.precision,
+        )
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(dtype)
+        return y.reshape((*batch_shape, *y.shape[1:]))
 
 
 def _grids(grids) -> Mapping[str, QuantParams]:
@@ -146,13 +255,17 @@ def _grids(grids) -> Mapping[str, QuantParams]:
 
 
 def pack(grids) -> base.ModelTransform:
-    """Replace the quantized ``nnx.Linear`` layers of a model by :class:`PackedLinear` ones.
+    """Replace the quantized Dense and conv layers of a model by packed ones.
+
+    Each chosen ``nnx.Linear`` becomes a :class:`PackedLinear`, each chosen ``nnx.Conv`` a
+    :class:`PackedConv`.
 
     Args:
       grids: the quantization to keep: a ``GridAux`` (``jc.quant.quantize``,
         ``jc.oneshot.gptq``, SparseGPT with ``bits=``), a ``ChainAux`` holding exactly one,
-        or ``{kernel leaf name: QuantParams}``. Grids of 2 to 8 bits on ``(in, out)`` Dense
-        kernels (per tensor, per output channel or per group of input rows).
+        or ``{kernel leaf name: QuantParams}``. Grids of 2 to 8 bits on Dense kernels
+        ``(in, out)`` or conv kernels ``(*window, cin, cout)`` (per tensor, per channel or
+        per group).
 
     Returns:
       a :class:`~jcompress.core.base.ModelTransform`; ``t(model)`` returns ``(new_model,
@@ -162,8 +275,9 @@ def pack(grids) -> base.ModelTransform:
       dequantized grid; ``model`` is not modified.
 
     Raises:
-      ValueError: a chosen grid whose layer is not an ``nnx.Linear`` of the model, a grid
-        whose shape differs from the kernel's, or a grid wider than 8 bits.
+      ValueError: a chosen grid whose layer is not an ``nnx.Linear`` or ``nnx.Conv`` of the
+        model, a grid whose shape differs from the kernel's, a grid wider than 8 bits, or a
+        conv with a kernel mask or an input padding (circular, reflect, causal).
 
     Example:
       >>> q, aux = jc.oneshot.gptq(stats, bits=4, group_size=128)(nnx.state(model, nnx.Param))
@@ -171,26 +285,34 @@ def pack(grids) -> base.ModelTransform:
     """
     table = _grids(grids)
 
+    def packed_layer(name: str, layer: nnx.Module) -> nnx.Module:
+        if isinstance(layer, nnx.Conv):
+            return PackedConv(table[name], layer)
+        return PackedLinear(table[name], None if layer.bias is None else layer.bias.get_value())
+
     def apply(model, names, key):
         del key
         chosen = [n for n in names if n in table]
-        linears = {n: m for n, m in hooks.layers(model).items() if isinstance(m, nnx.Linear)}
+        found = hooks.layers(model)
         for name in chosen:
             layer = spec_lib.layer_of(name)
-            if layer not in linears or not name.endswith("/kernel"):
+            if layer not in found or not name.endswith("/kernel"):
                 raise ValueError(
-                    f"pack: {name!r} is not the kernel of an nnx.Linear of this model; "
-                    f"its Dense kernels are {sorted(n + '/kernel' for n in linears)[:12]}"
+                    f"pack: {name!r} is not the kernel of an nnx.Linear or nnx.Conv of this model; "
+                    f"its Dense and conv kernels are {sorted(n + '/kernel' for n in found)[:12]}"
                 )
-            kernel_shape = tuple(linears[layer].kernel.get_value().shape)
+            kernel_shape = tuple(found[layer].kernel.get_value().shape)
             if tuple(table[name].shape) != kernel_shape:
                 raise ValueError(f"pack: the grid of {name!r} has shape {table[name].shape}, the kernel {kernel_shape}")
+            try:
+                packed_layer(name, found[layer])  # refuses an unsupported conv before anything is copied
+            except ValueError as e:
+                raise ValueError(f"pack: layer {layer!r}: {e}") from None
         new = nnx.clone(model)
-        new_linears = {n: m for n, m in hooks.layers(new).items() if isinstance(m, nnx.Linear)}
+        new_layers = hooks.layers(new)
         for name in chosen:
-            layer = new_linears[spec_lib.layer_of(name)]
-            bias = None if layer.bias is None else layer.bias.get_value()
-            hooks.replace(new, spec_lib.layer_of(name), PackedLinear(table[name], bias))
+            layer = spec_lib.layer_of(name)
+            hooks.replace(new, layer, packed_layer(name, new_layers[layer]))
         return new, base.GridAux({n: table[n] for n in chosen}, {})
 
     return base.ModelTransform(apply, "pack", leaves=lambda params: list(table))

@@ -2,7 +2,7 @@
 
 Runs the bad-input table (tests/test_validation.py), the command-line checks
 (tests/test_cli_validation.py, tests/test_tfds.py), the fuzz of the public transforms
-(tests/test_fuzz.py), the injected-fault tests and every hypothesis property test, then
+(tests/test_fuzz.py, tests/test_fuzz_models.py), the injected-fault tests and every hypothesis property test, then
 summarises from pytest's JUnit XML and hypothesis's statistics: every public entry point
 with the arguments it validates, how many bad inputs of each kind were tried and how each
 ended, what the fuzz gave each transform (by kind of input) and how it ended, which
@@ -32,7 +32,7 @@ FAULT_TESTS = {
 
 
 CLI_TESTS = ["tests/test_cli_validation.py", "tests/test_tfds.py"]
-FUZZ_TESTS = "tests/test_fuzz.py"
+FUZZ_TESTS = ("tests/test_fuzz.py", "tests/test_fuzz_models.py")
 
 
 def property_test_files() -> list[str]:
@@ -115,8 +115,15 @@ def readme_entry_points() -> dict[str, list[str]]:
 def fuzz_entry_points() -> dict[str, list[str]]:
     """``{test name: [entry points]}`` from the first line of each fuzz test's docstring."""
     out = {}
-    for node in ast.parse((ROOT / FUZZ_TESTS).read_text()).body:
-        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+    for file in FUZZ_TESTS:
+        out.update(_fuzz_entry_points(file))
+    return out
+
+
+def _fuzz_entry_points(file: str) -> dict[str, list[str]]:
+    out = {}
+    for node in ast.parse((ROOT / file).read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and (ast.get_docstring(node) or "").startswith("jc."):
             head = (ast.get_docstring(node) or "").split(":", 1)[0]
             names, prefix = [], ""
             for part in re.split(r",\s*|\s+and\s+", head):
@@ -126,7 +133,7 @@ def fuzz_entry_points() -> dict[str, list[str]]:
                 elif part:
                     part = f"{prefix}.{part.split()[-1]}"
                 names.append(part)
-            out[f"{FUZZ_TESTS}::{node.name}"] = names
+            out[f"{file}::{node.name}"] = names
     return out
 
 
@@ -151,7 +158,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "TESTING.md"))
     args = p.parse_args()
     props = property_test_files()
-    files = ["tests/test_validation.py", *CLI_TESTS, FUZZ_TESTS, *[f for f in FAULT_TESTS if (ROOT / f).exists()], *props]
+    files = ["tests/test_validation.py", *CLI_TESTS, *FUZZ_TESTS, *[f for f in FAULT_TESTS if (ROOT / f).exists()], *props]
     with tempfile.TemporaryDirectory() as d:
         xml = Path(d) / "junit.xml"
         log = run_pytest(list(dict.fromkeys(files)), xml)
@@ -213,9 +220,9 @@ def entry_point_section(res: dict, examples: dict, events: dict) -> list[str]:
             fuzzed[n] = (test, args + inputs)
     lines = ["## Public entry points and their validated arguments", "",
              ("Every factory of README's \"Every transform\" table, with its arguments (from the README), the "
-             "arguments and inputs the fuzz (tests/test_fuzz.py) gave invalid values, and how many random examples "
-             "it ran. A factory that needs a model, a loss or training data is not fuzzed; its bad inputs are in the "
-             "table of tests/test_validation.py below."), "",
+             "arguments and inputs the fuzz (tests/test_fuzz.py, tests/test_fuzz_models.py) gave invalid values, and how many random examples "
+             "it ran. An entry point marked \"not fuzzed\" has its bad inputs in the table of tests/test_validation.py "
+             "below."), "",
              "| entry point | arguments | fuzzed with invalid | examples | outcome |", "|---|---|---|---|---|"]  # fmt: skip
     for name, args in readme_entry_points().items():
         test, bad = fuzzed.get(name, (None, []))
@@ -250,12 +257,14 @@ def cli_section(res: dict) -> list[str]:
 
 
 def fuzz_section(res: dict, examples: dict, events: dict) -> list[str]:
-    lines = ["## Fuzz of the public transforms (tests/test_fuzz.py)", "",
+    lines = ["## Fuzz of the public transforms (tests/test_fuzz.py, tests/test_fuzz_models.py)", "",
              ("Random parameter trees (size-1 and empty dimensions; float16, bfloat16, float32; one leaf NaN, inf, "
              "integer or empty now and then) and hyperparameters from a valid and an invalid list. Each call must "
              "raise ValueError/TypeError naming the argument or the leaf, or return a result with the transform's "
-             "invariants; a certainly invalid input must raise. Percentages are of the test's examples (hypothesis "
-             "events); the budget is fixed (derandomize=True)."), ""]  # fmt: skip
+             "invariants; a certainly invalid input must raise. The transforms that need a model or data "
+             "(tests/test_fuzz_models.py) get random MLPs of one or two hidden layers of 1 to 6 units and must "
+             "compute the same function as the reference (masked, truncated or dequantized model). Percentages are "
+             "of the test's examples (hypothesis events); the budget is fixed (derandomize=True)."), ""]  # fmt: skip
     for test, names in fuzz_entry_points().items():
         lines += [f"### `{test.split('::')[1]}`: {', '.join(names)}", "",
                   f"{examples.get(test, 0)} examples, {res.get(test, 'not run')}.", "",

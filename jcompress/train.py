@@ -6,9 +6,13 @@ function, the optax transformation) are bound with ``functools.partial`` before
 orbax and shards like any pytree.
 
 ``fit`` checkpoints every epoch (params, extra state, optimizer state, step and RNG
-key); its loop, :func:`epoch_loop`, also drives the distillation trainer. Batches and
-dropout keys are functions of ``(seed, epoch, step)`` only, so a run
-resumed from a checkpoint continues exactly as an uninterrupted run would.
+key) and evaluates on the validation split (``val_accuracy``, ``val_loss``); the test
+split is never touched while training: :func:`final_metrics` measures it once, on the
+trained model. The loop, :func:`epoch_loop`, also drives the distillation trainer. It
+stops with ``FloatingPointError`` when an epoch ends with a non-finite loss or
+parameters, before that epoch is checkpointed. Batches and dropout keys are functions of
+``(seed, epoch, step)`` only, so a run resumed from a checkpoint continues exactly as an
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +33,17 @@ from jcompress import data as data_lib
 from jcompress import parallel
 from jcompress.core.spec import check_value
 
-__all__ = ["FitResult", "TrainState", "cross_entropy", "epoch_loop", "evaluate", "fit", "init_state", "train_step"]
+__all__ = [
+    "FitResult",
+    "TrainState",
+    "cross_entropy",
+    "epoch_loop",
+    "evaluate",
+    "final_metrics",
+    "fit",
+    "init_state",
+    "train_step",
+]
 
 
 class TrainState(NamedTuple):
@@ -87,6 +102,8 @@ def evaluate(apply_fn: Callable, params, extra, x: np.ndarray, y: np.ndarray, *,
     the function compiles once.
     """
     n = len(x)
+    if n == 0:
+        raise ValueError("evaluate got no examples (x has length 0); pass a non-empty split such as ds.x_val")
     bs = min(batch_size, n)
     total_loss, total_correct = 0.0, 0
     for i in range(0, n, bs):
@@ -132,7 +149,8 @@ def fit(
     Args:
       apply_fn: ``apply(params, extra, x, train, key) -> (logits, extra)`` (``models.functional``).
       params, extra: initial model state (ignored when ``out_dir`` holds a checkpoint).
-      dataset: train and test arrays.
+      dataset: a ``data.Dataset``; trains on ``x_train``/``y_train`` and evaluates on
+        ``x_val``/``y_val`` (the test split is not used: see :func:`final_metrics`).
       tx: the optax transformation (compose masks, schedules, QAT here).
       epochs, batch_size, seed: the run; batch order and dropout depend on ``seed`` only.
       out_dir: where ``ckpt/`` (orbax, every epoch) and ``metrics.jsonl`` go; ``None`` for none.
@@ -140,10 +158,23 @@ def fit(
         with ``checkpoint.load_model``).
       mesh: a ``'data'`` mesh for data parallelism (default: ``parallel.default_mesh``, all
         accelerator devices when the batch splits evenly over them).
+      eval_every: evaluate on the validation split every this many epochs and after the
+        last; ``0`` never.
       callback: ``callback(state, epoch) -> state`` after each epoch (e.g. to re-prune).
 
     Returns:
-      ``FitResult(params, extra, state, history)``; ``history`` holds one dict per epoch.
+      ``FitResult(params, extra, state, history)``; ``history`` holds one dict per epoch:
+      ``epoch``, ``step``, ``seconds``, ``train_loss``, ``train_accuracy`` and, on evaluated
+      epochs, ``val_accuracy`` and ``val_loss``.
+
+    Raises:
+      FloatingPointError: an epoch ended with a non-finite train loss or parameters (the
+        learning rate or optimizer diverged); that epoch is not checkpointed, so the last
+        good checkpoint in ``out_dir`` stays the latest.
+
+    Example:
+      >>> res = fit(fn.apply, fn.params, fn.extra, data.load('digits'), tx=optax.adam(1e-3), epochs=5)
+      >>> res.history[-1]['val_accuracy']
     """
     if mesh is None:
         mesh = parallel.default_mesh(batch_size)
@@ -153,7 +184,7 @@ def fit(
     step_fn = jax.jit(functools.partial(train_step, apply_fn=apply_fn, tx=tx), donate_argnums=0)
 
     def evaluate_state(state):
-        return evaluate(apply_fn, state.params, state.extra, dataset.x_test, dataset.y_test)
+        return evaluate(apply_fn, state.params, state.extra, dataset.x_val, dataset.y_val)
 
     state, history = epoch_loop(
         state,
@@ -198,6 +229,9 @@ def epoch_loop(
     ``state.step``, sharded over ``mesh``), applies ``callback(state, epoch)``, evaluates with
     ``evaluate_fn(state)`` every ``eval_every`` epochs and at the last, appends a row to
     ``out_dir/metrics.jsonl`` (process 0 only) and saves a checkpoint with ``meta``.
+    ``evaluate_fn`` should read the validation split: its results are stored as
+    ``val_<key>``. An epoch whose train loss or parameters are not finite raises
+    ``FloatingPointError`` before its row and checkpoint are written.
 
     Args:
       state: a NamedTuple of arrays with ``step``, ``params`` and ``extra`` fields.
@@ -248,10 +282,11 @@ def epoch_loop(
         row = {"epoch": epoch + 1, "step": int(state.step), "seconds": round(time.perf_counter() - t0, 3)}
         row.update({f"train_{k}": float(v) / max(done, 1) for k, v in sums.items()})
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            row.update({f"test_{k}": v for k, v in evaluate_fn(state).items()})
+            row.update({f"val_{k}": v for k, v in evaluate_fn(state).items()})
+        _check_finite_epoch(row, state, epoch + 1, out_dir, ck, bar)
         history.append(row)
         bar.set_postfix_str(
-            ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_loss", "test_acc")))
+            ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_loss", "val_acc")))
         )
         if metrics_path is not None and jax.process_index() == 0:
             with open(metrics_path, "a") as f:
@@ -266,6 +301,85 @@ def epoch_loop(
     if ck is not None:
         ck.close()
     return state, history
+
+
+def _finite(leaf) -> bool:
+    """Whether every float value of ``leaf`` this process holds is finite (checked on the host, no compile)."""
+    if not isinstance(leaf, jax.Array):
+        leaf = np.asarray(leaf)
+        return not np.issubdtype(leaf.dtype, np.inexact) or bool(np.isfinite(leaf).all())
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return True
+    shards = [leaf.addressable_data(0)] if leaf.is_fully_replicated else [s.data for s in leaf.addressable_shards]
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in shards)
+
+
+def _check_finite_epoch(row: dict, state, epoch: int, out_dir, ck, bar) -> None:
+    """Raise ``FloatingPointError`` (closing the checkpointer and bar) if the epoch diverged."""
+    bad_metrics = [k for k, v in row.items() if k.startswith("train_") and not np.isfinite(v)]
+    leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "extra": state.extra})
+    bad_leaves = [jax.tree_util.keystr(path, simple=True, separator="/") for path, leaf in leaves if not _finite(leaf)]
+    if not bad_metrics and not bad_leaves:
+        return
+    last = ck.latest_step() if ck is not None else None
+    bar.close()
+    if ck is not None:
+        ck.close()
+    what = []
+    if bad_metrics:
+        what.append(", ".join(f"{k}={row[k]}" for k in bad_metrics))
+    if bad_leaves:
+        shown = ", ".join(bad_leaves[:3]) + (f" and {len(bad_leaves) - 3} more" if len(bad_leaves) > 3 else "")
+        what.append(f"non-finite values in {shown}")
+    kept = (
+        f"; the last good checkpoint (step {last}) in {Path(out_dir) / 'ckpt'} is kept"
+        if last is not None
+        else "; nothing was checkpointed"
+    )
+    raise FloatingPointError(
+        f"epoch {epoch}: training diverged ({'; '.join(what)}): the learning rate or optimizer produced non-finite "
+        f"values; lower the learning rate (or check the optimizer's settings) and run again{kept}"
+    )
+
+
+def final_metrics(
+    apply_fn: Callable, params, extra, dataset: data_lib.Dataset, *, epochs: int, out_dir: str | Path | None = None
+) -> dict:
+    """Validation and test accuracy and loss of a trained model, measured once at the end of a run.
+
+    Test is evaluated here and nowhere during training, so nothing is chosen on it. With
+    ``out_dir`` the record is written to ``out_dir/final.json`` (process 0 only).
+
+    Args:
+      apply_fn: as in :func:`fit`.
+      params, extra: the trained model state.
+      dataset: the run's ``data.Dataset``.
+      epochs: the epochs the model was trained for (recorded).
+      out_dir: the run directory, or ``None``.
+
+    Returns:
+      ``{'epochs', 'val_accuracy', 'val_loss', 'test_accuracy', 'test_loss', 'val_examples',
+      'test_examples'}``.
+
+    Example:
+      >>> res = fit(fn.apply, fn.params, fn.extra, ds, tx=optax.adam(1e-3), epochs=5, out_dir='runs/a')
+      >>> final_metrics(fn.apply, res.params, res.extra, ds, epochs=5, out_dir='runs/a')['test_accuracy']
+    """
+    val = evaluate(apply_fn, params, extra, dataset.x_val, dataset.y_val)
+    test = evaluate(apply_fn, params, extra, dataset.x_test, dataset.y_test)
+    record = {
+        "epochs": int(epochs),
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_examples": len(dataset.x_val),
+        "test_examples": len(dataset.x_test),
+    }
+    if out_dir is not None and jax.process_index() == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "final.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -17,7 +17,7 @@ def _row(name, accuracy, nbytes, latency, family="pruning", keeps=True):
         "name": name,
         "family": family,
         "keeps_architecture": keeps,
-        "accuracy": accuracy,
+        "val_accuracy": accuracy,
         "bytes": nbytes,
         "latency_ms": latency,
     }
@@ -52,14 +52,16 @@ def test_pareto_front_tolerance_and_missing_objective():
     with pytest.raises(ValueError, match="latency_ms"):
         advisor.pareto_front([rows[0], dict(rows[1], latency_ms=None)])
     with pytest.raises(ValueError, match="'max' or 'min'"):
-        advisor.pareto_front(rows, objectives={"accuracy": "up"})
+        advisor.pareto_front(rows, objectives={"val_accuracy": "up"})
     # Failed recipes never appear.
-    assert advisor.pareto_front(rows + [{"name": "x", "family": "custom", "error": "boom"}]) == advisor.pareto_front(rows)
+    assert advisor.pareto_front(rows + [{"name": "x", "family": "custom", "error": "boom"}]) == advisor.pareto_front(
+        rows
+    )
 
 
-_rows = st.lists(
-    st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=12
-).map(lambda ts: [_row(f"r{i}", a / 5, b, float(c)) for i, (a, b, c) in enumerate(ts)])
+_rows = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=12).map(
+    lambda ts: [_row(f"r{i}", a / 5, b, float(c)) for i, (a, b, c) in enumerate(ts)]
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -69,8 +71,8 @@ def test_pareto_front_matches_definition(rows):
     names = {r["name"] for r in front}
 
     def dominates(a, b):
-        ge = a["accuracy"] >= b["accuracy"] and a["bytes"] <= b["bytes"] and a["latency_ms"] <= b["latency_ms"]
-        gt = a["accuracy"] > b["accuracy"] or a["bytes"] < b["bytes"] or a["latency_ms"] < b["latency_ms"]
+        ge = a["val_accuracy"] >= b["val_accuracy"] and a["bytes"] <= b["bytes"] and a["latency_ms"] <= b["latency_ms"]
+        gt = a["val_accuracy"] > b["val_accuracy"] or a["bytes"] < b["bytes"] or a["latency_ms"] < b["latency_ms"]
         return ge and gt
 
     for r in rows:
@@ -195,14 +197,19 @@ def test_advise_on_plain_params_measures_real_files(tmp_path):
         raise ValueError("this recipe does not apply here")
 
     cands = [advisor.quantization_candidate(8), advisor.Candidate("broken", "custom", True, broken)]
-    adv = advisor.advise(params, apply_fn, eval_fn, inputs=x, candidates=cands, workdir=tmp_path, repeats=2)
+    adv = advisor.advise(params, apply_fn, eval_fn, inputs=x, candidates=cands, workdir=tmp_path, repeats=5)
     by_name = {r["name"]: r for r in adv.rows}
     assert list(by_name) == ["dense float32", "int8 PTQ", "broken"]  # the dense reference is added first
     assert by_name["broken"]["error"] == "ValueError: this recipe does not apply here"
-    assert by_name["dense float32"]["accuracy"] == 1.0
+    assert by_name["dense float32"]["val_accuracy"] == 1.0 and by_name["dense float32"]["test_accuracy"] is None
     for name, fname in (("dense float32", "dense_float32.jcz"), ("int8 PTQ", "int8_PTQ.jcz")):
-        assert by_name[name]["bytes"] == (tmp_path / fname).stat().st_size
-        assert by_name[name]["latency_ms"] > 0
+        r = by_name[name]
+        assert r["bytes"] == (tmp_path / fname).stat().st_size
+        # the median with its interquartile range and extremes over the 5 timed calls; warm-up reported apart
+        assert 0 < r["latency_min_ms"] <= r["latency_q1_ms"] <= r["latency_ms"] <= r["latency_q3_ms"]
+        assert r["latency_q3_ms"] <= r["latency_max_ms"] and r["latency_repeats"] == 5 and r["latency_first_ms"] > 0
+    verdict, speedup = advisor.latency_vs_dense(by_name["int8 PTQ"], by_name["dense float32"])
+    assert by_name["int8 PTQ"]["latency_vs_dense"] == verdict and by_name["int8 PTQ"]["speedup"] == speedup
     assert by_name["int8 PTQ"]["bytes"] < by_name["dense float32"]["bytes"]
     assert "broken" not in [r["name"] for r in adv.pareto]
     # Eager and jitted apply agree on the int8 params read back from the file.
@@ -216,6 +223,67 @@ def test_advise_on_plain_params_measures_real_files(tmp_path):
         advisor.advise(params, None, eval_fn)
     with pytest.raises(ValueError, match="NaN"):
         advisor.advise({"fc": {"kernel": jnp.full((2, 2), jnp.nan)}}, apply_fn, eval_fn)
+    with pytest.raises(ValueError, match="repeats=2 must be an int >= 3"):
+        advisor.advise(params, apply_fn, eval_fn, inputs=x, candidates=cands, repeats=2)
+
+
+def test_ranking_uses_validation_accuracy_never_test(tmp_path):
+    """A candidate that is better on test but worse on validation is not chosen."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    w_val, w_test = rng.normal(size=(16, 4)).astype(np.float32), rng.normal(size=(16, 4)).astype(np.float32)
+    x_val, x_test = (jnp.asarray(rng.normal(size=(200, 16)).astype(np.float32)) for _ in range(2))
+    y_val, y_test = jnp.argmax(x_val @ w_val, -1), jnp.argmax(x_test @ w_test, -1)  # two different rules
+
+    def apply_fn(p, inputs):
+        return inputs @ p["fc"]["kernel"]
+
+    def accuracy(x, y):
+        return lambda p, apply: float(jnp.mean(jnp.argmax(apply(p, x), -1) == y))
+
+    def int8_of(kernel, name):  # an int8 model of the given kernel: about the same file for both
+        build = advisor.quantization_candidate(8).build
+        return advisor.Candidate(name, "custom", True, lambda s: build(s._replace(params={"fc": {"kernel": kernel}})))
+
+    cands = [int8_of(jnp.asarray(w_test), "fits test"), int8_of(jnp.asarray(w_val), "fits validation")]
+    adv = advisor.advise(
+        {"fc": {"kernel": jnp.asarray(w_val)}}, apply_fn, accuracy(x_val, y_val), test_fn=accuracy(x_test, y_test),
+        inputs=x_val, candidates=cands, workdir=tmp_path, max_bytes=400, repeats=3,
+    )  # fmt: skip
+    rows = {r["name"]: r for r in adv.rows}
+    bad, good = rows["fits test"], rows["fits validation"]
+    assert bad["bytes"] <= good["bytes"] <= 400 < rows["dense float32"]["bytes"]  # the test-fitting one is no larger
+    assert bad["test_accuracy"] > good["test_accuracy"] and bad["val_accuracy"] < good["val_accuracy"]
+    assert adv.recommended["name"] == "fits validation"
+    assert good["accuracy_drop"] == pytest.approx(rows["dense float32"]["val_accuracy"] - good["val_accuracy"])
+    assert "test" in advisor.format_rows(adv.rows).splitlines()[0]
+
+
+def test_latency_difference_within_the_spread_is_none():
+    """Masked models run the dense matmuls: a median a little lower is "same as dense", not a speedup."""
+    spread = lambda med, half: {"latency_q1_ms": med - half, "latency_q3_ms": med + half}
+    rows = [
+        {**_row("dense", 0.98, 1_000_000, 2.00, "dense"), **spread(2.00, 0.15)},
+        {**_row("prune 90%", 0.978, 120_000, 1.90, "pruning"), **spread(1.90, 0.15)},  # 5% lower, inside the IQR
+        {**_row("student", 0.95, 70_000, 0.50, "distillation", keeps=False), **spread(0.50, 0.05)},
+        {**_row("slow", 0.97, 900_000, 3.00, "custom"), **spread(3.00, 0.10)},
+    ]
+    adv = advisor.summarize(rows, max_latency_ms=1.95)
+    by = {r["name"]: r for r in adv.rows}
+    assert by["prune 90%"]["latency_vs_dense"] == "same as dense" and by["prune 90%"]["speedup"] is None
+    assert by["student"]["latency_vs_dense"] == "4.00x faster" and by["student"]["speedup"] == pytest.approx(4.0)
+    assert by["slow"]["latency_vs_dense"] == "1.50x slower" and by["slow"]["speedup"] == pytest.approx(2 / 3)
+    # on the Pareto front, latencies whose IQRs overlap are equal even beyond the relative tolerance (14% here)
+    a, b = {**_row("a", 0.9, 100, 1.9), **spread(1.9, 0.15)}, {**_row("b", 0.9, 100, 2.2), **spread(2.2, 0.3)}
+    front = lambda **kw: [r["name"] for r in advisor.pareto_front([a, b], tolerance={"latency_ms": 0.1}, **kw)]
+    assert front(spread={"latency_ms": advisor.LATENCY_SPREAD}) == ["a", "b"] and front() == ["a"]
+    assert "same as dense" in advisor.format_rows(adv.rows) and "4.00x faster" in advisor.format_rows(adv.rows)
+    # the recommended pruned model is said to run the dense matmuls, at the same measured speed
+    assert adv.recommended["name"] == "prune 90%" and "measured: same as dense" in adv.reason
+    # without a measured spread, medians are compared as they are
+    assert advisor.latency_vs_dense(_row("a", 1, 1, 1.9), _row("d", 1, 1, 2.0)) == ("1.05x faster", 2.0 / 1.9)
 
 
 def test_student_config_scales_widths():
@@ -259,6 +327,34 @@ def test_cli_advise_end_to_end(tmp_path, capsys):
         assert "No candidate meets the constraints" in res["reason"]
     for r in res["rows"]:
         assert r["feasible"] == (r["bytes"] <= 80_000)
-    assert "Pareto front" in printed
+    assert "Pareto front" in printed and "Chosen on validation accuracy" in printed
+    for r in res["rows"]:  # ranked on validation, test measured once and reported, latency with its spread
+        assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert r["latency_q1_ms"] <= r["latency_ms"] <= r["latency_q3_ms"]
+        if r["keeps_architecture"] and r["family"] != "dense" and r["latency_vs_dense"] != "same as dense":
+            assert not (r["latency_q1_ms"] <= dense["latency_ms"] <= r["latency_q3_ms"])
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "# Compression advice" in (out / "advice.md").read_text()
+
+
+def test_plot_labels_do_not_overlap():
+    """Twelve candidates, nine of them at the same latency and close in accuracy: every label has its own place."""
+    import matplotlib.pyplot as plt
+
+    rows = [_row("dense", 0.975, 200_000, 0.300, "dense")]
+    rows += [_row(f"masked {i}", 0.970 + 0.0005 * i, 20_000 + 3_000 * i, 0.300 + 0.001 * i) for i in range(9)]
+    rows += [
+        _row(f"student {i}", 0.95 + 0.01 * i, 15_000 * (i + 1), 0.1 * (i + 1), "distillation", False) for i in range(2)
+    ]
+    for r in rows:
+        r.update(latency_q1_ms=0.97 * r["latency_ms"], latency_q3_ms=1.03 * r["latency_ms"])
+    fig = advisor.plot_figure(advisor.summarize(rows, max_bytes=50_000))
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if t.get_text().isdigit()]
+        assert sorted(int(t.get_text()) for t in labels) == list(range(1, len(rows) + 1))
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1 :]), labels[i].get_text()
+    assert "validation accuracy" == fig.axes[0].get_ylabel()
+    plt.close(fig)

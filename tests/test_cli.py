@@ -6,15 +6,27 @@ import sys
 
 import pytest
 
-from jcompress import cli
+from jcompress import checkpoint, cli
 
 
 def test_train_then_resume_via_cli(tmp_path, capsys):
     args = ["train", "--model", "mlp", "--widths", "16", "--data", "digits", "--epochs", "1", "--out", str(tmp_path)]
     assert cli.main(args) == 0
+    # a checkpoint written before evaluation moved to validation (history keys test_*) still resumes
+    meta_file = tmp_path / "ckpt" / "10" / "meta" / "metadata"
+    meta_file.write_text(meta_file.read_text().replace('"val_', '"test_'))
     assert cli.main(args[:-4] + ["--epochs", "2", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # the second call resumed, it did not restart
+    assert all("val_accuracy" in r and not any(k.startswith("test_") for k in r) for r in rows)
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt")
+    history = ck.read_meta()["history"]
+    ck.close()
+    assert "test_accuracy" in history[0] and "val_accuracy" in history[1]  # the old row is kept as it was
+    final = json.loads((tmp_path / "final.json").read_text())  # test measured once, after the last epoch
+    assert final["epochs"] == 2 and final["val_accuracy"] == rows[-1]["val_accuracy"]
+    assert 0.0 < final["test_accuracy"] <= 1.0 and final["test_examples"] == 359
+    assert f"test accuracy {final['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
 def test_bad_input_exits_2_with_message(tmp_path, capsys):

@@ -305,13 +305,16 @@ def test_distill_resumes_exactly_and_saves_a_loadable_student(teacher_dir, digit
     lines = [json.loads(s) for s in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert lines[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"], rel=1e-6)
+    # every epoch is evaluated on validation; test is measured once, on the final student
+    assert not any(k.startswith("test_") for r in lines for k in r)
+    assert full.val_accuracy == full.history[-1]["val_accuracy"] > 0.5
+    assert json.loads((tmp_path / "full" / "final.json").read_text())["test_accuracy"] == full.test_accuracy
     # the distilled student learned from the teacher and reloads as an NNX model
-    assert full.history[-1]["test_accuracy"] > 0.5
     assert full.history[-1]["train_agreement"] > full.history[0]["train_agreement"]
     model, config, meta = checkpoint.load_model(tmp_path / "full" / "ckpt", build=models.from_meta)
     assert config["widths"] == [16] and meta["kind"] == "distill" and meta["distill"]["temperature"] == 4.0
     correct = int(jnp.sum(jnp.argmax(model(digits.x_test), -1) == digits.y_test))
-    assert correct == round(full.history[-1]["test_accuracy"] * len(digits.y_test))
+    assert correct == round(full.test_accuracy * len(digits.y_test))
 
 
 def test_cli_distill(teacher_dir, tmp_path, capsys):
@@ -326,8 +329,11 @@ def test_cli_distill(teacher_dir, tmp_path, capsys):
          "--epochs", "1", "--batch-size", "64", "--temperature", "3", "--alpha", "0.5", "--out", str(tmp_path)]
     )  # fmt: skip
     assert args.func(args) == 0
-    printed = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert printed["epoch"] == 1 and 0.0 < printed["test_accuracy"] <= 1.0
+    out = capsys.readouterr().out.splitlines()
+    printed, final = json.loads(out[0]), json.loads((tmp_path / "final.json").read_text())
+    assert printed["epoch"] == 1 and 0.0 < printed["val_accuracy"] <= 1.0 and "test_accuracy" not in printed
+    assert final["val_accuracy"] == printed["val_accuracy"] and 0.0 < final["test_accuracy"] <= 1.0
+    assert f"test accuracy {final['test_accuracy']:.4f}" in out[1] and "validation" in out[1]
     _, config, meta = checkpoint.load_model(tmp_path / "ckpt", build=models.from_meta)
     assert config["widths"] == [12] and meta["distill"]["alpha"] == 0.5
     with pytest.raises(SystemExit):
@@ -349,6 +355,7 @@ def test_demo_stage_row(teacher_dir, digits):
     assert row["compression"] == pytest.approx(row["teacher_params"] / row["params"])
     assert row["gain"] == pytest.approx(row["accuracy"] - row["student_alone_accuracy"])
     assert 0.5 < row["accuracy"] <= 1.0 and 0.5 < row["student_alone_accuracy"] <= 1.0
+    assert 0.5 < row["val_accuracy"] <= 1.0 and 0.5 < row["student_alone_val_accuracy"] <= 1.0
     # the returned params are the distilled student's: rebuilt, it has the reported accuracy
     student = models.merge(models.create(**row["student_config"]), row["student_params"])
     correct = int(jnp.sum(jnp.argmax(student(digits.x_test), -1) == digits.y_test))

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
-__all__ = ["data_functions", "student_config"]
+__all__ = ["DataFunctions", "data_functions", "student_config"]
+
+
+class DataFunctions(NamedTuple):
+    """What :func:`advise` needs from a model and a dataset (see :func:`data_functions`)."""
+
+    apply_fn: Callable
+    eval_fn: Callable
+    test_fn: Callable
+    finetune_fn: Callable
+    distill_fn: Callable | None
+    inputs: Any
 
 
 def student_config(config: dict, width_fraction: float) -> dict:
@@ -43,16 +55,25 @@ def _fit_apply(apply_fn: Callable) -> Callable:
     return lambda params, extra, x, train=False, key=None: (apply_fn(params, x), extra)
 
 
-def data_functions(model, config: dict, ds, *, batch_size: int = 128, distill_epochs: int = 10, seed: int = 0):
-    """``(apply_fn, eval_fn, finetune_fn, distill_fn, inputs)`` for :func:`advise` from a model and a dataset.
+def data_functions(
+    model, config: dict, ds, *, batch_size: int = 128, distill_epochs: int = 10, seed: int = 0
+) -> DataFunctions:
+    """``DataFunctions(apply_fn, eval_fn, test_fn, finetune_fn, distill_fn, inputs)`` for :func:`advise`.
 
     Args:
       model: the trained NNX model (e.g. from ``checkpoint.load_model``).
       config: its ``models.create`` config (for building distillation students).
-      ds: a ``data.Dataset``: the train split fine-tunes and distills, the test split evaluates,
-        and its first 256 test images (fewer if the split is smaller) time the forward pass.
+      ds: a ``data.Dataset``: the train split fine-tunes and distills; ``eval_fn`` reads
+        the validation split (every choice is made on it), ``test_fn`` the test split
+        (reported once per candidate); the first 256 validation images (fewer if the
+        split is smaller) time the forward pass.
       batch_size, seed: fine-tuning and distillation batches.
       distill_epochs: epochs of each student's distillation run.
+
+    Example:
+      >>> f = data_functions(model, config, data.load('digits'))
+      >>> advice = advise(model, f.apply_fn, f.eval_fn, test_fn=f.test_fn, inputs=f.inputs,
+      ...                 finetune_fn=f.finetune_fn, distill_fn=f.distill_fn)
     """
     from jcompress import models, train
     from jcompress.distill import run as distill_run
@@ -62,9 +83,12 @@ def data_functions(model, config: dict, ds, *, batch_size: int = 128, distill_ep
 
     wrapped: dict = {}  # one train.fit-style function per apply, so evaluation compiles once per candidate
 
-    def eval_fn(params, apply):
-        fit_apply = wrapped.setdefault(apply, _fit_apply(apply))
-        return train.evaluate(fit_apply, params, {}, ds.x_test, ds.y_test)["accuracy"]
+    def evaluator(x, y):
+        def evaluate(params, apply):
+            fit_apply = wrapped.setdefault(apply, _fit_apply(apply))
+            return train.evaluate(fit_apply, params, {}, x, y)["accuracy"]
+
+        return evaluate
 
     def finetune_fn(apply, params, *, tx, epochs):
         res = train.fit(_fit_apply(apply), params, {}, ds, tx=tx, epochs=epochs, batch_size=batch_size, seed=seed,
@@ -87,5 +111,7 @@ def data_functions(model, config: dict, ds, *, batch_size: int = 128, distill_ep
             extra = res.extra
             return res.params, lambda p, x: sfn.apply(p, extra, x)[0]
 
-    inputs = ds.x_test[: min(256, len(ds.x_test))]
-    return apply_fn, eval_fn, finetune_fn, distill_fn, inputs
+    inputs = ds.x_val[: min(256, len(ds.x_val))]
+    return DataFunctions(
+        apply_fn, evaluator(ds.x_val, ds.y_val), evaluator(ds.x_test, ds.y_test), finetune_fn, distill_fn, inputs
+    )

@@ -1,8 +1,9 @@
-"""Measuring candidates (accuracy, bytes on disk, latency) and :func:`advise`."""
+"""Measuring candidates (validation and test accuracy, bytes on disk, latency) and :func:`advise`."""
 
 from __future__ import annotations
 
 import functools
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +20,13 @@ from jcompress.advisor.records import FAMILIES, Advice, Built, Candidate, Subjec
 __all__ = ["advise"]
 
 
-def _measure(candidate: Candidate, subject: Subject, eval_fn: Callable) -> tuple[dict, Built | None]:
-    """Build one candidate, evaluate it and size its file; a recipe's ValueError becomes an ``error`` row."""
+def _measure(
+    candidate: Candidate, subject: Subject, eval_fn: Callable, test_fn: Callable | None
+) -> tuple[dict, Built | None]:
+    """Build one candidate, evaluate it (validation, then test once) and size its file.
+
+    A recipe's ValueError becomes an ``error`` row.
+    """
     row = {"name": candidate.name, "family": candidate.family, "keeps_architecture": candidate.keeps_architecture}
     t0 = time.perf_counter()
     try:
@@ -30,7 +36,8 @@ def _measure(candidate: Candidate, subject: Subject, eval_fn: Callable) -> tuple
     except ValueError as e:
         return {**row, "error": f"{type(e).__name__}: {e}"}, None
     row.update(
-        accuracy=float(eval_fn(built.params, built.apply_fn)),
+        val_accuracy=float(eval_fn(built.params, built.apply_fn)),
+        test_accuracy=None if test_fn is None else float(test_fn(built.params, built.apply_fn)),
         bytes=report.dir_size(built.path),
         latency_ms=None,
         seconds=round(time.perf_counter() - t0, 2),
@@ -39,14 +46,32 @@ def _measure(candidate: Candidate, subject: Subject, eval_fn: Callable) -> tuple
     return row, built
 
 
-def _latencies(builts: Sequence[Built], inputs, *, repeats: int) -> list[float]:
-    """Milliseconds of each jitted forward pass: the median of ``repeats`` interleaved calls.
+def _latencies(builts: Sequence[Built], inputs, *, repeats: int) -> list[dict]:
+    """The latency columns of each jitted forward pass, from ``repeats`` interleaved calls.
 
-    Timing every candidate once, then again, then again, spreads a slow spell of a shared
-    machine over all of them instead of charging it to whichever ran during it.
+    Every candidate is called twice untimed first (the first call compiles; it is reported
+    as ``latency_first_ms``), then the candidates are timed round-robin, once each, then
+    again, ``repeats`` times: a slow spell of a shared machine lands on all of them instead
+    of on whichever ran during it. Reported: the median, the interquartile range and the
+    extremes, in milliseconds, compilation excluded.
     """
     fns = {i: functools.partial(jax.jit(b.apply_fn), b.params, inputs) for i, b in enumerate(builts)}
-    return [t.median * 1e3 for t in timing.compare(fns, repeats=repeats, warmup=2).values()]
+    out = []
+    for t in timing.compare(fns, repeats=repeats, warmup=2).values():
+        ms = [1e3 * x for x in t.times]
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+        out.append(
+            {
+                "latency_ms": 1e3 * t.median,
+                "latency_q1_ms": q1,
+                "latency_q3_ms": q3,
+                "latency_min_ms": 1e3 * t.low,
+                "latency_max_ms": 1e3 * t.high,
+                "latency_first_ms": 1e3 * t.first,
+                "latency_repeats": len(ms),
+            }
+        )
+    return out
 
 
 def advise(
@@ -54,6 +79,7 @@ def advise(
     apply_fn: Callable | None = None,
     eval_fn: Callable | None = None,
     *,
+    test_fn: Callable | None = None,
     inputs: Any = None,
     max_bytes: float | None = None,
     max_accuracy_drop: float | None = None,
@@ -77,9 +103,13 @@ def advise(
         (non-parameter state such as BatchNorm statistics held fixed), and recipes that
         change the architecture (low-rank factorisation) become available.
       apply_fn: ``apply_fn(params, x) -> logits``, pure and jittable.
-      eval_fn: ``eval_fn(params, apply_fn) -> accuracy`` in [0, 1] on held-out data (it
+      eval_fn: ``eval_fn(params, apply_fn) -> accuracy`` in [0, 1] on validation data (it
         receives the candidate's apply function, which differs for a smaller architecture).
-      inputs: a batch ``(N, ...)`` for timing the jitted forward pass (e.g. 256 test
+        Ranking, the accuracy budget and the recommendation use this accuracy only.
+      test_fn: the same on test data, called once per candidate after it is built; its
+        result is reported as ``test_accuracy`` and never used for a choice. ``None``: not
+        measured.
+      inputs: a batch ``(N, ...)`` for timing the jitted forward pass (e.g. 256 validation
         images); ``None`` skips latency (then ``max_latency_ms`` cannot be used).
       max_bytes: largest acceptable file, in bytes.
       max_accuracy_drop: largest acceptable drop of accuracy below the dense model's, as a
@@ -100,9 +130,12 @@ def advise(
       quick: the short default list of recipes.
       workdir: where the candidates' files are written (default: a temporary directory,
         removed afterwards; the rows keep the sizes).
-      latency_tolerance: relative timing difference treated as equal on the Pareto front.
-      repeats: timed forward passes per candidate, interleaved across candidates; the latency
-        is their median (:func:`jcompress.timing.compare`).
+      latency_tolerance: relative timing difference treated as equal on the Pareto front
+        (latencies whose interquartile ranges overlap are equal too).
+      repeats: timed forward passes per candidate (>= 3), interleaved round-robin across
+        candidates after two untimed warm-up calls each; the latency is their median with
+        the interquartile range as its spread, and a difference from dense smaller than the
+        spread is reported as ``'same as dense'`` (:func:`~jcompress.advisor.latency_vs_dense`).
       log: called with one line per measured candidate (e.g. ``print``).
 
     Returns:
@@ -113,7 +146,7 @@ def advise(
         ``apply_fn``/``eval_fn``, non-finite params, duplicate candidate names.
 
     Example:
-      >>> advice = advise(model, eval_fn=eval_fn, inputs=x_test[:256], max_bytes=30_000,
+      >>> advice = advise(model, eval_fn=val_fn, test_fn=test_fn, inputs=x_val[:256], max_bytes=30_000,
       ...                 finetune_fn=finetune_fn)
       >>> print(advice.reason)
     """
@@ -126,6 +159,8 @@ def advise(
         raise ValueError("eval_fn is required: eval_fn(params, apply_fn) -> accuracy on held-out data")
     if max_latency_ms is not None and inputs is None:
         raise ValueError("max_latency_ms needs inputs= (a batch to time the forward pass on)")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 3:
+        raise ValueError(f"repeats={repeats!r} must be an int >= 3: the latency spread is an interquartile range")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs={epochs!r} must be a non-negative int (fine-tuning epochs per stage)")
     model = model_or_params if isinstance(model_or_params, nnx.Module) else None
@@ -162,15 +197,15 @@ def advise(
         subject = Subject(params, apply_fn, model, finetune_fn, distill_fn, wd, epochs, shape)
         rows, builts = [], []
         for c in candidates:
-            row, built = _measure(c, subject, eval_fn)
+            row, built = _measure(c, subject, eval_fn, test_fn)
             rows.append(row)
             builts.append(built)
             if log is not None:
                 log(_log_line(row))
         if inputs is not None:
             done = [i for i, b in enumerate(builts) if b is not None]
-            for i, ms in zip(done, _latencies([builts[i] for i in done], inputs, repeats=repeats)):
-                rows[i]["latency_ms"] = ms
+            for i, lat in zip(done, _latencies([builts[i] for i in done], inputs, repeats=repeats)):
+                rows[i].update(lat)
     return summarize(
         rows, max_bytes=max_bytes, max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms,
         keep_architecture=keep_architecture, latency_tolerance=latency_tolerance,
@@ -180,4 +215,8 @@ def advise(
 def _log_line(row: dict) -> str:
     if row.get("error"):
         return f"{row['name']}: failed ({row['error']})"
-    return f"{row['name']}: accuracy {row['accuracy']:.4f}, {row['bytes']:,} bytes ({row['seconds']:.1f} s)"
+    test = f", test accuracy {row['test_accuracy']:.4f}" if row.get("test_accuracy") is not None else ""
+    return (
+        f"{row['name']}: validation accuracy {row['val_accuracy']:.4f}{test}, {row['bytes']:,} bytes "
+        f"({row['seconds']:.1f} s)"
+    )

@@ -1,4 +1,4 @@
-"""The Pareto front of measured rows (higher accuracy, fewer bytes, lower latency)."""
+"""The Pareto front of measured rows (higher validation accuracy, fewer bytes, lower latency)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,20 @@ def _close(a: float, b: float, tol: float) -> bool:
     return a == b or abs(a - b) <= tol * max(abs(a), abs(b))
 
 
-def _dominates(a: dict, b: dict, objectives: dict, tolerance: dict) -> bool:
+def _overlap(a: dict, b: dict, columns: tuple[str, str] | None) -> bool:
+    """Whether the spreads ``[low, high]`` of ``a`` and ``b`` overlap (both must have them)."""
+    if columns is None or any(r.get(c) is None for r in (a, b) for c in columns):
+        return False
+    lo, hi = columns
+    return float(a[lo]) <= float(b[hi]) and float(b[lo]) <= float(a[hi])
+
+
+def _dominates(a: dict, b: dict, objectives: dict, tolerance: dict, spread: dict) -> bool:
     """``a`` is at least as good as ``b`` on every objective and strictly better on one."""
     strictly = False
     for key, sense in objectives.items():
         x, y, tol = float(a[key]), float(b[key]), float(tolerance.get(key, 0.0))
-        if _close(x, y, tol):
+        if _close(x, y, tol) or _overlap(a, b, spread.get(key)):
             continue
         better = x > y if sense == "max" else x < y
         if not better:
@@ -27,7 +35,13 @@ def _dominates(a: dict, b: dict, objectives: dict, tolerance: dict) -> bool:
     return strictly
 
 
-def pareto_front(rows: Sequence[dict], *, objectives: dict | None = None, tolerance: dict | None = None) -> list[dict]:
+def pareto_front(
+    rows: Sequence[dict],
+    *,
+    objectives: dict | None = None,
+    tolerance: dict | None = None,
+    spread: dict | None = None,
+) -> list[dict]:
     """The rows no other row dominates, in their input order.
 
     Row ``a`` dominates ``b`` when it is at least as good on every objective and strictly
@@ -40,17 +54,21 @@ def pareto_front(rows: Sequence[dict], *, objectives: dict | None = None, tolera
         is ``None`` in every row (latency not measured) is left out.
       tolerance: ``{column: relative tolerance}``: values within this fraction of each
         other count as equal (latency is noisy: 5-10% is typical); default exact.
+      spread: ``{column: (low column, high column)}``: two rows whose ``[low, high]``
+        intervals overlap count as equal on ``column`` (e.g. latency medians whose
+        interquartile ranges overlap); rows without those columns compare by value.
 
     Raises:
       ValueError: an unknown objective sense, or a column missing from some rows only.
 
     Example:
-      >>> pareto_front([{'accuracy': .9, 'bytes': 10}, {'accuracy': .8, 'bytes': 20}],
-      ...              objectives={'accuracy': 'max', 'bytes': 'min'})
-      [{'accuracy': 0.9, 'bytes': 10}]
+      >>> pareto_front([{'val_accuracy': .9, 'bytes': 10}, {'val_accuracy': .8, 'bytes': 20}],
+      ...              objectives={'val_accuracy': 'max', 'bytes': 'min'})
+      [{'val_accuracy': 0.9, 'bytes': 10}]
     """
     objectives = dict(OBJECTIVES if objectives is None else objectives)
     tolerance = dict(tolerance or {})
+    spread = dict(spread or {})
     for key, sense in objectives.items():
         if sense not in ("max", "min"):
             raise ValueError(f"objectives[{key!r}]={sense!r} must be 'max' or 'min'")
@@ -68,4 +86,4 @@ def pareto_front(rows: Sequence[dict], *, objectives: dict | None = None, tolera
             raise ValueError(f"objective {key!r} is missing from rows {missing}; measure it for every row or for none")
     if not used:
         raise ValueError(f"no objective of {list(objectives)} is measured in the rows")
-    return [r for r in valid if not any(_dominates(o, r, used, tolerance) for o in valid if o is not r)]
+    return [r for r in valid if not any(_dominates(o, r, used, tolerance, spread) for o in valid if o is not r)]

@@ -1,4 +1,8 @@
-"""Constraints, the recommendation among the measured rows, and its reason in plain words."""
+"""Constraints, the recommendation among the measured rows, and its reason in plain words.
+
+Every choice here reads the validation accuracy (``val_accuracy``); the test accuracy of a
+row is carried along for the report and never compared.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import math
 from collections.abc import Sequence
 
 from jcompress.advisor.pareto import pareto_front
-from jcompress.advisor.records import DEFAULT_ACCURACY_DROP, Advice
+from jcompress.advisor.records import DEFAULT_ACCURACY_DROP, LATENCY_SPREAD, Advice
 
-__all__ = ["format_rows", "recommend", "summarize", "violations"]
+__all__ = ["format_rows", "latency_vs_dense", "recommend", "summarize", "violations"]
 
 
 def _check_constraints(max_bytes, max_accuracy_drop, max_latency_ms) -> dict:
@@ -58,8 +62,8 @@ def _objective(constraints: dict) -> str:
 def _sort_key(row: dict, objective: str):
     lat = row.get("latency_ms") or 0.0
     if objective == "bytes":
-        return (row["bytes"], -row["accuracy"], lat)
-    return (-row["accuracy"], row["bytes"], lat)
+        return (row["bytes"], -row["val_accuracy"], lat)
+    return (-row["val_accuracy"], row["bytes"], lat)
 
 
 def recommend(
@@ -68,8 +72,8 @@ def recommend(
     """``(recommended, closest)`` among measured rows with ``pareto`` and ``violations`` filled.
 
     Among the Pareto rows that meet every constraint: the smallest file when only the
-    accuracy drop is constrained (or nothing is), else the most accurate (ties: fewer bytes,
-    then lower latency). A feasible row is always dominated by a feasible Pareto row or is
+    accuracy drop is constrained (or nothing is), else the highest validation accuracy
+    (ties: fewer bytes, then lower latency). The test accuracy is never looked at. A feasible row is always dominated by a feasible Pareto row or is
     one itself, so looking at the front loses nothing. When no row is feasible, ``closest``
     is the row with the smallest summed relative excess (rows that change the architecture
     are left out of it when ``keep_architecture``).
@@ -83,7 +87,7 @@ def recommend(
     if not pool:
         return None, None
     return None, min(
-        pool, key=lambda r: (sum(v for k, v in r["violations"].items() if k != "architecture"), -r["accuracy"])
+        pool, key=lambda r: (sum(v for k, v in r["violations"].items() if k != "architecture"), -r["val_accuracy"])
     )
 
 
@@ -91,15 +95,26 @@ def _kb(n: float) -> str:
     return f"{n / 1000:.1f} KB"
 
 
+def _accuracy(row: dict) -> str:
+    test = f", test {row['test_accuracy']:.2%}" if row.get("test_accuracy") is not None else ""
+    return f"validation accuracy {row['val_accuracy']:.2%}{test}"
+
+
+def _latency(row: dict) -> str:
+    if row.get("latency_ms") is None:
+        return ""
+    lo, hi = row.get(LATENCY_SPREAD[0]), row.get(LATENCY_SPREAD[1])
+    iqr = f" (IQR {lo:.3g}-{hi:.3g})" if lo is not None and hi is not None else ""
+    vs = "" if row["family"] == "dense" else f", {row['latency_vs_dense']}"
+    return f", {row['latency_ms']:.3g} ms{iqr}{vs}"
+
+
 def _describe(row: dict) -> str:
-    lat = f", {row['latency_ms']:.2f} ms" if row.get("latency_ms") is not None else ""
     if row["family"] == "dense":
-        return f"{row['name']} (accuracy {row['accuracy']:.2%}, {_kb(row['bytes'])}{lat})"
+        return f"{row['name']} ({_accuracy(row)}, {_kb(row['bytes'])}{_latency(row)})"
     drop = row["accuracy_drop"] * 100
     side = f"{drop:.2f} points below dense" if drop >= 0 else f"{-drop:.2f} points above dense"
-    return (
-        f"{row['name']} (accuracy {row['accuracy']:.2%}, {side}; {_kb(row['bytes'])}, {row['ratio']:.1f}x smaller{lat})"
-    )
+    return f"{row['name']} ({_accuracy(row)}, {side}; {_kb(row['bytes'])}, {row['ratio']:.1f}x smaller{_latency(row)})"
 
 
 def _misses(row: dict, constraints: dict) -> str:
@@ -192,8 +207,9 @@ def _reason(rows, recommended, closest, constraints, keep_architecture, dense, a
         text += f" No single technique was enough: the best alone, {best['name']}, misses {_misses(best, constraints)}."
     if constraints.get("max_latency_ms") is not None and recommended["keeps_architecture"] and fam != "dense":
         text += (
-            " Its masks and codes are decoded to dense arrays before the forward pass, so it runs at dense speed "
-            f"(dense: {dense['latency_ms']:.2f} ms); it meets the latency limit only because the dense model does."
+            " Its masks and codes are decoded to dense arrays before the forward pass, so it runs the dense matmuls "
+            f"(measured: {recommended['latency_vs_dense']}; dense {dense['latency_ms']:.3g} ms); it meets the latency "
+            "limit only because the dense model does."
         )
     lat_fail = [r for r in valid if r["keeps_architecture"] and "max_latency_ms" in r["violations"]]
     if fam in ("distillation", "lowrank", "structured") and lat_fail and constraints.get("max_latency_ms") is not None:
@@ -208,19 +224,60 @@ def _reason(rows, recommended, closest, constraints, keep_architecture, dense, a
     return text
 
 
+def latency_vs_dense(row: dict, dense: dict) -> tuple[str | None, float | None]:
+    """``(verdict, speedup)`` of ``row``'s latency against the dense row's.
+
+    A difference counts only when it is larger than the spread: when the two
+    interquartile ranges (``latency_q1_ms``..``latency_q3_ms``; the median alone for a row
+    without them) do not overlap. Then the verdict is ``'2.10x faster'`` or ``'1.30x
+    slower'`` and the speedup is dense median / row median; otherwise ``('same as dense',
+    None)``. ``(None, None)`` when either latency was not measured.
+
+    Example:
+      >>> latency_vs_dense({'latency_ms': 1.9, 'latency_q1_ms': 1.8, 'latency_q3_ms': 2.1},
+      ...                  {'latency_ms': 2.0, 'latency_q1_ms': 1.9, 'latency_q3_ms': 2.2})
+      ('same as dense', None)
+    """
+    lat, dlat = row.get("latency_ms"), dense.get("latency_ms")
+    if lat is None or dlat is None:
+        return None, None
+    lo, hi = (row.get(c, lat) for c in LATENCY_SPREAD)
+    dlo, dhi = (dense.get(c, dlat) for c in LATENCY_SPREAD)
+    if hi < dlo:
+        return f"{dlat / lat:.2f}x faster", dlat / lat
+    if lo > dhi:
+        return f"{lat / dlat:.2f}x slower", dlat / lat
+    return "same as dense", None
+
+
 def format_rows(rows: Sequence[dict]) -> str:
-    """A fixed-width text table of measured rows (Pareto rows marked with ``*``)."""
-    head = f"{'':2}{'candidate':<34}{'accuracy':>9}{'drop':>8}{'bytes':>11}{'ratio':>8}{'ms':>9}{'  feasible'}"
+    """A fixed-width text table of measured rows (Pareto rows marked with ``*``).
+
+    Columns: validation accuracy (what the choice uses), test accuracy (reported only),
+    the drop below dense on validation in points, bytes, ratio, the median latency with its
+    interquartile range, and the latency against dense ("same" within the spread).
+    """
+    head = (
+        f"{'':2}{'candidate':<34}{'val acc':>8}{'test acc':>9}{'drop':>7}{'bytes':>11}{'ratio':>7}"
+        f"{'ms (IQR)':>22}  {'vs dense':<14}feasible"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("error"):
             lines.append(f"{'':2}{r['name']:<34}  failed: {r['error']}")
             continue
-        lat = f"{r['latency_ms']:9.3f}" if r.get("latency_ms") is not None else f"{'-':>9}"
+        if r.get("latency_ms") is None:
+            lat = f"{'-':>22}"
+        elif r.get(LATENCY_SPREAD[0]) is None:
+            lat = f"{r['latency_ms']:>22.3f}"
+        else:
+            lat = f"{r['latency_ms']:.3f} ({r[LATENCY_SPREAD[0]]:.3f}-{r[LATENCY_SPREAD[1]]:.3f})".rjust(22)
+        vs = "reference" if r["family"] == "dense" else (r.get("latency_vs_dense") or "-")
+        test = f"{r['test_accuracy']:>9.4f}" if r.get("test_accuracy") is not None else f"{'-':>9}"
         mark = "* " if r.get("pareto") else "  "
         lines.append(
-            f"{mark}{r['name']:<34}{r['accuracy']:>9.4f}{r['accuracy_drop'] * 100:>+8.2f}{r['bytes']:>11,}"
-            f"{r['ratio']:>8.1f}{lat}  {'yes' if not r['violations'] else 'no'}"
+            f"{mark}{r['name']:<34}{r['val_accuracy']:>8.4f}{test}{r['accuracy_drop'] * 100:>+7.2f}{r['bytes']:>11,}"
+            f"{r['ratio']:>7.1f}{lat}  {vs:<14}{'yes' if not r['violations'] else 'no'}"
         )
     return "\n".join(lines)
 
@@ -237,18 +294,22 @@ def summarize(
     """The advice for already measured rows: derived columns, Pareto front, recommendation, reason.
 
     Args:
-      rows: dicts with ``name``, ``family``, ``keeps_architecture``, ``accuracy``, ``bytes``
-        and ``latency_ms`` (``None`` when not measured), or ``name``, ``family``, ``error``
-        for a failed recipe. Exactly one row has family ``'dense'``: the reference that
-        accuracy drops, ratios and speedups are measured against.
+      rows: dicts with ``name``, ``family``, ``keeps_architecture``, ``val_accuracy``,
+        ``bytes`` and ``latency_ms`` (``None`` when not measured), optionally
+        ``test_accuracy`` (reported, never compared) and the latency spread
+        ``latency_q1_ms``/``latency_q3_ms``; or ``name``, ``family``, ``error`` for a failed
+        recipe. Exactly one row has family ``'dense'``: the reference that accuracy drops,
+        ratios and speedups are measured against.
       max_bytes, max_accuracy_drop, max_latency_ms, keep_architecture: the constraints
         (see :func:`advise`).
       latency_tolerance: latencies within this relative difference count as equal on the
-        Pareto front (timing noise would otherwise split equal-speed models).
+        Pareto front (timing noise would otherwise split equal-speed models); so do
+        latencies whose interquartile ranges overlap.
 
     Returns:
       :class:`Advice`; its rows are copies of ``rows`` with ``accuracy_drop``, ``ratio``,
-      ``speedup``, ``violations``, ``feasible`` and ``pareto`` added.
+      ``latency_vs_dense``, ``speedup`` (see :func:`latency_vs_dense`), ``violations``,
+      ``feasible`` and ``pareto`` added.
 
     Raises:
       ValueError: bad constraints, no dense row or several, duplicate names.
@@ -271,17 +332,16 @@ def summarize(
     for r in rows:
         r = dict(r)
         if not r.get("error"):
-            for key in ("accuracy", "bytes", "keeps_architecture", "family"):
+            for key in ("val_accuracy", "bytes", "keeps_architecture", "family"):
                 if key not in r:
                     raise ValueError(f"row {r['name']!r} has no {key!r}; measured rows need {key}")
-            r["accuracy_drop"] = dense["accuracy"] - r["accuracy"]
+            r["accuracy_drop"] = dense["val_accuracy"] - r["val_accuracy"]
             r["ratio"] = dense["bytes"] / r["bytes"] if r["bytes"] else math.inf
-            lat, dlat = r.get("latency_ms"), dense.get("latency_ms")
-            r["speedup"] = dlat / lat if lat and dlat else None
+            r["latency_vs_dense"], r["speedup"] = latency_vs_dense(r, dense)
             r["violations"] = violations(r, constraints, keep_architecture=keep_architecture)
             r["feasible"] = not r["violations"]
         out.append(r)
-    front = pareto_front(out, tolerance={"latency_ms": latency_tolerance})
+    front = pareto_front(out, tolerance={"latency_ms": latency_tolerance}, spread={"latency_ms": LATENCY_SPREAD})
     on_front = {id(r) for r in front}
     for r in out:
         if not r.get("error"):

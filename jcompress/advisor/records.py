@@ -6,15 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["DEFAULT_ACCURACY_DROP", "OBJECTIVES", "Advice", "Built", "Candidate", "Subject"]
+__all__ = ["DEFAULT_ACCURACY_DROP", "LATENCY_SPREAD", "OBJECTIVES", "Advice", "Built", "Candidate", "Subject"]
 
 
 # The accuracy budget assumed when no constraint is given: one percentage point.
 DEFAULT_ACCURACY_DROP = 0.01
 
 
-# Objective of each measured column: 'max' (higher is better) or 'min'.
-OBJECTIVES = {"accuracy": "max", "bytes": "min", "latency_ms": "min"}
+# Objective of each measured column: 'max' (higher is better) or 'min'. Accuracy is the
+# validation accuracy: choices are made on it, never on the test accuracy.
+OBJECTIVES = {"val_accuracy": "max", "bytes": "min", "latency_ms": "min"}
+
+# The latency spread of a row: its interquartile range, ``(q1 column, q3 column)``.
+LATENCY_SPREAD = ("latency_q1_ms", "latency_q3_ms")
 
 
 # Families of recipes, and whether they keep the layers and shapes of the model.
@@ -99,10 +103,16 @@ class Advice(NamedTuple):
 
     Attributes:
       rows: one dict per candidate: ``name``, ``family``, ``keeps_architecture``,
-        ``accuracy``, ``accuracy_drop`` (dense minus candidate), ``bytes``, ``ratio``
-        (dense bytes / bytes), ``latency_ms``, ``speedup`` (dense latency / latency),
-        ``feasible``, ``violations`` (``{constraint: excess}``), ``pareto``, ``seconds``,
-        ``detail``; or ``name``, ``family`` and ``error`` for a recipe that failed.
+        ``val_accuracy`` (what the ranking uses), ``test_accuracy`` (reported only;
+        ``None`` without a test function), ``accuracy_drop`` (dense minus candidate, on
+        validation), ``bytes``, ``ratio`` (dense bytes / bytes), ``latency_ms`` (median),
+        ``latency_q1_ms`` / ``latency_q3_ms`` (its interquartile range),
+        ``latency_min_ms`` / ``latency_max_ms``, ``latency_first_ms`` (the untimed warm-up
+        call, compilation included), ``latency_vs_dense`` (``'same as dense'`` when the
+        medians differ by less than the spread, else ``'2.10x faster'`` / ``'1.30x slower'``),
+        ``speedup`` (dense median / median, ``None`` when the same as dense), ``feasible``,
+        ``violations`` (``{constraint: excess}``), ``pareto``, ``seconds``, ``detail``; or
+        ``name``, ``family`` and ``error`` for a recipe that failed.
       pareto: the rows on the Pareto front (input order).
       recommended: the recommended row, or ``None`` when no candidate meets the constraints.
       reason: the recommendation (or the lack of one) in plain words.

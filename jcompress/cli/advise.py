@@ -1,5 +1,10 @@
 """``jcompress advise``: try compression recipes on a trained model and recommend one.
 
+Candidates are ranked and recommended on the dataset's validation split; the test split
+is evaluated once per candidate and shown beside it. Latency is the median of interleaved
+forward passes on 256 validation inputs, with its interquartile range; a difference from
+dense within that spread is shown as "same as dense".
+
 Example:
   $ jcompress advise --model runs/lenet300/ckpt --data mnist5k --max-bytes 60000 --max-accuracy-drop 0.01
 """
@@ -28,7 +33,10 @@ def register(subparsers) -> None:
         "--max-accuracy-drop", type=fraction, default=None, help="largest accuracy drop, fraction (0.01 = 1 point)"
     )
     p.add_argument(
-        "--max-latency-ms", type=positive_float, default=None, help="largest forward time on 256 test inputs, ms"
+        "--max-latency-ms",
+        type=positive_float,
+        default=None,
+        help="largest median forward time on 256 validation inputs, ms",
     )
     p.add_argument(
         "--keep-architecture", action="store_true", help="recommend only recipes that keep layers and shapes"
@@ -63,19 +71,19 @@ def main(args: argparse.Namespace) -> int:
             "pass the dataset the model was trained on"
         )
     distill_epochs = args.distill_epochs if args.distill_epochs is not None else (3 if args.quick else 10)
-    apply_fn, eval_fn, finetune_fn, distill_fn, inputs = advisor.data_functions(
-        model, config, ds, distill_epochs=distill_epochs
-    )
+    f = advisor.data_functions(model, config, ds, distill_epochs=distill_epochs)
     advice = advisor.advise(
-        model, apply_fn, eval_fn, inputs=inputs, max_bytes=args.max_bytes, max_accuracy_drop=args.max_accuracy_drop,
-        max_latency_ms=args.max_latency_ms, finetune_fn=finetune_fn, distill_fn=distill_fn,
+        model, f.apply_fn, f.eval_fn, test_fn=f.test_fn, inputs=f.inputs, max_bytes=args.max_bytes,
+        max_accuracy_drop=args.max_accuracy_drop, max_latency_ms=args.max_latency_ms, finetune_fn=f.finetune_fn,
+        distill_fn=f.distill_fn,
         keep_architecture=args.keep_architecture, epochs=1 if args.epochs is None else args.epochs, quick=args.quick,
         log=lambda line: print(line, flush=True),
     )  # fmt: skip
     paths = advisor.write_advice(advice, args.out)
     print()
     print(advisor.format_rows(advice.rows))
-    print("\nPareto front (* above): " + ", ".join(r["name"] for r in advice.pareto))
+    print("\nChosen on validation accuracy; test accuracy is reported, never used for the choice.")
+    print("Pareto front (* above): " + ", ".join(r["name"] for r in advice.pareto))
     print(f"\n{advice.reason}")
     print(f"\nwritten: {paths['json']}, {paths['md']}, {paths['plot']}")
     return 0

@@ -1,5 +1,8 @@
 """``jcompress distill``: distill a saved teacher into a smaller student (Hinton et al. 2015).
 
+Every epoch is evaluated on the validation split (``metrics.jsonl``); the test split is
+measured once, on the final student, and written to ``--out/final.json``.
+
 Example:
   $ jcompress distill --teacher runs/teacher/ckpt --student mlp --widths 800,800 \\
       --data mnist5k --epochs 20 --temperature 20 --alpha 0.9 --out runs/student
@@ -44,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``jcompress distill``; prints the last epoch's metrics as JSON and the checkpoint path."""
+    """Run ``jcompress distill``; prints the last epoch's row, the final validation and test figures, the checkpoint."""
     teacher = Path(args.teacher).expanduser()
     if not teacher.is_dir():
         raise FileNotFoundError(
@@ -78,7 +81,12 @@ def main(args: argparse.Namespace) -> int:
         alpha=args.alpha, lr=args.lr, out_dir=args.out, seed=args.seed, cache_teacher=not args.no_cache, meta=meta,
     )  # fmt: skip
     last = res.history[-1] if res.history else {}
-    print(json.dumps({**last, "teacher_test_accuracy": res.teacher_accuracy}))
+    print(json.dumps(last))
+    print(
+        f"final (epoch {last.get('epoch', args.epochs)}): student validation accuracy {res.val_accuracy:.4f}, "
+        f"test accuracy {res.test_accuracy:.4f}; teacher validation {res.teacher_val_accuracy:.4f}, test "
+        f"{res.teacher_accuracy:.4f} (test measured once per model; written to {args.out / 'final.json'})"
+    )
     print(f"checkpoint: {args.out / 'ckpt'}")
     return 0
 

@@ -1,7 +1,10 @@
 """``jcompress train``: train a registered model on a dataset and checkpoint it.
 
-Rerunning the same command line resumes the run in ``--out`` (``--epochs`` may grow); a
-run directory whose saved settings differ is refused unless ``--override`` is given (see
+Each epoch is evaluated on the validation split (``metrics.jsonl``: ``val_accuracy``,
+``val_loss``); the test split is measured once, on the trained model, and written with
+the final validation figures to ``--out/final.json`` and the last printed line. Rerunning
+the same command line resumes the run in ``--out`` (``--epochs`` may grow); a run
+directory whose saved settings differ is refused unless ``--override`` is given (see
 :mod:`jcompress.cli.resume`).
 """
 
@@ -38,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``jcompress train``; prints the last epoch's metrics as JSON and the checkpoint path."""
+    """Run ``jcompress train``; prints the last epoch's row, the final validation and test figures, the checkpoint."""
     settings = {
         "model": args.model,
         "widths": None if args.widths is None else list(args.widths),
@@ -74,6 +77,12 @@ def main(args: argparse.Namespace) -> int:
         meta={"model": config, "data": args.data, **meta},
     )  # fmt: skip
     last = result.history[-1] if result.history else {}
+    epochs = int(last.get("epoch", args.epochs))
+    final = train.final_metrics(fn.apply, result.params, result.extra, ds, epochs=epochs, out_dir=args.out)
     print(json.dumps(last))
+    print(
+        f"final (epoch {epochs}): validation accuracy {final['val_accuracy']:.4f}, "
+        f"test accuracy {final['test_accuracy']:.4f} (test measured once, here; written to {args.out / 'final.json'})"
+    )
     print(f"checkpoint: {args.out / 'ckpt'}")
     return 0

@@ -3,8 +3,10 @@
 ``distill(teacher_dir, student_config, dataset, ...)`` loads the teacher with
 ``checkpoint.load_model``, builds the student from its config, and trains it on the
 distillation loss with the jitted data-parallel step of :mod:`jcompress.distill.step`.
-Like ``train.fit`` it shows a tqdm bar, appends one JSON line per epoch to
-``out_dir/metrics.jsonl`` and writes an orbax checkpoint to ``out_dir/ckpt`` every epoch.
+Like ``train.fit`` it shows a tqdm bar, evaluates every epoch on the validation split,
+appends one JSON line per epoch to ``out_dir/metrics.jsonl`` and writes an orbax
+checkpoint to ``out_dir/ckpt`` every epoch; the test split is measured once, on the
+final student (``DistillResult.test_accuracy``, ``out_dir/final.json``).
 Batches and dropout keys depend on ``(seed, epoch, step)`` only and the teacher's logits
 are deterministic, so a resumed run ends with exactly the params of an uninterrupted one.
 The checkpoint records the student's model config, so ``checkpoint.load_model(out_dir /
@@ -44,7 +46,15 @@ __all__ = ["DistillResult", "demo_stage", "distill", "distill_model"]
 
 
 class DistillResult(NamedTuple):
-    """The distilled student: params, extra state, the final :class:`DistillState`, per-epoch rows."""
+    """The distilled student and its figures.
+
+    Attributes:
+      params, extra: the student's trained state; ``state``: the final :class:`DistillState`.
+      history: one row per epoch (``train_*``, and ``val_accuracy``/``val_loss``).
+      model_config: ``models.create(**model_config)`` rebuilds the student.
+      teacher_accuracy: the teacher's test accuracy; ``teacher_val_accuracy`` its validation one.
+      val_accuracy, test_accuracy: the final student's, test measured once after training.
+    """
 
     params: Any
     extra: Any
@@ -52,6 +62,9 @@ class DistillResult(NamedTuple):
     history: list
     model_config: dict
     teacher_accuracy: float
+    teacher_val_accuracy: float
+    val_accuracy: float
+    test_accuracy: float
 
 
 def distill(
@@ -121,7 +134,9 @@ def _hint_params(teacher: nnx.Module, student: nnx.Module, config: DistillConfig
         return {}
 
     def probe(model):  # one example's activations as shapes: enough to size the regressors
-        return {k: jax.ShapeDtypeStruct((1, *v), jnp.float32) for k, v in models.feature_shapes(model, input_shape).items()}
+        return {
+            k: jax.ShapeDtypeStruct((1, *v), jnp.float32) for k, v in models.feature_shapes(model, input_shape).items()
+        }
 
     return losses.init_hint_regressor(jax.random.key(seed + 1), probe(student), probe(teacher), hints=config.hints)
 
@@ -180,6 +195,7 @@ def distill_model(
         student_apply=student_apply, teacher_apply=None if cache else teacher_apply, tx=tx, config=config, mesh=mesh
     )
     cached = teacher_logits(t_fn.apply, t_fn.params, t_fn.extra, ds.x_train) if cache else None
+    teacher_val = train.evaluate(t_fn.apply, t_fn.params, t_fn.extra, ds.x_val, ds.y_val)
     teacher_eval = train.evaluate(t_fn.apply, t_fn.params, t_fn.extra, ds.x_test, ds.y_test)
     run_meta = {
         **(meta or {}),
@@ -187,6 +203,7 @@ def distill_model(
         "kind": "distill",
         "data": ds.name,
         "distill": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+        "teacher_val_accuracy": teacher_val["accuracy"],
         "teacher_test_accuracy": teacher_eval["accuracy"],
     }
 
@@ -194,7 +211,7 @@ def distill_model(
         return (x, ds.y_train[index]) if cached is None else (x, ds.y_train[index], cached[index])
 
     def evaluate_state(state):
-        return train.evaluate(s_fn.apply, state.params, state.extra, ds.x_test, ds.y_test)
+        return train.evaluate(s_fn.apply, state.params, state.extra, ds.x_val, ds.y_val)
 
     state, history = train.epoch_loop(
         state,
@@ -210,7 +227,13 @@ def distill_model(
         evaluate_fn=evaluate_state,
         batch_fn=batch_fn,
     )
-    return DistillResult(state.params, state.extra, state, history, s_config, teacher_eval["accuracy"])
+    final = train.final_metrics(
+        s_fn.apply, state.params, state.extra, ds, epochs=history[-1]["epoch"] if history else epochs, out_dir=out_dir
+    )
+    return DistillResult(
+        state.params, state.extra, state, history, s_config, teacher_eval["accuracy"], teacher_val["accuracy"],
+        final["val_accuracy"], final["test_accuracy"],
+    )  # fmt: skip
 
 
 def demo_stage(
@@ -236,6 +259,9 @@ def demo_stage(
       One report row: ``stage``, ``student``, ``params``, ``teacher_params``,
       ``compression`` (teacher params / student params), ``teacher_accuracy``,
       ``accuracy`` (distilled), ``student_alone_accuracy``, ``gain`` (distilled minus alone),
+      all on the test split (measured once per model after training), the same on the
+      validation split as ``val_accuracy``, ``student_alone_val_accuracy``,
+      ``teacher_val_accuracy``,
       ``temperature``, ``alpha``, ``epochs``, ``seconds``; and, not for JSON, the distilled
       ``student_params`` (nested dict of numpy arrays) with the ``student_config`` that
       ``models.create(**student_config)`` rebuilds the student from.
@@ -253,11 +279,12 @@ def demo_stage(
     alone = models.functional(models.create(**res.model_config))
     fit = train.fit(
         alone.apply, jax.tree.map(jnp.array, alone.params), alone.extra, ds, tx=optax.adam(lr), epochs=epochs,
-        batch_size=batch_size, seed=seed, progress=progress, eval_every=epochs,
+        batch_size=batch_size, seed=seed, progress=progress, eval_every=0,
     )  # fmt: skip
     n_student = sum(int(np.size(x)) for x in jax.tree.leaves(res.params))
     n_teacher = sum(int(np.size(x)) for x in jax.tree.leaves(models.functional(teacher_model).params))
-    acc, acc_alone = res.history[-1]["test_accuracy"], fit.history[-1]["test_accuracy"]
+    alone_final = train.final_metrics(alone.apply, fit.params, fit.extra, ds, epochs=epochs)
+    acc, acc_alone = res.test_accuracy, alone_final["test_accuracy"]
     return {
         "stage": "distill",
         "student": "mlp " + "-".join(str(w) for w in student_widths),
@@ -268,6 +295,9 @@ def demo_stage(
         "accuracy": acc,
         "student_alone_accuracy": acc_alone,
         "gain": acc - acc_alone,
+        "val_accuracy": res.val_accuracy,
+        "student_alone_val_accuracy": alone_final["val_accuracy"],
+        "teacher_val_accuracy": res.teacher_val_accuracy,
         "temperature": temperature,
         "alpha": alpha,
         "epochs": epochs,

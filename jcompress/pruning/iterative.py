@@ -11,10 +11,12 @@ retraining in between reaches higher sparsity than pruning once):
 3. repeat until the target sparsity is reached, or the step falls below ``min_step``.
 
 The user's functions do the work: ``eval_fn(params) -> float or dict`` (higher is
-better; pass ``-loss`` for a loss) and ``finetune_fn(params, masks) -> params``.
+better; pass ``-loss`` for a loss) and ``finetune_fn(params, masks) -> params``. Whether
+a step is kept is a choice, so ``eval_fn`` should read the validation split; measure the
+test split once, on the result.
 
 Example:
-  >>> ev = lambda p: train.evaluate(fn.apply, p, fn.extra, ds.x_test, ds.y_test)['accuracy']
+  >>> ev = lambda p: train.evaluate(fn.apply, p, fn.extra, ds.x_val, ds.y_val)['accuracy']
   >>> res = iterative_pruning(fn.params, eval_fn=ev, target_sparsity=0.9, step=0.2, tolerance=0.01)
   >>> res.sparsity, res.reached_target, res.history[-1]
 """
@@ -91,7 +93,8 @@ def iterative_pruning(
 
     Args:
       params: starting params (dict or NNX State).
-      eval_fn: ``eval_fn(params) -> float`` or a dict holding ``metric``; higher is better.
+      eval_fn: ``eval_fn(params) -> float`` or a dict holding ``metric``; higher is better
+        (on validation data: it decides which steps are kept).
       target_sparsity: the sparsity to reach, in ``[0, 1)``.
       step: the first sparsity increment (halved after each undone step).
       tolerance: the largest allowed drop of the metric below its value on ``params``.

@@ -18,9 +18,11 @@ disk. Only packing or surgery changes device bytes.
 
 Sparse weights run dense. A kernel with zeros is labelled with its pattern (``'2:4'`` and
 other N:M patterns along the input axis, or ``'unstructured'``) and ``sparse_runtime``
-says ``'none on this backend (...)'``: jcompress has no sparse matmul (XLA has no 2:4
-kernel; ``jax.experimental.sparse``'s BCOO matmul ran slower than the dense one on CPU at
-these sizes), so its device bytes are dense bytes and its FLOPs dense FLOPs.
+says ``'none on this backend (...)'``: jcompress has no sparse matmul, so its device
+bytes are dense bytes and its FLOPs dense FLOPs. XLA has no 2:4 kernel, and the general
+formats of ``jax.experimental.sparse`` do not help at 2:4: a BCOO matrix holds a float32
+value and two int32 indices per nonzero (1.5x the dense bytes at half density), a BCSR
+one a value and a column index (1.0x).
 
 ``layer_flops(model, input_shape)`` counts per-example FLOPs (2 per multiply-add) of every
 ``nnx.Linear`` and ``nnx.Conv`` by tracing the model once with ``jax.eval_shape``.
@@ -41,7 +43,16 @@ from flax import nnx
 from jcompress import tree
 from jcompress.nnx import hooks, packed
 
-__all__ = ["dir_size", "format_table", "layer_flops", "param_report", "save_json", "sparsity_pattern"]
+__all__ = [
+    "device_nbytes",
+    "dir_size",
+    "format_table",
+    "layer_flops",
+    "param_report",
+    "save_json",
+    "sparse_runtime",
+    "sparsity_pattern",
+]
 
 # N:M patterns looked for (groups of m along the input axis), smallest group first
 _NM_GROUPS = (4, 8)
@@ -84,6 +95,27 @@ def _device_nbytes(array) -> int:
     return int(np.asarray(array).nbytes)
 
 
+def device_nbytes(params: Any) -> int:
+    """Bytes the parameters take on the devices: each array's ``nbytes`` summed over the
+    devices holding a shard or a copy of it.
+
+    Args:
+      params: a pytree of arrays, or an ``nnx.Module``: its ``nnx.Param`` arrays and the
+        codes, scales and zero points of its packed layers (:mod:`jcompress.nnx.packed`);
+        other state (BatchNorm statistics) is not counted.
+
+    Example:
+      >>> device_nbytes(packed.pack(aux)(model)[0]) < device_nbytes(model) / 6   # int4
+      True
+    """
+    if isinstance(params, nnx.Module):
+        kinds = (nnx.Param, packed.PackedCodes, packed.QuantScale)
+        arrays = [v.get_value() for _, v in nnx.iter_graph(params) if isinstance(v, kinds)]
+    else:
+        arrays = jax.tree.leaves(params)
+    return sum(_device_nbytes(a) for a in arrays if a is not None)
+
+
 def sparsity_pattern(w) -> str | None:
     """The zero pattern of a kernel: ``'n:m'``, ``'unstructured'`` or None (no zeros).
 
@@ -109,7 +141,8 @@ def sparsity_pattern(w) -> str | None:
     return "unstructured"
 
 
-def _sparse_runtime() -> str:
+def sparse_runtime() -> str:
+    """What runs a sparse kernel on the current backend (``sparse_runtime`` in reports)."""
     return f"none on this backend ({jax.default_backend()}): device bytes are dense bytes, the matmul runs dense"
 
 
@@ -125,7 +158,7 @@ def _row(name, shape, size, nnz, bits, flops_dense, device, pattern, runtime) ->
         "device_bytes": device,
         "runtime": runtime,
         "sparsity_pattern": pattern,
-        "sparse_runtime": _sparse_runtime() if pattern else None,
+        "sparse_runtime": sparse_runtime() if pattern else None,
         "flops": flops_dense,
         "flops_if_sparse": round(flops_dense * (nnz / size)) if size else 0,
     }
@@ -214,7 +247,7 @@ def param_report(
         "flops": sum(r["flops"] for r in rows),
         "flops_if_sparse": sum(r["flops_if_sparse"] for r in rows),
         "compression_ratio": (dense * 4) / total_bytes if total_bytes else float("inf"),
-        "sparse_runtime": _sparse_runtime() if sparse else None,
+        "sparse_runtime": sparse_runtime() if sparse else None,
     }
     notes = [
         "params, bytes and flops are real: they change only when arrays shrink (surgery) or a compressed file is written.",
@@ -227,7 +260,7 @@ def param_report(
     if sparse:
         notes.append(
             f"sparse weights ({', '.join(sorted({r['sparsity_pattern'] for r in rows if r['sparsity_pattern']}))} "
-            f"in {len(sparse)} kernels): sparse_runtime: {_sparse_runtime()}."
+            f"in {len(sparse)} kernels): sparse_runtime: {sparse_runtime()}."
         )
     return {"layers": rows, "total": total, "notes": notes}
 

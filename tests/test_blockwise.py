@@ -142,6 +142,9 @@ def test_oneshot_command(tmp_path, capsys):
     assert all(0 < b["output_error"] < 1 for b in report["blocks"])
     assert np.isfinite(report["perplexity_before"]) and np.isfinite(report["perplexity_after"])
     assert report["written_bytes"] == (out / "model.jcz").stat().st_size
+    # 2:4 zeros in float arrays: the device bytes stay dense, and the report says so
+    assert report["device_bytes"] == report["dense_bytes"] and report["sparsity_patterns"] == ["2:4"]
+    assert report["sparse_runtime"].startswith("none on this backend")
     c_attn = np.asarray(export.load_params(out / "model.jcz")["layers"][1]["attn"]["c_attn"]["kernel"])
     assert c_attn.shape == (64, 192)  # the fused projection is one Linear
     assert np.all((c_attn.reshape(16, 4, 192) != 0).sum(axis=1) == 2)

@@ -49,7 +49,8 @@ def test_packed_int4_device_bytes_by_hand_apart_from_the_file(tmp_path):
         assert rows[name]["device_bytes"] == float32 / 8 + float32 / 32
     codes_and_scales = sum(k * n // 2 + 4 * (k // 32) * n for k, n in kernels.values())
     assert r["total"]["device_bytes"] == codes_and_scales + biases
-    assert r["total"]["device_bytes"] == packed.device_bytes(small)["total"]
+    assert r["total"]["device_bytes"] == packed.device_bytes(small)["total"] == report.device_nbytes(small)
+    assert report.device_nbytes(model) == report.device_nbytes(params) == dense["total"]["device_bytes"]
     assert dense["total"]["device_bytes"] == 4 * sum(k * n for k, n in kernels.values()) + biases
     assert r["total"]["file_bytes"] == file_bytes == path.stat().st_size != r["total"]["device_bytes"]
     assert dense["total"]["file_bytes"] is None

@@ -131,6 +131,7 @@ def main(args: argparse.Namespace) -> int:
     from jcompress.core import base
     from jcompress.models import hf_lm
     from jcompress.oneshot.calibration import mask_tree
+    from jcompress.report import device_nbytes, sparse_runtime, sparsity_pattern
 
     start = time.perf_counter()
     if args.method in ("sparsegpt", "wanda", "magnitude") and (args.sparsity is None) == (args.n_m is None):
@@ -192,6 +193,7 @@ def main(args: argparse.Namespace) -> int:
             actorder="weight" if args.act_order else None,
         )  # fmt: skip
         written = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    patterns = sorted({sparsity_pattern(x) for n, x in tree.named_leaves(params) if n in report.layer_errors} - {None})
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     result = {
         "model": str(args.model),
@@ -203,6 +205,10 @@ def main(args: argparse.Namespace) -> int:
         "blocks": [{"index": r.index, "seconds": r.seconds, "output_error": r.output_error} for r in report.blocks],
         "layer_errors": report.layer_errors,
         "dense_bytes": dense_bytes,
+        # the compressed weights in memory are float arrays again: device bytes stay dense
+        "device_bytes": device_nbytes(params),
+        "sparsity_patterns": patterns,
+        "sparse_runtime": sparse_runtime() if patterns else None,
         "written_bytes": int(written),
         "written": str(path),
         "seconds": time.perf_counter() - start,
@@ -214,7 +220,8 @@ def main(args: argparse.Namespace) -> int:
     (args.out / "report.json").write_text(json.dumps(result, indent=2))
     device = result["peak_device_bytes"]
     print(
-        f"perplexity {before:.3f} -> {after:.3f}; {dense_bytes:,} -> {int(written):,} bytes ({path}); "
+        f"perplexity {before:.3f} -> {after:.3f}; {dense_bytes:,} -> {int(written):,} bytes ({path}), "
+        f"{result['device_bytes']:,} bytes on the devices; "
         f"{report.seconds:.1f} s compressing; peak host RSS {rss / 2**20:.0f} MiB"
         + (f", peak device {device / 2**20:.0f} MiB" if device else " (the backend reports no device memory)")
     )

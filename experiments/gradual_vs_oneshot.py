@@ -27,7 +27,8 @@ mode, seed 0; dense same budget 94.1%): gradual / one-shot 94.7 / 94.5% at 50%,
 layer at 98%, the 10-unit output layer included, is too few weights for either).
 
 Runtime: full 3 minutes per seed measured on 2 heavily shared CPU cores; ``--quick`` (98%
-only, 2 dense epochs and a 2-epoch budget, where one-shot is far behind) about 10 s of CPU time.
+only, 2 dense epochs and a 4-epoch budget) about 17 s of CPU time; there gradual pruning is
+ahead of one-shot by 26, 17 and 19 points of test accuracy at seeds 0, 1 and 2.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ SPARSITIES = (0.5, 0.75, 0.9, 0.95, 0.98)
 
 
 def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
-    """Settings of the full comparison (``'paper'``), or 98% only in two epochs each (``'quick'``)."""
+    """Settings of the full comparison (``'paper'``), or 98% only, 2 dense epochs and a 4-epoch budget (``'quick'``)."""
     config = common.base_config(
         variant, data="mnist5k", sparsities=SPARSITIES, dense_epochs=20, budget_epochs=10, lr=1e-3, prune_lr=3e-4,
         batch_size=64,
     )  # fmt: skip
     if config.quick:
-        config.update({"sparsities": (0.98,), "dense_epochs": 2, "budget_epochs": 2})
+        config.update({"sparsities": (0.98,), "dense_epochs": 2, "budget_epochs": 4})
     return config
 
 KERNELS = r"kernel$"

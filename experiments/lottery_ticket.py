@@ -35,7 +35,9 @@ task's last round, ticket minus reinit and ticket minus random-mask test accurac
 
 Runtime: full 16 minutes per seed measured on 2 heavily shared CPU cores (load average
 about 15); an idle machine needs less. ``--quick`` (LeNet-300-100 only, one round pruning
-``quick_rate`` of the weights at once, a few epochs per training) about 10 s of CPU time.
+90% of the hidden layers' weights and 50% of the output layer's at once, 2 epochs per
+training) about 15 s of CPU time; there the ticket beats the re-initialised masks by 4.3,
+6.6 and 6.7 points of test accuracy at seeds 0, 1 and 2 (random masks by 6-9 points).
 """
 
 from __future__ import annotations

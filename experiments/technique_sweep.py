@@ -150,9 +150,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         ds = ds._replace(x_train=ds.x_train[:n], y_train=ds.y_train[:n])
     net = common.train_model("lenet300", ds, epochs=config.epochs, lr=LR, batch_size=128, seed=config.seed)
     model_config = {"name": "lenet300", "input_shape": list(ds.input_shape), "num_classes": ds.num_classes}
-    apply_fn, _, finetune_fn, distill_fn, inputs = advisor.data_functions(
-        net.model, model_config, ds, distill_epochs=config.distill_epochs, seed=config.seed
-    )
+    fns = advisor.data_functions(net.model, model_config, ds, distill_epochs=config.distill_epochs, seed=config.seed)
+    apply_fn, finetune_fn, distill_fn, inputs = fns[0], fns[-3], fns[-2], fns[-1]
     unknown = [t for t in config.techniques if t not in TECHNIQUES]
     if unknown:
         raise ValueError(f"techniques: unknown {unknown}; choose from {', '.join(TECHNIQUES)}")
@@ -195,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 "technique": r["name"],
                 "family": r["family"],
                 "same_architecture": r["keeps_architecture"],
-                "val_accuracy": r["accuracy"],
+                "val_accuracy": r.get("val_accuracy", r.get("accuracy")),  # what advise ranked on: evaluate's
                 "accuracy": test,
                 "val_accuracy_drop": r["accuracy_drop"],
                 "bytes": r["bytes"],

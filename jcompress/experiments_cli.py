@@ -517,7 +517,7 @@ def aggregate(label: str, seed_results: dict, config, out: Path) -> dict:
     table = _summary_table(summary, first.get("columns"), keys, first.get("formats") or {})
     spread = "mean ± sample standard deviation over" if len(seeds) > 1 else "one run,"
     header = f"Seeds {', '.join(map(str, seeds))}: {spread} {len(seeds)} seed(s); each seed's own results are in seed-K/.\n"
-    md = [f"# {label}\n", header, table + "\n"]
+    md = [f"# {label}\n\n", header + "\n", table + "\n"]
     if comparisons:
         md.append(
             "\n## The paper's claims, paired by seed\n\nverdict: real when |mean a - b| > 2 standard errors of the "

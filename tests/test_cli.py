@@ -1,4 +1,4 @@
-"""The command line: train, demo (the main job), the subcommand package, and clear errors."""
+"""The command line: train, the subcommand package, and clear errors (the demo: test_demo.py)."""
 
 import json
 import subprocess
@@ -34,23 +34,6 @@ def test_bad_input_exits_2_with_message(tmp_path, capsys):
     assert "unknown dataset 'imagenet'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--widths", "a,b", "--out", str(tmp_path)])
-
-
-def test_demo_writes_report_with_real_file_sizes(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out)]) == 0
-    report = json.loads((out / "report.json").read_text())
-    rows = {r["stage"]: r for r in report["rows"]}
-    for r in report["rows"]:
-        assert {"stage", "accuracy", "nonzeros", "bytes", "ratio"} <= set(r)
-    dense, final = report["rows"][0], rows["huffman (file read back)"]
-    # bytes are the sizes of files really on disk
-    assert dense["bytes"] == (out / "files" / "dense.jcz").stat().st_size
-    assert final["bytes"] == (out / "files" / "deep_compression.jcz").stat().st_size
-    assert final["ratio"] > 25 and final["nonzeros"] < 0.1 * dense["nonzeros"]
-    assert final["accuracy"] > dense["accuracy"] - 0.03
-    assert (out / "report.png").stat().st_size > 10_000
-    assert "huffman (file read back)" in capsys.readouterr().out
 
 
 def test_every_subcommand_is_registered_explicitly():

@@ -272,6 +272,7 @@ def test_latency_difference_within_the_spread_is_none():
     ]
     adv = advisor.summarize(rows, max_latency_ms=1.95)
     by = {r["name"]: r for r in adv.rows}
+    assert by["dense"]["latency_vs_dense"] == "reference" and by["dense"]["speedup"] == 1.0
     assert by["prune 90%"]["latency_vs_dense"] == "same as dense" and by["prune 90%"]["speedup"] is None
     assert by["student"]["latency_vs_dense"] == "4.00x faster" and by["student"]["speedup"] == pytest.approx(4.0)
     assert by["slow"]["latency_vs_dense"] == "1.50x slower" and by["slow"]["speedup"] == pytest.approx(2 / 3)

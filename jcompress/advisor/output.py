@@ -26,7 +26,7 @@ def _place_labels(ax, points: list[tuple[float, float]], labels: list[str], bars
     for x0, x1, y in bars:
         (a, b), (c, _) = to_px((x0, y)), to_px((x1, y))
         taken.append((a, b - 2, c, b + 2))
-    steps = [(dx, dy) for r in (7, 16, 28, 42, 60) for dx, dy in
+    steps = [(dx, dy) for r in (9, 16, 28, 42, 60) for dx, dy in
              ((r, r), (r, -r), (-r, r), (-r, -r), (r, 0), (-r, 0), (0, r), (0, -r))]  # fmt: skip
     texts = []
     for (x, y), label in zip(points, labels):
@@ -56,11 +56,19 @@ def _place_labels(ax, points: list[tuple[float, float]], labels: list[str], bars
                 break
         taken.append(cand)
         text.xyann = (x0 - px, y0 - py)
-        if abs(dx) > 7 or abs(dy) > 7:  # away from its point: a leader line shows which point it names
+        if abs(dx) > 9 or abs(dy) > 9:  # away from its point: a leader line shows which point it names
             ax.annotate("", (x, y), xytext=(x0 + w / 2 - px, y0 + h / 2 - py), textcoords="offset pixels",
                         arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6, "shrinkA": 4, "shrinkB": 3})  # fmt: skip
         texts.append(text)
     return texts
+
+
+def _bytes_label(n: float, _pos=None) -> str:
+    """``2000 -> '2k'``, ``1.5e6 -> '1.5M'``: short tick labels that do not run into each other."""
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:g}{unit}"
+    return f"{n:g}"
 
 
 def plot_figure(advice: Advice):
@@ -75,6 +83,7 @@ def plot_figure(advice: Advice):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = [r for r in advice.rows if not r.get("error")]
     has_lat = all(r.get("latency_ms") is not None for r in rows)
@@ -102,6 +111,9 @@ def plot_figure(advice: Advice):
             ax.axhline(dense["val_accuracy"] - drop, color="tab:red", linestyle=":", linewidth=1)
         if key == "bytes":
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(_bytes_label))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.margins(0.12)
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy")
@@ -109,9 +121,10 @@ def plot_figure(advice: Advice):
     axes[0][0].set_title("blue: Pareto front, red ring: recommended; ^ = new architecture", fontsize=9)
     key_text = [f"{i:>2}  {r['name']}" for i, r in enumerate(rows, 1)]
     half = (len(key_text) + 1) // 2
+    key_top = (0.1 + 0.135 * half) / (4.5 + 0.2 * lines)  # the key's height (inches) over the figure's
     for col, chunk in enumerate((key_text[:half], key_text[half:])):
-        fig.text(0.06 + 0.47 * col, 0.01, "\n".join(chunk), fontsize=8, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, (0.12 + 0.14 * half) / (4.5 + 0.2 * lines), 1, 1))
+        fig.text(0.06 + 0.47 * col, key_top, "\n".join(chunk), fontsize=8, va="top", family="monospace")
+    fig.tight_layout(rect=(0, key_top + 0.02, 1, 1))
     for ax, (key, _) in zip(axes[0], panels):
         spread = [r for r in rows if key == "latency_ms" and r.get("latency_q1_ms") is not None]
         bars = [(r["latency_q1_ms"], r["latency_q3_ms"], r["val_accuracy"]) for r in spread]

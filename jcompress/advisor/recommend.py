@@ -337,7 +337,10 @@ def summarize(
                     raise ValueError(f"row {r['name']!r} has no {key!r}; measured rows need {key}")
             r["accuracy_drop"] = dense["val_accuracy"] - r["val_accuracy"]
             r["ratio"] = dense["bytes"] / r["bytes"] if r["bytes"] else math.inf
-            r["latency_vs_dense"], r["speedup"] = latency_vs_dense(r, dense)
+            if r["name"] == dense["name"] and r.get("latency_ms") is not None:
+                r["latency_vs_dense"], r["speedup"] = "reference", 1.0
+            else:
+                r["latency_vs_dense"], r["speedup"] = latency_vs_dense(r, dense)
             r["violations"] = violations(r, constraints, keep_architecture=keep_architecture)
             r["feasible"] = not r["violations"]
         out.append(r)

@@ -29,6 +29,14 @@ def test_train_then_resume_via_cli(tmp_path, capsys):
     assert f"test accuracy {final['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
+def test_diverging_learning_rate_exits_2_naming_the_epoch(tmp_path, capsys):
+    argv = ["train", "--model", "mlp", "--widths", "16", "--data", "digits", "--lr", "1e30", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line
+    assert err.split("\r")[-1].startswith("jcompress train: error: --lr 1e+30: epoch 1: training diverged")
+    assert "nothing was checkpointed" in err and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_bad_input_exits_2_with_message(tmp_path, capsys):
     assert cli.main(["train", "--data", "imagenet", "--out", str(tmp_path)]) == 2
     assert "unknown dataset 'imagenet'" in capsys.readouterr().err

@@ -76,10 +76,14 @@ def main(args: argparse.Namespace) -> int:
     student_config: dict = {"name": args.student}
     if args.widths is not None:
         student_config["widths"] = list(args.widths)
-    res = distill(
-        args.teacher, student_config, ds, epochs=args.epochs, batch_size=args.batch_size, temperature=args.temperature,
-        alpha=args.alpha, lr=args.lr, out_dir=args.out, seed=args.seed, cache_teacher=not args.no_cache, meta=meta,
-    )  # fmt: skip
+    try:
+        res = distill(
+            args.teacher, student_config, ds, epochs=args.epochs, batch_size=args.batch_size,
+            temperature=args.temperature, alpha=args.alpha, lr=args.lr, out_dir=args.out, seed=args.seed,
+            cache_teacher=not args.no_cache, meta=meta,
+        )  # fmt: skip
+    except FloatingPointError as e:  # a diverged --lr: the user's to fix, so one line, exit status 2
+        raise ValueError(f"--lr {args.lr}: {e}") from e
     last = res.history[-1] if res.history else {}
     print(json.dumps(last))
     print(

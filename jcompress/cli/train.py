@@ -71,11 +71,14 @@ def main(args: argparse.Namespace) -> int:
     )
     model = models.create(**config)
     fn = models.functional(model)
-    result = train.fit(
-        fn.apply, fn.params, fn.extra, ds, tx=optax.adam(args.lr), epochs=args.epochs,
-        batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
-        meta={"model": config, "data": args.data, **meta},
-    )  # fmt: skip
+    try:
+        result = train.fit(
+            fn.apply, fn.params, fn.extra, ds, tx=optax.adam(args.lr), epochs=args.epochs,
+            batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
+            meta={"model": config, "data": args.data, **meta},
+        )  # fmt: skip
+    except FloatingPointError as e:  # a diverged --lr: the user's to fix, so one line, exit status 2
+        raise ValueError(f"--lr {args.lr}: {e}") from e
     last = result.history[-1] if result.history else {}
     epochs = int(last.get("epoch", args.epochs))
     final = train.final_metrics(fn.apply, result.params, result.extra, ds, epochs=epochs, out_dir=args.out)

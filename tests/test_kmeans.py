@@ -291,3 +291,55 @@ def test_centroid_finetune_keeps_weights_tied_on_digits():
             assert len(np.unique(w)) <= 8
     acc_ft = train.evaluate(fn.apply, ft.params, res.extra, ds.x_test, ds.y_test)["accuracy"]
     assert acc_ft >= acc_shared - 0.02 and acc_ft > 0.8
+
+
+def _distributions(n, rng):
+    return {
+        "normal": rng.standard_normal(n),
+        "student_t2": rng.standard_t(2, n),  # heavy tails: outer clusters start empty
+        "uniform": rng.uniform(-1, 1, n),
+        "int8_ties": rng.integers(-127, 128, n).astype(np.float64),  # 255 distinct values, heavy ties
+        "cubed": rng.standard_normal(n) ** 3,
+    }
+
+
+@pytest.mark.parametrize("k", [8, 64])
+def test_kmeans_1d_equals_the_numpy_reference_on_several_distributions(k):
+    """The host path (concrete CPU input) and the jitted path (traced input) both give the
+    numpy reference's iterations, centroids and inertia; the labels are the nearest centroids."""
+    from jcompress.bench.b3_kmeans import reference_kmeans_1d
+
+    rng = np.random.default_rng(k)
+    traced = jax.jit(lambda v, c: kmeans_1d(v, k=k, init=c, iters=60))
+    for name, x in _distributions(20_000, rng).items():
+        x = x.astype(np.float32)
+        init = np.linspace(x.min(), x.max(), k, dtype=np.float32)
+        c_ref, labels_ref, inertia_ref, it_ref = reference_kmeans_1d(x, init, 60)
+        for path, res in (("host", kmeans_1d(x, k=k, init=init, iters=60)), ("jit", traced(x, init))):
+            where = f"{name}, {path}"
+            assert int(res.iterations) == it_ref, where
+            np.testing.assert_allclose(np.asarray(res.centroids), c_ref, rtol=1e-5, atol=1e-6, err_msg=where)
+            assert float(res.inertia) == pytest.approx(inertia_ref, rel=1e-5), where
+            c = np.asarray(res.centroids, np.float64)
+            d = np.abs(x[:, None].astype(np.float64) - c[None])
+            got = d[np.arange(x.size), np.asarray(res.labels)]
+            assert np.all(got <= d.min(axis=1) + 1e-6 * np.abs(c).max()), where
+        np.testing.assert_array_equal(np.asarray(kmeans_1d(x, k=k, init=init, iters=60).labels), labels_ref)
+
+
+def test_kmeans_1d_host_path_with_valid_mask_equals_reference_on_the_valid_values():
+    """Half the weights exactly zero (a pruned layer): only the others are clustered."""
+    from jcompress.bench.b3_kmeans import reference_kmeans_1d
+
+    rng = np.random.default_rng(5)
+    x = np.where(rng.random(10_000) < 0.5, 0.0, rng.standard_normal(10_000)).astype(np.float32)
+    nz = x[x != 0]
+    init = np.linspace(nz.min(), nz.max(), 15, dtype=np.float32)
+    res = kmeans_1d(x, k=15, init=init, iters=100, valid=x != 0)
+    c_ref, labels_ref, inertia_ref, it_ref = reference_kmeans_1d(nz, init, 100)
+    assert int(res.iterations) == it_ref
+    np.testing.assert_allclose(np.asarray(res.centroids), c_ref, rtol=1e-6)
+    labels = np.asarray(res.labels)
+    assert np.all(labels[x == 0] == -1)
+    np.testing.assert_array_equal(labels[x != 0], labels_ref)
+    assert float(res.inertia) == pytest.approx(inertia_ref, rel=1e-5)

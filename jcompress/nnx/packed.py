@@ -294,6 +294,7 @@ def pack(grids) -> base.ModelTransform:
         del key
         chosen = [n for n in names if n in table]
         found = hooks.layers(model)
+        replacements = {}  # built from the input model's layers (read, never modified)
         for name in chosen:
             layer = spec_lib.layer_of(name)
             if layer not in found or not name.endswith("/kernel"):
@@ -305,14 +306,12 @@ def pack(grids) -> base.ModelTransform:
             if tuple(table[name].shape) != kernel_shape:
                 raise ValueError(f"pack: the grid of {name!r} has shape {table[name].shape}, the kernel {kernel_shape}")
             try:
-                packed_layer(name, found[layer])  # refuses an unsupported conv before anything is copied
+                replacements[layer] = packed_layer(name, found[layer])
             except ValueError as e:
                 raise ValueError(f"pack: layer {layer!r}: {e}") from None
         new = nnx.clone(model)
-        new_layers = hooks.layers(new)
-        for name in chosen:
-            layer = spec_lib.layer_of(name)
-            hooks.replace(new, layer, packed_layer(name, new_layers[layer]))
+        for layer, replacement in replacements.items():
+            hooks.replace(new, layer, replacement)
         return new, base.GridAux({n: table[n] for n in chosen}, {})
 
     return base.ModelTransform(apply, "pack", leaves=lambda params: list(table))

@@ -22,7 +22,9 @@ says ``'none on this backend (...)'``: jcompress has no sparse matmul, so its de
 bytes are dense bytes and its FLOPs dense FLOPs. XLA has no 2:4 kernel, and the general
 formats of ``jax.experimental.sparse`` do not help at 2:4: a BCOO matrix holds a float32
 value and two int32 indices per nonzero (1.5x the dense bytes at half density), a BCSR
-one a value and a column index (1.0x).
+one a value and a column index (1.0x); and on this CPU their jitted matmuls on 2:4
+kernels of 256x256 and 512x512 took 3 to 70 times the dense matmul's time at batch 1 and
+16 (medians of interleaved calls, compilation excluded).
 
 ``layer_flops(model, input_shape)`` counts per-example FLOPs (2 per multiply-add) of every
 ``nnx.Linear`` and ``nnx.Conv`` by tracing the model once with ``jax.eval_shape``.

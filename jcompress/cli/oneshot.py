@@ -6,7 +6,9 @@ The model is loaded tensor by tensor (:func:`jcompress.models.hf_lm.load`), cali
 (:func:`jcompress.blockwise.compress`, one progress line per block) and evaluated by
 perplexity on the held-out evaluation text before and after. ``report.json`` in ``--out``
 holds the perplexities, per-block seconds and output errors, per-layer errors, the bytes
-of the written model and the peak memory (the process's maximum resident set size from
+of the written model, the device bytes of the compressed parameters in memory (float
+arrays: dense bytes; :func:`jcompress.report.device_nbytes`), the zero patterns of pruned
+kernels with their ``sparse_runtime`` (none: they run dense), and the peak memory (the process's maximum resident set size from
 ``resource.getrusage``, and the devices' peak bytes in use where the backend reports it).
 
 Example:

@@ -305,9 +305,9 @@ def test_cli_advise_end_to_end(tmp_path, capsys):
     from jcompress import cli
 
     run = tmp_path / "dense"
-    assert cli.main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "8", "--out", str(run)]) == 0
+    assert cli.main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "3", "--out", str(run)]) == 0
     out = tmp_path / "advice"
-    argv = ["advise", "--model", str(run / "ckpt"), "--data", "digits", "--quick", "--epochs", "2",
+    argv = ["advise", "--model", str(run / "ckpt"), "--data", "digits", "--quick", "--epochs", "1",
             "--distill-epochs", "2", "--max-bytes", "80000", "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out

@@ -1,18 +1,24 @@
-"""B1 quick run: the fields the bench runner needs, and the correctness parts."""
+"""B1 quick run: the fields the bench runner needs, and the correctness parts on every distribution."""
 
 from jcompress.bench import b1_threshold
 
 
-def test_b1_quick_fields_and_exact_thresholds():
+def test_b1_quick_fields_and_exact_thresholds_and_counts():
     rows = b1_threshold.run(quick=True)
-    assert len(rows) == 3
+    timed, sharded = rows[:-1], rows[-1]
+    assert len(timed) == 2 * len(b1_threshold.DISTRIBUTIONS)
+    assert {r["distribution"] for r in timed} == set(b1_threshold.DISTRIBUTIONS)
     for row in rows:
         assert {"name", "ratio", "target", "met"} <= set(row)
         assert isinstance(row["ratio"], float) and isinstance(row["met"], bool)
         assert row["equal"] is True  # jcompress's threshold equals np.partition's exactly
-    timed, sharded = rows[:2], rows[2]
     for row in timed:
-        assert row["seconds_jcompress"] > 0 and row["seconds_np_partition"] > 0
-        assert abs(row["ratio"] - row["seconds_jcompress"] / row["seconds_np_partition"]) < 1e-12
+        assert row["elements"] == 4 * 2**20 and row["k"] == row["elements"] - round(0.9 * row["elements"])
+        assert row["kept_jcompress"] == row["k"]  # exact count, ties and zeros included
+        assert row["kept_numpy_mask"] >= row["k"]  # |w| >= t keeps every tie
+        assert row["seconds_jcompress"] > 0 and row["seconds_numpy"] > 0
+        assert abs(row["ratio"] - row["seconds_jcompress"] / row["seconds_numpy"]) < 1e-12
+    ties = next(r for r in timed if r["distribution"] == "int8_ties")
+    assert ties["kept_numpy_mask"] > ties["k"]  # the tie-resolving path was taken
     assert sharded["all_gathers"] == 0 and sharded["all_reduces"] > 0
     assert sharded["met"] is True

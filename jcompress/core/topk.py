@@ -27,9 +27,9 @@ float32 bit patterns):
    hold the answer, plus one bucket below and one above it. The counts say which
    bucket holds rank ``k``; that bucket is the next interval. When buckets are single
    keys the answer is found.
-3. For large inputs the first interval is read off a strided 1/64 sample (itself
-   selected the same way) with a 6-sigma margin on the rank, so usually one pass over
-   the data settles it. If the counts show the answer outside the interval the search
+3. For large inputs the first interval is read off a 1/67 sample (every 67th element
+   of each flattened leaf, itself selected the same way) with a 6-sigma margin on the
+   rank, so usually one pass over the data settles it. If the counts show the answer outside the interval the search
    restarts from the whole key range, which takes two more passes: always exact.
 
 Inputs of up to 65,536 elements (single layers, samples) are simply sorted, and masks of
@@ -79,7 +79,7 @@ _KEY_MAX = 0xFF800000  # key of +inf
 _SORT_BELOW = 1 << 16  # inputs up to this size are simply sorted
 _BISECT_BELOW = 1 << 18  # masks of inputs up to this size come from remove_smallest
 _SAMPLE_ABOVE = 1 << 22  # inputs with at least this many elements bracket the answer from a sample
-_SAMPLE_STRIDE = 64
+_SAMPLE_STRIDE = 67  # prime, see _sample
 
 
 def float_to_key(x: jax.Array) -> jax.Array:
@@ -192,10 +192,17 @@ def _select_bucket(counts: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 def _sample(x: jax.Array, stride: int) -> jax.Array:
-    """About one element in ``stride``, by strided slicing from the leading axis on.
+    """About one element in ``stride``: every ``stride``-th element of the flattened array.
 
-    Slicing (not flattening) keeps a sharded leaf's sample on the devices that hold it.
+    With a prime ``stride`` (no divisor of layer widths) the sample visits every row at
+    columns that shift from row to row, so rows or columns of different scales are all
+    represented in proportion (a sample of every ``stride``-th row would miss most rows,
+    and the bracket read off it would often miss the answer). A leaf sharded over devices
+    is sampled by strided slicing from the leading axis on instead, which keeps the sample
+    on the devices that hold it (flattening could move the data).
     """
+    if not _is_sharded(x):
+        return x.reshape(-1)[::stride]
     index = []
     for d in x.shape:
         step = max(1, min(stride, d))
@@ -211,7 +218,7 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
     The search keeps a key interval ``[lo, hi]`` known to hold the answer and counts all
     elements into ``2**21`` buckets spanning it plus one bucket below and one above;
     the bucket holding rank ``k`` becomes the next interval, until buckets are single
-    keys. Large inputs start from an interval read off a strided 1/64 sample with a
+    keys. Large inputs start from an interval read off a strided 1/67 sample with a
     6-sigma margin, which usually makes one pass over the data enough; if the counts
     show the answer outside it, the search restarts from the full key range (at most
     two more passes). Every pass is a histogram, so the work is linear and sharded

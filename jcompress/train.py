@@ -281,9 +281,9 @@ def epoch_loop(
         done = steps_per_epoch - start
         row = {"epoch": epoch + 1, "step": int(state.step), "seconds": round(time.perf_counter() - t0, 3)}
         row.update({f"train_{k}": float(v) / max(done, 1) for k, v in sums.items()})
+        _check_finite_epoch(row, state, epoch + 1, out_dir, ck, bar)
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             row.update({f"val_{k}": v for k, v in evaluate_fn(state).items()})
-        _check_finite_epoch(row, state, epoch + 1, out_dir, ck, bar)
         history.append(row)
         bar.set_postfix_str(
             ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_loss", "val_acc")))

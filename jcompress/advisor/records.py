@@ -107,10 +107,11 @@ class Advice(NamedTuple):
         ``None`` without a test function), ``accuracy_drop`` (dense minus candidate, on
         validation), ``bytes``, ``ratio`` (dense bytes / bytes), ``latency_ms`` (median),
         ``latency_q1_ms`` / ``latency_q3_ms`` (its interquartile range),
-        ``latency_min_ms`` / ``latency_max_ms``, ``latency_first_ms`` (the untimed warm-up
-        call, compilation included), ``latency_vs_dense`` (``'same as dense'`` when the
+        ``latency_min_ms`` / ``latency_max_ms``, ``latency_repeats`` (timed calls),
+        ``latency_first_ms`` (the untimed warm-up call, compilation included), ``latency_vs_dense`` (``'same as dense'`` when the
         medians differ by less than the spread, else ``'2.10x faster'`` / ``'1.30x slower'``),
-        ``speedup`` (dense median / median, ``None`` when the same as dense), ``feasible``,
+        ``speedup`` (dense median / median, ``None`` when the same as dense; the dense row's
+        verdict is ``'reference'``, its speedup 1.0), ``feasible``,
         ``violations`` (``{constraint: excess}``), ``pareto``, ``seconds``, ``detail``; or
         ``name``, ``family`` and ``error`` for a recipe that failed.
       pareto: the rows on the Pareto front (input order).

@@ -87,7 +87,7 @@ __all__ = ["CORPORA", "METHODS", "documents", "get_config", "run", "split_docume
 CORPORA = ("python-docs", "pydoc-topics")
 SPLITS = ("train", "validation", "test")
 
-# (method, setting, blockwise.method arguments); group_size=None is filled from the config
+# (method, setting, blockwise.method arguments); the weight-quantization methods also get config.group_size
 METHODS = [
     ("magnitude", "50%", {"sparsity": 0.5}),
     ("wanda", "50%", {"sparsity": 0.5}),
@@ -441,8 +441,9 @@ def _prepare(config) -> tuple[Path, dict, dict]:
     tok = hf_lm.load_tokenizer(folder)
     streams = {s: _stream(tok, parts[s]) for s in SPLITS}
     log_file = folder / "training.json"
-    if (folder / "config.json").exists() and log_file.exists():
-        return folder, streams, {**json.loads(log_file.read_text()), "cached": True}
+    if (folder / "config.json").exists():  # written last by a finished training run
+        log = json.loads(log_file.read_text()) if log_file.exists() else {}
+        return folder, streams, {**log, "cached": True}
     cfg = _llama_config(config, tok.get_vocab_size(with_added_tokens=True))
     log = _train(config, cfg, streams["train"], folder)
     log_file.write_text(json.dumps(log))

@@ -104,15 +104,16 @@ def test_short_evaluation_text_is_an_error_naming_the_field():
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("oneshot_llm")
     assert cli.main(["run", "oneshot_llm", "--quick", "--out", str(out)]) == 0
-    return json.loads((out / "results.json").read_text())
+    return json.loads((out / "seed-0" / "results.json").read_text())  # the run's own file, beside the summary
 
 
 def test_quick_run_reproduces_the_papers_ordering(quick):
     rows = {(r["method"], r["setting"]): r for r in quick["rows"]}
     dense = rows["dense", "float32"]["test_ppl"]
     assert set(rows) == {("dense", "float32"), ("smoothquant", "W8A8")} | oneshot_llm.QUICK
-    # seeds 0, 1, 2 (quick, 2 layers, hidden 64): SparseGPT below magnitude at 50% by 4.3 to 5.5 ppl,
-    # GPTQ below RTN at 3 bits by 1.7 to 3.2 ppl, SmoothQuant W8A8 within 0.05% of dense
+    # measured with seeds 0, 1, 2 (quick: 2 layers, hidden 64, dense test ppl 109-123): SparseGPT below
+    # magnitude at 50% by 5.4 / 8.5 / 7.6 ppl, GPTQ below RTN at 3 bits by 3.2 / 1.8 / 4.7 ppl, SmoothQuant
+    # W8A8 within 0.06% of dense; block errors in the same order in every seed
     assert rows["sparsegpt", "50%"]["test_ppl"] < rows["magnitude", "50%"]["test_ppl"] - 2.0
     assert rows["gptq", "3-bit"]["test_ppl"] < rows["rtn", "3-bit"]["test_ppl"] - 0.8
     assert abs(rows["smoothquant", "W8A8"]["ratio_to_dense"] - 1) < 0.005

@@ -1,4 +1,4 @@
-"""B8: packed low-bit weights at run time (device bytes and decode speed of a Llama decoder).
+"""B8: packed low-bit weights at run time (device bytes of a Llama decoder and LeNet-5, decode speed).
 
 Problem: a randomly initialised Llama-architecture decoder (hidden 512, 4 blocks, 8 heads
 with 4 key/value heads, SwiGLU 1,408, vocabulary 4,096, untied; quick mode: hidden 256,
@@ -14,6 +14,11 @@ Figures (side by side in the same run):
   from the arrays' ``nbytes``); targets ``>= 3.9`` and ``>= 7.5`` (4x and 8x less the
   scales). The whole model's ratio is reported beside it (the float embeddings and head
   count there).
+* ``B8 device bytes int8`` / ``int4 LeNet-5``: the same ratio for the two conv kernels of
+  LeNet-5 (28x28x1 inputs, 20 and 50 channels; every kernel quantized per output channel,
+  conv and Dense alike, and packed), with the whole model's ratio beside it and the
+  largest difference between the packed model's logits and the dequantized model's
+  (the packed conv must compute the same function). Targets as above.
 * ``B8 decode tok/s int8 / float32`` and ``int4``, at batch 1 and 16: tokens per second of
   one jitted greedy decode step (one new token per sequence, 64 cached positions) of the
   packed model / the float32 model's, medians of interleaved calls after compilation
@@ -30,12 +35,14 @@ __all__ = ["run"]
 
 
 def run(quick: bool) -> list[dict]:
+    import math
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import jcompress as jc
-    from jcompress import timing
+    from jcompress import models, timing
     from jcompress.models import llama
     from jcompress.nnx import packed
 
@@ -66,6 +73,34 @@ def run(quick: bool) -> list[dict]:
                 "packed_bytes": b["packed"],
                 "whole_model_ratio": round(dense["total"] / b["total"], 3),
                 "layers_packed": len(aux.grids),
+            }
+        )
+
+    lenet = models.create("lenet5", input_shape=(28, 28, 1), num_classes=10, seed=0)
+    lenet_params = nnx.state(lenet, nnx.Param)
+    images = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
+    forward = jax.jit(lambda graphdef, state, x: nnx.merge(graphdef, state)(x), static_argnums=0)
+    for label, bits, target in (("int8", 8, 3.9), ("int4", 4, 7.5)):
+        q, aux = jc.quant.quantize(bits=bits)(lenet_params)
+        small, _ = packed.pack(aux)(lenet)
+        convs = [small.conv1, small.conv2]
+        float_bytes = sum(4 * math.prod(c.kernel_shape) for c in convs)
+        conv_bytes = sum(a.get_value().nbytes for c in convs for a in (c.codes, c.scale))
+        fake = models.merge(lenet, jc.to_pure_dict(q))
+        diff = jnp.max(jnp.abs(forward(*nnx.split(small), images) - forward(*nnx.split(fake), images)))
+        ratio = float_bytes / conv_bytes
+        rows.append(
+            {
+                "name": f"B8 device bytes {label} LeNet-5 conv kernels, float32 / packed",
+                "ratio": round(ratio, 3),
+                "target": f">= {target}",
+                "met": bool(ratio >= target),
+                "float32_bytes": float_bytes,
+                "packed_bytes": conv_bytes,
+                "whole_model_ratio": round(
+                    packed.device_bytes(lenet)["total"] / packed.device_bytes(small)["total"], 3
+                ),
+                "max_abs_logit_diff_vs_dequantized": float(diff),
             }
         )
 

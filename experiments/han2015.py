@@ -35,8 +35,10 @@ per model. The optimizer settings (Adam, L2 1e-4, retraining at lr/10) were fixe
 the validation split existed, by looking at test error; they are listed as deviations.
 
 Runtime: full 19 minutes measured on 2 heavily shared CPU cores (load average about 15;
-LeNet-5 dominates), less on an idle machine; ``--quick`` (LeNet-300-100 only, 2 dense
-epochs, 2 rounds of 1 epoch) about 20 s of CPU time.
+LeNet-5 dominates), less on an idle machine; ``--quick`` (LeNet-300-100 only, 5 dense
+epochs, 3 rounds: 2 + 2 + 6 retraining epochs) about 20 s of CPU time. Quick mode at seeds
+0, 1, 2: 12.0x fewer parameters, pruned minus dense test error -0.8, +0.6 and -0.1 points
+(within noise), and 0.8-2.1 points behind the dense model trained as long.
 
 Writes ``results.json`` (rows: one per pruned layer and one ``total`` per model),
 ``results.md``, ``plot.png`` (test error per round; kept fraction per layer against the
@@ -85,7 +87,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     )  # fmt: skip
     if config.quick:
         config.models = ("lenet300",)
-        config.lenet300.update({"epochs": 2, "rounds": 2, "retrain_epochs": 1, "final_epochs": 1})
+        config.lenet300.update({"epochs": 5, "rounds": 3, "retrain_epochs": 2, "final_epochs": 6})
     return config
 
 

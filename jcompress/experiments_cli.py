@@ -45,6 +45,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -480,7 +481,7 @@ def _plot(path: Path, label: str, comparisons: list[dict], rows_by_seed: dict) -
         pad = max(hi - lo, 1e-9)
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_ylabel(c["metric"])
-        ax.set_title(f"{c['name']}\n{c['verdict']}", fontsize=8)
+        ax.set_title("\n".join([*textwrap.wrap(c["name"], 40), c["verdict"]]), fontsize=8)
     if not comparisons:
         axes[0][0].text(0.5, 0.5, "no comparisons declared", ha="center", va="center")
         axes[0][0].set_axis_off()

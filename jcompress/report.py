@@ -70,7 +70,22 @@ def layer_flops(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, int]
     Example:
       >>> layer_flops(models.create('lenet300', input_shape=(28, 28, 1), num_classes=10), (28, 28, 1))
       {'fc1/kernel': 470400, 'fc2/kernel': 60000, 'fc3/kernel': 2000}
+
+    Raises:
+      ValueError: the model has packed layers (:mod:`jcompress.nnx.packed`), whose
+        contractions the layer hook does not see; their FLOPs are those of the model
+        before packing, so count that one.
     """
+    packed_layers = [
+        "/".join(str(p) for p in path)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, (packed.PackedLinear, packed.PackedConv))
+    ]
+    if packed_layers:
+        raise ValueError(
+            f"layer_flops: layers {packed_layers[:5]} are packed; pass the model before nnx.packed.pack "
+            "(packing changes no FLOPs: the kernels are dequantized and multiplied in float)"
+        )
     shapes: dict = {}
 
     def record(name, x, op):

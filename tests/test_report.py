@@ -54,6 +54,8 @@ def test_packed_int4_device_bytes_by_hand_apart_from_the_file(tmp_path):
     assert dense["total"]["device_bytes"] == 4 * sum(k * n for k, n in kernels.values()) + biases
     assert r["total"]["file_bytes"] == file_bytes == path.stat().st_size != r["total"]["device_bytes"]
     assert dense["total"]["file_bytes"] is None
+    with pytest.raises(ValueError, match=r"layers \['fc1', 'fc2'\] are packed; pass the model before"):
+        report.layer_flops(small, (IN,))
     table = report.format_table(r)
     assert f"device bytes: {codes_and_scales + biases} " in table and f"file: {file_bytes} bytes on disk" in table
     assert table.count("packed int4") == 2

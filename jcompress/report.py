@@ -4,8 +4,8 @@ Two kinds of numbers are kept apart:
 
 * **real**: array sizes, the bytes a file really takes on disk (``file_bytes``, from
   ``os.path.getsize``), the FLOPs the model really executes with its current dense
-  shapes, and measured latency. Only surgery (hard pruning, factorisation) or a
-  compressed file changes these.
+  shapes, and measured latency. Only surgery (hard pruning, factorisation), packing or
+  a compressed file changes these.
 * **potential**: nonzeros, and the FLOPs a sparse kernel would execute (dense FLOPs x
   density). A mask or fake quantization changes these and nothing else; the report
   labels them so.
@@ -23,7 +23,7 @@ bytes are dense bytes and its FLOPs dense FLOPs. XLA has no 2:4 kernel, and the 
 formats of ``jax.experimental.sparse`` do not help at 2:4: a BCOO matrix holds a float32
 value and two int32 indices per nonzero (1.5x the dense bytes at half density), a BCSR
 one a value and a column index (1.0x); and on this CPU their jitted matmuls on 2:4
-kernels of 256x256 and 512x512 took 3 to 70 times the dense matmul's time at batch 1 and
+kernels of 256x256 and 512x512 took 3 to 71 times the dense matmul's time at batch 1 and
 16 (medians of interleaved calls, compilation excluded).
 
 ``layer_flops(model, input_shape)`` counts per-example FLOPs (2 per multiply-add) of every
@@ -182,8 +182,8 @@ def _row(name, shape, size, nnz, bits, flops_dense, device, pattern, runtime) ->
 
 
 def _leaves(params) -> list[tuple[str, Any, str]]:
-    """``(name, array, runtime)`` of each parameter: the leaves of a pytree, or of a model
-    the ``nnx.Param`` leaves and the dequantized kernel of each packed layer, in graph order."""
+    """``(name, array or packed layer, runtime)`` of each parameter: the leaves of a pytree,
+    or of a model its ``nnx.Param`` leaves and its packed layers, in graph order."""
     if not isinstance(params, nnx.Module):
         return [(name, leaf, "dense") for name, leaf in tree.named_leaves(params)]
     out = []

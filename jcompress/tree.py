@@ -103,9 +103,9 @@ def check_finite(params: PyTree, arg: str = "params") -> None:
         if arr.dtype.kind != "f" and jnp.issubdtype(arr.dtype, jnp.floating):
             arr = arr.astype(np.float32)  # bfloat16 and the float8 types: numpy kind 'V'
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            source = "the training run that produced these params" if arg == "params" else f"how {arg} was computed"
             raise ValueError(
-                f"{arg}/{name} contains NaN or Inf; compression of non-finite weights is undefined. "
-                "Check the training run that produced these params."
+                f"{arg}/{name} contains NaN or Inf; compression with non-finite values is undefined. Check {source}."
             )
 
 

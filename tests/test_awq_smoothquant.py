@@ -136,6 +136,17 @@ def test_bad_arguments_are_named():
         awq(stats, channels, groups=[("ln", ("fc",))])(params)
     with pytest.raises(ValueError, match="two groups"):
         check_groups([("norm", ("fc",)), ("norm", ("fc",))], params)
+    with pytest.raises(TypeError, match="groups=None must be a list"):
+        smoothquant(stats, channels, groups=None)
+    with pytest.raises(TypeError, match="symmetric='yes' must be True or False"):
+        awq(stats, channels, groups=groups, symmetric="yes")
+    spoiled = {**params, "fc": {**params["fc"], "kernel": params["fc"]["kernel"].at[0, 0].set(jnp.inf)}}
+    for t in (awq(stats, channels, groups=groups), smoothquant(stats, channels, groups=groups)):
+        with pytest.raises(ValueError, match="params/fc/kernel contains NaN or Inf"):
+            t(spoiled)
+    nan_channels = {k: ChannelStats(v.abs_mean, v.abs_max.at[0].set(jnp.nan)) for k, v in channels.items()}
+    with pytest.raises(ValueError, match="channels/fc/kernel/abs_max contains NaN"):
+        smoothquant(stats, nan_channels, groups=groups)
 
 
 def test_smoothquant_through_the_driver():

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress.core.spec import check_value
+from jcompress.core.spec import check_flag, check_value
 
 __all__ = [
     "ROUNDINGS",
@@ -104,6 +104,7 @@ class QuantParams:
 def check_bits(bits, symmetric: bool, *, arg: str = "bits") -> int:
     """``bits`` as an int in 1..16 (2..16 when symmetric); ValueError/TypeError naming ``arg``."""
     bits = check_value(bits, arg=arg, kind=int, lo=1, hi=16)
+    symmetric = check_flag(symmetric, arg="symmetric")
     if symmetric and bits == 1:
         raise ValueError(
             f"{arg}=1 with symmetric=True leaves a single code (0); use symmetric=False for 1-bit "

@@ -31,7 +31,7 @@ import jax
 
 from jcompress import tree
 
-__all__ = ["MISSING", "Spec", "check_value", "is_pairs", "layer_of", "pairs", "resolve", "select_names", "selection_tree"]
+__all__ = ["MISSING", "Spec", "check_flag", "check_value", "is_pairs", "layer_of", "pairs", "resolve", "select_names", "selection_tree"]
 
 Spec = Any
 MISSING = object()
@@ -163,6 +163,19 @@ def _describe(selection: Any) -> str:
 def layer_of(name: str) -> str:
     """The layer of a leaf: its name without the last component (``fc1/kernel`` -> ``fc1``)."""
     return name.rsplit("/", 1)[0] if "/" in name else name
+
+
+def check_flag(value: Any, *, arg: str) -> bool:
+    """``value`` as a bool; a TypeError naming ``arg`` for anything else.
+
+    A flag given as a string or a number is refused rather than read by its truth value:
+    ``allow_empty="False"`` would otherwise mean True.
+    """
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{arg}={value!r} must be True or False")
 
 
 def check_value(value: Any, *, arg: str, kind: type | tuple, lo=None, hi=None, lo_open=False, hi_open=False):

@@ -482,6 +482,7 @@ def hard_prune(
             f"input_shape={input_shape!r} must be one example's shape without the batch axis, e.g. (28, 28, 1)"
         )
     shape = tuple(int(spec_lib.check_value(d, arg="input_shape", kind=int, lo=1)) for d in input_shape)
+    allow_empty = spec_lib.check_flag(allow_empty, arg="allow_empty")
 
     def apply(model, names, key):
         return _prune(model, names, masks, shape, dtype, allow_empty)

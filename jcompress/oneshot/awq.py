@@ -100,6 +100,14 @@ def _as_group(g) -> _Group:
     return _Group(source, tuple(targets), *rest)
 
 
+def _check_groups_type(groups, arg: str = "groups") -> None:
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise TypeError(
+            f"{arg}={groups!r} must be a list of (source, targets, offset) entries, e.g. block.scale_groups() "
+            "(an empty list scales nothing)"
+        )
+
+
 def check_groups(groups: Sequence, params, *, arg: str = "groups") -> tuple:
     """The groups as ``(source, targets, offset)`` named tuples, checked against ``params``' leaf names and shapes.
 
@@ -107,6 +115,7 @@ def check_groups(groups: Sequence, params, *, arg: str = "groups") -> tuple:
       ValueError: a source or target that is not in ``params``, a target in two groups, or
         channel ranges that do not fit (naming the group).
     """
+    _check_groups_type(groups, arg)
     leaves = dict(tree.named_leaves(params))
     out, seen = [], set()
     for g in map(_as_group, groups):
@@ -150,6 +159,7 @@ def check_channels(channels: dict, names: Sequence[str], *, arg: str = "channels
             raise ValueError(
                 f"{arg} has no ChannelStats for {n}; collect them with jc.blockwise.compress (BlockCalibration.channels)"
             )
+        tree.check_finite({f"{n}/abs_mean": c.abs_mean, f"{n}/abs_max": c.abs_max}, arg)
         out[n] = c
     return out
 
@@ -197,6 +207,7 @@ def apply_scales(params, groups: Sequence, scales: dict):
 def scaled_leaves(hs: dict, groups: Sequence):
     """The ``leaves(params)`` rule of a scaling transform: the calibrated kernels, then the
     leaves of every source whose targets are all calibrated (they are rescaled)."""
+    _check_groups_type(groups)
 
     def leaves(params):
         gs = check_groups(groups, params)
@@ -334,6 +345,7 @@ def awq(
         gs = check_groups(groups, params)
         chosen = set(names)
         leaves_by_name = dict(tree.named_leaves(params))
+        tree.check_finite({n: leaves_by_name[n] for n in names}, "params")
         scales, alphas = {}, {}
         for g in gs:
             kernels = [f"{t}/kernel" for t in g.targets]

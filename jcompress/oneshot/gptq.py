@@ -44,6 +44,7 @@ __all__ = ["gptq", "quantize_matrix"]
 
 
 def _check_static_groups(static_groups, act_order: bool) -> bool:
+    act_order = spec.check_flag(act_order, arg="act_order")
     if static_groups is None:
         return bool(act_order)
     if not isinstance(static_groups, bool):

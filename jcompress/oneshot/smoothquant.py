@@ -177,6 +177,7 @@ def smoothquant(
         gs = check_groups(groups, params)
         chosen = set(names)
         old = dict(tree.named_leaves(params))
+        tree.check_finite({n: old[n] for n in names}, "params")
         scales = {}
         for g in gs:
             kernels = [f"{t}/kernel" for t in g.targets]

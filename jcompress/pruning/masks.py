@@ -58,7 +58,7 @@ from jcompress import tree as jtree
 from jcompress.core import topk
 from jcompress.core.base import MaskAux, Transform, default_leaves, relative_error, require_key
 from jcompress.core.patterns import NM, Block, Pattern, Units, Unstructured, check_pattern
-from jcompress.core.spec import Spec, check_value, is_pairs, resolve
+from jcompress.core.spec import Spec, check_flag, check_value, is_pairs, resolve
 from jcompress.pruning import scores as scores_lib
 
 __all__ = [
@@ -414,6 +414,7 @@ def _pruning(
 ) -> Transform:
     """A Transform pruning its leaves by ``score_fn(params, names, key) -> score tree``."""
     _check_plan(pattern, scope, distribution, sparsity)
+    allow_empty = check_flag(allow_empty, arg="allow_empty")
 
     def apply(params, names, key):
         _check_finite_leaves(params, names)

@@ -16,19 +16,38 @@ Every row has validation and test accuracy, nonzero weights, bits per weight, an
 bytes of a file really written to ``out/files`` (float32 for the dense model, the
 jcompress container otherwise), with the ratio to the dense file. Every choice is made
 on the validation split: the fine-tuning epochs and the centroid fine-tuning epochs are
-picked as the epoch with the best validation accuracy (ties: lower validation loss),
-and the fixed settings of :data:`RECIPE` were chosen by validation accuracy over seeds
-0, 1 and 2. Test accuracy is only reported. ``report.json`` holds the rows, every
-candidate of every choice with its validation score, the recipe, the seed, the total
-seconds and the number and seconds of XLA compilations.
+the epoch with the best validation accuracy (ties: lower validation loss), and the
+settings of :data:`RECIPE` were picked among a few candidates by validation accuracy,
+under the constraint ratio >= 40. Test accuracy is only reported. ``report.json`` holds
+the rows, every candidate of every choice with its validation score, the recipe, the
+seed, the total seconds and the number and seconds of XLA compilations.
 
 Speed: training runs one jitted call per epoch (a ``lax.scan`` over the epoch's
 batches, on arrays placed on the device once), so dense training, pruning and
-fine-tuning share one compiled function; the centroid stage compiles one more, and
-evaluation one (fixed batch of 200). Nothing is cached between runs.
+fine-tuning share one compiled function; the centroid stage compiles one more and
+evaluation one (a fixed batch of 200 for both splits). Nothing is cached between runs.
 
-Measured (2 CPU cores, fresh ``JCOMPRESS_CACHE``): see README's demo section for the
-figures per seed, with test accuracy of the dense model and of the final file.
+Measured with :data:`RECIPE` (``jcompress demo --seed S``; mnist5k's test split has 1,000
+images, so 0.1 point is one image):
+
+====  ==================  ==================  =======
+seed  dense val / test    file val / test     ratio
+====  ==================  ==================  =======
+0     94.00 / 93.90       94.75 / 93.80       42.1x
+1     92.75 / 94.30       94.50 / 93.90       41.8x
+2     94.25 / 93.20       94.50 / 94.00       42.0x
+====  ==================  ==================  =======
+
+The final file is within 0.3 test points of the dense model for seeds 0 and 2 and 0.4
+points (4 images) below it for seed 1; on validation it is at or above the dense model
+for all three. The test difference is of the order of the test split's noise, so one
+seed passing or failing the 0.3-point bar says little.
+
+Time, cold (fresh ``JCOMPRESS_CACHE``, compilation and dense training included): three
+runs interleaved with the previous demo (which took 46 s on an idle 2-core machine) on a
+shared 2-core machine at load 21-25 took 0.67x its median wall time and 0.50x its median
+CPU time; an idle run was not measured. About 80 XLA compilations, most of them small
+eager operations inside the library's k-means, centroid and compression code.
 
 Example:
   >>> from jcompress import demo
@@ -124,7 +143,7 @@ class _Trainer:
         self.tx, self.seed, self.batch_size = tx, seed, batch_size
         self.x, self.y, self.n = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), len(ds.x_train)
         self.steps = data.num_batches(self.n, batch_size)
-        self.params, self.opt_state = params, tx.init(params)
+        self.params, self.opt_state = params, jax.jit(tx.init)(params)  # one compilation, not one per op
         self.epochs_done = 0
         self._run = jax.jit(functools.partial(epoch, apply_fn=apply_fn, tx=tx))
 

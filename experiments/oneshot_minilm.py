@@ -31,7 +31,10 @@ Nothing is tuned: every method runs with its papers' defaults.
 
 Expected runtime: full about 15 minutes of CPU per seed on 2 cores (48 minutes wall were
 measured on a machine shared with other jobs, load ~16); quick (the first transformer
-layer, 32 calibration and 64 evaluation sentences, 4 methods) about 15 s of CPU.
+layer, 32 calibration and 64 evaluation sentences, 4 methods) about 30 s of CPU. Quick mode
+at seeds 0, 1, 2: SparseGPT ahead of magnitude at 50% by 0.013-0.014 of mean cosine
+similarity, GPTQ ahead of RTN at 3 bits by 0.005-0.009; their layer errors are 3.4x and
+4.6x smaller.
 
 Expected result (the papers' ordering): at 50% SparseGPT and Wanda keep cosine
 similarity far closer to 1 than magnitude pruning, and the gap widens at 2:4; GPTQ beats

@@ -14,16 +14,19 @@ standard-library module whose docstrings hold prose is one more (its module, cla
 function docstrings joined; tests, IDLE, turtle demos and tkinter left out). Documents
 are split by a hash of their name (``sha256(name) % 10``: 0 test, 1 validation, else
 train), so no document is in two splits. Python 3.11, full variant (``python-docs``,
-4096-token vocabulary): 569 documents, about 440k train / 47k validation / 59k test
-tokens (the exact counts are in ``results.json``'s ``tokens``). The quick variant uses
-the help topics only (``data='pydoc-topics'``).
+2048-token vocabulary): 562 documents (450 / 52 / 60), 516,182 train / 49,644
+validation / 64,475 test tokens (``results.json``'s ``tokens``); the first 16,384 of
+the validation and test streams are evaluated. The quick variant uses the help topics
+only (``data='pydoc-topics'``, 512-token vocabulary: 172,070 / 6,775 / 38,887 tokens).
 
 Tokenizer: byte-level BPE (``tokenizers``), trained on the train documents only.
 
-Model: ``vocab 4096, hidden 256, 4 layers, 8 query / 2 key-value heads, SwiGLU 768,
-untied embeddings`` (5.2M parameters, 3.1M of them in the blocks' Linears), trained from
-scratch with AdamW (warmup, cosine decay, weight decay on matrices only) on random
-``seq_len + 1``-token windows of the train stream. The trained model is saved as a
+Model: ``vocab 2048, hidden 128, 4 layers, 8 query / 2 key-value heads of 16, SwiGLU
+384, untied embeddings`` (1.28M parameters, 0.75M of them in the blocks' Linears),
+trained from scratch for 300 steps of 16 x 128 tokens (about 1.2 passes over the train
+stream) with AdamW (warmup, cosine decay, weight decay on matrices only) on random
+``seq_len + 1``-token windows of the train stream. The quick model: hidden 64, 2
+layers, 4 heads, 150 steps. The trained model is saved as a
 Hugging Face folder (``config.json``, ``model.safetensors``, ``tokenizer.json``) under
 ``jcompress.data.cache_dir() / 'oneshot_llm' / <hash of the data, tokenizer, model and
 training settings>`` and read back with :func:`jcompress.models.hf_lm.load`; a training
@@ -36,7 +39,8 @@ inputs, which are the outputs of the already-compressed blocks before it. All 7 
 of every block are compressed; embeddings, norms and ``lm_head`` stay float32. Methods:
 
 * 50% unstructured and 2:4 sparsity: magnitude (per layer), Wanda, SparseGPT;
-* 4 and 3-bit weights, groups of 128 inputs, symmetric min-max grids: round-to-nearest,
+* 4 and 3-bit weights, groups of ``group_size`` inputs (128; 64 in the quick variant),
+  symmetric min-max grids: round-to-nearest,
   GPTQ (activation order), AWQ (scale search on a grid of 20);
 * SmoothQuant W8A8 (per-token dynamic 8-bit activations, 8-bit per-output weights),
   migration strength alpha chosen from ``alphas`` by validation perplexity.
@@ -47,8 +51,9 @@ moved by ``eval_stride`` (:func:`jcompress.lm.perplexity`). ``seconds`` is the w
 of the block-by-block compression (statistics, solver and output passes, compilation
 included).
 
-Expected runtime (2 shared CPU cores): full about 20 minutes of training (once; cached)
-plus about 10 minutes of compression and evaluation; quick about 30 seconds.
+Expected runtime: full, about 4 minutes of CPU to train (once; cached) and about 4 more
+to compress and evaluate (much longer wall time on a loaded machine, see RESULTS.md);
+quick, about 45 seconds of CPU (15 of them training, cached after the first run).
 
 Expected result (the papers' ordering): at 50% sparsity SparseGPT and Wanda stay far
 closer to dense perplexity than magnitude pruning (Frantar & Alistarh 2023; Sun et al.

@@ -199,11 +199,13 @@ def _sample(x: jax.Array, stride: int) -> jax.Array:
     columns that shift from row to row, so rows or columns of different scales are all
     represented in proportion (a sample of every ``stride``-th row would miss most rows,
     and the bracket read off it would often miss the answer). A leaf sharded over devices
-    is sampled by strided slicing from the leading axis on instead, which keeps the sample
-    on the devices that hold it (flattening could move the data).
+    is sampled by strided slicing from the leading axis on instead, with ``stride`` rounded
+    down to a power of two (so that sliced sharded axes stay divisible by the mesh), which
+    keeps the sample on the devices that hold it (flattening could move the data).
     """
     if not _is_sharded(x):
         return x.reshape(-1)[::stride]
+    stride = 1 << (stride.bit_length() - 1)
     index = []
     for d in x.shape:
         step = max(1, min(stride, d))

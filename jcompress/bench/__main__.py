@@ -19,7 +19,7 @@ import time
 
 import jcompress.bench as bench_pkg
 
-__all__ = ["main", "machine"]
+__all__ = ["machine", "main"]
 
 
 def machine() -> dict:

@@ -31,6 +31,11 @@ Claims checked over seeds (``--seeds``, paired by seed): the teacher beats the s
 alone on validation (the gap), and the distilled student (paper's settings, and tuned)
 beats the student alone on test.
 
+Measured (full, seeds 0, 1, 2; test errors of 1,000, mean +- std): teacher 52.7 +- 5.0,
+student alone 96.7 +- 1.5, distilled at T = 20 / alpha = 0.9 71.7 +- 3.5 (25 +- 4 fewer
+errors than alone, paired by seed, at every seed); validation gap teacher - alone
+-14 +- 4 of 400; T = 1 does not help.
+
 Runtime on 2 CPU cores: full about 3-4 minutes per seed (12 trainings of 30 epochs) on an
 idle machine, several times that under load; ``--quick`` (teacher 256-256 and student
 800-800 on 500 images, 8 epochs of batches of 32, ``T = 5``, ``alpha = 0.9``) about 15 s

@@ -22,9 +22,11 @@ above.
 Expected result (mnist5k: 4,000 training / 1,000 test images): the two are equal within
 noise up to 75-90%; at 95-98% gradual pruning is ahead, as Zhu & Gupta report for large
 sparsities, and one-shot pruning without fine-tuning collapses above 90%. Measured (full
-mode, seed 0; dense same budget 94.1%): gradual / one-shot 94.7 / 94.5% at 50%,
-94.7 / 94.7% at 75%, 93.0 / 92.6% at 90%, 90.7 / 88.1% at 95%, 50.3 / 38.7% at 98% (every
-layer at 98%, the 10-unit output layer included, is too few weights for either).
+mode, seeds 0, 1, 2, test accuracy mean +- std; dense same budget 94.70 +- 0.17%): gradual /
+one-shot 94.70 / 94.73% at 50%, 94.73 / 94.60% at 75%, 92.90 / 92.77% at 90% (within noise),
+88.93 +- 0.80 / 85.67 +- 0.72% at 95% (paired difference +3.3 +- 0.5 points, real),
+63.8 +- 20.8 / 38.7 +- 5.9% at 98% (+25 +- 20, real by 2.2 standard errors; every layer at
+98%, the 10-unit output layer included, is too few weights for either to be stable).
 
 Runtime: full 3 minutes per seed measured on 2 heavily shared CPU cores; ``--quick`` (98%
 only, 2 dense epochs and a 4-epoch budget) about 17 s of CPU time; there gradual pruning is

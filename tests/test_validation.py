@@ -194,6 +194,7 @@ CASES = [
     ("flag not a bool", "allow_empty='False'", lambda t: _mag(W, sparsity=0.5, allow_empty="False"), TypeError, r"allow_empty='False' must be True or False"),
     ("flag not a bool", "symmetric=1", lambda t: quant.quantize(bits=4, symmetric=1), TypeError, r"symmetric=1 must be True or False"),
     ("flag not a bool", "act_order='yes'", lambda t: oneshot.gptq({"fc1/kernel": jnp.eye(8)}, bits=4, act_order="yes"), TypeError, r"act_order='yes'"),
+    ("flag not a bool", "kmeans preserve_zeros='no'", lambda t: sharing.kmeans(k=4, preserve_zeros="no"), TypeError, r"preserve_zeros='no'"),
     ("flag not a bool", "hard_prune allow_empty=0", lambda t: surgery.hard_prune(input_shape=(4,), allow_empty=0), TypeError, r"allow_empty=0"),
     ("rank invalid", "rank=0", lambda t: lowrank.svd(rank=0)(W), ValueError, r"rank"),
     ("rank invalid", "rank above min(dims)", lambda t: lowrank.svd(rank=7)(W), ValueError, r"rank|fc1/kernel"),

@@ -529,6 +529,7 @@ def kmeans(
     if init not in INITS:
         raise ValueError(f"init={init!r} must be one of {INITS}")
     iters = spec_lib.check_value(iters, arg="iters", kind=int, lo=1)
+    preserve_zeros = spec_lib.check_flag(preserve_zeros, arg="preserve_zeros")
     if not spec_lib.is_pairs(k):
         spec_lib.check_value(k, arg="k", kind=int, lo=1)
 

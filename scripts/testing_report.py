@@ -208,6 +208,8 @@ def main() -> int:
               f"{sum(1 for o in res.values() if o == 'skipped')} skipped."), ""]  # fmt: skip
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}: {len(res)} tests, {len(failed)} failed")
+    for name in failed:
+        print(f"FAILED {name}")
     return 1 if failed else 0
 
 

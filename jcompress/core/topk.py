@@ -192,18 +192,20 @@ def _select_bucket(counts: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Arra
     return bucket.astype(jnp.uint32), (k - above).astype(jnp.int32)
 
 
-def _sample(x: jax.Array, stride: int) -> jax.Array:
+def _sample(x: jax.Array, stride: int, *, may_be_sharded: bool) -> jax.Array:
     """About one element in ``stride``: every ``stride``-th element of the flattened array.
 
     With a prime ``stride`` (no divisor of layer widths) the sample visits every row at
     columns that shift from row to row, so rows or columns of different scales are all
     represented in proportion (a sample of every ``stride``-th row would miss most rows,
-    and the bracket read off it would often miss the answer). A leaf sharded over devices
-    is sampled by strided slicing from the leading axis on instead, with ``stride`` rounded
-    down to a power of two (so that sliced sharded axes stay divisible by the mesh), which
-    keeps the sample on the devices that hold it (flattening could move the data).
+    and the bracket read off it would often miss the answer). A leaf that is or may be
+    sharded over devices (``may_be_sharded``: under ``jax.jit`` with an ``Auto`` mesh the
+    sharding is invisible) is sampled by strided slicing from the leading axis on instead,
+    with ``stride`` rounded down to a power of two (so that sliced sharded axes stay
+    divisible by the mesh), which keeps the sample on the devices that hold it (flattening
+    a column-sharded leaf would gather it).
     """
-    if not _is_sharded(x):
+    if not (may_be_sharded or _is_sharded(x)):
         return x.reshape(-1)[::stride]
     stride = 1 << (stride.bit_length() - 1)
     index = []
@@ -245,7 +247,8 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
         return jnp.sort(keys)[n - k]
     full = (jnp.uint32(_KEY_MIN), jnp.uint32(_KEY_MAX))
     if n >= _SAMPLE_ABOVE:
-        sample = [_sample(v, _SAMPLE_STRIDE) for v in values]
+        # chunk=None is how a caller under jit with an Auto mesh says leaves may be sharded
+        sample = [_sample(v, _SAMPLE_STRIDE, may_be_sharded=chunk is None) for v in values]
         m = sum(int(np.prod(x.shape)) for x in sample)
         p = k / n
         margin = 6.0 * math.sqrt(m * p * (1.0 - p)) + 16.0

@@ -284,6 +284,88 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
     return lax.while_loop(lambda s: ~s[2], one_pass, state)[3]
 
 
+_HOST_ABOVE = _SORT_BELOW  # concrete CPU inputs larger than this are selected with numpy
+_HOST_CHUNK = 1 << 18  # elements per numpy step (1 MiB of float32: temporaries stay in cache)
+
+
+def _on_host(values: Sequence[jax.Array]) -> bool:
+    """True when every leaf is a concrete (not traced) array on one CPU device, so that
+    numpy can read it in place (``np.asarray`` of such an array does not copy)."""
+    for v in values:
+        if isinstance(v, jax.core.Tracer) or not isinstance(v, jax.Array):
+            return False
+        devices = v.sharding.device_set
+        if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+            return False
+    return True
+
+
+def _host_leaf(v: jax.Array, magnitude: bool) -> np.ndarray:
+    """Flat float32 numpy view of a leaf (a copy only for other dtypes, or ``|v|``)."""
+    flat = np.asarray(v).reshape(-1).astype(np.float32, copy=False)
+    return np.abs(flat) if magnitude else flat
+
+
+def _host_select(values: Sequence[jax.Array], k: int, magnitude: bool, masks: bool):
+    """:func:`kth_largest` (and with ``masks`` the masks of :func:`keep_largest_global`)
+    with numpy on the host: exact, in one pass over the data.
+
+    A strided sample (every 67th element, see :func:`_sample`) gives a bracket
+    ``[lo, hi]`` holding rank ``k`` with a 6-sigma margin; one pass, in chunks that stay
+    in cache, counts the elements above ``hi`` (writing them into the masks) and collects
+    the positions inside the bracket (about 1% of them); ``np.partition`` of those values
+    gives the answer, and the tied entries are settled among them alone. If the counts
+    show the answer outside the bracket, everything is selected with ``np.partition``.
+
+    Returns:
+      ``(t, masks)``: the k-th largest as ``np.float32`` (``-0.0`` as ``0.0``), and a
+      list of bool numpy arrays with exactly ``k`` True (or ``None``).
+    """
+    flats = [np.asarray(v).reshape(-1) for v in values]
+    n = sum(f.shape[0] for f in flats)
+    sample = np.concatenate([f[::_SAMPLE_STRIDE] for f in flats]).astype(np.float32)
+    sample = np.abs(sample) if magnitude else sample
+    m, p = sample.shape[0], k / n
+    margin = 6.0 * math.sqrt(m * p * (1.0 - p)) + 16.0
+    rank_hi = int(min(max(math.floor(p * m - margin), 1), m))
+    rank_lo = int(min(max(math.ceil(p * m + margin), 1), m))
+    part = np.partition(sample, [m - rank_lo, m - rank_hi])
+    lo, hi = part[m - rank_lo], part[m - rank_hi]
+    out = [np.empty(f.shape, bool) for f in flats] if masks else None
+    above, inside, where = 0, [], []
+    for leaf, f in enumerate(flats):
+        for i in range(0, f.shape[0], _HOST_CHUNK):
+            c = f[i : i + _HOST_CHUNK].astype(np.float32, copy=False)
+            c = np.abs(c) if magnitude else c
+            big = np.greater(c, hi, out=None if out is None else out[leaf][i : i + c.shape[0]])
+            above += int(np.count_nonzero(big))
+            inb = (c >= lo) & (c <= hi)
+            if out is None:
+                inside.append(c[inb])
+            else:
+                idx = np.flatnonzero(inb)
+                inside.append(c[idx])
+                where.append((leaf, idx + i))
+    inside = np.concatenate(inside)
+    rank = k - above  # rank of the answer among the elements inside the bracket
+    if not 1 <= rank <= inside.shape[0]:  # the sample missed: select over everything
+        inside = np.concatenate([_host_leaf(v, magnitude) for v in values])
+        rank, above, where = k, 0, [(leaf, np.arange(f.shape[0])) for leaf, f in enumerate(flats)]
+        if out is not None:
+            out = [np.zeros(f.shape, bool) for f in flats]
+    t = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
+    if out is not None:
+        keep = inside >= t
+        tied = np.flatnonzero(inside == t)
+        keep[tied[: int(np.count_nonzero(keep)) - rank]] = False  # drop the lowest-placed ties
+        start = 0
+        for leaf, idx in where:
+            out[leaf][idx] = keep[start : start + idx.shape[0]]
+            start += idx.shape[0]
+        out = [o.reshape(np.shape(v)) for o, v in zip(out, values)]
+    return np.float32(t + np.float32(0)), out
+
+
 def _check_k(k: int, total: int) -> int:
     if isinstance(k, (jax.Array, np.ndarray)) and np.ndim(k) == 0 and not isinstance(k, jax.core.Tracer):
         k = int(k)
@@ -313,41 +395,61 @@ def _chunk_for(values: Sequence[jax.Array], chunk: int | None) -> int | None:
     return None if any(_is_sharded(v) for v in values) else chunk
 
 
-def kth_largest(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> jax.Array:
+def kth_largest(
+    values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18, magnitude: bool = False
+) -> jax.Array:
     """Exact k-th largest value (1-indexed, counting repeats) over several float arrays.
 
     Equals ``np.partition(np.concatenate([v.ravel() for v in values]), n - k)[n - k]``
     for float32 input, in linear time (histogram passes, see the module docstring).
     Works eagerly, under ``jax.jit`` and on sharded arrays without gathering them.
+    Called eagerly on concrete arrays that each sit on one CPU device (more than
+    65,536 elements in all), it selects with numpy on the host instead, reading the
+    arrays in place: a sampled bracket, one pass and a small ``np.partition`` (the
+    compiled path's histogram pass is an XLA scatter, several times slower on CPU).
 
     Args:
       values: floating arrays of any shapes; NaN is not allowed (not checked here).
       k: static rank, ``1 <= k <= total number of elements``.
       chunk: see :func:`kth_largest_key` (``None`` for arrays sharded over devices).
+      magnitude: rank ``|values|`` instead of ``values`` (``|w|`` for magnitude pruning,
+        without materialising it).
 
     Returns:
       float32 scalar.
 
     Example:
       >>> kth_largest([jnp.array([3., 1.]), jnp.array([2., 2.])], k=2)  # -> 2.0
+      >>> kth_largest([w1, w2], k=1000, magnitude=True)  # the 1000-th largest |w|
     """
     values = _float_leaves(values, "values")
-    k = _check_k(k, sum(int(np.prod(v.shape)) for v in values))
+    n = sum(int(np.prod(v.shape)) for v in values)
+    k = _check_k(k, n)
+    if n > _HOST_ABOVE and _on_host(values):
+        return jnp.float32(_host_select(values, k, magnitude, masks=False)[0])
+    if magnitude:
+        values = [jnp.abs(v) for v in values]
     return key_to_float(kth_largest_key(values, k, chunk=_chunk_for(values, chunk)))
 
 
-def keep_largest_global(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> list[jax.Array]:
+def keep_largest_global(
+    values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18, magnitude: bool = False
+) -> list[jax.Array]:
     """Bool masks keeping exactly the ``k`` largest entries over all ``values`` together.
 
     Entries strictly above the k-th largest value are kept; among entries equal to it,
     those with the highest flat index are kept, where the flat index runs over
     ``values`` in order and row-major within each array (so a tie is pruned at the
     lower index first). The result is the same as keeping the last ``k`` positions of
-    a stable ascending argsort of the concatenated values.
+    a stable ascending argsort of the concatenated values. Concrete arrays on one CPU
+    device (more than 65,536 elements in all) are handled with numpy on the host, as in
+    :func:`kth_largest`; the masks are the same.
 
     Args:
       values: floating arrays of any shapes.
       k: static number of entries to keep, ``0 <= k <= total size``.
+      chunk: see :func:`kth_largest_key`.
+      magnitude: rank ``|values|`` instead of ``values``.
 
     Returns:
       list of bool arrays with the shapes of ``values``; exactly ``k`` True in total.
@@ -360,7 +462,12 @@ def keep_largest_global(values: Sequence[jax.Array], k: int, *, chunk: int | Non
     total = sum(int(np.prod(v.shape)) for v in values)
     if k == 0:
         return [jnp.zeros(v.shape, bool) for v in values]
-    return _keep_top(values, _check_k(k, total), chunk=_chunk_for(values, chunk))
+    k = _check_k(k, total)
+    if total > _HOST_ABOVE and _on_host(values):
+        return [jnp.asarray(m) for m in _host_select(values, k, magnitude, masks=True)[1]]
+    if magnitude:
+        values = [jnp.abs(v) for v in values]
+    return _keep_top(values, k, chunk=_chunk_for(values, chunk))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))

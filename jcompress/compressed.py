@@ -299,23 +299,24 @@ class CodebookTensor(_Leaf):
         return cls(cb, codes, gaps, tuple(fields["shape"]), fields["index_bits"], bool(fields["huffman"]))
 
 
-def _zero_codes(zero_point, shape, axis, group_size, xp):
+def _zero_codes(zero_point, shape, axis, group_size, xp, g_idx=None):
     """The code of a zero weight at each position: ``zero_point`` spread over its group.
 
     Returns an array that broadcasts to ``shape`` (``zero_point`` itself per tensor and
-    per channel; for groups, ``(K // g, C)`` repeated over the ``g`` rows of each group
-    and laid out as the weight, as in ``jcompress.core.grid``).
+    per channel; for groups, ``(K // g, C)`` repeated over the ``g`` rows of each group,
+    or taken at ``g_idx`` per row, and laid out as the weight, as in ``jcompress.core.grid``).
     """
     zp = xp.asarray(zero_point)
     if group_size is None:
         return zp
     moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
-    return xp.moveaxis(xp.repeat(zp, group_size, axis=0).reshape(moved), -1, axis)
+    rows = zp[xp.asarray(g_idx)] if g_idx is not None else xp.repeat(zp, group_size, axis=0)
+    return xp.moveaxis(rows.reshape(moved), -1, axis)
 
 
 @functools.partial(
     _register,
-    data=["codes", "scale", "zero_point", "gaps"],
+    data=["codes", "scale", "zero_point", "gaps", "g_idx"],
     meta=["shape", "bits", "symmetric", "axis", "group_size", "index_bits"],
 )
 class QuantizedTensor(_Leaf):
@@ -337,6 +338,8 @@ class QuantizedTensor(_Leaf):
       shape: the dense shape.
       bits, symmetric, axis, group_size: as in ``QuantParams``.
       index_bits: relative-index width for the sparse layout, ``None`` for dense.
+      g_idx: int32 ``(K,)`` group of each row, as in ``QuantParams`` (GPTQ's dynamic
+        activation-order groups), or ``None`` for contiguous groups; stored as int32.
     """
 
     codes: Any
@@ -349,6 +352,7 @@ class QuantizedTensor(_Leaf):
     axis: int | None
     group_size: int | None
     index_bits: int | None
+    g_idx: Any = None
 
     @classmethod
     def from_qparams(cls, qp, *, index_bits: int | None = None) -> QuantizedTensor:
@@ -362,20 +366,22 @@ class QuantizedTensor(_Leaf):
           a :class:`QuantizedTensor` whose ``dequantize()`` equals ``grid.dequantize(qp)`` bit for bit.
         """
         meta = (qp.bits, qp.symmetric, qp.axis, qp.group_size)
+        gi = qp.g_idx
         if index_bits is None:
-            return cls(qp.codes, qp.scale, qp.zero_point, None, tuple(np.shape(qp.codes)), *meta, None)
+            return cls(qp.codes, qp.scale, qp.zero_point, None, tuple(np.shape(qp.codes)), *meta, None, gi)
         codes, zp = np.asarray(qp.codes), np.asarray(qp.zero_point)
-        zero = np.broadcast_to(_zero_codes(zp, codes.shape, qp.axis, qp.group_size, np), codes.shape)
+        zero = np.broadcast_to(_zero_codes(zp, codes.shape, qp.axis, qp.group_size, np, gi), codes.shape)
         gaps, _ = huff.relative_index((codes != zero).astype(np.int64), index_bits=index_bits)
         kept = codes.reshape(-1)[np.cumsum(gaps + 1) - 1]  # a filler's position holds the zero code
-        return cls(kept.astype(np.int32), qp.scale, zp, gaps.astype(np.int32), codes.shape, *meta, int(index_bits))
+        sparse = (gaps.astype(np.int32), codes.shape, *meta, int(index_bits), gi)
+        return cls(kept.astype(np.int32), qp.scale, zp, *sparse)
 
     def dense_codes(self) -> jax.Array:
         """The codes of all weights (``shape``), the zero codes filled in for the sparse layout."""
         if self.gaps is None:
             return jnp.asarray(self.codes)
-        xp = jnp if _traced(self.codes, self.zero_point, self.gaps) else np
-        zero = _zero_codes(self.zero_point, self.shape, self.axis, self.group_size, xp)
+        xp = jnp if _traced(self.codes, self.zero_point, self.gaps, self.g_idx) else np
+        zero = _zero_codes(self.zero_point, self.shape, self.axis, self.group_size, xp, self.g_idx)
         return _scatter(self.gaps, self.codes, self.shape, fill=zero)
 
     def to_qparams(self) -> grid.QuantParams:
@@ -388,6 +394,7 @@ class QuantizedTensor(_Leaf):
             self.symmetric,
             self.axis,
             self.group_size,
+            None if self.g_idx is None else jnp.asarray(self.g_idx, jnp.int32),
         )
 
     def dequantize(self) -> jax.Array:
@@ -415,6 +422,9 @@ class QuantizedTensor(_Leaf):
         if not self.symmetric:
             zbytes, zbits = _raw(self.zero_point, "int32")
             payloads.append(("zero_point", zbytes, zbits))
+        if self.g_idx is not None:  # only GPTQ's dynamic act-order groups; other files are as before
+            gbytes, gbits = _raw(self.g_idx, "int32")
+            payloads.append(("g_idx", gbytes, gbits))
         return fields, payloads
 
     @classmethod
@@ -438,7 +448,14 @@ class QuantizedTensor(_Leaf):
             else np.zeros(sshape, np.int32)
         )
         meta = (int(fields["bits"]), bool(fields["symmetric"]), fields["axis"], fields["group_size"])
-        return cls(codes, scale, zp, gaps, shape, *meta, None if ib is None else int(ib))
+        g_idx = None
+        if "g_idx" in payloads:
+            if fields["group_size"] is None or fields["axis"] is None:
+                raise ValueError("a g_idx payload needs a grouped grid (group_size and axis set)")
+            k = math.prod(shape) // shape[fields["axis"]]
+            g_idx = _from_raw(payloads["g_idx"], "int32", (k,))
+            grid.check_g_idx(g_idx, k, int(fields["group_size"]))
+        return cls(codes, scale, zp, gaps, shape, *meta, None if ib is None else int(ib), g_idx)
 
 
 LEAF_TYPES = {c.__name__: c for c in (DenseTensor, SparseTensor, CodebookTensor, QuantizedTensor)}

@@ -376,8 +376,6 @@ def test_gptq_dynamic_groups_equal_reference(group_size):
     assert not np.allclose(values, static)  # the grids really were recomputed
     np.testing.assert_array_equal(grid.dequantize(qp), values)
     assert qp.scale.shape == (64 // group_size, 16)
-    with pytest.raises(ValueError, match="static_groups"):
-        quantize_matrix(jnp.asarray(kernel), jnp.asarray(h), bits=3, group_size=8, act_order=True, static_groups=False)
 
 
 @pytest.mark.parametrize("bits", [3, 4])

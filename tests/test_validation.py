@@ -164,10 +164,10 @@ CASES = [
     ),
     (
         "group size invalid",
-        "GPTQ dynamic groups with act_order",
-        lambda t: oneshot.gptq({"fc1/kernel": jnp.eye(8)}, bits=4, group_size=4, act_order=True, static_groups=False),
-        ValueError,
-        r"static_groups",
+        "GPTQ static_groups not a bool",
+        lambda t: oneshot.gptq({"fc1/kernel": jnp.eye(8)}, bits=4, group_size=4, act_order=True, static_groups="no"),
+        TypeError,
+        r"static_groups='no'",
     ),
     (
         "group size invalid",

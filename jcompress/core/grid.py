@@ -31,6 +31,11 @@ Granularity (``axis`` and ``group_size``):
 * ``axis=a, group_size=g``: the tensor is viewed as a matrix ``(K, C)`` with the channel
   axis moved last, and each column is cut into ``K // g`` groups of ``g`` consecutive
   rows; stored as ``(K // g, C)``. ``g`` must divide ``K``.
+* ``axis=a, group_size=g, g_idx=idx``: as above, but row ``k`` of the ``(K, C)`` view
+  belongs to group ``idx[k]`` (int32 ``(K,)``, values in ``[0, K // g)``) instead of
+  ``k // g``: GPTQ with activation order and dynamic groups forms its groups from
+  ``g`` consecutive inputs of the activation order, so a group's rows are scattered.
+  ``g_idx=None`` (every grid but that one) means the contiguous ``k // g``.
 
 Example:
   >>> qp = quantize_leaf(w, bits=4, axis=-1, group_size=64, symmetric=False)  # w (256, 128)
@@ -54,10 +59,12 @@ __all__ = [
     "ROUNDINGS",
     "QuantParams",
     "check_bits",
+    "check_g_idx",
     "check_group_size",
     "code_range",
     "dequantize",
     "grid_from_range",
+    "group_index",
     "quantize_leaf",
     "range_grid",
     "round_codes",
@@ -68,7 +75,7 @@ ROUNDINGS = ("nearest", "stochastic")
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["codes", "scale", "zero_point"],
+    data_fields=["codes", "scale", "zero_point", "g_idx"],
     meta_fields=["bits", "symmetric", "axis", "group_size"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +88,10 @@ class QuantParams:
       zero_point: int32, the shape of ``scale`` (all zero when symmetric).
       bits, symmetric, axis, group_size: static hyperparameters (``axis`` non-negative or
         None). They are pytree metadata, so a ``QuantParams`` passes through ``jax.jit``
-        with only the three arrays traced. Activation order (GPTQ) keeps contiguous groups
-        in the original input order, so it needs no extra field.
+        with only the arrays traced.
+      g_idx: int32 ``(K,)``, the group of each row of the ``(K, C)`` view (see the module
+        docstring), or ``None`` for contiguous groups ``k // group_size`` (the default;
+        only GPTQ with ``act_order=True, static_groups=False`` sets it).
     """
 
     codes: jax.Array
@@ -92,6 +101,7 @@ class QuantParams:
     symmetric: bool
     axis: int | None
     group_size: int | None
+    g_idx: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -133,6 +143,37 @@ def check_group_size(group_size, reduction: int, *, where: str = "") -> int | No
             "pick a divisor (for a Dense kernel (in, out): of in) or group_size=None"
         )
     return g
+
+
+def group_index(k: int, group_size: int | None, g_idx=None):
+    """The group of each of the ``k`` rows of the ``(K, C)`` view: ``g_idx``, else ``arange(k) // group_size``."""
+    if g_idx is not None:
+        return g_idx
+    return np.arange(k, dtype=np.int32) // (group_size or max(k, 1))
+
+
+def check_g_idx(g_idx, k: int, group_size: int, *, where: str = "") -> np.ndarray:
+    """A concrete per-row group index as int32 ``(k,)`` with values in ``[0, k // group_size)``.
+
+    Args:
+      g_idx: integer array-like, the group of each of the ``k`` rows.
+      k: rows of the ``(K, C)`` view (a Dense kernel's inputs).
+      group_size: rows per group (it divides ``k``).
+      where: appended to error messages (e.g. the tensor's name).
+
+    Raises:
+      ValueError: a wrong shape, a non-integer dtype or a group outside the range.
+    """
+    g = np.asarray(g_idx)
+    if g.shape != (k,) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"g_idx{where} must be an integer array of shape ({k},), got {g.dtype} {g.shape}")
+    n_groups = k // group_size
+    if g.size and (g.min() < 0 or g.max() >= n_groups):
+        raise ValueError(
+            f"g_idx{where} holds groups {int(g.min())}..{int(g.max())}; {k} rows in groups of {group_size} "
+            f"have groups 0..{n_groups - 1}"
+        )
+    return g.astype(np.int32)
 
 
 def _safe(scale: jax.Array) -> jax.Array:
@@ -300,7 +341,20 @@ def quantize_leaf(
 
 
 def dequantize(qp: QuantParams, *, dtype=jnp.float32) -> jax.Array:
-    """``(codes - zero_point) * scale`` with each scale broadcast over its group; shape of ``codes``."""
+    """``(codes - zero_point) * scale`` with each scale broadcast over its group; shape of ``codes``.
+
+    With ``qp.g_idx``, row ``k`` of the ``(K, C)`` view takes the scale and zero point of
+    group ``g_idx[k]``.
+    """
+    if qp.g_idx is not None:
+        m = jnp.moveaxis(jnp.asarray(qp.codes), qp.axis, -1)
+        c = m.shape[-1]
+        m = m.reshape(-1, c)
+        gi = jnp.asarray(qp.g_idx)
+        scale = jnp.reshape(qp.scale, (-1, c))[gi]
+        zp = jnp.reshape(qp.zero_point, (-1, c))[gi]
+        out = (m - zp).astype(jnp.float32) * scale
+        return _ungrouped(out, tuple(qp.codes.shape), qp.axis).astype(dtype)
     v = _grouped(jnp.asarray(qp.codes), qp.axis, qp.group_size)
     shape = (v.shape[0], 1, v.shape[2])
     v, zp, scale = (

@@ -116,6 +116,8 @@ class _PackedKernel(nnx.Module):
         self.scale = QuantScale(jnp.asarray(qp.scale, jnp.float32))
         # symmetric grids have zero points of 0: nothing to store; others fit a byte (<= 8 bits)
         self.zero_point = None if qp.symmetric else QuantScale(jnp.asarray(qp.zero_point, jnp.uint8))
+        # the group of each input row (GPTQ's dynamic act-order groups), None for contiguous groups
+        self.g_idx = None if qp.g_idx is None else QuantScale(jnp.asarray(qp.g_idx, jnp.int32))
 
     def kernel(self) -> jax.Array:
         """The float32 kernel (its original shape) the codes stand for (what the forward pass uses)."""
@@ -128,7 +130,8 @@ class _PackedKernel(nnx.Module):
             else self.zero_point.get_value().astype(jnp.int32)
         )
         codes = matrix.reshape(self.kernel_shape)
-        return dequantize(QuantParams(codes, scale, zp, self.bits, self.symmetric, self.axis, self.group_size))
+        g_idx = None if self.g_idx is None else self.g_idx.get_value()
+        return dequantize(QuantParams(codes, scale, zp, self.bits, self.symmetric, self.axis, self.group_size, g_idx))
 
 
 class PackedLinear(_PackedKernel):

@@ -9,19 +9,26 @@ held at zero in the loop, their error fed forward like a pruned weight's), so a 
 result quantized by GPTQ keeps its sparsity: ``chain(sparsegpt(...), gptq(...))``.
 
 The grid is :mod:`jcompress.core.grid`'s, per output unit and per group of
-``group_size`` consecutive inputs (one group spanning all inputs when ``group_size`` is
-``None``), symmetric by default like every weight grid in jcompress (``symmetric=False``
-gives the original reference's min-max range widened to contain 0, unsigned codes,
-integer zero point). As in the reference, a
-group's grid is computed when the loop reaches the block it starts in, from the weights
-as the earlier columns' error feedback left them; with activation order (or
-``static_groups=True``) every grid is computed once from the original weights before the
-loop (the reference's ``static_groups`` variant), so the groups stay contiguous in the
-original input order and need no per-input group index.
+``group_size`` inputs (one group spanning all inputs when ``group_size`` is ``None``),
+symmetric by default like every weight grid in jcompress (``symmetric=False`` gives the
+original reference's min-max range widened to contain 0, unsigned codes, integer zero
+point). As in the reference, a group's grid is computed when the loop reaches the block
+it starts in, from the weights as the earlier columns' error feedback left them
+(``static_groups=False``); with ``static_groups=True`` every grid is computed once from
+the original weights before the loop (the reference's ``static_groups`` variant).
 
 Activation order (``act_order=True``): columns are processed in decreasing ``diag(H)``
 (the inputs with the most energy first, while the most unquantized columns remain to
-absorb their error) and put back in their original order afterwards.
+absorb their error) and put back in their original order afterwards. Its groups:
+
+* ``static_groups=True`` (the default with ``act_order``, ``static_groups=None``): groups
+  of ``group_size`` consecutive inputs in the original order, their grids from the
+  original weights; the grid needs no per-input group index.
+* ``static_groups=False`` (the reference's and GPTQModel's ``desc_act`` default): a new
+  group starts every ``group_size`` columns of the activation order, its grid computed
+  from the weights as the error feedback left them; input ``i`` belongs to group
+  ``g_idx[i] = (position of i in the order) // group_size``, stored in the grid's
+  ``g_idx`` (int32 ``(in,)``, exactly ``group_size`` inputs per group).
 
 The round-to-nearest baseline on the same grid is ``jc.quant.quantize(bits=b)`` (one grid
 per output unit, ``axis=-1``, the same ``symmetric`` and ``group_size``), so the two
@@ -30,6 +37,8 @@ isolate GPTQ's error feedback.
 Example:
   >>> params4, aux = jc.oneshot.gptq(stats, bits=4, group_size=128, act_order=True)(params)
   >>> aux.grids['layers/0/query/kernel'].codes.dtype, aux.errors['layers/0/query/kernel']
+  >>> t = jc.oneshot.gptq(stats, bits=4, group_size=128, act_order=True, static_groups=False)
+  >>> t(params)[1].grids['layers/0/query/kernel'].g_idx.shape     # (in,): the group of each input
 """
 
 from __future__ import annotations
@@ -49,11 +58,6 @@ def _check_static_groups(static_groups, act_order: bool) -> bool:
         return bool(act_order)
     if not isinstance(static_groups, bool):
         raise TypeError(f"static_groups={static_groups!r} must be True, False or None")
-    if act_order and not static_groups:
-        raise ValueError(
-            "static_groups=False with act_order=True would form groups in activation order, which are not "
-            "contiguous inputs and cannot be stored as (groups, out) grids; use static_groups=True (or None)"
-        )
     return static_groups
 
 
@@ -80,7 +84,8 @@ def quantize_matrix(
 
     Returns:
       ``(dequantized kernel (in, out) float32, QuantParams)``: int32 codes ``(in, out)``,
-      ``scale`` / ``zero_point`` ``(groups, out)``, ``axis=1``; the kernel is exactly
+      ``scale`` / ``zero_point`` ``(groups, out)``, ``axis=1``, ``g_idx`` int32 ``(in,)``
+      with ``act_order=True, static_groups=False`` and several groups (else None); the kernel is exactly
       ``grid.dequantize`` of the grid, and is 0 wherever ``kernel`` is 0.
     """
     bits = grid.check_bits(bits, symmetric)
@@ -101,12 +106,18 @@ def quantize_matrix(
             wp, u, block=block_size, fixed=zero[:, perm], quant=quant,
             scale=scale[:, col_group][:, perm], zero_point=zp[:, col_group][:, perm],
         )  # fmt: skip
-    else:  # no act_order here, so the loop's columns are the original ones
-        new_wp, _, scale_cols, zp_cols = obs_column_loop(wp, u, block=block_size, fixed=zero, quant=quant, regrid=g)
+        g_idx = None
+    else:  # dynamic groups: every g columns of the loop's (possibly permuted) order
+        new_wp, _, scale_cols, zp_cols = obs_column_loop(
+            wp, u, block=block_size, fixed=zero[:, perm], quant=quant, regrid=g
+        )
         scale, zp = scale_cols[:, ::g], zp_cols[:, ::g]
+        # input perm[j] sits at position j of the order: its group is j // g
+        g_idx = jnp.zeros(cols, jnp.int32).at[perm].set(col_group.astype(jnp.int32)) if act_order else None
     new_w = jnp.zeros_like(new_wp).at[:, perm].set(new_wp)
-    codes = grid.round_codes(new_w, scale[:, col_group], zp[:, col_group], bits=bits, symmetric=symmetric)
-    qp = grid.QuantParams(codes.T, scale.T, zp.T, bits, bool(symmetric), 1, None if g == cols else g)
+    row_group = col_group if g_idx is None else g_idx
+    codes = grid.round_codes(new_w, scale[:, row_group], zp[:, row_group], bits=bits, symmetric=symmetric)
+    qp = grid.QuantParams(codes.T, scale.T, zp.T, bits, bool(symmetric), 1, None if g == cols else g, g_idx)
     return grid.dequantize(qp), qp
 
 
@@ -134,8 +145,10 @@ def gptq(
       damp: diagonal dampening as a fraction of the mean of ``diag(H)`` (0.01).
       block_size: columns per lazy-update block (128).
       static_groups: ``False``: a group's grid is computed when the loop reaches its
-        block (the reference's default); ``True``: from the original weights before the
-        loop (needed with ``act_order``). ``None``: static with ``act_order``, else not.
+        block (the reference's default); with ``act_order`` the groups are then
+        ``group_size`` consecutive columns of the activation order, recorded per input in
+        the grid's ``g_idx``. ``True``: contiguous groups, grids from the original
+        weights before the loop. ``None``: static with ``act_order``, else not.
 
     Returns:
       a :class:`~jcompress.core.base.Transform`: ``(params, GridAux)``; the touched
@@ -144,7 +157,7 @@ def gptq(
 
     Raises:
       ValueError: bad bits, a group size that does not divide a calibrated kernel's
-        inputs (at construction), ``act_order`` with ``static_groups=False``.
+        inputs (at construction). TypeError: ``static_groups`` not a bool or None.
 
     Example:
       >>> t = jc.chain(jc.oneshot.sparsegpt(stats, sparsity=0.5), jc.oneshot.gptq(stats, bits=4))

@@ -51,11 +51,23 @@ def _grid(shape=(64, 32), *, bits, axis=-1, group_size=None, symmetric=True, see
     return grid.QuantParams(codes, scale, zero, bits, symmetric, None if axis is None else 1, group_size)
 
 
+def _g_idx_grid(*, bits, group_size, symmetric, n_in=64, seed=0, fp16=False) -> grid.QuantParams:
+    """A grouped grid whose groups are scattered over the inputs, as GPTQ's activation-order groups:
+    ``g_idx`` a random permutation of ``arange(n_in) // group_size``."""
+    qp = _grid((n_in, 32), bits=bits, group_size=group_size, symmetric=symmetric, seed=seed, fp16=fp16)
+    g_idx = np.random.default_rng(seed + 1).permutation(np.arange(n_in, dtype=np.int32) // group_size)
+    return dataclasses.replace(qp, g_idx=g_idx)
+
+
 def _assert_same_grid(a: grid.QuantParams, b: grid.QuantParams):
     assert (a.bits, a.symmetric, a.axis, a.group_size) == (b.bits, b.symmetric, b.axis, b.group_size)
     for f in ("codes", "scale", "zero_point"):
         x, y = np.asarray(getattr(a, f)), np.asarray(getattr(b, f))
         assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), f
+    assert (a.g_idx is None) == (b.g_idx is None), "g_idx"
+    if a.g_idx is not None:
+        assert np.asarray(a.g_idx).dtype == np.asarray(b.g_idx).dtype == np.int32
+        assert np.array_equal(np.asarray(a.g_idx), np.asarray(b.g_idx)), "g_idx"
 
 
 def _assert_same_params(a, b):
@@ -172,14 +184,41 @@ def test_act_order_grids_are_recorded_as_actorder_weight_without_g_idx(tmp_path)
     back, grids = ct.read(tmp_path)
     _assert_same_grid(grids[LEAF], qp)
     assert np.array_equal(back["layers"][0]["q_proj"]["kernel"], np.asarray(kernel))
-    # a contiguous weight_g_idx (older writers) is accepted; another order is refused by name
-    tensors["layers.0.q_proj.weight_g_idx"] = (np.arange(64) // 16).astype(np.int32)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    _assert_same_grid(ct.read(tmp_path)[1][LEAF], qp)
+    # a contiguous weight_g_idx (older writers) or the library's -1 placeholder read as contiguous groups
+    for placeholder in (np.arange(64) // 16, np.full(64, -1)):
+        tensors["layers.0.q_proj.weight_g_idx"] = placeholder.astype(np.int32)
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+        _assert_same_grid(ct.read(tmp_path)[1][LEAF], qp)
+    # another order is read as the grid's g_idx; groups out of range are refused by name
     tensors["layers.0.q_proj.weight_g_idx"] = (np.arange(64) % 4).astype(np.int32)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(FolderError, match=r"layers\.0\.q_proj\.weight_g_idx"):
+    _assert_same_grid(ct.read(tmp_path)[1][LEAF], dataclasses.replace(qp, g_idx=np.arange(64, dtype=np.int32) % 4))
+    tensors["layers.0.q_proj.weight_g_idx"] = (np.arange(64) % 5).astype(np.int32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(FolderError, match=r"layers\.0\.q_proj\.weight_g_idx\) holds groups 0\.\.4"):
         ct.read(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ct.FORMATS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compressed_tensors_g_idx_round_trip(tmp_path, fmt, symmetric):
+    """Activation-order groups (GPTQ with static_groups=False): weight_g_idx with actorder 'group'."""
+    params = _params()
+    qp = _g_idx_grid(bits=4, group_size=16, symmetric=symmetric)
+    qc = ct.write(tmp_path, params, {LEAF: qp}, format=fmt, actorder="weight")
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert weights["actorder"] == "group" and weights["strategy"] == "group" and weights["group_size"] == 16
+    t = load_file(str(tmp_path / "model.safetensors"))
+    g_idx = t["layers.0.q_proj.weight_g_idx"]
+    assert g_idx.dtype == np.int32 and np.array_equal(g_idx, qp.g_idx)
+    _assert_read_back(ct.read(tmp_path), params, qp)
+    # the weights are (codes - zero[g_idx]) * scale[g_idx], input by input
+    codes, zero, scale = np.asarray(qp.codes), np.asarray(qp.zero_point), np.asarray(qp.scale)
+    expected = (codes - zero[qp.g_idx]).astype(np.float32) * scale[qp.g_idx]
+    assert np.array_equal(ct.read(tmp_path)[0]["layers"][0]["q_proj"]["kernel"], expected)
+    with pytest.raises(ValueError, match=f"{LEAF}: the grid has a g_idx but no groups"):
+        ct.write(tmp_path / "bad", params, {LEAF: dataclasses.replace(qp, group_size=None, scale=qp.scale[:1],
+                                                                      zero_point=qp.zero_point[:1])})  # fmt: skip
 
 
 def test_mixed_schemes_and_name_mappings(tmp_path):
@@ -475,7 +514,8 @@ def test_gptq_refusals_name_the_leaf_or_tensor(tmp_path):
         (lambda t: t.pop(f"{m}.qzeros"), None, rf"{m}\.qzeros is missing"),
         (lambda t: t.pop(f"{m}.qweight"), None, rf"{m}\.g_idx belongs to no quantized module"),
         (lambda t: t.update({f"{m}.scales": t[f"{m}.scales"][:2]}), None, rf"{m}\.scales has shape \(2, 32\)"),
-        (lambda t: t.update({f"{m}.g_idx": np.arange(64, dtype=np.int32) % 4}), None, rf"{m}\.g_idx puts inputs"),
+        (lambda t: t.update({f"{m}.g_idx": np.arange(64, dtype=np.int32) % 5}), None, rf"{m}\.g_idx\) holds groups 0\.\.4"),
+        (lambda t: t.update({f"{m}.g_idx": np.zeros(32, np.int32)}), None, r"must be an integer array of shape \(64,\)"),
         (None, lambda q: q.update(bits=3), r"bits=3"),
         (None, lambda q: q.update(quant_method="awq"), r"quant_method is 'awq'"),
         (None, lambda q: q.update(group_size=32), rf"{m}\.scales has shape \(4, 32\)"),
@@ -488,3 +528,27 @@ def test_gptq_refusals_name_the_leaf_or_tensor(tmp_path):
             _edit_config(folder, config)
         with pytest.raises(FolderError, match=message):
             gptq.read(folder)
+
+
+@pytest.mark.parametrize("fmt", gptq.CHECKPOINT_FORMATS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_g_idx_round_trip(tmp_path, fmt, symmetric):
+    """Activation-order groups: desc_act true, static_groups false, the grid's g_idx as the g_idx tensor."""
+    params = _params()
+    qp = _g_idx_grid(bits=4, group_size=16, symmetric=symmetric, fp16=True)
+    if not symmetric:
+        qp = dataclasses.replace(qp, zero_point=np.maximum(qp.zero_point, 1))  # format 'gptq' stores zero - 1
+    qc = gptq.write(tmp_path, params, {LEAF: qp}, checkpoint_format=fmt)
+    assert (qc["desc_act"], qc["static_groups"], qc["group_size"]) == (True, False, 16)
+    t = load_file(str(tmp_path / "model.safetensors"))
+    assert t["layers.0.q_proj.g_idx"].dtype == np.int32 and np.array_equal(t["layers.0.q_proj.g_idx"], qp.g_idx)
+    _assert_read_back(gptq.read(tmp_path), params, qp)
+    # fp16_scales keeps the groups
+    w = np.asarray(grid.dequantize(qp))
+    assert np.array_equal(gptq.fp16_scales(qp, w).codes, qp.codes)
+    with pytest.raises(ValueError, match="desc_act=False, but a grid has a g_idx"):
+        gptq.write(tmp_path / "no", params, {LEAF: qp}, desc_act=False)
+    # contiguous grids keep their config: desc_act only when asked, static groups with it
+    plain = dataclasses.replace(qp, g_idx=None)
+    assert gptq.write(tmp_path / "p", params, {LEAF: plain})["desc_act"] is False
+    assert gptq.write(tmp_path / "q", params, {LEAF: plain}, desc_act=True)["static_groups"] is True

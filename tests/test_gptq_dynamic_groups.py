@@ -24,11 +24,12 @@ BITS, BLOCK = 3, 8
 
 
 def correlated_problem(n_in=32, n_out=8, tokens=256, seed=0):
-    """Kernel (in, out) and inputs X (tokens, in) with correlated, unevenly scaled features."""
+    """Kernel (in, out) and inputs X (tokens, in): neighbouring features correlated 0.9 ** |i - j|,
+    feature scales spread over 10x in a random order (so the activation order is not the input order)."""
     rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(n_in, n_in)) / np.sqrt(n_in)
-    x = rng.normal(size=(tokens, n_in)) @ mix + 0.1 * rng.normal(size=(tokens, n_in))
-    x *= rng.uniform(0.2, 3.0, size=(1, n_in))
+    idx = np.arange(n_in)
+    chol = np.linalg.cholesky(0.9 ** np.abs(idx[:, None] - idx[None, :]))
+    x = (rng.normal(size=(tokens, n_in)) @ chol.T) * rng.permutation(np.geomspace(0.3, 3.0, n_in))
     kernel = rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)
     return kernel.astype(np.float32), x.astype(np.float32)
 

@@ -22,6 +22,8 @@ tensor                     dtype, shape           content
                                                   output dim, ``(ceil(out*bits/32), groups)``
                                                   (int8, unpacked, for ``tensor`` or
                                                   ``naive-quantized``)
+``m.weight_g_idx``         int32 ``(in,)``        ``actorder: "group"`` only: the group of
+                                                  each input (scale column ``g_idx[i]``)
 =========================  =====================  ==========================================
 
 The layout's codes are signed (``[-2**(bits-1), 2**(bits-1) - 1]``) and a weight is
@@ -31,11 +33,16 @@ asymmetric codes and zero points are unsigned ``[0, 2**bits - 1]`` and are store
 jcompress's asymmetric codes unchanged. Dequantized weights agree exactly with
 :func:`jcompress.core.grid.dequantize` (float32 scales, integer differences).
 
-Activation order: jcompress's GPTQ with ``act_order=True`` keeps its groups contiguous in
-the input order, which the layout records as ``actorder: "weight"`` (pass
-``actorder="weight"`` to :func:`write`) and which needs no ``weight_g_idx``. A folder
-with a ``weight_g_idx`` is read when the index is the contiguous one
-(``g_idx[i] == i // group_size``); another order is refused.
+Activation order: jcompress's GPTQ with ``act_order=True`` and static groups (its
+default) keeps its groups contiguous in the input order, which the layout records as
+``actorder: "weight"`` (pass ``actorder="weight"`` to :func:`write`) and which needs no
+``weight_g_idx``. With ``static_groups=False`` a grid carries a per-input group index
+(``QuantParams.g_idx``); :func:`write` stores it as ``weight_g_idx`` (int32) under a
+scheme with ``actorder: "group"``, and :func:`read` reads such a folder back to the same
+grid. compressed-tensors 0.19 removed ``actorder: "group"`` (its last release to
+decompress ``weight_g_idx`` is 0.18); vLLM's loaders and older releases read it. A
+``weight_g_idx`` equal to the contiguous index, or holding the library's ``-1``
+placeholder, is read as contiguous groups.
 
 Float8 weights (``type: "float"``, 8 bits, symmetric) are written ``float-quantized``
 beside int grids in the same folder; the config's ``format`` is then ``mixed-precision``
@@ -74,7 +81,7 @@ FORMATS = ("pack-quantized", "naive-quantized")
 # int-quantized is naive-quantized under the name llm-compressor gives W8A8 checkpoints.
 READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized", "float-quantized")
 _STRATEGIES = ("tensor", "channel", "group")
-_ACTORDERS = (None, False, "weight", "static")
+_ACTORDERS = (None, False, "weight", "static", "group", "dynamic", True)
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
@@ -157,6 +164,10 @@ def weight_args(leaf: str, w_shape: tuple, qp: grid.QuantParams | Float8Grid) ->
             f"{leaf}: the grid has one scale per index of axis {qp.axis}; the layout needs one per output "
             "channel (axis=-1) or one for the tensor (axis=None)"
         )
+    if qp.g_idx is not None:
+        if strategy != "group":
+            raise ValueError(f"{leaf}: the grid has a g_idx but no groups (group_size=None); drop the g_idx")
+        grid.check_g_idx(qp.g_idx, int(w_shape[0]), int(qp.group_size), where=f" of {leaf}")
     return {
         "num_bits": int(qp.bits),
         "type": "int",
@@ -186,6 +197,8 @@ def _encode(module: str, qp: grid.QuantParams | Float8Grid, args: dict, fmt: str
         out[f"{module}.weight_shape"] = np.asarray(codes.shape, np.int64)
     else:
         out[f"{module}.weight"] = signed.astype(np.int8)
+    if qp.g_idx is not None:
+        out[f"{module}.weight_g_idx"] = np.asarray(qp.g_idx, np.int32)
     if not qp.symmetric:
         zp = np.asarray(qp.zero_point, np.int32)
         if args["strategy"] == "tensor":
@@ -226,7 +239,9 @@ def write(
       format: ``'pack-quantized'`` (int32 words, what vLLM serves for 4 and 8 bits) or
         ``'naive-quantized'`` (one int8 per code).
       actorder: ``None`` or ``'weight'`` (the grids came from GPTQ with ``act_order=True``),
-        recorded in every scheme.
+        recorded in every scheme of contiguous groups. A grid with a ``g_idx`` (GPTQ with
+        ``act_order=True, static_groups=False``) is always written with ``actorder:
+        "group"`` and its ``weight_g_idx``.
 
     Returns:
       The ``quantization_config`` written.
@@ -246,7 +261,9 @@ def write(
 
     def encode(leaf, module, w, qp):
         args = weight_args(leaf, w.shape, qp)
-        if actorder is not None and args["type"] == "int":
+        if getattr(qp, "g_idx", None) is not None:
+            args["actorder"] = "group"
+        elif actorder is not None and args["type"] == "int":
             args["actorder"] = actorder
         fmt = "float-quantized" if args["type"] == "float" else format
         schemes.setdefault((fmt, tuple(sorted(args.items(), key=str))), []).append(module)
@@ -305,7 +322,7 @@ def _check_args(group: str, scheme: dict, where: str) -> dict:
         raise FolderError(f"{where}: config group {group!r} has strategy 'group' with group_size={g!r}")
     if w.get("dynamic"):
         raise FolderError(f"{where}: config group {group!r} has dynamic weight scales; jcompress reads static ones")
-    if w.get("actorder") not in _ACTORDERS + ("group", "dynamic", True):
+    if w.get("actorder") not in _ACTORDERS:
         raise FolderError(f"{where}: config group {group!r} has actorder={w.get('actorder')!r}")
     if typ == "float" and not w.get("symmetric", True):
         raise FolderError(f"{where}: config group {group!r} has float weights with a zero point")
@@ -322,13 +339,21 @@ _SCALE_DTYPES = ("float32", "float16", "float64", "bfloat16")
 
 
 def to_grid(
-    signed: np.ndarray, zero: np.ndarray | None, scale: np.ndarray, *, bits: int, strategy: str, group_size: int | None
+    signed: np.ndarray,
+    zero: np.ndarray | None,
+    scale: np.ndarray,
+    *,
+    bits: int,
+    strategy: str,
+    group_size: int | None,
+    g_idx: np.ndarray | None = None,
 ) -> grid.QuantParams:
     """A jcompress grid from the layout's signed codes ``(out, in)``, signed zero point and scale.
 
     Signed codes within jcompress's symmetric range and no zero point give a symmetric
     grid; otherwise the codes and zero point are shifted by ``2**(bits-1)`` to jcompress's
-    unsigned asymmetric grid. Either way the dequantized weights are unchanged.
+    unsigned asymmetric grid. Either way the dequantized weights are unchanged. ``g_idx``
+    (int32 ``(in,)``, group strategy) is the group of each input, None for contiguous groups.
     """
     offset = 2 ** (bits - 1)
     codes = signed.astype(np.int32).T  # (in, out)
@@ -337,9 +362,9 @@ def to_grid(
     scale = scale.astype(np.float32)
     scale = scale.reshape(()) if axis is None else scale.T
     if zero is None and bits >= 2 and (codes.size == 0 or codes.min() >= -(offset - 1)):
-        return grid.QuantParams(codes, scale, np.zeros(scale.shape, np.int32), bits, True, axis, gs)
+        return grid.QuantParams(codes, scale, np.zeros(scale.shape, np.int32), bits, True, axis, gs, g_idx)
     zp = np.zeros(scale.shape, np.int32) if zero is None else zero.astype(np.int32).reshape(scale.T.shape).T
-    return grid.QuantParams(codes + offset, scale, zp + offset, bits, False, axis, gs)
+    return grid.QuantParams(codes + offset, scale, zp + offset, bits, False, axis, gs, g_idx)
 
 
 def _decode_float8(tensors: dict, module: str, strategy: str) -> Float8Grid:
@@ -398,16 +423,27 @@ def _decode(tensors: dict, module: str, args: dict, fmt: str) -> grid.QuantParam
                 raise FolderError(f"the tensor {zp_name} holds zero points outside the {bits}-bit range")
     elif zp_name in tensors and np.any(tensors.pop(zp_name)):
         raise FolderError(f"the tensor {zp_name} is non-zero but the scheme of {module} is symmetric")
-    g_idx_name = f"{module}.weight_g_idx"
-    if g_idx_name in tensors:
-        g_idx = tensors.pop(g_idx_name)
-        contiguous = np.arange(n_in) // (g if strategy == "group" else max(n_in, 1))
-        if g_idx.shape != (n_in,) or not np.array_equal(g_idx, contiguous):
-            raise FolderError(
-                f"the tensor {g_idx_name} puts inputs in non-contiguous groups; jcompress's grid holds groups of "
-                "consecutive inputs (actorder 'weight'), so this folder cannot be read exactly"
-            )
-    return to_grid(signed, zero, scale, bits=bits, strategy=strategy, group_size=g)
+    g_idx = _read_g_idx(tensors, f"{module}.weight_g_idx", n_in, g if strategy == "group" else None)
+    return to_grid(signed, zero, scale, bits=bits, strategy=strategy, group_size=g, g_idx=g_idx)
+
+
+def _read_g_idx(tensors: dict, name: str, n_in: int, group_size: int | None) -> np.ndarray | None:
+    """The per-input group index of tensor ``name`` (removed from ``tensors``), or None when it is
+    absent, contiguous (``i // group_size``) or holds the library's ``-1`` placeholder."""
+    if name not in tensors:
+        return None
+    g_idx = tensors.pop(name)
+    if g_idx.shape == (n_in,) and g_idx.dtype.kind in "iu" and np.any(g_idx == -1):
+        return None  # the library's "not set": columns in their own order
+    contiguous = np.arange(n_in) // (group_size or max(n_in, 1))
+    if g_idx.shape == (n_in,) and np.array_equal(g_idx, contiguous):
+        return None
+    if group_size is None:
+        raise FolderError(f"the tensor {name} assigns inputs to groups, but its scheme has one scale per channel")
+    try:
+        return grid.check_g_idx(g_idx, n_in, group_size, where=f" (tensor {name})")
+    except ValueError as e:
+        raise FolderError(str(e)) from None
 
 
 def read(

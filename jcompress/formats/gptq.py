@@ -15,7 +15,8 @@ tensor             dtype, shape                     content
                                                     output dim; format ``gptq`` (v1) stores
                                                     ``zero - 1``, ``gptq_v2`` the zero itself
 ``m.scales``       float16 ``(G, out)``             a weight is ``(u - zero) * scale``
-``m.g_idx``        int32 ``(in,)``                  group of each input: ``i // group_size``
+``m.g_idx``        int32 ``(in,)``                  group of each input: ``i // group_size``, or
+                                                    the activation-order groups (``desc_act``)
 =================  ===============================  ===============================================
 
 plus ``quantize_config.json`` and ``config.json``'s ``quantization_config``
@@ -36,9 +37,11 @@ stored as ``u = c + 2**(bits-1)`` with every zero point ``2**(bits-1)`` (the lay
 ``sym: true``); an asymmetric grid's unsigned codes and zero points are stored as they
 are. Scales are float16 as the layout has them (exact when the grid's scales are float16
 values, e.g. after :func:`fp16_scales`); ``scale_dtype='float32'`` keeps them exactly.
-jcompress's GPTQ with ``act_order=True`` has contiguous groups, i.e. ``desc_act: true``
-with ``static_groups: true`` and the contiguous ``g_idx``. A ``g_idx`` in another order
-(``desc_act`` without static groups) is refused on reading.
+jcompress's GPTQ with ``act_order=True`` and static groups (its default) has contiguous
+groups: ``desc_act: true`` with ``static_groups: true`` and the contiguous ``g_idx``. With
+``static_groups=False`` (the reference's ``desc_act`` default) the grid's per-input group
+index (``QuantParams.g_idx``) is written as ``g_idx`` with ``desc_act: true`` and
+``static_groups: false``; a folder with such a ``g_idx`` reads back to the same grid.
 
 Example:
   >>> params, aux = jc.oneshot.gptq(stats, bits=4, group_size=128)(params)
@@ -74,7 +77,7 @@ def fp16_scales(qp: grid.QuantParams, w) -> grid.QuantParams:
 
     Args:
       qp: the grid of a Dense kernel ``(in, out)``, one scale per output channel
-        (``axis=-1``), grouped or not.
+        (``axis=-1``), grouped or not (contiguous groups or a ``g_idx``).
       w: the kernel ``(in, out)`` the codes are recomputed from (e.g. the quantized kernel).
 
     Returns:
@@ -83,11 +86,10 @@ def fp16_scales(qp: grid.QuantParams, w) -> grid.QuantParams:
     if qp.axis != 1 or np.ndim(qp.codes) != 2:
         raise ValueError(f"fp16_scales takes the grid of a Dense kernel with axis=-1, got axis={qp.axis}")
     scale = np.asarray(qp.scale, np.float16).astype(np.float32)  # (groups, out)
-    rows = np.shape(qp.codes)[0] // scale.shape[0]
+    gi = grid.group_index(np.shape(qp.codes)[0], qp.group_size, None if qp.g_idx is None else np.asarray(qp.g_idx))
     codes = grid.round_codes(
-        np.asarray(w, np.float32), np.repeat(scale, rows, axis=0), np.repeat(np.asarray(qp.zero_point), rows, axis=0),
-        bits=qp.bits, symmetric=qp.symmetric,
-    )  # fmt: skip
+        np.asarray(w, np.float32), scale[gi], np.asarray(qp.zero_point)[gi], bits=qp.bits, symmetric=qp.symmetric
+    )
     return dataclasses.replace(qp, codes=codes, scale=scale)
 
 
@@ -122,7 +124,7 @@ def _encode(module: str, qp: grid.QuantParams, fmt: str, scale_dtype: str, leaf:
         f"{module}.qweight": fs.pack_int32(codes, bits=bits, axis=0),
         f"{module}.qzeros": fs.pack_int32(zero, bits=bits, axis=1),
         f"{module}.scales": np.asarray(qp.scale, np.float32).reshape(-1, codes.shape[1]).astype(scale_dtype),
-        f"{module}.g_idx": (np.arange(n_in) // g).astype(np.int32),
+        f"{module}.g_idx": (np.arange(n_in) // g if qp.g_idx is None else np.asarray(qp.g_idx)).astype(np.int32),
     }
 
 
@@ -134,7 +136,7 @@ def write(
     names: dict | Callable | None = None,
     base_folder: str | Path | None = None,
     checkpoint_format: str = "gptq",
-    desc_act: bool = False,
+    desc_act: bool | None = None,
     scale_dtype: str = "float16",
 ) -> dict:
     """Write ``params`` with the quantized leaves of ``aux`` as a GPTQ folder.
@@ -151,7 +153,10 @@ def write(
         leaf's name must end in ``.weight`` (the module is the name without it).
       base_folder: the Hugging Face folder the model came from (config and tokenizer copied).
       checkpoint_format: ``'gptq'`` (zero points minus one, the common layout) or ``'gptq_v2'``.
-      desc_act: record that the grids came from GPTQ with ``act_order=True`` (static groups).
+      desc_act: record that the grids came from GPTQ with ``act_order=True``. ``None``
+        (default): True exactly when a grid has a ``g_idx`` (activation-order groups,
+        written with ``static_groups: false``); ``True`` for contiguous groups from
+        act-order GPTQ (``static_groups: true``); ``False`` refuses grids with a ``g_idx``.
       scale_dtype: ``'float16'`` (the layout) or ``'float32'`` (exact scales).
 
     Returns:
@@ -159,7 +164,8 @@ def write(
 
     Raises:
       ValueError: grids that differ in bits / group size / symmetry, a grid the layout
-        cannot hold, a zero point of 0 in format ``'gptq'``, clashing names.
+        cannot hold, a zero point of 0 in format ``'gptq'``, clashing names, ``desc_act=False``
+        with a grid that has a ``g_idx``.
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format={checkpoint_format!r} must be one of {CHECKPOINT_FORMATS}")
@@ -181,11 +187,18 @@ def write(
     if not layouts:
         raise ValueError("no leaf with a grid is written: aux holds no grids, or names= maps them all to None")
     layout = next(iter(layouts.values()))
+    dynamic = any(getattr(grids[leaf], "g_idx", None) is not None for leaf in layouts)
+    if desc_act is False and dynamic:
+        raise ValueError(
+            "desc_act=False, but a grid has a g_idx (GPTQ with act_order=True, static_groups=False); loaders "
+            "use g_idx only with desc_act: pass desc_act=None or True"
+        )
+    desc_act = dynamic if desc_act is None else bool(desc_act)
     qconfig = {
         "quant_method": "gptq",
         **layout,
-        "desc_act": bool(desc_act),
-        "static_groups": bool(desc_act),
+        "desc_act": desc_act,
+        "static_groups": desc_act and not dynamic,
         "true_sequential": True,
         "damp_percent": 0.01,
         "checkpoint_format": checkpoint_format,
@@ -234,23 +247,28 @@ def _decode(tensors: dict, module: str, cfg: dict) -> grid.QuantParams:
     qzeros_name = f"{module}.qzeros"
     qzeros = fs.take(tensors, qzeros_name)
     fs.expect(qzeros, qzeros_name, (n_in // g, out * bits // 32), ("int32",))
+    gs = None if g == n_in else g
+    g_idx = None
     g_idx_name = f"{module}.g_idx"
     if g_idx_name in tensors:
         g_idx = tensors.pop(g_idx_name)
-        if g_idx.shape != (n_in,) or not np.array_equal(g_idx, np.arange(n_in) // g):
-            raise FolderError(
-                f"the tensor {g_idx_name} puts inputs in non-contiguous groups (desc_act without static groups); "
-                "jcompress's grid holds groups of consecutive inputs, so this folder cannot be read exactly"
-            )
+        if g_idx.shape == (n_in,) and np.array_equal(g_idx, np.arange(n_in) // g):
+            g_idx = None  # contiguous groups
+        elif gs is None:
+            raise FolderError(f"the tensor {g_idx_name} assigns inputs to groups, but group_size is -1")
+        else:
+            try:
+                g_idx = grid.check_g_idx(g_idx, n_in, g, where=f" (tensor {g_idx_name})")
+            except ValueError as e:
+                raise FolderError(str(e)) from None
     codes = fs.unpack_int32(qweight, bits=bits, count=n_in, axis=0)  # (in, out), unsigned
     zero = fs.unpack_int32(qzeros, bits=bits, count=out, axis=1) + (1 if cfg["format"] == "gptq" else 0)
     if zero.max() >= 2**bits:
         raise FolderError(f"the tensor {qzeros_name} holds a zero point of {2**bits} (a stored -1), outside the grid")
     scale = scales.astype(np.float32)
-    gs = None if g == n_in else g
     if cfg["sym"] and np.all(zero == offset) and codes.min() >= 1:
-        return grid.QuantParams(codes - offset, scale, np.zeros_like(zero), bits, True, 1, gs)
-    return grid.QuantParams(codes, scale, zero, bits, False, 1, gs)
+        return grid.QuantParams(codes - offset, scale, np.zeros_like(zero), bits, True, 1, gs, g_idx)
+    return grid.QuantParams(codes, scale, zero, bits, False, 1, gs, g_idx)
 
 
 def read(folder: str | Path, *, names: dict | Callable | None = None) -> tuple[dict, dict[str, grid.QuantParams]]:
@@ -265,11 +283,13 @@ def read(folder: str | Path, *, names: dict | Callable | None = None) -> tuple[d
     Returns:
       ``(params, grids)``: params a nested dict of numpy arrays with quantized kernels
       dequantized to float32 ``(in, out)``; grids ``{leaf: QuantParams}`` (``axis=1``),
-      symmetric when the folder's zero points are all ``2**(bits-1)`` (with ``sym``).
+      symmetric when the folder's zero points are all ``2**(bits-1)`` (with ``sym``), with
+      ``g_idx`` set when the folder's ``g_idx`` is not the contiguous one.
 
     Raises:
       FolderError: a missing config, tensor or foreign setting, a shape that disagrees
-        with the config, a non-contiguous ``g_idx``; the message names the tensor.
+        with the config, a ``g_idx`` of the wrong shape or with groups out of range; the
+        message names the tensor.
     """
     folder = Path(folder)
     cfg = _config(folder)

@@ -49,7 +49,9 @@ def test_compiled_path_equals_partition_and_host_path():
     """Under jit (traced: the histogram search), the threshold and masks are the host path's."""
     n = sum(int(np.prod(s)) for s in SHAPES)
     k = n // 10
-    both = jax.jit(lambda ls: (topk.kth_largest(ls, k, magnitude=True), topk.keep_largest_global(ls, k, magnitude=True)))
+    both = jax.jit(
+        lambda ls: (topk.kth_largest(ls, k, magnitude=True), topk.keep_largest_global(ls, k, magnitude=True))
+    )
     for distribution in DISTRIBUTIONS:  # one compilation: same shapes and k
         leaves = make_leaves(SHAPES, seed=4, distribution=distribution)
         device = [jnp.asarray(x) for x in leaves]
@@ -73,11 +75,15 @@ def test_magnitude_equals_abs_and_signed_values_work():
 def test_host_path_all_zero_denormals_and_a_missed_bracket():
     zeros = [jnp.zeros((300, 300)), jnp.full((10,), -0.0)]
     assert topk.kth_largest(zeros, 5) == 0.0 and not jnp.signbit(topk.kth_largest(zeros, 5))
-    assert [int(m.sum()) for m in topk.keep_largest_global(zeros, 90_001)] == [89_991, 10]  # the highest-placed ties kept
+    assert [int(m.sum()) for m in topk.keep_largest_global(zeros, 90_001)] == [
+        89_991,
+        10,
+    ]  # the highest-placed ties kept
     tiny = np.random.default_rng(6).standard_normal(100_000).astype(np.float32) * np.float32(1e-40)
-    assert topk.kth_largest([jnp.asarray(tiny)], 12_345, magnitude=True) == np.partition(np.abs(tiny), 100_000 - 12_345)[
-        100_000 - 12_345
-    ]
+    assert (
+        topk.kth_largest([jnp.asarray(tiny)], 12_345, magnitude=True)
+        == np.partition(np.abs(tiny), 100_000 - 12_345)[100_000 - 12_345]
+    )
     # every sampled element (every 67th) is large: the bracket misses and the fallback selects over everything
     x = np.arange(100_000, dtype=np.float32) / 1e5
     x[::67] += 10.0

@@ -9,19 +9,22 @@ rows with per-row log-normal scales (as trained layers have); Student-t with 2 d
 of freedom (heavy tails); half the weights exactly zero (an already pruned model); heavy
 ties (int8-valued floats).
 
-Figures, two per distribution and size, each measured side by side in the same run
-(the median of at least 5 interleaved calls after a warm-up call, with the min-max;
-quick mode: 1 call):
+Figures, four per distribution and size, each measured side by side in the same run
+(the median of at least 5 interleaved calls after a warm-up call, so compilation is
+excluded, with the min-max; quick mode: 1 call). Each jcompress function is timed on two
+paths: ``eager`` calls it on the concrete leaves (on a CPU device: numpy selection on the
+host, reading the leaves in place) and ``jit`` calls it inside ``jax.jit`` (traced: the
+compiled histogram search that sharded and accelerator inputs take).
 
-* ``B1 threshold ...``: seconds of the jitted :func:`jcompress.core.topk.kth_largest`
-  over the leaves (it takes ``|w|`` itself) divided by seconds of ``np.partition`` on the
-  already concatenated ``|w|`` (numpy's ``abs`` and ``concatenate`` are *not* timed;
-  their time is reported separately); target ``<= 1.0``. ``met`` also requires the two
-  thresholds to be equal.
-* ``B1 threshold + mask ...``: the jitted :func:`jcompress.core.topk.keep_largest_global`
-  (masks with exactly ``k`` weights kept, ties resolved) divided by ``np.partition``
-  followed by the mask ``|w| >= t`` (which keeps every tie, so more than ``k`` weights on
-  tied data); target ``<= 1.0``. ``met`` also requires exactly ``k`` kept weights.
+* ``B1 threshold ...``: seconds of :func:`jcompress.core.topk.kth_largest` over the
+  leaves with ``magnitude=True`` (it takes ``|w|`` itself) divided by seconds of
+  ``np.partition`` on the already concatenated ``|w|`` (numpy's ``abs`` and
+  ``concatenate`` are *not* timed; their time is reported separately); target
+  ``<= 1.0``. ``met`` also requires the two thresholds to be equal.
+* ``B1 threshold + mask ...``: :func:`jcompress.core.topk.keep_largest_global` (masks
+  with exactly ``k`` weights kept, ties resolved) divided by ``np.partition`` followed by
+  the mask ``|w| >= t`` (which keeps every tie, so more than ``k`` weights on tied data);
+  target ``<= 1.0``. ``met`` also requires exactly ``k`` kept weights.
 * ``B1 sharded threshold (8 host devices)``: in a subprocess with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, leaves sharded over an
   8-device mesh (rows of some, columns of others); ratio = the number of all-gather
@@ -82,12 +85,11 @@ def make_leaves(shapes, seed: int = 0, distribution: str = "normal") -> list[np.
 def _jitted(k: int):
     """The two timed functions for ``k``, compiled once for all distributions of a size."""
     import jax
-    import jax.numpy as jnp
 
     from jcompress.core import topk
 
-    threshold = jax.jit(lambda ls: topk.kth_largest([jnp.abs(x) for x in ls], k))
-    masks = jax.jit(lambda ls: topk.keep_largest_global([jnp.abs(x) for x in ls], k))
+    threshold = jax.jit(lambda ls: topk.kth_largest(ls, k, magnitude=True))
+    masks = jax.jit(lambda ls: topk.keep_largest_global(ls, k, magnitude=True))
     return threshold, masks
 
 
@@ -111,49 +113,52 @@ def _rows(leaves, distribution: str, repeats: int) -> list[dict]:
 
     ts = timing.compare(
         {
-            "threshold": lambda: threshold(device_leaves),
+            "threshold_eager": lambda: topk.kth_largest(device_leaves, k, magnitude=True),
+            "threshold_jit": lambda: threshold(device_leaves),
             "np_threshold": np_threshold,
-            "mask": lambda: masks(device_leaves),
+            "mask_eager": lambda: topk.keep_largest_global(device_leaves, k, magnitude=True),
+            "mask_jit": lambda: masks(device_leaves),
             "np_mask": np_mask,
         },
         repeats=repeats,
     )
-    got, want = float(ts["threshold"].output), float(ts["np_threshold"].output)
-    kept = int(sum(int(jnp.sum(m)) for m in ts["mask"].output))
+    want = float(ts["np_threshold"].output)
+    got = {p: float(ts[f"threshold_{p}"].output) for p in ("eager", "jit")}
+    kept = {p: int(sum(int(jnp.sum(m)) for m in ts[f"mask_{p}"].output)) for p in ("eager", "jit")}
     common = {
         "distribution": distribution,
         "elements": n,
         "k": k,
         "sparsity": SPARSITY,
         "seconds_np_abs_concatenate": t_prep,
-        "threshold_jcompress": got,
         "threshold_numpy": want,
-        "equal": got == want,
-        "kept_jcompress": kept,
         "kept_numpy_mask": int(np.count_nonzero(ts["np_mask"].output)),
         "repeats": repeats,
     }
     label = f"{n / 2**20:.0f}M weights, {distribution}"
     out = []
-    for what, ours, ref, ok in (
-        ("threshold", "threshold", "np_threshold", got == want),
-        ("threshold + mask", "mask", "np_mask", kept == k),
-    ):
-        a, b = ts[ours], ts[ref]
-        out.append(
-            {
-                "name": f"B1 {what} {label}",
-                "ratio": a.median / b.median,
-                "target": "<= 1.0",
-                "met": bool(a.median <= b.median and ok),
-                **common,
-                "seconds_jcompress": a.median,
-                "seconds_jcompress_min_max": [a.low, a.high],
-                "seconds_numpy": b.median,
-                "seconds_numpy_min_max": [b.low, b.high],
-                "first_call_jcompress": a.first,
-            }
-        )
+    for what, ours, ref in (("threshold", "threshold", "np_threshold"), ("threshold + mask", "mask", "np_mask")):
+        for path in ("eager", "jit"):
+            a, b = ts[f"{ours}_{path}"], ts[ref]
+            ok = got[path] == want if ours == "threshold" else kept[path] == k
+            out.append(
+                {
+                    "name": f"B1 {what}, {path}, {label}",
+                    "ratio": a.median / b.median,
+                    "target": "<= 1.0",
+                    "met": bool(a.median <= b.median and ok),
+                    "path": path,
+                    **common,
+                    "threshold_jcompress": got[path],
+                    "equal": got[path] == want,
+                    "kept_jcompress": kept[path],
+                    "seconds_jcompress": a.median,
+                    "seconds_jcompress_min_max": [a.low, a.high],
+                    "seconds_numpy": b.median,
+                    "seconds_numpy_min_max": [b.low, b.high],
+                    "first_call_jcompress": a.first,
+                }
+            )
     return out
 
 

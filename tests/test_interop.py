@@ -9,7 +9,12 @@ are absent. ``.ci/run`` runs this file in a separate environment with the extra.
 * transformers loads our exported tiny Llamas (GPTQ 4-bit with act order; round-to-nearest
   8-bit) and its logits equal jcompress's model with the same dequantized weights;
 * jcompress reads a folder the library itself compressed (tests/fixtures/interop) to the
-  library's own decompressed weights, recomputed here by the installed library.
+  library's own decompressed weights, recomputed here by the installed library;
+* GPTQ's activation-order groups (``static_groups=False``, a ``weight_g_idx`` under
+  ``actorder: "group"``): the library decompresses them to our weights and transformers'
+  logits equal ours. compressed-tensors 0.19 removed ``actorder: "group"``, so these run
+  with compressed-tensors <= 0.18 (e.g. ``pip install --target DIR compressed-tensors==0.18.0``
+  and ``PYTHONPATH=DIR``) and are skipped, with that reason, with later releases.
 """
 
 import json
@@ -34,8 +39,26 @@ from jcompress.core import grid
 from jcompress.formats import LLAMA_FROM_HF, LLAMA_TO_HF, renamer
 from jcompress.formats import compressed_tensors as ct
 from jcompress.models import hf_lm
+from jcompress.oneshot.gptq import quantize_matrix
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _library_reads_group_actorder() -> bool:
+    """Whether the installed compressed-tensors still reads ``actorder: "group"`` (removed in 0.19)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    try:
+        QuantizationArgs(num_bits=4, strategy="group", group_size=16, actorder="group")
+    except ValueError:
+        return False
+    return True
+
+
+needs_group_actorder = pytest.mark.skipif(
+    not _library_reads_group_actorder(),
+    reason="the installed compressed-tensors removed actorder 'group' (weight_g_idx); run with compressed-tensors<=0.18",
+)
 
 
 def _linear_tree(names):
@@ -192,5 +215,58 @@ def test_transformers_loads_our_llama_with_equal_logits(tmp_path, fixture, schem
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     weights = {renamer(LLAMA_FROM_HF)(n): p.detach().numpy() for n, p in hf.named_parameters() if n.endswith("weight")}
     assert set(grids) <= set(weights)  # transformers decompressed every quantized Linear, exactly
+    for leaf, qp in grids.items():
+        np.testing.assert_array_equal(weights[leaf], np.asarray(qp.dequantize()).T)
+
+
+@needs_group_actorder
+@pytest.mark.parametrize("fmt", ct.FORMATS)
+def test_library_decompresses_our_g_idx_export_exactly(tmp_path, fmt):
+    """GPTQ with act_order and dynamic groups: scattered groups in weight_g_idx, symmetric and not."""
+    rng = np.random.default_rng(5)
+    params, grids = {}, {}
+    for i, symmetric in enumerate((True, False)):
+        kernel = rng.normal(size=(64, 24)).astype(np.float32)
+        x = rng.normal(size=(128, 64)).astype(np.float32) * rng.uniform(0.2, 3.0, size=64).astype(np.float32)
+        _, qp = quantize_matrix(
+            jnp.asarray(kernel), jnp.asarray(x.T @ x), bits=4, group_size=16, act_order=True, static_groups=False,
+            symmetric=symmetric, block_size=16,
+        )  # fmt: skip
+        assert qp.g_idx is not None and not np.array_equal(qp.g_idx, np.arange(64) // 16)
+        params[f"l{i}"] = {"kernel": np.asarray(grid.dequantize(qp))}
+        grids[f"l{i}/kernel"] = qp
+    qc = ct.write(tmp_path, params, grids, format=fmt)
+    assert {g["weights"]["actorder"] for g in qc["config_groups"].values()} == {"group"}
+    got = _library_decompress(tmp_path)
+    assert sorted(got) == ["l0", "l1"]
+    for leaf, qp in grids.items():
+        np.testing.assert_array_equal(got[leaf.split("/")[0]], np.asarray(grid.dequantize(qp)).T)
+
+
+@needs_group_actorder
+def test_transformers_loads_our_g_idx_llama_with_equal_logits(tmp_path):
+    """The tiny Llama quantized by GPTQ (4 bits, groups of 16 in activation order, dynamic grids),
+    pack-quantized with weight_g_idx: transformers' weights and logits equal jcompress's."""
+    base = FIXTURES / "lm" / "llama_gqa_sharded"
+    model, _, _ = hf_lm.load(base)
+    ids = np.random.default_rng(1).integers(0, model.embed.embedding.shape[0], size=(2, 16)).astype(np.int32)
+    stats = oneshot.calibrate(model, [jnp.asarray(ids)], forward=lambda m, x: m(x)[0])
+    gptq = oneshot.gptq(stats, bits=4, group_size=16, act_order=True, static_groups=False)
+    params, aux = gptq(nnx.state(model, nnx.Param))
+    grids = aux.grids
+    assert all(qp.g_idx is not None for qp in grids.values())
+    nnx.update(model, params)
+    ours = np.asarray(model(jnp.asarray(ids))[0])
+    out = tmp_path / "exported"
+    qc = ct.write(out, params, grids, names=renamer(LLAMA_TO_HF), base_folder=base)
+    assert {g["weights"]["actorder"] for g in qc["config_groups"].values()} == {"group"}
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    hf.eval()
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    weights = {renamer(LLAMA_FROM_HF)(n): p.detach().numpy() for n, p in hf.named_parameters() if n.endswith("weight")}
+    assert set(grids) <= set(weights)
     for leaf, qp in grids.items():
         np.testing.assert_array_equal(weights[leaf], np.asarray(qp.dequantize()).T)

@@ -11,11 +11,16 @@ output, or for ``NM(n, m)`` the ``m - n`` smallest of every ``m`` consecutive in
 kept weights are left as they are. The papers' magnitude baseline (``|K|`` compared
 across the whole layer) is ``jc.pruning.magnitude(sparsity=...)``.
 
+Scores, mask and zeroing are one compiled function per kernel shape (:func:`prune_matrix`):
+called op by op they made four passes over the kernel and a compile per op and shape.
+
 Example:
   >>> params, aux = jc.oneshot.wanda(stats, sparsity=0.5)(params)
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +30,39 @@ from jcompress.core.patterns import Unstructured
 from jcompress.oneshot.calibration import layer_transform, mask_tree, per_layer
 from jcompress.oneshot.sparsegpt import check_sparsity, nm_of
 
-__all__ = ["wanda", "wanda_scores"]
+__all__ = ["prune_matrix", "wanda", "wanda_scores"]
 
 
 def wanda_scores(kernel: jax.Array, h: jax.Array) -> jax.Array:
     """``|K| * sqrt(diag(H))[:, None]``, shape ``(in, out)``."""
     return jnp.abs(kernel) * jnp.sqrt(jnp.maximum(jnp.diag(h), 0.0))[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("count", "n_m"))
+def prune_matrix(
+    kernel: jax.Array, h: jax.Array, *, count: int | None = None, n_m: tuple[int, int] | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Wanda on one Flax kernel, compiled once per shape.
+
+    Args:
+      kernel: ``(in, out)`` float.
+      h: ``(in, in)`` float32 ``sum x x^T`` (only its diagonal is read).
+      count: weights removed per output unit (unstructured), or None with ``n_m``.
+      n_m: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs of each output
+        (``in`` a multiple of ``m``).
+
+    Returns:
+      ``(new_kernel (in, out) of kernel's dtype, keep mask (in, out) bool)``.
+
+    Example:
+      >>> new_k, keep = prune_matrix(kernel, stats['fc/kernel'].h, n_m=(2, 4))
+    """
+    score = wanda_scores(kernel, h)
+    if n_m is not None:
+        keep = topk.nm_keep_mask(score, n=n_m[0], m=n_m[1], axis=0)
+    else:
+        keep = ~topk.remove_smallest(score, count, axis=0)
+    return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype)), keep
 
 
 def wanda(stats: dict, *, sparsity: spec.Spec = None, pattern=Unstructured()) -> base.Transform:
@@ -56,14 +88,13 @@ def wanda(stats: dict, *, sparsity: spec.Spec = None, pattern=Unstructured()) ->
     sparsity_of = per_layer(sparsity, stats, arg="sparsity")
 
     def solve(name, kernel, h):
-        score = wanda_scores(kernel, h)
         if n_m is not None:
             if kernel.shape[0] % n_m[1]:
                 raise ValueError(f"{name} has {kernel.shape[0]} inputs, not a multiple of m={n_m[1]}")
-            keep = topk.nm_keep_mask(score, n=n_m[0], m=n_m[1], axis=0)
+            new_k, keep = prune_matrix(kernel, h, n_m=n_m)
         else:
-            keep = ~topk.remove_smallest(score, topk.pruned_count(sparsity_of(name), kernel.shape[0]), axis=0)
-        return jnp.where(keep, kernel, 0), {"mask": keep}
+            new_k, keep = prune_matrix(kernel, h, count=topk.pruned_count(sparsity_of(name), kernel.shape[0]))
+        return new_k, {"mask": keep}
 
     def make_aux(params, extras, errors):
         return base.MaskAux(mask_tree(params, {n: e["mask"] for n, e in extras.items()}), None, errors)

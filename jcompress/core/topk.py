@@ -28,9 +28,15 @@ float32 bit patterns):
    bucket holds rank ``k``; that bucket is the next interval. When buckets are single
    keys the answer is found.
 3. For large inputs the first interval is read off a 1/67 sample (every 67th element
-   of each flattened leaf, itself selected the same way) with a 6-sigma margin on the
-   rank, so usually one pass over the data settles it. If the counts show the answer outside the interval the search
-   restarts from the whole key range, which takes two more passes: always exact.
+   of each flattened leaf) with a 6-sigma margin on the rank: one histogram pass over
+   the sample with buckets of 2**11 keys places both ends of the margin, so usually one
+   pass over the data settles it. If the counts show the answer outside the interval the
+   search restarts from the whole key range, which takes two more passes: always exact.
+
+Concrete inputs on one CPU device are selected with numpy on the host instead (the same
+sampled bracket, then one pass in cached chunks that counts the elements above it and
+collects the ~1% inside, and ``np.partition`` of those): on CPU the compiled histogram
+pass is an XLA scatter, several times slower than numpy's selection.
 
 Inputs of up to 65,536 elements (single layers, samples) are simply sorted, and masks of
 up to 262,144 elements come from :func:`remove_smallest` (a bisection on the keys, which
@@ -216,6 +222,24 @@ def _sample(x: jax.Array, stride: int, *, may_be_sharded: bool) -> jax.Array:
     return x[tuple(index)]
 
 
+def _sample_bracket(sample: Sequence[jax.Array], rank_lo: int, rank_hi: int, chunk: int | None):
+    """Key interval ``[lo, hi]`` holding the ``rank_lo``-th and ``rank_hi``-th largest sample
+    elements (``rank_lo >= rank_hi``), from one histogram pass over the whole key range.
+
+    The ``2**21`` buckets of ``2**11`` keys each cover all keys, so one pass places both
+    ranks to within a bucket; the interval runs from the lower edge of ``rank_lo``'s bucket
+    to the upper edge of ``rank_hi``'s (a bracket needs no exact ends, and 2,048 keys are
+    about 0.02% of a value, far inside the sampling margin).
+    """
+    shift = 32 - _BITS
+    counts = _counts(sample, jnp.uint32(0), jnp.uint32(_KEY_MAX), jnp.uint32(shift), chunk)
+    inner = counts[1 : _NBUCKETS + 1]  # inner[i]: keys i * 2**11 + 1 ... (i + 1) * 2**11
+    b_lo, _ = _select_bucket(inner, jnp.int32(rank_lo))
+    b_hi, _ = _select_bucket(inner, jnp.int32(rank_hi))
+    # b_hi < 2**21 - 1 for every non-NaN key (<= _KEY_MAX), so the upper edge does not wrap
+    return (b_lo << shift) + 1, ((b_hi + 1) << shift)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))
 def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 1 << 18) -> jax.Array:
     """Exact k-th largest :func:`float_to_key` key (1-indexed) over all elements.
@@ -224,7 +248,7 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
     elements into ``2**21`` buckets spanning it plus one bucket below and one above;
     the bucket holding rank ``k`` becomes the next interval, until buckets are single
     keys. Large inputs start from an interval read off a strided 1/67 sample with a
-    6-sigma margin, which usually makes one pass over the data enough; if the counts
+    6-sigma margin (one histogram pass over the sample, see :func:`_sample_bracket`), which usually makes one pass over the data enough; if the counts
     show the answer outside it, the search restarts from the full key range (at most
     two more passes). Every pass is a histogram, so the work is linear and sharded
     inputs only exchange bucket counts.
@@ -254,7 +278,7 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
         margin = 6.0 * math.sqrt(m * p * (1.0 - p)) + 16.0
         rank_hi = int(min(max(math.floor(p * m - margin), 1), m))
         rank_lo = int(min(max(math.ceil(p * m + margin), 1), m))
-        start = (kth_largest_key(sample, rank_lo, chunk=chunk), kth_largest_key(sample, rank_hi, chunk=chunk))
+        start = _sample_bracket(sample, rank_lo, rank_hi, chunk)
     else:
         start = full
     k_arr = jnp.int32(k)

@@ -15,6 +15,7 @@ import pytest
 
 from jcompress import compressed, export, oneshot
 from jcompress.core import grid
+from jcompress.nnx.packed import PackedLinear
 from jcompress.oneshot.calibration import LayerStats
 from jcompress.oneshot.gptq import quantize_matrix
 
@@ -191,3 +192,16 @@ def test_a_corrupt_g_idx_in_a_file_is_refused(tmp_path):
     export.write(tmp_path / "bad.jcz", {"k": compressed.QuantizedTensor.from_qparams(qp)})
     with pytest.raises(export.CompressedFileError, match=r"g_idx holds groups 2\.\.2"):
         export.read(tmp_path / "bad.jcz")
+
+
+def test_packed_linear_keeps_the_group_index():
+    rng = np.random.default_rng(0)
+    g_idx = rng.permutation(np.arange(32, dtype=np.int32) // 8)
+    codes = jnp.asarray(rng.integers(0, 16, size=(32, 8)), jnp.int32)
+    scale = jnp.asarray(rng.uniform(0.01, 0.1, size=(4, 8)), jnp.float32)
+    zero = jnp.asarray(rng.integers(0, 16, size=(4, 8)), jnp.int32)
+    qp = grid.QuantParams(codes, scale, zero, 4, False, 1, 8, jnp.asarray(g_idx))
+    layer = PackedLinear(qp, None)
+    np.testing.assert_array_equal(layer.kernel(), (codes - zero[g_idx]).astype(np.float32) * scale[g_idx])
+    contiguous = PackedLinear(grid.QuantParams(codes, scale, zero, 4, False, 1, 8), None)
+    assert not np.array_equal(layer.kernel(), contiguous.kernel())

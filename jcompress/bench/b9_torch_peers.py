@@ -137,15 +137,14 @@ def _jcompress_fns(kernel, h):
     import jax.numpy as jnp
 
     from jcompress.oneshot.gptq import quantize_matrix
-    from jcompress.oneshot.sparsegpt import prune_matrix
-    from jcompress.oneshot.wanda import wanda
+    from jcompress.oneshot.sparsegpt import prune_matrix as sparsegpt_matrix
+    from jcompress.oneshot.wanda import prune_matrix as wanda_matrix
 
     kj, hj = jnp.asarray(kernel), jnp.asarray(h)
-    prune = wanda({"k": hj}, sparsity=0.5)
     return {
-        "SparseGPT 50%": lambda: prune_matrix(kj, hj, sparsity=0.5)[0],
+        "SparseGPT 50%": lambda: sparsegpt_matrix(kj, hj, sparsity=0.5)[0],
         "GPTQ 4-bit": lambda: quantize_matrix(kj, hj, bits=4, symmetric=False)[0],
-        "Wanda 50%": lambda: prune({"k": kj})[0]["k"],
+        "Wanda 50%": lambda: wanda_matrix(kj, hj, count=kernel.shape[0] // 2)[0],
     }
 
 

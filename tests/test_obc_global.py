@@ -41,6 +41,7 @@ def test_global_counts_take_prefixes_of_the_smallest_steps():
     assert global_counts(losses, total=5).tolist() == [1, 2, 2]
     assert global_counts(losses, total=6).tolist() == [1, 3, 2]  # 0.5 comes with the 4 before it
     assert global_counts(losses, total=9).tolist() == [3, 3, 3]
+    assert global_counts(losses.at[0, 1].set(jnp.nan), total=7).tolist() == [1, 3, 3]  # a NaN step (and the rest of its row) last
     with pytest.raises(ValueError, match="total=10"):
         global_counts(losses, total=10)
 

@@ -126,7 +126,8 @@ def global_counts(losses: jax.Array, *, total: int) -> jax.Array:
 @jax.jit
 def _global_counts(losses: jax.Array, total: jax.Array) -> jax.Array:
     rows, steps = losses.shape
-    key = lax.cummax(losses.astype(jnp.float32), axis=1).reshape(-1)
+    losses = losses.astype(jnp.float32)
+    key = lax.cummax(jnp.where(jnp.isnan(losses), jnp.inf, losses), axis=1).reshape(-1)  # a NaN step goes last
     order = jnp.argsort(key, stable=True)
     rank = jnp.zeros(key.shape, jnp.int32).at[order].set(jnp.arange(key.size, dtype=jnp.int32))
     return jnp.sum((rank < total).reshape(rows, steps), axis=1, dtype=jnp.int32)

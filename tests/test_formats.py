@@ -552,3 +552,73 @@ def test_gptq_g_idx_round_trip(tmp_path, fmt, symmetric):
     plain = dataclasses.replace(qp, g_idx=None)
     assert gptq.write(tmp_path / "p", params, {LEAF: plain})["desc_act"] is False
     assert gptq.write(tmp_path / "q", params, {LEAF: plain}, desc_act=True)["static_groups"] is True
+
+
+# ---------------------------------------------------------------- 2:4 sparsity (sparse-24-bitmask)
+
+
+def _sparse24_params():
+    """_params() with the q_proj kernel pruned to 2 of every 4 inputs per output (one group to 1, one to 0)."""
+    params = _params()
+    w = params["layers"][0]["q_proj"]["kernel"]  # (64, 32): groups of 4 inputs along axis 0
+    rank = np.argsort(np.argsort(-np.abs(w.reshape(16, 4, 32)), axis=1), axis=1).reshape(64, 32)
+    w[rank >= 2] = 0.0
+    w[0:4, 0] = [0.0, 0.5, 0.0, 0.0]
+    w[4:8, 1] = 0.0
+    return params
+
+
+def test_sparse24_bitmask_round_trip_and_layout(tmp_path):
+    params = _sparse24_params()
+    head = _grid((64, 8), bits=4, group_size=16)  # a quantized leaf beside it stays quantized
+    qc = ct.write(tmp_path, params, {"head/kernel": head}, sparsity="sparse-24-bitmask")
+    m = "layers.0.q_proj"
+    sc = qc["sparsity_config"]
+    assert (sc["format"], sc["sparsity_structure"], sc["targets"]) == ("sparse-24-bitmask", "2:4", [m])
+    w_t = params["layers"][0]["q_proj"]["kernel"].T  # (out 32, in 64)
+    assert sc["global_sparsity"] == pytest.approx(np.mean(w_t == 0))
+    t = load_file(str(tmp_path / "model.safetensors"))
+    assert f"{m}.weight" not in t and np.array_equal(t[f"{m}.shape"], [[32], [64]])
+    assert t[f"{m}.compressed"].shape == (32, 32) and t[f"{m}.compressed"].dtype == np.float32
+    assert t[f"{m}.bitmask"].shape == (32, 8) and t[f"{m}.bitmask"].dtype == np.uint8
+    # row 0, inputs 0..7: the group (0, .5, 0, 0) keeps input 1 and its first zero (input 0); bit i = input i
+    keep = np.unpackbits(t[f"{m}.bitmask"], axis=-1, bitorder="little").astype(bool)
+    assert keep[0, :4].tolist() == [True, True, False, False] and keep.sum() == 32 * 32
+    assert np.array_equal(t[f"{m}.compressed"], w_t[keep].reshape(32, 32))
+    back, grids = ct.read(tmp_path)
+    _assert_same_grid(grids["head/kernel"], head)
+    expected = dict(tree.named_leaves(params))
+    expected["head/kernel"] = np.asarray(grid.dequantize(head))
+    _assert_same_params(back, fs.nest(expected))
+    # sparse alone: no config groups
+    assert ct.write(tmp_path / "s", params, {}, sparsity="sparse-24-bitmask")["config_groups"] == {}
+    _assert_same_params(ct.read(tmp_path / "s")[0], params)
+
+
+def test_sparse24_bitmask_refusals_name_the_tensor(tmp_path):
+    params = _sparse24_params()
+    with pytest.raises(ValueError, match="no float Linear weight is 2:4 sparse"):
+        ct.write(tmp_path / "x", _params(), {}, sparsity="sparse-24-bitmask")
+    with pytest.raises(ValueError, match="sparsity='2:4' must be None"):
+        ct.write(tmp_path / "x", params, {}, sparsity="2:4")
+    ct.write(tmp_path / "ok", params, {}, sparsity="sparse-24-bitmask")
+    m = "layers.0.q_proj"
+
+    def three_of_four(t):
+        t[f"{m}.bitmask"] = t[f"{m}.bitmask"].copy()
+        t[f"{m}.bitmask"][0, 0] |= 0b100  # a third input marked in row 0's first group
+    cases = [
+        (three_of_four, None, rf"{m}\.bitmask does not mark exactly 2 of every 4"),
+        (lambda t: t.pop(f"{m}.compressed"), None, rf"{m}\.compressed is missing"),
+        (lambda t: t.update({f"{m}.compressed": t[f"{m}.compressed"][:, :8]}), None, rf"{m}\.compressed has shape"),
+        (None, lambda q: q["sparsity_config"].update(format="sparse-bitmask"), r"sparsity_config has format"),
+        (None, lambda q: q["sparsity_config"].update(targets=["other"]), rf"{m}\.bitmask belongs to a module"),
+    ]
+    for i, (tensors, config, message) in enumerate(cases):
+        folder = _copy(tmp_path / "ok", tmp_path / str(i))
+        if tensors:
+            _edit_tensors(folder, tensors)
+        if config:
+            _edit_config(folder, config)
+        with pytest.raises(FolderError, match=message):
+            ct.read(folder)

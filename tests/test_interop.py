@@ -14,7 +14,10 @@ are absent. ``.ci/run`` runs this file in a separate environment with the extra.
   ``actorder: "group"``): the library decompresses them to our weights and transformers'
   logits equal ours. compressed-tensors 0.19 removed ``actorder: "group"``, so these run
   with compressed-tensors <= 0.18 (e.g. ``pip install --target DIR compressed-tensors==0.18.0``
-  and ``PYTHONPATH=DIR``) and are skipped, with that reason, with later releases.
+  and ``PYTHONPATH=DIR``) and are skipped, with that reason, with later releases;
+* 2:4 sparse float weights in ``sparse-24-bitmask``: the library's compressor decompresses
+  them to our weights (compressed-tensors <= 0.14, the last with that compressor; skipped
+  with later releases).
 """
 
 import json
@@ -270,3 +273,45 @@ def test_transformers_loads_our_g_idx_llama_with_equal_logits(tmp_path):
     assert set(grids) <= set(weights)
     for leaf, qp in grids.items():
         np.testing.assert_array_equal(weights[leaf], np.asarray(qp.dequantize()).T)
+
+
+def _sparse24_compressor():
+    """The installed library's sparse-24-bitmask compressor, or None (compressed-tensors >= 0.15 dropped it)."""
+    from compressed_tensors.config import Sparse24BitMaskConfig
+
+    try:
+        return BaseCompressor.load_from_registry("sparse-24-bitmask", config=Sparse24BitMaskConfig())
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+@pytest.mark.skipif(
+    _sparse24_compressor() is None,
+    reason="the installed compressed-tensors has no sparse-24-bitmask compressor; run with compressed-tensors<=0.14",
+)
+def test_library_decompresses_our_sparse24_export_exactly(tmp_path):
+    """2:4 sparse float weights (kept 2 of every 4 inputs by magnitude, a few groups emptier):
+    sparse-24-bitmask tensors that the library turns back into our weights, and whose bytes
+    equal the library's own compression of them."""
+    rng = np.random.default_rng(7)
+    params = {}
+    for i, (n_in, out) in enumerate(((64, 24), (32, 8))):
+        w = rng.normal(size=(n_in, out)).astype(np.float32)
+        groups = np.abs(w).reshape(n_in // 4, 4, out)
+        w[(np.argsort(np.argsort(-groups, axis=1), axis=1) >= 2).reshape(n_in, out)] = 0.0
+        if i == 0:
+            w[4:8, 0] = 0.0  # an empty group: l0 keeps two of its zeros; l1 has exactly 2 non-zeros per group
+        params[f"l{i}"] = {"kernel": w}
+    qc = ct.write(tmp_path, params, {}, sparsity="sparse-24-bitmask")
+    assert qc["sparsity_config"]["targets"] == ["l0", "l1"]
+    ours = load_file(str(tmp_path / "model.safetensors"))
+    compressor = _sparse24_compressor()
+    for module, leaf in params.items():
+        local = {k.rsplit(".", 1)[1]: v for k, v in ours.items() if k.startswith(module + ".")}
+        assert sorted(local) == ["bitmask", "compressed", "shape"]
+        theirs = compressor.decompress_weight(local).numpy()
+        np.testing.assert_array_equal(theirs, leaf["kernel"].T)
+        if module == "l1":  # the library picks the 2 largest of every 4: with 2 non-zeros, ours
+            again = compressor.compress_weight(f"{module}.weight", torch.from_numpy(leaf["kernel"].T.copy()))
+            for key, value in again.items():
+                np.testing.assert_array_equal(ours[key].numpy(), value.numpy(), err_msg=key)

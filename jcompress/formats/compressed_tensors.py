@@ -44,6 +44,16 @@ decompress ``weight_g_idx`` is 0.18); vLLM's loaders and older releases read it.
 ``weight_g_idx`` equal to the contiguous index, or holding the library's ``-1``
 placeholder, is read as contiguous groups.
 
+2:4 sparse float weights (``sparsity="sparse-24-bitmask"`` in :func:`write`): a float
+Linear weight ``(out, in)`` in which every 4 consecutive inputs of a row hold at most 2
+non-zeros (SparseGPT or Wanda with ``n_m=(2, 4)``) is stored as ``m.shape`` (int64
+``(2, 1)``: out, in), ``m.compressed`` (its dtype, ``(out, in / 2)``: the 2 kept values of
+every 4, row by row; a group with fewer non-zeros keeps its first zeros) and ``m.bitmask``
+(uint8 ``(out, ceil(in / 8))``: the kept positions, bits in little-endian order within each
+byte), with ``sparsity_config`` (``format: "sparse-24-bitmask"``, ``sparsity_structure:
+"2:4"``, ``targets``: the module names). Quantized weights are not stored sparse.
+compressed-tensors 0.15 dropped this compressor (0.14 is its last release to decompress it).
+
 Float8 weights (``type: "float"``, 8 bits, symmetric) are written ``float-quantized``
 beside int grids in the same folder; the config's ``format`` is then ``mixed-precision``
 and each config group names its own. ``model.safetensors`` is written and read by
@@ -75,11 +85,12 @@ from jcompress.core import base, grid
 from jcompress.formats import folder as fs
 from jcompress.formats.folder import FolderError
 
-__all__ = ["FORMATS", "READ_FORMATS", "Float8Grid", "FolderError", "float8_grid", "read", "write"]
+__all__ = ["FORMATS", "READ_FORMATS", "SPARSITY_FORMATS", "Float8Grid", "FolderError", "float8_grid", "read", "write"]
 
 FORMATS = ("pack-quantized", "naive-quantized")
 # int-quantized is naive-quantized under the name llm-compressor gives W8A8 checkpoints.
 READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized", "float-quantized")
+SPARSITY_FORMATS = ("sparse-24-bitmask",)
 _STRATEGIES = ("tensor", "channel", "group")
 _ACTORDERS = (None, False, "weight", "static", "group", "dynamic", True)
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
@@ -219,6 +230,7 @@ def write(
     base_folder: str | Path | None = None,
     format: str = "pack-quantized",
     actorder: str | None = None,
+    sparsity: str | None = None,
 ) -> dict:
     """Write ``params`` with the quantized leaves of ``aux`` as a compressed-tensors folder.
 
@@ -242,6 +254,9 @@ def write(
         recorded in every scheme of contiguous groups. A grid with a ``g_idx`` (GPTQ with
         ``act_order=True, static_groups=False``) is always written with ``actorder:
         "group"`` and its ``weight_g_idx``.
+      sparsity: ``None`` or ``'sparse-24-bitmask'``: the float (not quantized) Linear
+        weights that are 2:4 sparse along their inputs are stored in the bitmask layout
+        (see the module docstring); at least one must be.
 
     Returns:
       The ``quantization_config`` written.
@@ -257,6 +272,8 @@ def write(
         raise ValueError(f"format={format!r} must be one of {FORMATS}")
     if actorder not in (None, "weight"):
         raise ValueError(f"actorder={actorder!r} must be None or 'weight' (contiguous groups, jcompress's GPTQ)")
+    if sparsity not in (None, *SPARSITY_FORMATS):
+        raise ValueError(f"sparsity={sparsity!r} must be None or one of {SPARSITY_FORMATS}")
     schemes: dict[tuple, list[str]] = {}
 
     def encode(leaf, module, w, qp):
@@ -270,7 +287,22 @@ def write(
         return _encode(module, qp, args, fmt)
 
     tensors, ignore = fs.leaf_tensors(params, collect_grids(aux), names, encode)
-    formats = sorted({fmt for fmt, _ in schemes})
+    sparse_modules = []
+    if sparsity is not None:
+        for module in ignore:
+            new = _sparse24_tensors(module, tensors[f"{module}.weight"])
+            if new is not None:
+                del tensors[f"{module}.weight"]
+                tensors.update(new)
+                sparse_modules.append(module)
+        if not sparse_modules:
+            raise ValueError(
+                f"sparsity={sparsity!r}, but no float Linear weight is 2:4 sparse along its inputs (at most 2 "
+                "non-zeros in every 4 consecutive inputs); prune with n_m=(2, 4) first"
+            )
+    elif not schemes:
+        raise ValueError("no leaf with a grid is written: aux holds no grids, or names= maps them all to None")
+    formats = sorted({fmt for fmt, _ in schemes}) or ["dense"]
     qconfig = {
         "quant_method": "compressed-tensors",
         "format": formats[0] if len(formats) == 1 else "mixed-precision",
@@ -288,8 +320,67 @@ def write(
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
     }
+    if sparse_modules:
+        kept = [tensors[f"{m}.compressed"] for m in sparse_modules]
+        zeros = sum(int(np.sum(v == 0)) + v.size for v in kept)  # the dropped half of each plus kept zeros
+        qconfig["sparsity_config"] = {
+            "format": sparsity,
+            "sparsity_structure": "2:4",
+            "targets": sorted(sparse_modules),
+            "ignore": [],
+            "global_sparsity": zeros / sum(2 * v.size for v in kept),
+        }
     fs.save_folder(folder, tensors, qconfig, base_folder)
     return qconfig
+
+
+def _sparse24_tensors(module: str, w_t: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The bitmask tensors of a float weight ``(out, in)`` that is 2:4 sparse along its inputs, else None."""
+    out, n_in = w_t.shape
+    if n_in % 4 or not np.issubdtype(w_t.dtype, np.floating):
+        return None
+    nonzero = w_t.reshape(out, n_in // 4, 4) != 0
+    count = nonzero.sum(-1, keepdims=True)
+    if np.any(count > 2):
+        return None
+    # every group keeps exactly 2 positions: its non-zeros, then its first zeros
+    keep = (nonzero | (np.cumsum(~nonzero, axis=-1) <= 2 - count)).reshape(out, n_in)
+    return {
+        f"{module}.shape": np.array([[out], [n_in]], np.int64),
+        f"{module}.compressed": np.ascontiguousarray(w_t[keep].reshape(out, n_in // 2)),
+        f"{module}.bitmask": np.packbits(keep, axis=-1, bitorder="little"),
+    }
+
+
+def _read_sparse24(tensors: dict, sparsity: dict, where: str) -> None:
+    """Replace each module's ``shape`` / ``compressed`` / ``bitmask`` tensors in ``tensors`` by its
+    dense ``weight`` ``(out, in)``; FolderError naming the tensor or setting that is wrong."""
+    fmt, structure = sparsity.get("format"), sparsity.get("sparsity_structure", "2:4")
+    if fmt not in SPARSITY_FORMATS or structure != "2:4":
+        raise FolderError(
+            f"{where}: sparsity_config has format {fmt!r} with structure {structure!r}; jcompress reads "
+            f"{SPARSITY_FORMATS} with 2:4"
+        )
+    targets = sparsity.get("targets") or []
+    for name in sorted(n for n in tensors if n.endswith(".bitmask")):
+        module = name[: -len(".bitmask")]
+        if not any(_matches(module, t) for t in targets):
+            raise FolderError(f"the tensor {name} belongs to a module the sparsity_config does not target")
+        if f"{module}.weight_scale" in tensors:
+            raise FolderError(f"{module} is both 2:4 compressed and quantized; jcompress reads sparse float weights")
+        shape = fs.take(tensors, f"{module}.shape").reshape(-1)
+        if shape.shape != (2,) or shape.dtype.kind not in "iu" or shape.min() < 0:
+            raise FolderError(f"the tensor {module}.shape must hold (out, in) as 2 integers, got {shape!r}")
+        out, n_in = (int(v) for v in shape)
+        compressed, bitmask = fs.take(tensors, f"{module}.compressed"), fs.take(tensors, name)
+        fs.expect(compressed, f"{module}.compressed", (out, n_in // 2), _SCALE_DTYPES)
+        fs.expect(bitmask, name, (out, -(-n_in // 8)), ("uint8",))
+        keep = np.unpackbits(bitmask, axis=-1, count=n_in, bitorder="little").astype(bool)
+        if n_in % 4 or np.any(keep.reshape(out, -1, 4).sum(-1) != 2):
+            raise FolderError(f"the tensor {name} does not mark exactly 2 of every 4 consecutive inputs")
+        weight = np.zeros((out, n_in), compressed.dtype)
+        weight[keep] = compressed.reshape(-1)
+        tensors[f"{module}.weight"] = weight
 
 
 def _matches(module: str, target: str) -> bool:
@@ -463,13 +554,15 @@ def read(
       dequantized to float32 ``(in, out)``, other tensors as stored, 2-D kernels
       transposed; all-digit keys as ints); ``grids`` ``{leaf: QuantParams}`` with
       ``axis=1`` (or None for the tensor strategy), a :class:`Float8Grid` for float8
-      weights, each dequantizing to its kernel exactly.
+      weights, each dequantizing to its kernel exactly. 2:4 bitmask-compressed weights
+      (``sparsity_config`` ``sparse-24-bitmask``) come back as dense float kernels.
 
     Raises:
       FolderError: a missing or foreign ``quantization_config`` (another quant_method, a
         format or scheme jcompress does not read, activation quantization), a missing
         scale / shape / zero-point tensor, a tensor whose shape disagrees with the config,
-        a quantized module no config group targets. The message names the tensor or group.
+        a quantized module no config group targets, a bitmask that does not mark 2 of
+        every 4 inputs. The message names the tensor or group.
     """
     folder = Path(folder)
     config = fs.read_config(folder)
@@ -479,8 +572,11 @@ def read(
         raise FolderError(f"{where} has no quantization_config; this is not a compressed checkpoint")
     if qc.get("quant_method") != "compressed-tensors":
         raise FolderError(f"{where}: quant_method is {qc.get('quant_method')!r}, not 'compressed-tensors'")
-    if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
-        raise FolderError(f"{where}: sparsity, transform and kv-cache configs are not read by jcompress")
+    if qc.get("transform_config") or qc.get("kv_cache_scheme"):
+        raise FolderError(f"{where}: transform and kv-cache configs are not read by jcompress")
+    sparsity = qc.get("sparsity_config")
+    if sparsity is not None and not isinstance(sparsity, dict):
+        raise FolderError(f"{where}: sparsity_config must be an object")
     groups = qc.get("config_groups") or {}
     if not isinstance(groups, dict):
         raise FolderError(f"{where}: config_groups must be an object")
@@ -492,6 +588,8 @@ def read(
         checked.append((name, scheme.get("targets") or [], _check_args(name, scheme, where), fmt))
     ignore = qc.get("ignore") or []
     tensors = fs.read_tensors(folder)
+    if sparsity:
+        _read_sparse24(tensors, sparsity, where)
     modules = sorted(
         {n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in ("weight_scale", "weight_packed")}
     )

@@ -340,6 +340,18 @@ def _edit_tensors(folder, fn):
     save_file(t, str(folder / "model.safetensors"))
 
 
+def _assert_edits_refused(tmp_path, cases, read):
+    """Each ``(edit tensors, edit config, message)`` applied to a copy of ``tmp_path / 'ok'`` makes ``read`` refuse it."""
+    for i, (tensors, config, message) in enumerate(cases):
+        folder = _copy(tmp_path / "ok", tmp_path / str(i))
+        if tensors:
+            _edit_tensors(folder, tensors)
+        if config:
+            _edit_config(folder, config)
+        with pytest.raises(FolderError, match=message):
+            read(folder)
+
+
 def test_corrupt_or_foreign_compressed_tensors_folders_are_refused_by_name(tmp_path):
     src = INTEROP / "ct_pack"
     cases = [
@@ -520,14 +532,7 @@ def test_gptq_refusals_name_the_leaf_or_tensor(tmp_path):
         (None, lambda q: q.update(quant_method="awq"), r"quant_method is 'awq'"),
         (None, lambda q: q.update(group_size=32), rf"{m}\.scales has shape \(4, 32\)"),
     ]
-    for i, (tensors, config, message) in enumerate(cases):
-        folder = _copy(tmp_path / "ok", tmp_path / str(i))
-        if tensors:
-            _edit_tensors(folder, tensors)
-        if config:
-            _edit_config(folder, config)
-        with pytest.raises(FolderError, match=message):
-            gptq.read(folder)
+    _assert_edits_refused(tmp_path, cases, gptq.read)
 
 
 @pytest.mark.parametrize("fmt", gptq.CHECKPOINT_FORMATS)
@@ -614,11 +619,4 @@ def test_sparse24_bitmask_refusals_name_the_tensor(tmp_path):
         (None, lambda q: q["sparsity_config"].update(format="sparse-bitmask"), r"sparsity_config has format"),
         (None, lambda q: q["sparsity_config"].update(targets=["other"]), rf"{m}\.bitmask belongs to a module"),
     ]
-    for i, (tensors, config, message) in enumerate(cases):
-        folder = _copy(tmp_path / "ok", tmp_path / str(i))
-        if tensors:
-            _edit_tensors(folder, tensors)
-        if config:
-            _edit_config(folder, config)
-        with pytest.raises(FolderError, match=message):
-            ct.read(folder)
+    _assert_edits_refused(tmp_path, cases, ct.read)

@@ -14,6 +14,12 @@ Folders (a few KB each):
   reach -8, outside jcompress's symmetric range, so the reader turns them into an
   asymmetric grid), 8-bit asymmetric per channel; a float ``head`` in ``ignore``; biases.
 * ``ct_naive``: ``naive-quantized``, 8-bit asymmetric with one scale for each tensor.
+* ``ct_group``: ``pack-quantized`` with ``actorder: "group"``: 4-bit groups of 16 whose
+  inputs are scattered (a random ``weight_g_idx`` with 16 inputs per group, as GPTQ's
+  activation-order groups), asymmetric for ``a``, symmetric for ``c``; ``b`` left float.
+  Built only by compressed-tensors <= 0.18 (0.19 removed ``actorder: "group"``): run
+  this script with such a release (``pip install --target DIR compressed-tensors==0.18.0``,
+  ``PYTHONPATH=DIR``) to rebuild it; other releases skip it.
 
 Run (needs the interop extra: torch, transformers, compressed-tensors)::
 
@@ -67,6 +73,18 @@ SCHEMES = {
         },
         ["head"],
     ),
+    "ct_group": (
+        "pack-quantized",
+        {
+            "group_0": QuantizationScheme(
+                targets=["a"], weights=_args(num_bits=4, symmetric=False, strategy="group", group_size=16)
+            ),
+            "group_1": QuantizationScheme(
+                targets=["c"], weights=_args(num_bits=4, symmetric=True, strategy="group", group_size=16)
+            ),
+        },
+        ["head"],
+    ),
     "ct_naive": (
         "naive-quantized",
         {
@@ -83,6 +101,10 @@ def _observe(module: torch.nn.Module) -> None:
     """Min-max scales and zero points of the module's weight, computed by the library."""
     args = module.quantization_scheme.weights
     w = module.weight.data
+    if hasattr(module, "weight_g_idx"):  # scattered groups: a random g_idx, 16 inputs each
+        g_idx = torch.randperm(w.shape[1]) // args.group_size
+        module.weight_g_idx.data.copy_(g_idx.to(module.weight_g_idx.dtype))
+        w = w[:, torch.argsort(g_idx, stable=True)]  # the inputs group by group
     if args.strategy == "group":
         view = w.reshape(w.shape[0], -1, args.group_size)
         lo, hi = view.amin(dim=2), view.amax(dim=2)
@@ -96,8 +118,22 @@ def _observe(module: torch.nn.Module) -> None:
         module.weight_zero_point.data.copy_(zero)
 
 
+def _reads_group_actorder() -> bool:
+    try:
+        _args(num_bits=4, strategy="group", group_size=16, actorder="group")
+    except ValueError:
+        return False
+    return True
+
+
 def build(out: Path, name: str, seed: int) -> None:
     fmt, groups, ignore = SCHEMES[name]
+    if name == "ct_group":
+        if not _reads_group_actorder():
+            print(f"{name}: skipped, this compressed-tensors has no actorder 'group' (use <= 0.18)")
+            return
+        for scheme in groups.values():
+            scheme.weights.actorder = "group"
     torch.manual_seed(seed)
     model = Tiny()
     for scheme in groups.values():
@@ -125,9 +161,11 @@ def build(out: Path, name: str, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests/fixtures/interop")
+    parser.add_argument("--only", nargs="*", choices=sorted(SCHEMES), help="build only these folders")
     args = parser.parse_args()
     for seed, name in enumerate(SCHEMES):
-        build(args.out, name, seed)
+        if not args.only or name in args.only:
+            build(args.out, name, seed)
 
 
 if __name__ == "__main__":

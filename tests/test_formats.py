@@ -323,6 +323,26 @@ def test_library_written_folders_are_read_to_the_library_weights():
     assert not b.symmetric and np.all(np.asarray(b.zero_point) == 8) and np.asarray(b.codes).min() == 0
 
 
+def test_library_written_g_idx_folder_is_read_to_the_library_weights():
+    """ct_group: compressed-tensors 0.18 packed 4-bit groups with a scattered weight_g_idx (actorder 'group')."""
+    params, grids = ct.read(INTEROP / "ct_group")
+    ref = np.load(INTEROP / "ct_group" / "reference.npz")
+    flat = dict(tree.named_leaves(params))
+    assert sorted(grids) == ["a/kernel", "c/kernel"] and sorted(ref.files) == sorted(
+        ["a.weight", "a.bias", "b.weight", "c.weight", "c.bias", "head.weight"]
+    )
+    for k in ref.files:
+        leaf = k.replace(".weight", "/kernel").replace(".bias", "/bias")
+        got = flat[leaf].T if leaf.endswith("kernel") else flat[leaf]
+        assert np.array_equal(got, ref[k]), k
+    for leaf, n_in in (("a/kernel", 64), ("c/kernel", 32)):
+        g_idx = np.asarray(grids[leaf].g_idx)
+        assert grids[leaf].group_size == 16 and g_idx.shape == (n_in,)
+        assert np.array_equal(np.bincount(g_idx), [16] * (n_in // 16))
+        assert not np.array_equal(g_idx, np.arange(n_in) // 16)
+        assert np.array_equal(np.asarray(grid.dequantize(grids[leaf])).T, ref[leaf.replace("/kernel", ".weight")])
+
+
 def _copy(src, dst) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -60,7 +60,8 @@ def _library_reads_group_actorder() -> bool:
 
 needs_group_actorder = pytest.mark.skipif(
     not _library_reads_group_actorder(),
-    reason="the installed compressed-tensors removed actorder 'group' (weight_g_idx); run with compressed-tensors<=0.18",
+    reason="the installed compressed-tensors removed actorder 'group' (weight_g_idx); run with "
+    "compressed-tensors<=0.18",
 )
 
 

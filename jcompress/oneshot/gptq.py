@@ -85,8 +85,8 @@ def quantize_matrix(
     Returns:
       ``(dequantized kernel (in, out) float32, QuantParams)``: int32 codes ``(in, out)``,
       ``scale`` / ``zero_point`` ``(groups, out)``, ``axis=1``, ``g_idx`` int32 ``(in,)``
-      with ``act_order=True, static_groups=False`` and several groups (else None); the kernel is exactly
-      ``grid.dequantize`` of the grid, and is 0 wherever ``kernel`` is 0.
+      with ``act_order=True, static_groups=False`` and several groups (else None); the
+      kernel is exactly ``grid.dequantize`` of the grid, and is 0 wherever ``kernel`` is 0.
     """
     bits = grid.check_bits(bits, symmetric)
     cols = kernel.shape[0]

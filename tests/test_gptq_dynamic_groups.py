@@ -142,7 +142,10 @@ def test_zeros_stay_zero():
 
 def test_output_error_no_worse_than_static_groups():
     """Dynamic groups follow the error feedback: on average over seeds their output error is
-    no larger than static groups' (measured: see the report in the commit message)."""
+    no larger than static groups'. Measured on this problem (3 bits, groups of 8, seeds 0-4):
+    relative output error 0.00262 (0.00187-0.00415) dynamic vs 0.00310 (0.00186-0.00539)
+    static, dynamic lower in 4 of 5 seeds; at 128 inputs, groups of 32, 4 bits: 0.00064 vs
+    0.00067."""
     dyn, sta = [], []
     for seed in range(4):
         kernel, x = correlated_problem(seed=seed)

@@ -11,8 +11,10 @@ output, or for ``NM(n, m)`` the ``m - n`` smallest of every ``m`` consecutive in
 kept weights are left as they are. The papers' magnitude baseline (``|K|`` compared
 across the whole layer) is ``jc.pruning.magnitude(sparsity=...)``.
 
-Scores, mask and zeroing are one compiled function per kernel shape (:func:`prune_matrix`):
-called op by op they made four passes over the kernel and a compile per op and shape.
+:func:`prune_matrix` computes scores and mask in one compiled function and zeroes the
+pruned weights in a second: op by op they were a compile per op and shape and a pass over
+the kernel per op; one function for all three was slower still on CPU (about 2.5x op by
+op's time for a 4096 x 4096 kernel at 2:4; see BENCHMARKS.md).
 
 Example:
   >>> params, aux = jc.oneshot.wanda(stats, sparsity=0.5)(params)
@@ -39,10 +41,22 @@ def wanda_scores(kernel: jax.Array, h: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("count", "n_m"))
+def _keep_mask(kernel, h, *, count, n_m):
+    score = wanda_scores(kernel, h)
+    if n_m is not None:
+        return topk.nm_keep_mask(score, n=n_m[0], m=n_m[1], axis=0)
+    return ~topk.remove_smallest(score, count, axis=0)
+
+
+@jax.jit
+def _zero_pruned(kernel, keep):
+    return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
+
+
 def prune_matrix(
     kernel: jax.Array, h: jax.Array, *, count: int | None = None, n_m: tuple[int, int] | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Wanda on one Flax kernel, compiled once per shape.
+    """Wanda on one Flax kernel (two compiled functions per shape: the mask, the zeroing).
 
     Args:
       kernel: ``(in, out)`` float.
@@ -57,12 +71,10 @@ def prune_matrix(
     Example:
       >>> new_k, keep = prune_matrix(kernel, stats['fc/kernel'].h, n_m=(2, 4))
     """
-    score = wanda_scores(kernel, h)
-    if n_m is not None:
-        keep = topk.nm_keep_mask(score, n=n_m[0], m=n_m[1], axis=0)
-    else:
-        keep = ~topk.remove_smallest(score, count, axis=0)
-    return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype)), keep
+    if (count is None) == (n_m is None):
+        raise ValueError(f"give exactly one of count={count} and n_m={n_m}")
+    keep = _keep_mask(kernel, h, count=count, n_m=None if n_m is None else (int(n_m[0]), int(n_m[1])))
+    return _zero_pruned(kernel, keep), keep
 
 
 def wanda(stats: dict, *, sparsity: spec.Spec = None, pattern=Unstructured()) -> base.Transform:

@@ -264,11 +264,19 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
     Returns:
       uint32 scalar key; :func:`key_to_float` gives the value.
     """
+    return _kth_search(values, k, chunk)[0]
+
+
+def _kth_search(values: Sequence[jax.Array], k: int, chunk: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`kth_largest_key`'s search (traced), returning ``(key, needed, tied)``: the key,
+    how many entries equal to it rank ``k`` reaches into (``k`` minus the number above it),
+    and how many entries equal it (both int32, read off the last histogram)."""
     n = sum(int(np.prod(v.shape)) for v in values)
     if n <= _SORT_BELOW and chunk and not any(_is_sharded(v) for v in values):
         # A small sort beats a 2**21-bucket histogram (but would gather sharded arrays).
         keys = jnp.concatenate([float_to_key(v).reshape(-1) for v in values])
-        return jnp.sort(keys)[n - k]
+        t = jnp.sort(keys)[n - k]
+        return t, k - jnp.sum(keys > t, dtype=jnp.int32), jnp.sum(keys == t, dtype=jnp.int32)
     full = (jnp.uint32(_KEY_MIN), jnp.uint32(_KEY_MAX))
     if n >= _SAMPLE_ABOVE:
         # chunk=None is how a caller under jit with an Auto mesh says leaves may be sharded
@@ -284,7 +292,7 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
     k_arr = jnp.int32(k)
 
     def one_pass(state):
-        lo, hi, _, _ = state
+        lo, hi = state[:2]
         span = hi - lo  # interval holds span + 1 keys
         shift = jnp.sum((span >> (_BITS + jnp.arange(32 - _BITS, dtype=jnp.uint32))) > 0).astype(jnp.uint32)
         n_buckets = (span >> shift) + 1  # buckets 1..n_buckets cover [lo, lo + n_buckets << shift)
@@ -293,7 +301,7 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
         n_above = counts[n_buckets + 1]
         inner = jnp.where(jnp.arange(_NBUCKETS) < n_buckets, counts[1 : _NBUCKETS + 1], 0)
         missed = (n_above >= k_arr) | (n_above + jnp.sum(inner) < k_arr)
-        b, _ = _select_bucket(inner, k_arr - n_above)
+        b, needed = _select_bucket(inner, k_arr - n_above)
         new_lo = lo + (b << shift)
         done = ~missed & (shift == 0)
         new_hi = new_lo + ((jnp.uint32(1) << shift) - 1)
@@ -302,10 +310,12 @@ def kth_largest_key(values: Sequence[jax.Array], k: int, *, chunk: int | None = 
             jnp.where(missed, full[1], new_hi),
             done,
             new_lo,
+            needed,
+            inner[b],  # with single-key buckets (done): the entries equal to the answer
         )
 
-    state = (start[0], start[1], jnp.bool_(False), jnp.uint32(0))
-    return lax.while_loop(lambda s: ~s[2], one_pass, state)[3]
+    state = (start[0], start[1], jnp.bool_(False), jnp.uint32(0), jnp.int32(0), jnp.int32(0))
+    return lax.while_loop(lambda s: ~s[2], one_pass, state)[3:]
 
 
 _HOST_ABOVE = _SORT_BELOW  # concrete CPU inputs larger than this are selected with numpy
@@ -503,11 +513,9 @@ def _keep_top(values: list[jax.Array], k: int, chunk: int | None) -> list[jax.Ar
         keep = ~remove_smallest(flat, sum(sizes) - k)
         return [part.reshape(v.shape) for part, v in zip(jnp.split(keep, np.cumsum(sizes)[:-1]), values)]
     keys = [float_to_key(v) for v in values]
-    t = kth_largest_key(values, k, chunk=chunk)
+    t, n_equal_needed, n_equal = _kth_search(values, k, chunk)  # no sums over the masks needed
     above = [x > t for x in keys]
     equal = [x == t for x in keys]
-    n_equal_needed = k - sum(jnp.sum(a, dtype=jnp.int32) for a in above)
-    n_equal = sum(jnp.sum(e, dtype=jnp.int32) for e in equal)
 
     def all_ties(_):
         return [a | e for a, e in zip(above, equal)]

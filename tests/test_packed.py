@@ -1,6 +1,8 @@
 """Packed low-bit Dense and conv layers: exact storage round trips, outputs equal the
 dequantized model's, real device bytes, and the decoder LM packed end to end."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import jcompress as jc
 from jcompress import models
 from jcompress.core.grid import quantize_leaf
 from jcompress.models import llama
-from jcompress.nnx import packed
+from jcompress.nnx import hooks, packed
 
 
 def test_codes_round_trip_exactly():
@@ -176,3 +178,134 @@ def test_packed_llama_decodes_like_the_dequantized_one():
     np.testing.assert_allclose(_jit_forward(small, tokens), _jit_forward(reference, tokens), rtol=2e-5, atol=2e-5)
     b, d = packed.device_bytes(small), packed.device_bytes(model)
     assert b["total"] < d["total"]
+
+
+def _w8a8_layer(act, *, axis=-1, bias=True):
+    from jcompress.oneshot.smoothquant import ActQuant
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(48, 24)) / 7, jnp.float32)
+    qp = quantize_leaf(w, bits=8, axis=axis)
+    b = jnp.asarray(rng.normal(size=(24,)), jnp.float32) if bias else None
+    return qp, b, packed.PackedLinear(qp, b, act=ActQuant(*act))
+
+
+@pytest.mark.parametrize(
+    "act, axis", [((8, True, 0.0), -1), ((8, False, 2.5), -1), ((8, True, 0.0), None), ((6, False, 4.0), -1)]
+)
+def test_integer_w8a8_equals_the_float_path_on_the_fake_quantized_input(act, axis):
+    """Per token / per tensor (clipping at absmax) inputs, per column / per tensor weights, one zero row."""
+    from jcompress.oneshot.smoothquant import fake_quant_input
+
+    qp, b, layer = _w8a8_layer(act, axis=axis)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 48)) * 2, jnp.float32).at[0, 0].set(0.0)
+    codes, scale = packed.quantize_input(x, bits=act[0], per_token=act[1], absmax=act[2])
+    assert codes.dtype == jnp.int8
+    fq = fake_quant_input(x, bits=act[0], per_token=act[1], absmax=act[2])
+    np.testing.assert_array_equal(codes.astype(jnp.float32) * scale, fq)  # the very grid of the hook
+    y = _jit_forward(layer, x)
+    assert y.shape == (3, 5, 24) and y.dtype == jnp.float32
+    w = qp.dequantize()
+    y_float = jax.jit(lambda v: jnp.dot(v, w) + b)(fq)
+    # exact in float64: the int32 sums are exact, so the integer path is off by a few float32 roundings
+    exact = np.asarray(fq, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    magnitude = np.abs(np.asarray(fq, np.float64)) @ np.abs(np.asarray(w, np.float64)) + np.abs(np.asarray(b))
+    eps = np.finfo(np.float32).eps
+    assert np.all(np.abs(np.asarray(y, np.float64) - exact) <= 4 * eps * magnitude)
+    # the float path's error is bounded by its 48-term sums: the two agree to that bound
+    assert np.all(np.abs(np.asarray(y - y_float, np.float64)) <= (48 + 4) * eps * magnitude)
+    assert np.max(np.abs(y - y_float)) > 0 or np.max(np.abs(y_float - exact)) == 0
+
+
+def _integer_dots(hlo: str) -> list[str]:
+    """The dot instructions of compiled HLO text whose operands are s8 and whose result is s32."""
+    found = []
+    for block in hlo.split("\n\n"):
+        types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", block))
+        for line in block.splitlines():
+            m = re.search(r"= s32\[[\d,]*\]\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)", line)
+            if m and types.get(m.group(1)) == "s8" and types.get(m.group(2)) == "s8":
+                found.append(line.strip())
+    return found
+
+
+def test_integer_w8a8_compiles_to_an_s8_dot_with_s32_result():
+    _, _, layer = _w8a8_layer((8, True, 0.0))
+    graphdef, state = nnx.split(layer)
+    f = jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))
+    x = jnp.ones((4, 48))
+    lowered = f.lower(state, x)
+    assert re.search(r"dot_general .*\(tensor<4x48xi8>, tensor<48x24xi8>\) -> tensor<4x24xi32>", lowered.as_text())
+    assert len(_integer_dots(lowered.compile().as_text())) == 1
+    # the default (float) path has no integer dot
+    float_layer = packed.PackedLinear(quantize_leaf(jnp.ones((48, 24)), bits=8), None)
+    g2, s2 = nnx.split(float_layer)
+    assert _integer_dots(jax.jit(lambda s, v: nnx.merge(g2, s)(v)).lower(s2, x).compile().as_text()) == []
+
+
+class _NormMLP(nnx.Module):
+    """LayerNorm -> Dense -> relu -> Dense, the norm folding SmoothQuant's scales of fc1."""
+
+    def __init__(self, rngs):
+        self.norm = nnx.LayerNorm(16, rngs=rngs)
+        self.fc1 = nnx.Linear(16, 32, rngs=rngs)
+        self.fc2 = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(self.norm(x))))
+
+
+@pytest.mark.parametrize("act_scale", ["token", "tensor"])
+def test_smoothquant_mlp_packed_in_integers_equals_the_hooked_fake_quant_model(act_scale):
+    from jcompress.oneshot.smoothquant import act_quantizer
+
+    model = _NormMLP(nnx.Rngs(0))
+    model.norm.scale.set_value(model.norm.scale.get_value().at[:2].set(25.0))  # two outlier channels
+    x = jax.random.normal(jax.random.key(1), (40, 16))
+    h1 = model.norm(x)
+    h2 = jax.nn.relu(model.fc1(h1))
+    channels = {f"fc{i}/kernel": jc.oneshot.ChannelStats(jnp.abs(h).mean(0), jnp.abs(h).max(0)) for i, h in ((1, h1), (2, h2))}
+    stats = jc.oneshot.calibrate(model, x)
+    sq = jc.oneshot.smoothquant(stats, channels, groups=[("norm", ("fc1",))], alpha=0.5, act_scale=act_scale)
+    w8_params, aux = sq(nnx.state(model, nnx.Param))
+    w8 = models.merge(model, jc.to_pure_dict(w8_params))
+    hooked = hooks.with_hook(w8, act_quantizer(aux.act))
+    int8_model, paux = packed.pack(aux, act=aux.act)(w8)
+    assert sorted(paux.grids) == ["fc1/kernel", "fc2/kernel"]
+    assert int8_model.fc1.act_bits == 8 and int8_model.fc2.act_per_token == (act_scale == "token")
+    assert packed.pack(aux)(w8)[0].fc1.act_bits is None  # default: the float path
+    want = _jit_forward(hooked, x)
+    got = _jit_forward(int8_model, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    # the inputs' quantization matters at that tolerance: the unhooked model is farther off
+    assert float(jnp.max(jnp.abs(_jit_forward(w8, x) - want))) > 1e-3 * float(jnp.max(jnp.abs(want)))
+
+
+def test_integer_path_refuses_grids_it_cannot_take():
+    from jcompress.oneshot.smoothquant import ActQuant
+
+    model = _mlp()
+    params = nnx.state(model, nnx.Param)
+    act = {"fc1": ActQuant(8, True, 0.0)}
+    for kw, why in (
+        ({"bits": 4}, "weight grid of 4 bits"),
+        ({"bits": 8, "group_size": 16}, "weight grid with group_size=16"),
+        ({"bits": 8, "symmetric": False}, "asymmetric weight grid"),
+    ):
+        _, aux = jc.quant.quantize(**kw)(params)
+        with pytest.raises(ValueError, match=f"layer 'fc1': {why}.*one scale per output column|layer 'fc1': {why}"):
+            packed.pack(aux, act=act)(model)
+    _, aux = jc.quant.quantize(bits=8)(params)
+    rows = {"fc1/kernel": quantize_leaf(model.fc1.kernel.get_value(), bits=8, axis=0)}
+    with pytest.raises(ValueError, match="layer 'fc1': weight grid with axis=0"):
+        packed.pack(rows, act=act)(model)
+    with pytest.raises(ValueError, match=r"act names layers \['head'\] that have no grid"):
+        packed.pack(aux, act={"head": ActQuant(8, True, 0.0)})
+    with pytest.raises(ValueError, match="layer 'fc1': act bits=16"):
+        packed.pack(aux, act={"fc1": ActQuant(16, True, 0.0)})(model)
+    with pytest.raises(TypeError, match="act must be"):
+        packed.pack(aux, act=[ActQuant(8, True, 0.0)])
+    cnn = models.create("cnn1d", input_shape=(40,), num_classes=10, channels=(4, 4, 4), seed=0)
+    grid = {"conv2/kernel": quantize_leaf(cnn.conv2.kernel.get_value(), bits=8)}
+    with pytest.raises(ValueError, match="layer 'conv2': act: the integer path is for Dense layers"):
+        packed.pack(grid, act={"conv2": ActQuant(8, True, 0.0)})(cnn)

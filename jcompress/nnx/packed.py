@@ -23,17 +23,28 @@ for symmetric ones. The device bytes of a ``(K, N)`` kernel at ``b`` bits are ``
 plus 4 bytes per scale (and 1 per zero point): about 8x fewer than float32 at 4 bits and
 4x at 8 bits (:func:`device_bytes` counts them from the arrays).
 
-What this is and is not: the weights are dequantized to float32 and multiplied with
-``jnp.dot`` (Dense) or ``lax.conv_general_dilated`` (conv), inside the same jitted
+What this is and is not: by default the weights are dequantized to float32 and multiplied
+with ``jnp.dot`` (Dense) or ``lax.conv_general_dilated`` (conv), inside the same jitted
 function as the unpacking; memory and memory traffic shrink, arithmetic stays float.
-There is no integer or Pallas kernel here yet, so compute-bound layers run at float speed
-(or a little slower: the unpacking is extra work).
+W8A8 Dense layers have an integer path, opt-in with ``pack(grids, act=...)`` (the input
+quantization of SmoothQuant, ``SmoothQuantAux.act``): the input is quantized to int8 codes
+on the grid of :func:`jcompress.oneshot.smoothquant.fake_quant_input` (per token, or per
+tensor from the calibrated ``absmax``), multiplied with the int8 weight codes by
+``lax.dot_general`` accumulating in int32 (exact), and the sums are scaled by the input's
+and each output column's scale in float32. It needs a symmetric 8-bit weight grid with
+one scale per output column (or per tensor). Whether it is faster depends on the backend
+having integer matmul units (int8 tensor cores, TPU MXU); XLA on CPU runs it slower than
+the float path (BENCHMARKS.md, B8). There is no Pallas kernel and no integer conv path, so
+compute-bound layers otherwise run at float speed (or a little slower: the unpacking is
+extra work).
 
 Example:
   >>> params, aux = jc.quant.quantize(bits=4, group_size=32)(nnx.state(model, nnx.Param))
   >>> small, paux = pack(aux)(model)   # quantized nnx.Linear / nnx.Conv now PackedLinear / PackedConv
   >>> device_bytes(small) < device_bytes(model) / 6
   True
+  >>> w8, sq = jc.oneshot.smoothquant(stats, channels, groups=groups)(nnx.state(model, nnx.Param))
+  >>> int8_model, _ = pack(sq, act=sq.act)(models.merge(model, jc.to_pure_dict(w8)))   # int8 x int8 -> int32
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ __all__ = [
     "device_bytes",
     "pack",
     "pack_codes",
+    "quantize_input",
     "unpack_codes",
 ]
 
@@ -134,8 +146,36 @@ class _PackedKernel(nnx.Module):
         return dequantize(QuantParams(codes, scale, zp, self.bits, self.symmetric, self.axis, self.group_size, g_idx))
 
 
+def quantize_input(x: jax.Array, *, bits: int, per_token: bool, absmax=None) -> tuple[jax.Array, jax.Array]:
+    """The int8 codes and float32 scale of ``x`` ``(..., in)`` on a symmetric activation grid.
+
+    The grid of :func:`jcompress.oneshot.smoothquant.fake_quant_input`: per token the scale
+    of each row is ``max |row| / (2^(bits-1) - 1)``; per tensor it is ``absmax / (2^(bits-1)
+    - 1)`` and values beyond ``absmax`` are clipped; a zero maximum gives scale ``1 / qmax``.
+
+    Returns:
+      ``(codes int8 (..., in), scale float32 (..., 1) per token or () per tensor)`` with
+      ``codes * scale == fake_quant_input(x, ...)`` in float32.
+
+    Example:
+      >>> codes, scale = quantize_input(x, bits=8, per_token=True)
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) if per_token else jnp.asarray(absmax, jnp.float32)
+    scale = jnp.where(amax > 0, amax, 1.0) / qmax
+    codes = jnp.clip(jnp.round(xf / scale), -qmax, qmax).astype(jnp.int8)
+    return codes, scale
+
+
 class PackedLinear(_PackedKernel):
     """``x -> x @ dequantize(codes) + bias`` with the codes kept packed in memory.
+
+    With ``act`` (an ``ActQuant``, SmoothQuant's input quantization of this layer) the layer
+    runs in integers instead: ``x`` becomes int8 codes and a scale (:func:`quantize_input`),
+    ``lax.dot_general(x_codes, w_codes, preferred_element_type=int32)`` sums the products
+    exactly, and ``y = acc * x_scale * w_scale + bias`` in float32. That equals the float
+    path on the fake-quantized input up to the float path's rounding.
 
     Attributes:
       codes: :class:`PackedCodes`, the stored bytes of the ``(in, out)`` kernel's codes.
@@ -144,20 +184,72 @@ class PackedLinear(_PackedKernel):
         zero points are all 0).
       bias: the original ``nnx.Param`` ``(out,)`` or None.
       in_features, out_features, kernel_shape, bits, symmetric, axis, group_size: static.
+      act_bits, act_per_token, act_absmax: static; the input grid of the integer path
+        (``act_bits`` None: the float path).
+
+    ``act`` is anything with ``bits``, ``per_token`` and ``absmax`` (SmoothQuant's
+    ``ActQuant``, one value of ``SmoothQuantAux.act``).
 
     Inputs ``(..., in)``, outputs ``(..., out)`` in the input's dtype promoted with float32.
+
+    Raises:
+      ValueError: with ``act``, a weight grid that is not symmetric 8-bit with one scale per
+        output column or per tensor (grouped, per input row, asymmetric or another width),
+        or an activation width outside 2..8 bits.
+
+    Example:
+      >>> layer = PackedLinear(quantize_leaf(w, bits=8), bias, act=ActQuant(8, True, 0.0))
+      >>> layer(x).shape            # (..., out), from int8 x int8 -> int32
     """
 
-    def __init__(self, qp: QuantParams, bias: jax.Array | None):
+    def __init__(self, qp: QuantParams, bias: jax.Array | None, *, act=None):
         if qp.codes.ndim != 2:
             raise ValueError(f"PackedLinear needs a Dense kernel's (in, out) codes, got shape {qp.shape}")
+        if act is not None:
+            _check_integer_path(qp, act)
         super().__init__(qp)
         self.in_features, self.out_features = self.kernel_shape
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+        self.act_bits = None if act is None else int(act.bits)
+        self.act_per_token = None if act is None else bool(act.per_token)
+        self.act_absmax = None if act is None or act.per_token else float(act.absmax)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.act_bits is not None:
+            return self._integer_call(x)
         y = jnp.dot(x, self.kernel().astype(jnp.result_type(x, jnp.float32)))
         return y if self.bias is None else y + self.bias.get_value()
+
+    def _integer_call(self, x: jax.Array) -> jax.Array:
+        x_codes, x_scale = quantize_input(x, bits=self.act_bits, per_token=self.act_per_token, absmax=self.act_absmax)
+        w_codes = self.codes.get_value()  # int8 (in, out): one code per byte at 8 bits
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        acc = lax.dot_general(x_codes, w_codes, dims, preferred_element_type=jnp.int32)
+        w_scale = jnp.reshape(self.scale.get_value(), (-1,))  # (out,) per column, (1,) per tensor
+        y = acc.astype(jnp.float32) * x_scale * w_scale
+        if self.bias is not None:
+            y = y + self.bias.get_value()
+        return y.astype(jnp.result_type(x, jnp.float32))
+
+
+def _check_integer_path(qp: QuantParams, act) -> None:
+    """Refuse grids the int8 x int8 -> int32 matmul cannot take, saying why."""
+    why = "the integer path accumulates int8 codes in int32 and scales each output column once"
+    rows = qp.shape[0]
+    if not all(hasattr(act, a) for a in ("bits", "per_token", "absmax")):
+        raise TypeError(f"act must be an ActQuant(bits, per_token, absmax) (SmoothQuantAux.act), got {act!r}")
+    if not 2 <= int(act.bits) <= 8:
+        raise ValueError(f"act bits={act.bits}: the integer path quantizes inputs to int8 codes (2 to 8 bits)")
+    if not act.per_token and not float(act.absmax) >= 0:
+        raise ValueError(f"act absmax={act.absmax}: a per-tensor input grid needs a calibrated absmax >= 0")
+    if qp.bits != 8:
+        raise ValueError(f"weight grid of {qp.bits} bits: {why}, so it needs 8-bit weight codes (one per byte)")
+    if not qp.symmetric:
+        raise ValueError(f"asymmetric weight grid: {why}; zero points would need a correction term, use symmetric=True")
+    grouped = qp.group_size is not None and qp.group_size != rows
+    if grouped or qp.g_idx is not None or qp.axis not in (None, 1):
+        kind = f"group_size={qp.group_size}" if grouped or qp.g_idx is not None else f"axis={qp.axis}"
+        raise ValueError(f"weight grid with {kind}: {why}, so it needs one scale per output column (axis=-1) or per tensor")
 
 
 # nnx.Conv paddings that pad the input before the convolution: not carried over
@@ -257,7 +349,7 @@ def _grids(grids) -> Mapping[str, QuantParams]:
     return found
 
 
-def pack(grids) -> base.ModelTransform:
+def pack(grids, *, act: Mapping | None = None) -> base.ModelTransform:
     """Replace the quantized Dense and conv layers of a model by packed ones.
 
     Each chosen ``nnx.Linear`` becomes a :class:`PackedLinear`, each chosen ``nnx.Conv`` a
@@ -269,6 +361,12 @@ def pack(grids) -> base.ModelTransform:
         or ``{kernel leaf name: QuantParams}``. Grids of 2 to 8 bits on Dense kernels
         ``(in, out)`` or conv kernels ``(*window, cin, cout)`` (per tensor, per channel or
         per group).
+      act: ``{layer path: ActQuant}`` (``SmoothQuantAux.act``) or None (default: every
+        packed layer multiplies in float). The Dense layers named here run W8A8 in
+        integers (:class:`PackedLinear`, int8 x int8 -> int32 ``lax.dot_general``); their
+        weight grids must be symmetric 8-bit per output column (or per tensor). The packed
+        model then computes what the model with ``act_quantizer(act)`` as its hook computes,
+        up to float rounding; do not add that hook to it as well.
 
     Returns:
       a :class:`~jcompress.core.base.ModelTransform`; ``t(model)`` returns ``(new_model,
@@ -280,18 +378,24 @@ def pack(grids) -> base.ModelTransform:
     Raises:
       ValueError: a chosen grid whose layer is not an ``nnx.Linear`` or ``nnx.Conv`` of the
         model, a grid whose shape differs from the kernel's, a grid wider than 8 bits, or a
-        conv with a kernel mask or an input padding (circular, reflect, causal).
+        conv with a kernel mask or an input padding (circular, reflect, causal); with
+        ``act``, a layer of ``act`` that has no grid or is a conv, or a weight grid the
+        integer path cannot take (naming the layer and why).
 
     Example:
       >>> q, aux = jc.oneshot.gptq(stats, bits=4, group_size=128)(nnx.state(model, nnx.Param))
       >>> served, _ = pack(aux)(model)
     """
     table = _grids(grids)
+    act = _check_act(act, table)
 
     def packed_layer(name: str, layer: nnx.Module) -> nnx.Module:
+        a = act.get(spec_lib.layer_of(name))
         if isinstance(layer, nnx.Conv):
+            if a is not None:
+                raise ValueError("act: the integer path is for Dense layers; this is a conv (drop it from act)")
             return PackedConv(table[name], layer)
-        return PackedLinear(table[name], None if layer.bias is None else layer.bias.get_value())
+        return PackedLinear(table[name], None if layer.bias is None else layer.bias.get_value(), act=a)
 
     def apply(model, names, key):
         del key
@@ -318,6 +422,19 @@ def pack(grids) -> base.ModelTransform:
         return new, base.GridAux({n: table[n] for n in chosen}, {})
 
     return base.ModelTransform(apply, "pack", leaves=lambda params: list(table))
+
+
+def _check_act(act, table: Mapping[str, QuantParams]) -> dict:
+    """``act`` as ``{layer path: ActQuant}`` whose layers all have a grid in ``table``."""
+    if act is None:
+        return {}
+    if not isinstance(act, Mapping):
+        raise TypeError(f"pack: act must be {{layer path: ActQuant}} (SmoothQuantAux.act) or None, got {type(act).__name__}")
+    layers = {spec_lib.layer_of(n) for n in table}
+    unknown = sorted(set(act) - layers)
+    if unknown:
+        raise ValueError(f"pack: act names layers {unknown} that have no grid; the grids' layers are {sorted(layers)[:12]}")
+    return dict(act)
 
 
 def device_bytes(model: nnx.Module) -> dict[str, int]:

@@ -27,11 +27,20 @@ Figures (side by side in the same run):
   matmul (there is no integer or Pallas kernel yet), so a ratio below 1 is the expected
   CPU figure; the memory-bound regime where packing pays is a large model on an
   accelerator.
+* ``B8 W8A8 Dense 4096x4096 integer / float32`` and ``dequantized / float32``, at 1, 16 and
+  256 tokens (quick mode: 1024x1024): one jitted call of a Dense layer (with bias) whose
+  int8 per-column kernel is packed with :func:`packed.pack` and ``act=`` per-token int8
+  inputs (``lax.dot_general`` int8 x int8 -> int32, :func:`integer_matmul_rows`), of the
+  same packed layer on the float path (dequantize, then ``jnp.dot`` in float32), and of
+  the float32 ``nnx.Linear``; ratios of median times (float32 / variant, so above 1 is
+  faster), interleaved calls after compilation. Reported without a target: XLA on CPU
+  has no fast int8 matmul, so the integer path's gain is expected only where the backend
+  has integer matmul units (int8 tensor cores, TPU MXU).
 """
 
 from __future__ import annotations
 
-__all__ = ["run"]
+__all__ = ["integer_matmul_rows", "run"]
 
 
 def run(quick: bool) -> list[dict]:
@@ -127,6 +136,64 @@ def run(quick: bool) -> list[dict]:
                     f"{label}_tok_s": round(batch / ts[label].median, 1),
                     "float32_spread_ms": [round(1e3 * ts["float32"].low, 3), round(1e3 * ts["float32"].high, 3)],
                     f"{label}_spread_ms": [round(1e3 * ts[label].low, 3), round(1e3 * ts[label].high, 3)],
+                    "compile_included": False,
+                }
+            )
+    return rows + integer_matmul_rows(quick)
+
+
+def integer_matmul_rows(quick: bool, *, repeats: int | None = None) -> list[dict]:
+    """The ``B8 W8A8 Dense`` rows: integer and dequantized packed layers against float32."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jcompress as jc
+    from jcompress import timing
+    from jcompress.nnx import packed
+    from jcompress.oneshot.smoothquant import ActQuant
+
+    width = 1024 if quick else 4096
+    repeats = repeats or (5 if quick else 15)
+    class Layer(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(width, width, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    dense = Layer()
+    _, aux = jc.quant.quantize(bits=8)(nnx.state(dense, nnx.Param))  # symmetric, per output column
+    variants = {
+        "float32": dense,
+        "dequantized": packed.pack(aux)(dense)[0],
+        "integer": packed.pack(aux, act={"fc": ActQuant(8, True, 0.0)})(dense)[0],
+    }
+    rows = []
+    for tokens in (1, 16, 256):
+        x = jax.random.normal(jax.random.key(tokens), (tokens, width))
+        calls = {}
+        for label, m in variants.items():
+            graphdef, state = nnx.split(m)
+            f = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s)(v))
+            calls[label] = lambda f=f, state=state, x=x: f(state, x)
+        ts = timing.compare(calls, repeats=repeats, warmup=2)
+        out = {k: t.output for k, t in ts.items()}
+        for label in ("integer", "dequantized"):
+            rows.append(
+                {
+                    "name": f"B8 W8A8 Dense {width}x{width} {label} / float32, {tokens} tokens",
+                    "ratio": round(ts["float32"].median / ts[label].median, 3),
+                    "target": "report",
+                    "met": None,
+                    "float32_ms": round(1e3 * ts["float32"].median, 3),
+                    f"{label}_ms": round(1e3 * ts[label].median, 3),
+                    "float32_spread_ms": [round(1e3 * ts["float32"].low, 3), round(1e3 * ts["float32"].high, 3)],
+                    f"{label}_spread_ms": [round(1e3 * ts[label].low, 3), round(1e3 * ts[label].high, 3)],
+                    "max_rel_diff_vs_float32": float(
+                        jnp.max(jnp.abs(out[label] - out["float32"])) / jnp.max(jnp.abs(out["float32"]))
+                    ),
+                    "repeats": repeats,
                     "compile_included": False,
                 }
             )

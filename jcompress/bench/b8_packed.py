@@ -33,9 +33,10 @@ Figures (side by side in the same run):
   inputs (``lax.dot_general`` int8 x int8 -> int32, :func:`integer_matmul_rows`), of the
   same packed layer on the float path (dequantize, then ``jnp.dot`` in float32), and of
   the float32 ``nnx.Linear``; ratios of median times (float32 / variant, so above 1 is
-  faster), interleaved calls after compilation. Reported without a target: XLA on CPU
-  has no fast int8 matmul, so the integer path's gain is expected only where the backend
-  has integer matmul units (int8 tensor cores, TPU MXU).
+  faster), interleaved calls after compilation, and the largest output difference from
+  float32. Reported without a target: the figure depends on the backend's int8 matmul
+  (on CPU, XLA runs a 1-token int8 product as int32); int8 tensor cores and the TPU MXU
+  are where the integer path should gain most.
 """
 
 from __future__ import annotations

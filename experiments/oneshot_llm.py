@@ -28,7 +28,7 @@ stream) with AdamW (warmup, cosine decay, weight decay on matrices only) on rand
 ``seq_len + 1``-token windows of the train stream. The quick model: hidden 64, 2
 layers, 4 heads, 150 steps. The trained model is saved as a
 Hugging Face folder (``config.json``, ``model.safetensors``, ``tokenizer.json``) under
-``jcompress.data.cache_dir() / 'oneshot_llm' / <hash of the data, tokenizer, model and
+``jcompress.data.cache_dir() / 'oneshot_llm' / <hash of the training texts and the tokenizer, model and
 training settings>`` and read back with :func:`jcompress.models.hf_lm.load`; a training
 run saves its state every ``checkpoint_every`` steps there, so a killed run resumes, and
 a finished folder is reused.
@@ -406,7 +406,12 @@ def _save_hf(folder: Path, model: Llama, cfg: LlamaConfig) -> None:
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))  # written last: marks the folder complete
 
 
-def _cache_key(config) -> str:
+def _cache_key(config, train_texts) -> str:
+    """The trained model's cache key: the settings below and a hash of the training texts.
+
+    The texts are Python's bundled documentation, which differs between Python versions
+    and installed packages, so their content (not only the data's name) is in the key.
+    """
     fields = [
         "data",
         "seed",
@@ -425,7 +430,8 @@ def _cache_key(config) -> str:
         "calib_seq_len",
         "eval_seq_len",
     ]
-    blob = json.dumps({f: config[f] for f in fields}, sort_keys=True)
+    texts = hashlib.sha256("\0".join(train_texts).encode()).hexdigest()
+    blob = json.dumps({**{f: config[f] for f in fields}, "train_texts": texts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -436,7 +442,7 @@ def _prepare(config) -> tuple[Path, dict, dict]:
         folder = Path(config.model)
         tok = hf_lm.load_tokenizer(folder)
         return folder, {s: _stream(tok, parts[s]) for s in SPLITS}, {"model": str(folder)}
-    folder = cache_dir() / "oneshot_llm" / _cache_key(config)
+    folder = cache_dir() / "oneshot_llm" / _cache_key(config, parts["train"])
     folder.mkdir(parents=True, exist_ok=True)
     tok_file = folder / "tokenizer.json"
     if not tok_file.exists():

@@ -285,27 +285,25 @@ def test_integer_path_refuses_grids_it_cannot_take():
     from jcompress.oneshot.smoothquant import ActQuant
 
     model = _mlp()
-    params = nnx.state(model, nnx.Param)
+    kernel = model.fc1.kernel.get_value()
     act = {"fc1": ActQuant(8, True, 0.0)}
     for kw, why in (
         ({"bits": 4}, "weight grid of 4 bits"),
         ({"bits": 8, "group_size": 16}, "weight grid with group_size=16"),
         ({"bits": 8, "symmetric": False}, "asymmetric weight grid"),
+        ({"bits": 8, "axis": 0}, "weight grid with axis=0"),
     ):
-        _, aux = jc.quant.quantize(**kw)(params)
-        with pytest.raises(ValueError, match=f"layer 'fc1': {why}.*one scale per output column|layer 'fc1': {why}"):
-            packed.pack(aux, act=act)(model)
-    _, aux = jc.quant.quantize(bits=8)(params)
-    rows = {"fc1/kernel": quantize_leaf(model.fc1.kernel.get_value(), bits=8, axis=0)}
-    with pytest.raises(ValueError, match="layer 'fc1': weight grid with axis=0"):
-        packed.pack(rows, act=act)(model)
+        with pytest.raises(ValueError, match=f"layer 'fc1': {why}"):
+            packed.pack({"fc1/kernel": quantize_leaf(kernel, **kw)}, act=act)(model)
+    grids = {"fc1/kernel": quantize_leaf(kernel, bits=8)}
     with pytest.raises(ValueError, match=r"act names layers \['head'\] that have no grid"):
-        packed.pack(aux, act={"head": ActQuant(8, True, 0.0)})
+        packed.pack(grids, act={"head": ActQuant(8, True, 0.0)})
     with pytest.raises(ValueError, match="layer 'fc1': act bits=16"):
-        packed.pack(aux, act={"fc1": ActQuant(16, True, 0.0)})(model)
+        packed.pack(grids, act={"fc1": ActQuant(16, True, 0.0)})(model)
     with pytest.raises(TypeError, match="act must be"):
-        packed.pack(aux, act=[ActQuant(8, True, 0.0)])
-    cnn = models.create("cnn1d", input_shape=(40,), num_classes=10, channels=(4, 4, 4), seed=0)
+        packed.pack(grids, act=[ActQuant(8, True, 0.0)])
+    cnn = nnx.Module()
+    cnn.conv2 = nnx.Conv(2, 3, (3,), rngs=nnx.Rngs(0))
     grid = {"conv2/kernel": quantize_leaf(cnn.conv2.kernel.get_value(), bits=8)}
     with pytest.raises(ValueError, match="layer 'conv2': act: the integer path is for Dense layers"):
         packed.pack(grid, act={"conv2": ActQuant(8, True, 0.0)})(cnn)

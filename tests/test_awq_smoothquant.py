@@ -310,3 +310,29 @@ def test_awq_under_gqa_searches_a_scale_shared_by_the_heads_of_a_kv_head():
     err_v = np.trace(d.T @ hv @ d) / np.trace(v.T @ hv @ v)
     print(f"v_proj output error {err_v:.4g}, o_proj {float(aux.errors['attn/o_proj/kernel']):.4g} (rtn {float(rtn.errors['attn/o_proj/kernel']):.4g})")
     assert err_v == pytest.approx(float(aux.errors["attn/v_proj/kernel"]), rel=1e-3) and err_v < 0.1
+
+
+def test_smoothquant_under_gqa_ties_the_value_scale_and_keeps_the_float_block():
+    block, groups = _gqa_block()
+    params = nnx.state(block, nnx.Param)
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(2, 8, 32))
+    h[..., :2] *= 15.0
+    h, positions = jnp.asarray(h, jnp.float32), jnp.arange(8)[None]
+    seen = {}
+    names = [n.removesuffix("/kernel") for n, x in tree.named_leaves(params) if n.endswith("/kernel")]
+    with hooks.intercept(block, lambda name, x, op: (seen.setdefault(name, x), op(x))[1], names=names):
+        block(h, positions)
+    xs = {f"{n}/kernel": np.asarray(x, np.float64).reshape(-1, x.shape[-1]) for n, x in seen.items() if n.startswith("attn")}
+    stats = {n: LayerStats(jnp.asarray(x.T @ x, jnp.float32), jnp.float32(len(x))) for n, x in xs.items()}
+    channels = {n: ChannelStats(jnp.asarray(np.abs(x).mean(0), jnp.float32), jnp.asarray(np.abs(x).max(0), jnp.float32)) for n, x in xs.items()}
+    _, aux = smoothquant(stats, channels, groups=groups, alpha=0.5)(params)
+    s = np.asarray(aux.scales["attn/o_proj/kernel"]).reshape(2, 2, 8)
+    np.testing.assert_array_equal(s[:, 0], s[:, 1])  # one scale per value channel
+    # the tied scale is computed from the maxima over the two query heads of each kv head
+    x_max = np.asarray(channels["attn/o_proj/kernel"].abs_max).reshape(2, 2, 8).max(1)
+    w_max = np.abs(np.asarray(params["attn"]["o_proj"]["kernel"][...])).max(1).reshape(2, 2, 8).max(1)
+    np.testing.assert_allclose(s[:, 0], np.sqrt(x_max) / np.sqrt(w_max), rtol=1e-5)
+    # folded into v_proj and o_proj, the float block computes the same function
+    folded = apply_scales(params, groups, {g[0]: aux.scales[f"{g[1][0]}/kernel"] for g in groups if f"{g[1][0]}/kernel" in aux.scales})
+    np.testing.assert_allclose(_block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=5e-5, rtol=1e-4)

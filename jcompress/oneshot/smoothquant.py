@@ -117,6 +117,19 @@ def act_quantizer(act: dict):
     return hook
 
 
+def _head_max(g, v: jax.Array) -> jax.Array:
+    """A target-sized ``v`` ``(heads * head_dim,)`` replaced by its max over the query heads sharing a key/value head.
+
+    Under grouped-query attention (a group with ``heads=(num_heads, num_kv_heads)``) the
+    value projection's channel ``c`` feeds the same input of ``num_heads // num_kv_heads``
+    query heads of ``o_proj``; a scale folded into that channel must be one number for all
+    of them, so the statistics it is computed from are taken over all of them.
+    """
+    h, kv = g.heads
+    m = v.reshape(kv, h // kv, v.shape[0] // h)
+    return jnp.broadcast_to(m.max(axis=1, keepdims=True), m.shape).reshape(-1)
+
+
 @functools.partial(jax.jit, static_argnames=("alpha",))
 def smoothing_scales(abs_max_x: jax.Array, kernels: Sequence[jax.Array], *, alpha: float) -> jax.Array:
     """``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel ``(in,)``; 1 where either max is 0."""
@@ -144,7 +157,10 @@ def smoothquant(
         called on, e.g. ``attn/q_proj/kernel``); these kernels are quantized.
       channels: ``{kernel name: ChannelStats}`` of the same layers (``abs_max`` is used).
       groups: ``(source, targets, offset)`` triples (``block.scale_groups()``): where the
-        smoothing scales are folded. Kernels in no group are quantized unsmoothed.
+        smoothing scales are folded. Kernels in no group are quantized unsmoothed. A
+        fourth entry ``heads=(num_heads, num_kv_heads)`` folds ``v_proj -> o_proj`` under
+        grouped-query attention: the scale is computed from the maxima over the query heads
+        that share a key/value head, so it is one number per value channel.
       alpha: migration strength in [0, 1] (0.5): 0 leaves activations as they are
         (``s = 1 / max|W|``), 1 moves all of their range into the weights.
       weight_bits: weight code width, one symmetric grid per output unit (8).
@@ -183,7 +199,11 @@ def smoothquant(
             kernels = [f"{t}/kernel" for t in g.targets]
             if all(k in hs and k in chosen for k in kernels):
                 ks = [tree.as_float_array(old[k], f"params/{k}") for k in kernels]
-                scales[g.source] = smoothing_scales(chans[kernels[0]].abs_max, ks, alpha=alpha)
+                x_max = chans[kernels[0]].abs_max
+                if g.heads is not None:  # one scale per value channel: the statistics' max over its query heads
+                    x_max = _head_max(g, x_max)
+                    ks = [_head_max(g, jnp.max(jnp.abs(k), axis=1))[:, None] for k in ks]
+                scales[g.source] = smoothing_scales(x_max, ks, alpha=alpha)
         new_params = apply_scales(params, gs, scales)
         new = dict(tree.named_leaves(new_params))
         per_kernel = {f"{t}/kernel": scales[g.source] for g in gs if g.source in scales for t in g.targets}

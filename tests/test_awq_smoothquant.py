@@ -42,7 +42,9 @@ def _random_model(build):
     """A model with random parameters, built without running its initialisers (fast)."""
     graphdef, state = nnx.split(nnx.eval_shape(build))
     rng = np.random.default_rng(0)  # numpy: no XLA compile per shape
-    return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape) + 0.1, jnp.float32), state))
+    return nnx.merge(
+        graphdef, jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape) + 0.1, jnp.float32), state)
+    )
 
 
 @functools.cache
@@ -56,7 +58,9 @@ def _blocks():
 def test_folded_scales_leave_the_block_unchanged(name):
     block = _blocks()[name]
     groups = block.scale_groups()
-    want = {"llama": ["attn_norm", "attn/v_proj", "mlp_norm", "mlp/up_proj"], "gpt2": ["ln_1", "attn/c_attn", "ln_2"]}[name]
+    want = {"llama": ["attn_norm", "attn/v_proj", "mlp_norm", "mlp/up_proj"], "gpt2": ["ln_1", "attn/c_attn", "ln_2"]}[
+        name
+    ]
     assert [g.source for g in groups] == want
     params = nnx.state(block, nnx.Param)
     rng = np.random.default_rng(1)
@@ -69,7 +73,9 @@ def test_folded_scales_leave_the_block_unchanged(name):
     folded = apply_scales(params, groups, scales)
     changed = [n for n, x in tree.named_leaves(folded) if not np.allclose(x, dict(tree.named_leaves(params))[n])]
     assert len(changed) >= 2 * len(groups)
-    np.testing.assert_allclose(_block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=2e-5, rtol=1e-5
+    )
 
 
 def _outlier_layer(seed=0, d=64, out=48, n=512):
@@ -164,7 +170,9 @@ def test_bad_arguments_are_named():
 def test_smoothquant_through_the_driver():
     model, tok, _ = hf_lm.load(FIXTURES / "gpt2")
     ids = lm.sample_windows(lm.corpus_ids(tok, "calibration", limit=60), num=8, seq_len=16, seed=0)
-    model, report = blockwise.compress(model, ids, blockwise.method("smoothquant", alpha=0.5), mesh=parallel.data_mesh(1))
+    model, report = blockwise.compress(
+        model, ids, blockwise.method("smoothquant", alpha=0.5), mesh=parallel.data_mesh(1)
+    )
     assert len(report.act_quant) == 8 and all(a.bits == 8 and a.per_token for a in report.act_quant.values())
     assert all(0 < b.output_error < 0.01 for b in report.blocks)
     assert max(report.layer_errors.values()) < 1e-3  # 8-bit weights per output unit
@@ -180,7 +188,9 @@ def _group_errors_np(kernel, new_kernel, h, group_size):
     d = np.asarray(new_kernel, np.float64) - np.asarray(kernel, np.float64)
     h = np.asarray(h, np.float64)
     g = group_size or d.shape[0]
-    return np.stack([np.einsum("ic,ij,jc->c", d[a : a + g], h[a : a + g, a : a + g], d[a : a + g]) for a in range(0, d.shape[0], g)])
+    return np.stack(
+        [np.einsum("ic,ij,jc->c", d[a : a + g], h[a : a + g, a : a + g], d[a : a + g]) for a in range(0, d.shape[0], g)]
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -195,13 +205,17 @@ def test_clip_search_never_raises_the_error_it_minimises(seed):
     assert np.all(ours <= plain * (1 + 1e-5) + 1e-9) and ours.sum() < plain.sum()
     on_grid = np.float32([1 - i / 20 for i in range(10)])
     assert np.isin(np.asarray(ratio), on_grid).all()
-    np.testing.assert_array_equal(np.asarray(group_output_errors(kernel, q_of(clipped), h, group_size=8)).shape, (4, 12))
+    np.testing.assert_array_equal(
+        np.asarray(group_output_errors(kernel, q_of(clipped), h, group_size=8)).shape, (4, 12)
+    )
     # through awq, one grid per output unit: the whole output error can only fall
     _, aux = awq(stats, channels, groups=groups, bits=3, clip=True)(params)
     _, aux0 = awq(stats, channels, groups=groups, bits=3)(params)
     assert aux.alphas == aux0.alphas and aux0.clips == {} and aux.clips["fc/kernel"].shape == (1, 12)
     assert float(aux.errors["fc/kernel"]) <= float(aux0.errors["fc/kernel"]) * (1 + 1e-5)
-    print(f"seed {seed}: group errors {plain.sum():.4g} -> {ours.sum():.4g}; awq error {float(aux0.errors['fc/kernel']):.4g} -> {float(aux.errors['fc/kernel']):.4g}")
+    print(
+        f"seed {seed}: group errors {plain.sum():.4g} -> {ours.sum():.4g}; awq error {float(aux0.errors['fc/kernel']):.4g} -> {float(aux.errors['fc/kernel']):.4g}"
+    )
 
 
 def test_clip_search_picks_the_grid_ratio_that_fits_the_weights():
@@ -255,9 +269,30 @@ def test_clip_bad_values_are_named():
 
 
 def _gqa_block():
-    model = _random_model(lambda: Llama(LlamaConfig(50, 32, 1, 4, 2, 48), rngs=nnx.Rngs(0)))  # 4 query heads, 2 kv heads
+    model = _random_model(
+        lambda: Llama(LlamaConfig(50, 32, 1, 4, 2, 48), rngs=nnx.Rngs(0))
+    )  # 4 query heads, 2 kv heads
     block = model.layers[0]
     return block, block.scale_groups() + (("attn/v_proj", ("attn/o_proj",), 0, (4, 2)),)
+
+
+def _attention_statistics(block, params, h, positions):
+    """``(stats, channels)`` of the attention projections' inputs when ``block`` runs on ``h``."""
+    seen = {}
+    names = [n.removesuffix("/kernel") for n, x in tree.named_leaves(params) if n.endswith("/kernel")]
+    with hooks.intercept(block, lambda name, x, op: (seen.setdefault(name, x), op(x))[1], names=names):
+        block(h, positions)
+    xs = {
+        f"{n}/kernel": np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        for n, x in seen.items()
+        if n.startswith("attn")
+    }
+    stats = {n: LayerStats(jnp.asarray(x.T @ x, jnp.float32), jnp.float32(len(x))) for n, x in xs.items()}
+    channels = {
+        n: ChannelStats(jnp.asarray(np.abs(x).mean(0), jnp.float32), jnp.asarray(np.abs(x).max(0), jnp.float32))
+        for n, x in xs.items()
+    }
+    return stats, channels
 
 
 def test_gqa_value_scales_fold_only_when_shared_by_the_heads_of_a_kv_head():
@@ -267,11 +302,17 @@ def test_gqa_value_scales_fold_only_when_shared_by_the_heads_of_a_kv_head():
     rng = np.random.default_rng(2)
     h = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
     positions = jnp.arange(5)[None]
-    tied = jnp.asarray(np.repeat(np.exp(rng.normal(size=(2, 1, 8))), 2, axis=1).reshape(-1), jnp.float32)  # (4 heads * 8,)
+    tied = jnp.asarray(
+        np.repeat(np.exp(rng.normal(size=(2, 1, 8))), 2, axis=1).reshape(-1), jnp.float32
+    )  # (4 heads * 8,)
     folded = apply_scales(params, groups, {"attn/v_proj": tied})
-    np.testing.assert_allclose(_block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=2e-5, rtol=1e-5
+    )
     v = dict(tree.named_leaves(folded))["attn/v_proj/kernel"]
-    np.testing.assert_allclose(v, params["attn"]["v_proj"]["kernel"][...] / source_scale(groups[-1], tied)[None, :], rtol=1e-6)
+    np.testing.assert_allclose(
+        v, params["attn"]["v_proj"]["kernel"][...] / source_scale(groups[-1], tied)[None, :], rtol=1e-6
+    )
     with pytest.raises(ValueError, match="differ between query heads that share a key/value head"):
         apply_scales(params, groups, {"attn/v_proj": tied.at[0].multiply(2.0)})
     with pytest.raises(ValueError, match=r"give heads=\(num_heads, num_kv_heads\)"):
@@ -287,13 +328,7 @@ def test_awq_under_gqa_searches_a_scale_shared_by_the_heads_of_a_kv_head():
     h = rng.normal(size=(4, 16, 32))
     h[..., :3] *= 20.0  # outlier channels
     h, positions = jnp.asarray(h, jnp.float32), jnp.arange(16)[None]
-    seen = {}
-    names = [n.removesuffix("/kernel") for n, x in tree.named_leaves(params) if n.endswith("/kernel")]
-    with hooks.intercept(block, lambda name, x, op: (seen.setdefault(name, x), op(x))[1], names=names):
-        block(h, positions)
-    xs = {f"{n}/kernel": np.asarray(x, np.float64).reshape(-1, x.shape[-1]) for n, x in seen.items() if n.startswith("attn")}
-    stats = {n: LayerStats(jnp.asarray(x.T @ x, jnp.float32), jnp.float32(len(x))) for n, x in xs.items()}
-    channels = {n: ChannelStats(jnp.asarray(np.abs(x).mean(0), jnp.float32), jnp.asarray(np.abs(x).max(0), jnp.float32)) for n, x in xs.items()}
+    stats, channels = _attention_statistics(block, params, h, positions)
     new, aux = awq(stats, channels, groups=groups, bits=3, group_size=8)(params)
     s = np.asarray(aux.scales["attn/o_proj/kernel"]).reshape(2, 2, 8)
     np.testing.assert_array_equal(s[:, 0], s[:, 1])
@@ -305,10 +340,14 @@ def test_awq_under_gqa_searches_a_scale_shared_by_the_heads_of_a_kv_head():
     # folding (inputs / norm scale, outputs * value scale) gives v_proj back up to 3-bit rounding
     by_source = {g[0]: aux.scales[f"{g[1][0]}/kernel"] for g in groups if f"{g[1][0]}/kernel" in aux.scales}
     v_old = params["attn"]["v_proj"]["kernel"][...]
-    v_eff = effective_kernel(new["attn"]["v_proj"]["kernel"][...], "attn/v_proj/kernel", check_groups(groups, params), by_source)
+    v_eff = effective_kernel(
+        new["attn"]["v_proj"]["kernel"][...], "attn/v_proj/kernel", check_groups(groups, params), by_source
+    )
     d, v, hv = (np.asarray(a, np.float64) for a in (v_eff - v_old, v_old, stats["attn/v_proj/kernel"].h))
     err_v = np.trace(d.T @ hv @ d) / np.trace(v.T @ hv @ v)
-    print(f"v_proj output error {err_v:.4g}, o_proj {float(aux.errors['attn/o_proj/kernel']):.4g} (rtn {float(rtn.errors['attn/o_proj/kernel']):.4g})")
+    print(
+        f"v_proj output error {err_v:.4g}, o_proj {float(aux.errors['attn/o_proj/kernel']):.4g} (rtn {float(rtn.errors['attn/o_proj/kernel']):.4g})"
+    )
     assert err_v == pytest.approx(float(aux.errors["attn/v_proj/kernel"]), rel=1e-3) and err_v < 0.1
 
 
@@ -319,13 +358,7 @@ def test_smoothquant_under_gqa_ties_the_value_scale_and_keeps_the_float_block():
     h = rng.normal(size=(2, 8, 32))
     h[..., :2] *= 15.0
     h, positions = jnp.asarray(h, jnp.float32), jnp.arange(8)[None]
-    seen = {}
-    names = [n.removesuffix("/kernel") for n, x in tree.named_leaves(params) if n.endswith("/kernel")]
-    with hooks.intercept(block, lambda name, x, op: (seen.setdefault(name, x), op(x))[1], names=names):
-        block(h, positions)
-    xs = {f"{n}/kernel": np.asarray(x, np.float64).reshape(-1, x.shape[-1]) for n, x in seen.items() if n.startswith("attn")}
-    stats = {n: LayerStats(jnp.asarray(x.T @ x, jnp.float32), jnp.float32(len(x))) for n, x in xs.items()}
-    channels = {n: ChannelStats(jnp.asarray(np.abs(x).mean(0), jnp.float32), jnp.asarray(np.abs(x).max(0), jnp.float32)) for n, x in xs.items()}
+    stats, channels = _attention_statistics(block, params, h, positions)
     _, aux = smoothquant(stats, channels, groups=groups, alpha=0.5)(params)
     s = np.asarray(aux.scales["attn/o_proj/kernel"]).reshape(2, 2, 8)
     np.testing.assert_array_equal(s[:, 0], s[:, 1])  # one scale per value channel
@@ -334,5 +367,9 @@ def test_smoothquant_under_gqa_ties_the_value_scale_and_keeps_the_float_block():
     w_max = np.abs(np.asarray(params["attn"]["o_proj"]["kernel"][...])).max(1).reshape(2, 2, 8).max(1)
     np.testing.assert_allclose(s[:, 0], np.sqrt(x_max) / np.sqrt(w_max), rtol=1e-5)
     # folded into v_proj and o_proj, the float block computes the same function
-    folded = apply_scales(params, groups, {g[0]: aux.scales[f"{g[1][0]}/kernel"] for g in groups if f"{g[1][0]}/kernel" in aux.scales})
-    np.testing.assert_allclose(_block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=5e-5, rtol=1e-4)
+    folded = apply_scales(
+        params, groups, {g[0]: aux.scales[f"{g[1][0]}/kernel"] for g in groups if f"{g[1][0]}/kernel" in aux.scales}
+    )
+    np.testing.assert_allclose(
+        _block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=5e-5, rtol=1e-4
+    )

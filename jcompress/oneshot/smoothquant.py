@@ -44,7 +44,15 @@ from jcompress.oneshot.awq import (
 )
 from jcompress.oneshot.calibration import _check_stats
 
-__all__ = ["ACT_SCALES", "ActQuant", "SmoothQuantAux", "act_quantizer", "fake_quant_input", "smoothing_scales", "smoothquant"]
+__all__ = [
+    "ACT_SCALES",
+    "ActQuant",
+    "SmoothQuantAux",
+    "act_quantizer",
+    "fake_quant_input",
+    "smoothing_scales",
+    "smoothquant",
+]
 
 ACT_SCALES = ("token", "tensor")
 

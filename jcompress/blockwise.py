@@ -376,15 +376,17 @@ def method(
     n_m: tuple[int, int] | None = None,
     alpha: float = 0.5,
     act_scale: str = "token",
+    static_groups: bool | None = None,
+    clip: bool = False,
 ) -> Callable[[BlockCalibration], Any]:
     """``transform_for_block`` for one of :data:`METHODS`, with its hyperparameters.
 
     Args:
       name: ``'gptq'``, ``'rtn'``, ``'awq'`` (weights on ``bits`` with ``group_size``;
-        GPTQ also ``act_order``), ``'sparsegpt'``, ``'wanda'``, ``'magnitude'``
-        (``sparsity`` or ``n_m``), ``'smoothquant'`` (W8A8 with ``alpha`` and
-        ``act_scale``).
-      bits, group_size, act_order, sparsity, n_m, alpha, act_scale: as in the factories
+        GPTQ also ``act_order`` and ``static_groups``, AWQ also ``clip``), ``'sparsegpt'``,
+        ``'wanda'``, ``'magnitude'`` (``sparsity`` or ``n_m``), ``'smoothquant'`` (W8A8
+        with ``alpha`` and ``act_scale``).
+      bits, group_size, act_order, static_groups, clip, sparsity, n_m, alpha, act_scale: as in the factories
         (:func:`jcompress.oneshot.gptq`, :func:`jcompress.quant.quantize`,
         :func:`jcompress.oneshot.awq`, :func:`jcompress.oneshot.sparsegpt`,
         :func:`jcompress.oneshot.wanda`, :func:`jcompress.pruning.magnitude`,
@@ -404,11 +406,13 @@ def method(
             raise ValueError(f"{name} needs sparsity= (e.g. 0.5) or n_m= (e.g. (2, 4))")
         prune_kw = {"pattern": pattern, "sparsity": None} if pattern is not None else {"sparsity": sparsity}
     if name == "gptq":
-        return lambda c: oneshot.gptq(c.stats, bits=bits, group_size=group_size, act_order=act_order)
+        return lambda c: oneshot.gptq(
+            c.stats, bits=bits, group_size=group_size, act_order=act_order, static_groups=static_groups
+        )
     if name == "rtn":
         return lambda c: quant.quantize(bits=bits, group_size=group_size)
     if name == "awq":
-        return lambda c: awq(c.stats, c.channels, groups=c.groups, bits=bits, group_size=group_size)
+        return lambda c: awq(c.stats, c.channels, groups=c.groups, bits=bits, group_size=group_size, clip=clip)
     if name == "smoothquant":
         return lambda c: smoothquant(c.stats, c.channels, groups=c.groups, alpha=alpha, act_scale=act_scale)
     if name == "sparsegpt":

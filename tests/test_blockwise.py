@@ -154,3 +154,28 @@ def test_oneshot_command(tmp_path, capsys):
     assert "fewer than seq_len=100000" in capsys.readouterr().err
     assert cli.main([*bad, "--method", "wanda"]) == 2
     assert "needs exactly one of --sparsity or --n-m" in capsys.readouterr().err
+    assert cli.main([*bad, "--method", "gptq", "--dynamic-groups"]) == 2
+    assert "--dynamic-groups applies to --method gptq with --act-order" in capsys.readouterr().err
+    assert cli.main([*bad, "--method", "gptq", "--clip"]) == 2
+    assert "--clip applies to --method awq" in capsys.readouterr().err
+
+
+def test_oneshot_command_writes_activation_order_groups(tmp_path, capsys):
+    """GPTQ with dynamic activation-order groups, written as compressed-tensors with a scattered weight_g_idx."""
+    from safetensors.numpy import load_file
+
+    from jcompress import cli
+
+    out = tmp_path / "g"
+    argv = ["oneshot", "--model", str(FIXTURES / "llama_gqa_sharded"), "--method", "gptq", "--bits", "4", "--group-size", "16",
+            "--act-order", "--dynamic-groups", "--format", "compressed-tensors", "--calib", "8", "--seq-len", "16",
+            "--batch-size", "8", "--eval-tokens", "200", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    config = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    tensors = {n: t for f in sorted((out / "model").glob("*.safetensors")) for n, t in load_file(str(f)).items()}
+    g_idx = {n: t for n, t in tensors.items() if n.endswith("weight_g_idx")}
+    assert len(g_idx) == 14  # 7 projections in each of 2 blocks
+    for t in g_idx.values():
+        assert np.all(np.bincount(t) == 16)  # groups of 16 inputs each
+    assert any(np.any(np.diff(t) < 0) for t in g_idx.values())  # formed in activation order, not contiguous

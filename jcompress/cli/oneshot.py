@@ -85,6 +85,12 @@ def register(subparsers) -> None:
     p.add_argument("--group-size", type=positive_int, default=None, help="inputs per quantization group (e.g. 128)")
     p.add_argument("--act-order", action="store_true", help="gptq: columns in decreasing activation energy")
     p.add_argument(
+        "--dynamic-groups",
+        action="store_true",
+        help="gptq with --act-order: groups formed in activation order, stored with a per-input group index (g_idx)",
+    )
+    p.add_argument("--clip", action="store_true", help="awq: search a clipping ratio per output unit and group")
+    p.add_argument(
         "--sparsity", type=sparsity, default=None, help="fraction of weights removed (sparsegpt, wanda, magnitude)"
     )
     p.add_argument("--n-m", type=n_m, default=None, help="N:M sparsity such as 2:4 (instead of --sparsity)")
@@ -140,9 +146,14 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method} needs exactly one of --sparsity or --n-m")
     if args.format == "compressed-tensors" and args.method not in ("gptq", "rtn", "awq"):
         raise ValueError("--format compressed-tensors holds quantized weights: use it with --method gptq, rtn or awq")
+    if args.dynamic_groups and not (args.method == "gptq" and args.act_order):
+        raise ValueError("--dynamic-groups applies to --method gptq with --act-order")
+    if args.clip and args.method != "awq":
+        raise ValueError("--clip applies to --method awq")
     factory = blockwise.method(
         args.method, bits=args.bits, group_size=args.group_size, act_order=args.act_order, sparsity=args.sparsity,
-        n_m=args.n_m, alpha=args.alpha, act_scale=args.act_scale,
+        n_m=args.n_m, alpha=args.alpha, act_scale=args.act_scale, static_groups=False if args.dynamic_groups else None,
+        clip=args.clip,
     )  # fmt: skip
     mesh = parallel.data_mesh(args.devices)
     model, tokenizer, cfg = hf_lm.load(args.model, mesh=mesh if args.devices > 1 else None, axis="data")

@@ -71,7 +71,9 @@ ENTRY_POINT_GROUP = "jcompress.experiments"
 def _cell(value: Any, fmt: str | None) -> str:
     if value is None:
         return ""
-    if fmt is not None:
+    if isinstance(value, list):  # per-seed values that differ (summarize)
+        return " / ".join(_cell(v, fmt) or "-" for v in value)
+    if fmt is not None and _is_number(value):
         return fmt.format(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -334,7 +336,8 @@ def summarize(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
       Rows in first-seen order with the key columns, ``seeds`` (how many rows were
       averaged), for each numeric column ``COL`` its mean and ``COL_std`` (sample standard
       deviation, ``None`` with one seed), and for other columns the value when every seed
-      agrees (booleans that differ become ``"k/n"``, other values ``"differs"``).
+      agrees (booleans that differ become ``"k/n"``; other values that differ, or numbers
+      missing in some seed, the list of per-seed values, shown joined by " / ").
 
     Example:
       >>> summarize([{"m": "a", "acc": 0.9, "seed": 0}, {"m": "a", "acc": 0.8, "seed": 1}], ["m"])[0]["acc"]
@@ -358,7 +361,7 @@ def summarize(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
             elif all(isinstance(v, bool) for v in values):
                 row[col] = f"{sum(values)}/{len(values)}"
             else:
-                row[col] = "differs"
+                row[col] = values
         out.append(row)
     return out
 

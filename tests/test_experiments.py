@@ -482,3 +482,15 @@ def test_compare_verdicts_and_errors():
         common.deviation("", paper=1, ours=2, reason="")
     with pytest.raises(ValueError, match="--seeds|seeds=0"):
         experiments_cli.run_experiment("han2015", seeds=0)
+
+
+def test_summary_of_values_that_differ_between_seeds_lists_them():
+    """A column numeric at one seed and missing or text at another (e.g. a speedup reported
+    only where it exceeds the spread) is kept per seed, and the formatted table shows each."""
+    from jcompress.experiments_cli import _summary_table, summarize
+
+    rows = [{"m": "a", "speedup": 1.5, "seed": 0}, {"m": "a", "speedup": None, "seed": 1}, {"m": "a", "speedup": 2.25, "seed": 2}]
+    summary = summarize(rows, ["m"])
+    assert summary[0]["speedup"] == [1.5, None, 2.25] and summary[0]["seeds"] == 3
+    table = _summary_table(summary, ["m", "speedup"], ["m"], {"speedup": "{:.1f}x"})
+    assert "| a | 1.5x / - / 2.2x |" in table

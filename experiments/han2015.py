@@ -28,13 +28,17 @@ LeNet-300-100 dense 5.57 +- 0.31% (5.27 +- 0.21% trained as long), pruned 5.37 +
 within noise of both; LeNet-5 dense 2.60 +- 0.26% (2.63 +- 0.06% trained as long), pruned
 3.10 +- 0.35%: 0.5 points behind both, within noise against the dense baseline and just
 beyond two standard errors against the model trained as long (RESULTS.md). Absolute errors
-are higher than the paper's because the training set is 17x smaller.
+are higher than the paper's because the training set is 17x smaller. With the paper's
+optimizer (``--config.optimizer=sgd --config.lr=0.01 --config.l2=0.0005``), seeds 0-2:
+LeNet-300-100 pruned 7.63 +- 0.31% against dense 7.13 +- 0.47%, LeNet-5 4.20 +- 0.30%
+against 3.20 +- 0.30% (0.5-1.2 points behind); Adam's pruned validation error is lower at
+every seed for both networks, which is why it is the default.
 
 Every error is measured on the validation split (``*_val_error``) and on the test split
 (measured once per trained model). The claims checked over seeds (``--seeds``, paired by
 seed) are pruned minus dense test error and pruned minus "dense, same budget" test error,
-per model. The optimizer settings (Adam, L2 1e-4, retraining at lr/10) were fixed before
-the validation split existed, by looking at test error; they are listed as deviations.
+per model. The default optimizer (Adam, L2 1e-4, retraining at lr/10) was first picked by
+looking at test error and has since been confirmed on validation; it is listed as a deviation.
 
 Runtime: full 6-10 minutes per seed measured on 2 shared CPU cores (load average 5-10;
 LeNet-5 dominates), 19 under heavy load; ``--quick`` (LeNet-300-100 only, 5 dense
@@ -212,10 +216,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     deviations = [
         common.deviation("data", paper="MNIST, 60,000 training images", ours=f"{ds.name}, {len(ds.x_train)} training images",
                          reason="offline data; --data tfds:mnist runs the paper's"),
-        common.deviation("optimizer", paper="Caffe SGD, momentum 0.9, L2 on the kernels",
+        common.deviation("optimizer", paper="Caffe SGD 0.01, momentum 0.9, weight decay 5e-4, 'inv' rate decay",
                          ours=f"Adam {config.lr:g} with L2 {config.l2:g} on the kernels, retraining at lr/10",
-                         reason="SGD at lr/10 left the pruned model 0.6-1.3 points behind dense on 4,000 images; chosen "
-                         "on test error before the validation split existed"),
+                         reason="chosen over the paper's SGD on validation: lower pruned validation error at every "
+                         "seed of a 3-seed run of both (RESULTS.md); first picked on test before the validation "
+                         "split existed")
+        if config.optimizer != "sgd" else
+        common.deviation("optimizer", paper="Caffe SGD 0.01, momentum 0.9, weight decay 5e-4, 'inv' rate decay",
+                         ours=f"SGD {config.lr:g}, momentum 0.9, L2 {config.l2:g} on the kernels, constant rate, "
+                         "retraining at lr/10",
+                         reason="the rate decay is not reproduced; biases are not decayed"),
         common.deviation("LeNet-5 fc1 kept", paper="8%", ours="7.5%",
                          reason="with biases counted the paper's fractions give 11.7x, short of its 12x"),
         common.deviation("pruning schedule", paper="iterative, rounds not stated",

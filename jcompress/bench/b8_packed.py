@@ -128,19 +128,28 @@ def run(quick: bool) -> list[dict]:
         ts = timing.compare(calls, repeats=10 if quick else 30, warmup=2)
         for label in ("int8", "int4"):
             rows.append(
-                {
-                    "name": f"B8 decode tok/s {label} / float32, batch {batch}",
-                    "ratio": round(ts["float32"].median / ts[label].median, 3),
-                    "target": "report",
-                    "met": None,
-                    "float32_tok_s": round(batch / ts["float32"].median, 1),
-                    f"{label}_tok_s": round(batch / ts[label].median, 1),
-                    "float32_spread_ms": [round(1e3 * ts["float32"].low, 3), round(1e3 * ts["float32"].high, 3)],
-                    f"{label}_spread_ms": [round(1e3 * ts[label].low, 3), round(1e3 * ts[label].high, 3)],
-                    "compile_included": False,
-                }
-            )
+                _against_float32(
+                    ts, label, f"B8 decode tok/s {label} / float32, batch {batch}",
+                    float32_tok_s=round(batch / ts["float32"].median, 1),
+                    **{f"{label}_tok_s": round(batch / ts[label].median, 1)},
+                )
+            )  # fmt: skip
     return rows + integer_matmul_rows(quick)
+
+
+def _against_float32(ts: dict, label: str, name: str, **figures) -> dict:
+    """A report row: float32's median time over ``label``'s, both spreads (ms), and ``figures``."""
+    spread = lambda t: [round(1e3 * t.low, 3), round(1e3 * t.high, 3)]
+    return {
+        "name": name,
+        "ratio": round(ts["float32"].median / ts[label].median, 3),
+        "target": "report",
+        "met": None,
+        **figures,
+        "float32_spread_ms": spread(ts["float32"]),
+        f"{label}_spread_ms": spread(ts[label]),
+        "compile_included": False,
+    }
 
 
 def integer_matmul_rows(quick: bool, *, repeats: int | None = None) -> list[dict]:
@@ -182,20 +191,14 @@ def integer_matmul_rows(quick: bool, *, repeats: int | None = None) -> list[dict
         out = {k: t.output for k, t in ts.items()}
         for label in ("integer", "dequantized"):
             rows.append(
-                {
-                    "name": f"B8 W8A8 Dense {width}x{width} {label} / float32, {tokens} tokens",
-                    "ratio": round(ts["float32"].median / ts[label].median, 3),
-                    "target": "report",
-                    "met": None,
-                    "float32_ms": round(1e3 * ts["float32"].median, 3),
-                    f"{label}_ms": round(1e3 * ts[label].median, 3),
-                    "float32_spread_ms": [round(1e3 * ts["float32"].low, 3), round(1e3 * ts["float32"].high, 3)],
-                    f"{label}_spread_ms": [round(1e3 * ts[label].low, 3), round(1e3 * ts[label].high, 3)],
-                    "max_rel_diff_vs_float32": float(
+                _against_float32(
+                    ts, label, f"B8 W8A8 Dense {width}x{width} {label} / float32, {tokens} tokens",
+                    float32_ms=round(1e3 * ts["float32"].median, 3),
+                    **{f"{label}_ms": round(1e3 * ts[label].median, 3)},
+                    max_rel_diff_vs_float32=float(
                         jnp.max(jnp.abs(out[label] - out["float32"])) / jnp.max(jnp.abs(out["float32"]))
                     ),
-                    "repeats": repeats,
-                    "compile_included": False,
-                }
-            )
+                    repeats=repeats,
+                )
+            )  # fmt: skip
     return rows

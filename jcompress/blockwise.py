@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -377,13 +377,14 @@ def method(
     alpha: float = 0.5,
     act_scale: str = "token",
     static_groups: bool | None = None,
-    clip: bool = False,
+    clip: bool | Mapping[str, bool] = False,
 ) -> Callable[[BlockCalibration], Any]:
     """``transform_for_block`` for one of :data:`METHODS`, with its hyperparameters.
 
     Args:
       name: ``'gptq'``, ``'rtn'``, ``'awq'`` (weights on ``bits`` with ``group_size``;
-        GPTQ also ``act_order`` and ``static_groups``, AWQ also ``clip``), ``'sparsegpt'``,
+        GPTQ also ``act_order`` and ``static_groups``, AWQ also ``clip``: a bool, or
+        ``{regex: bool}`` over the block's kernel paths), ``'sparsegpt'``,
         ``'wanda'``, ``'magnitude'`` (``sparsity`` or ``n_m``), ``'smoothquant'`` (W8A8
         with ``alpha`` and ``act_scale``).
       bits, group_size, act_order, static_groups, clip, sparsity, n_m, alpha, act_scale: as in the factories

@@ -3,6 +3,7 @@
 import functools
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -373,3 +374,24 @@ def test_smoothquant_under_gqa_ties_the_value_scale_and_keeps_the_float_block():
     np.testing.assert_allclose(
         _block_out(block, folded, h, positions), _block_out(block, params, h, positions), atol=5e-5, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-clip", "smoothquant-tensor"])
+def test_awq_and_smoothquant_under_jit_equal_eager(method):
+    _, params, stats, channels, groups = _outlier_layer()
+    t = {
+        "awq": lambda: awq(stats, channels, groups=groups, bits=3),
+        "awq-clip": lambda: awq(stats, channels, groups=groups, bits=3, clip=True),
+        "smoothquant-tensor": lambda: smoothquant(stats, channels, groups=groups, alpha=0.5, act_scale="tensor"),
+    }[method]()
+    eager, aux = t(params)
+    jitted, aux_j = jax.jit(t)(params)
+    chex.assert_trees_all_close(eager, jitted, atol=1e-6)
+    chex.assert_trees_all_close(aux.scales, aux_j.scales, rtol=1e-6)
+    if method.startswith("awq"):
+        assert float(aux.alphas["norm"]) == float(aux_j.alphas["norm"]) > 0
+    else:  # the static parts of the activation grid stay Python values under jit
+        a, a_j = aux.act["fc"], aux_j.act["fc"]
+        assert (a_j.bits, a_j.per_token) == (8, False) and isinstance(a_j.bits, int)
+        np.testing.assert_allclose(float(a_j.absmax), float(a.absmax), rtol=1e-6)
+        assert float(a.absmax) > 0

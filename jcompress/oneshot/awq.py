@@ -105,7 +105,7 @@ class AWQAux(NamedTuple):
         ``diag(s) K`` quantized (only scaled layers are listed; a kernel that is also a
         source has its output columns divided by the next group's scales,
         :func:`effective_kernel`).
-      alphas: ``{source path: alpha}`` chosen per group.
+      alphas: ``{source path: alpha}`` chosen per group (float32 scalars).
       grids: ``{kernel name: QuantParams}`` of the stored (scaled) kernels.
       errors: ``{kernel name: ||x K - x K_eff||^2 / ||x K||^2}`` on the calibration data,
         ``K_eff`` the quantized layer's function in the original basis (:func:`effective_kernel`).
@@ -367,25 +367,28 @@ def _scaled_error(kernels, hs, s, *, bits, group_size, symmetric):
     return num
 
 
-_scaled_error_jit = jax.jit(_scaled_error, static_argnames=("bits", "group_size", "symmetric"))
-
-
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "grid_points"))
 def search_scale(kernels, hs, abs_mean, *, bits: int, group_size, symmetric: bool, grid_points: int):
     """``(alpha, s)`` minimising the group's quantized output error over the alpha grid.
 
-    ``abs_mean`` ``(in,)``: a vector equal across tied channels (heads sharing a key/value
-    head) gives a scale equal across them.
+    ``s = abs_mean ** alpha`` (normalised by ``sqrt(max s * min s)``) for ``alpha = i /
+    grid_points``, ``i < grid_points``; the alphas are tried one after another
+    (``lax.map``) and the first minimum is kept. ``abs_mean`` ``(in,)``: a vector equal
+    across tied channels (heads sharing a key/value head) gives a scale equal across them.
+    Returns a float32 scalar and ``(in,)`` float32.
     """
     x = jnp.maximum(abs_mean.astype(jnp.float32), 1e-8)
-    best = None
-    for i in range(grid_points):
-        alpha = i / grid_points
+
+    def scale(alpha):
         s = jnp.maximum(x**alpha, 1e-4)
-        s = s / jnp.sqrt(s.max() * s.min())
-        err = float(_scaled_error_jit(kernels, hs, s, bits=bits, group_size=group_size, symmetric=symmetric))
-        if best is None or err < best[0]:
-            best = (err, alpha, s)
-    return best[1], best[2]
+        return s / jnp.sqrt(s.max() * s.min())
+
+    alphas = jnp.arange(grid_points, dtype=jnp.float32) / grid_points
+    errs = jax.lax.map(
+        lambda a: _scaled_error(kernels, hs, scale(a), bits=bits, group_size=group_size, symmetric=symmetric), alphas
+    )
+    best = alphas[jnp.argmin(errs)]
+    return best, scale(best)
 
 
 def clip_ratios(clip_grid: int = 20, max_shrink: float = 0.5) -> tuple[float, ...]:

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -57,19 +58,25 @@ __all__ = [
 ACT_SCALES = ("token", "tensor")
 
 
-class ActQuant(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["absmax"], meta_fields=["bits", "per_token"])
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
     """How one layer's input is fake-quantized (symmetric, signed codes).
+
+    A pytree whose only leaf is ``absmax`` (``bits`` and ``per_token`` are static), so
+    :func:`smoothquant` runs under ``jax.jit``.
 
     Attributes:
       bits: code width (8 for W8A8).
       per_token: one scale per token (row of ``x``), from the token's own ``max |x|``;
         else one static scale for the tensor from ``absmax``.
-      absmax: the calibrated ``max |x|`` of the (smoothed) input, used when not ``per_token``.
+      absmax: the calibrated ``max |x|`` of the (smoothed) input, used when not
+        ``per_token`` (a float or a float32 scalar).
     """
 
     bits: int
     per_token: bool
-    absmax: float
+    absmax: float | jax.Array
 
 
 class SmoothQuantAux(NamedTuple):
@@ -225,7 +232,7 @@ def smoothquant(
             errors[n] = relative_output_error(old[n], effective_kernel(q, n, gs, scales), hs[n])
             s = per_kernel.get(n, jnp.ones((k.shape[0],), jnp.float32))
             grids[n], updates[n] = qp, q.astype(k.dtype)
-            absmax = float(jnp.max(chans[n].abs_max / s))
+            absmax = jnp.max(chans[n].abs_max / s)
             act[n.removesuffix("/kernel")] = ActQuant(act_bits, act_scale == "token", absmax)
         return tree.set_by_name(new_params, updates), SmoothQuantAux(per_kernel, grids, errors, act)
 

@@ -33,7 +33,7 @@ def _ks(n):
 def test_host_path_equals_partition_and_stable_argsort(distribution):
     leaves = make_leaves(SHAPES, seed=3, distribution=distribution)
     device = [jnp.asarray(x) for x in leaves]
-    assert topk._on_host(device)
+    assert topk.on_host(device)
     n = sum(x.size for x in leaves)
     for k in _ks(n):
         _, want, want_masks = _reference(leaves, k)
@@ -106,15 +106,36 @@ def test_sampled_compiled_path_on_every_distribution(monkeypatch):
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 def test_sharded_leaves_over_8_devices_take_the_compiled_path(axis_type):
+    """Rows, a vector and columns sharded, ties at the threshold that end inside the
+    column-sharded last leaf: the single-device masks, and the leaves' shardings kept."""
     mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
-    leaves = make_leaves([(256, 320), (64, 512)], seed=8, distribution="int8_ties")
-    sharded = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(leaves, [P("d", None), P(None, "d")])]
-    assert not topk._on_host(sharded)
-    n = sum(x.size for x in leaves)
-    k = n // 10
-    _, want, want_masks = _reference(leaves, k)
-    assert topk.kth_largest(sharded, k, magnitude=True) == want
-    if axis_type == AxisType.Explicit:
-        return  # tied masks flatten each leaf, which explicit sharding refuses for a column-sharded one
-    for g, w in zip(topk.keep_largest_global(sharded, k, magnitude=True), want_masks):
+    leaves = make_leaves([(256, 320), (512,), (64, 512)], seed=8, distribution="int8_ties")
+    specs = [P("d", None), P("d"), P(None, "d")]
+    sharded = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(leaves, specs)]
+    assert not topk.on_host(sharded)
+    flat = np.abs(np.concatenate([x.ravel() for x in leaves]))
+    t = np.partition(flat, flat.size * 9 // 10)[flat.size * 9 // 10]
+    k = int(np.sum(flat > t)) + int(np.sum(np.abs(leaves[-1]) == t)) // 2
+    want_masks = _reference(leaves, k)[2]
+    assert k < int(np.sum(flat >= t))  # ties must be resolved (the threshold: test_pruning_masks)
+    for g, w, x in zip(topk.keep_largest_global(sharded, k, magnitude=True), want_masks, sharded):
         np.testing.assert_array_equal(np.asarray(g), w)
+        assert axis_type == AxisType.Auto or g.sharding.is_equivalent_to(x.sharding, x.ndim)  # not gathered
+
+
+def test_tie_cut_axis_by_axis_on_explicitly_sharded_leaves():
+    """``_last_true`` (the tie step of the masks) keeps the r last-placed True entries in
+    row-major order, for every r, on leaves sharded along each of their axes."""
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+    rng = np.random.default_rng(9)
+    last_true = jax.jit(topk._last_true)
+    for shape, spec in [((16, 24), P("d", None)), ((6, 40), P(None, "d")), ((40,), P("d")), ((3, 8, 5), P(None, "d"))]:
+        e = rng.random(shape) < 0.3
+        x = jax.device_put(e, NamedSharding(mesh, spec))
+        positions = np.flatnonzero(e)
+        for r in sorted({0, 1, 2, positions.size // 2, positions.size - 1, positions.size}):
+            want = np.zeros(e.size, bool)
+            want[positions[positions.size - r :]] = True
+            got = last_true(x, jnp.int32(r))
+            np.testing.assert_array_equal(np.asarray(got), want.reshape(shape), err_msg=f"{shape} {spec} r={r}")
+            assert got.sharding.is_equivalent_to(x.sharding, x.ndim)

@@ -11,6 +11,7 @@ marks:
 - :func:`kth_largest` / :func:`global_threshold`: the k-th largest value over several
   arrays, in linear time, without sorting.
 - :func:`pruned_count`: ``round(sparsity * size)``, the counting rule used everywhere.
+- :func:`on_host`: whether inputs are concrete arrays on one CPU device (selected with numpy).
 
 Ties: entries are ranked by value and, among equal values, by position (flat index,
 arrays in order, row-major within an array): the lower position counts as smaller. So
@@ -43,7 +44,10 @@ up to 262,144 elements come from :func:`remove_smallest` (a bisection on the key
 compiles faster and runs as fast at that size). Each pass streams the data once and
 scatters into a histogram, in cache-sized chunks, so the work is linear. With arrays
 sharded over devices each device counts its own shard and only the bucket counts are
-summed across devices (an all-reduce); the weights are never gathered.
+summed across devices (an all-reduce); the weights are never gathered. The masks settle
+ties at the threshold one axis at a time (:func:`_last_true`), so a leaf sharded over
+explicit mesh axes is never flattened either: only per-index tie counts along one axis
+are exchanged.
 
 Example:
   >>> t = kth_largest([jnp.abs(w1), jnp.abs(w2)], k=1000)   # exact, float32 scalar
@@ -65,6 +69,7 @@ from jax import lax
 from jcompress.core.spec import check_value
 
 __all__ = [
+    "HOST_ABOVE",
     "float_to_key",
     "global_threshold",
     "keep_largest",
@@ -73,6 +78,7 @@ __all__ = [
     "kth_largest",
     "kth_largest_key",
     "nm_keep_mask",
+    "on_host",
     "pruned_count",
     "remove_smallest",
 ]
@@ -142,15 +148,18 @@ def _is_sharded(x: jax.Array) -> bool:
     return spec is not None and any(axis is not None for axis in spec)
 
 
+def _replicated(x: jax.Array) -> jax.sharding.NamedSharding:
+    """Sharding that replicates an array over the mesh of ``x`` (a traced, sharded array)."""
+    return jax.sharding.NamedSharding(jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec())
+
+
 def _count_into(hist: jax.Array, index: jax.Array, ones: jax.Array) -> jax.Array:
     """``hist[i] += number of times i occurs in index`` (index of any shape, in bounds).
 
     For an index sharded over explicit mesh axes the histogram is asked to come out
     replicated: each device counts its shard and the counts are summed (all-reduce).
     """
-    out_sharding = None
-    if _is_sharded(index):
-        out_sharding = jax.sharding.NamedSharding(jax.typeof(index).sharding.mesh, jax.sharding.PartitionSpec())
+    out_sharding = _replicated(index) if _is_sharded(index) else None
     return hist.at[index].add(ones, mode="promise_in_bounds", out_sharding=out_sharding)
 
 
@@ -318,13 +327,23 @@ def _kth_search(values: Sequence[jax.Array], k: int, chunk: int | None) -> tuple
     return lax.while_loop(lambda s: ~s[2], one_pass, state)[3:]
 
 
-_HOST_ABOVE = _SORT_BELOW  # concrete CPU inputs larger than this are selected with numpy
+HOST_ABOVE = _SORT_BELOW
+"""Concrete inputs on one CPU device (:func:`on_host`) with more elements than this (65,536
+in all) are selected with numpy by :func:`kth_largest` and :func:`keep_largest_global`."""
 _HOST_CHUNK = 1 << 18  # elements per numpy step (1 MiB of float32: temporaries stay in cache)
 
 
-def _on_host(values: Sequence[jax.Array]) -> bool:
-    """True when every leaf is a concrete (not traced) array on one CPU device, so that
-    numpy can read it in place (``np.asarray`` of such an array does not copy)."""
+def on_host(values: Sequence[jax.Array]) -> bool:
+    """True when every array is a concrete (not traced) ``jax.Array`` on one CPU device, so
+    that numpy can read it in place (``np.asarray`` of such an array does not copy).
+
+    :func:`kth_largest` and :func:`keep_largest_global` select such inputs with numpy when
+    they hold more than :data:`HOST_ABOVE` elements; a caller that would otherwise run them
+    inside ``jax.jit`` (where the values are traced) asks this first.
+
+    Example:
+      >>> on_host([jnp.ones(3)])  # True on a CPU backend; False under jax.jit
+    """
     for v in values:
         if isinstance(v, jax.core.Tracer) or not isinstance(v, jax.Array):
             return False
@@ -459,7 +478,7 @@ def kth_largest(
     values = _float_leaves(values, "values")
     n = sum(int(np.prod(v.shape)) for v in values)
     k = _check_k(k, n)
-    if n > _HOST_ABOVE and _on_host(values):
+    if n > HOST_ABOVE and on_host(values):
         return jnp.float32(_host_select(values, k, magnitude, masks=False)[0])
     if magnitude:
         values = [jnp.abs(v) for v in values]
@@ -497,7 +516,7 @@ def keep_largest_global(
     if k == 0:
         return [jnp.zeros(v.shape, bool) for v in values]
     k = _check_k(k, total)
-    if total > _HOST_ABOVE and _on_host(values):
+    if total > HOST_ABOVE and on_host(values):
         return [jnp.asarray(m) for m in _host_select(values, k, magnitude, masks=True)[1]]
     if magnitude:
         values = [jnp.abs(v) for v in values]
@@ -521,16 +540,43 @@ def _keep_top(values: list[jax.Array], k: int, chunk: int | None) -> list[jax.Ar
         return [a | e for a, e in zip(above, equal)]
 
     def resolve_ties(_):
-        # Keep an equal entry iff fewer than n_equal_needed equal entries come after it.
+        # Keep the n_equal_needed last-placed equal entries: those of later leaves first.
         out, after = [], jnp.int32(0)
         for a, e in reversed(list(zip(above, equal))):
-            flat = e.reshape(-1).astype(jnp.int32)
-            later = jnp.cumsum(flat[::-1])[::-1] - flat + after  # equal entries after this one
-            out.append(a | (e & (later < n_equal_needed).reshape(e.shape)))
-            after = after + jnp.sum(flat)
+            n_e = jnp.sum(e, dtype=jnp.int32)
+            out.append(a | _last_true(e, jnp.clip(n_equal_needed - after, 0, n_e)))
+            after = after + n_e  # equal entries in the later leaves
         return out[::-1]
 
     return lax.cond(n_equal == n_equal_needed, all_ties, resolve_ties, None)
+
+
+def _last_true(e: jax.Array, r: jax.Array) -> jax.Array:
+    """``e`` with only its ``r`` last-placed True entries left (row-major order), for a
+    traced int32 ``0 <= r <= sum(e)``, without flattening ``e``.
+
+    A leaf sharded over explicit mesh axes cannot be flattened (nor summed cumulatively
+    along a sharded axis) without gathering it, so the cut is found one axis at a time:
+    the True entries per index of axis 0 say at which index ``c0`` the ``r``-th last one
+    lies and how many lie at later indices (all kept); the same is repeated inside the
+    slice at ``c0`` along axis 1, and so on. Each step is one masked sum over the leaf;
+    only the per-index counts (a vector of one axis' length) are exchanged between devices.
+    """
+    cut_on = []  # per axis: entries whose index equals the cut along that axis
+    keep = jnp.zeros(e.shape, bool)
+    rest = r  # True entries still to keep, all inside the slice ``cut_on`` selects
+    for axis in range(e.ndim):
+        inside = functools.reduce(jnp.logical_and, cut_on, e)
+        counts = jnp.sum(inside, axis=tuple(i for i in range(e.ndim) if i != axis), dtype=jnp.int32)
+        if _is_sharded(counts):
+            counts = jax.sharding.reshard(counts, _replicated(counts))
+        later = jnp.cumsum(counts[::-1])[::-1] - counts  # True entries at later indices
+        cut = jnp.sum(later + counts >= rest) - 1  # last index with at least ``rest`` from it on
+        index = jnp.arange(e.shape[axis]).reshape([-1 if i == axis else 1 for i in range(e.ndim)])
+        keep = keep | (inside & (index > cut))
+        rest = rest - later[cut]
+        cut_on.append(index == cut)
+    return keep | (functools.reduce(jnp.logical_and, cut_on, e) & (rest > 0))
 
 
 def remove_smallest(score: jax.Array, count, *, axis: int | None = None) -> jax.Array:

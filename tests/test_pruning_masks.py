@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jcompress import models, tree
+from jcompress.bench.b1_threshold import DISTRIBUTIONS, make_leaves
 from jcompress.core import MaskAux, masked, topk
 from jcompress.core.patterns import NM, Block, Units, Unstructured
 from jcompress.core.spec import select_names
@@ -373,6 +374,61 @@ def test_jit_state_dict_and_determinism_agree(lenet, config):
         w = np.asarray(tree.get_by_name(params, n), np.float64)
         d = w - np.asarray(tree.get_by_name(new, n), np.float64)
         np.testing.assert_allclose(float(e), np.sum(d * d) / np.sum(w * w), rtol=1e-5)
+
+
+_HOST_SHAPES = [(96, 704), (130, 257), (64, 33), (7, 111)]  # 103,883 weights; the first alone > 65,536
+_GLOBAL = magnitude(sparsity=0.9, scope="global")
+_GLOBAL_JIT = jax.jit(_GLOBAL)  # compiled once for all distributions (same shapes)
+
+
+@pytest.fixture
+def host_selections(monkeypatch):
+    """Counts the calls of topk's numpy selection (the host path)."""
+    calls = []
+    select = topk._host_select
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(topk, "_host_select", spy)
+    return calls
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_eager_global_magnitude_selects_on_the_host_and_equals_jit(distribution, host_selections):
+    """Called eagerly on concrete CPU weights the global masks come from numpy (one host
+    selection), under jax.jit from the compiled search; the results are identical and keep
+    the stable-argsort reference's weights (ties: the higher position kept)."""
+    leaves = make_leaves(_HOST_SHAPES, seed=11, distribution=distribution)
+    params = {f"l{i}": {"kernel": jnp.asarray(x)} for i, x in enumerate(leaves)}
+    new, aux = _GLOBAL(params)
+    assert len(host_selections) == 1
+    new_j, aux_j = _GLOBAL_JIT(params)
+    assert len(host_selections) == 1  # traced: the compiled path
+    chex.assert_trees_all_equal((new, aux.masks), (new_j, aux_j.masks))
+    total = sum(x.size for x in leaves)
+    want = _ref_keep([np.abs(x) for x in leaves], total - topk.pruned_count(0.9, total))
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(np.asarray(aux.masks[f"l{i}"]["kernel"]), w)
+
+
+def test_eager_per_layer_and_structured_masks_equal_jit(host_selections):
+    """Per layer, only a leaf above 65,536 weights is selected on the host; units (l2 norms
+    from the same compiled function) too when there are that many. Same masks as under jit."""
+    rng = np.random.default_rng(12)
+    params = {
+        "a": {"kernel": jnp.asarray(rng.integers(-3, 4, _HOST_SHAPES[0]).astype(np.float32))},
+        "b": {"kernel": jnp.asarray(rng.standard_normal(_HOST_SHAPES[1]).astype(np.float32))},
+        "wide": {"kernel": jnp.asarray(rng.integers(0, 3, (2, 70_000)).astype(np.float32))},
+    }
+    layer = masked(magnitude(sparsity={"a": 0.3, ".*": 0.6}), ["a/kernel", "b/kernel"])
+    units = masked(magnitude(sparsity=0.5, pattern=Units(norm="l2"), scope="global"), ["wide/kernel"])
+    for fn, host_calls in ((layer, 1), (units, 1)):
+        before = len(host_selections)
+        eager = fn(params)
+        assert len(host_selections) - before == host_calls
+        chex.assert_trees_all_equal(eager, jax.jit(fn)(params))
 
 
 def test_kept_scores_are_above_pruned_scores(lenet):

@@ -26,6 +26,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest
+from hypothesis import settings
+
+# No example database: hypothesis would otherwise write .hypothesis/ into the working directory
+# (the repository). The property tests choose their examples with their own settings.
+settings.register_profile("jcompress-tests", database=None)
+settings.load_profile("jcompress-tests")
 
 
 def pytest_sessionfinish(session):

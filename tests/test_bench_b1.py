@@ -5,7 +5,10 @@ from jcompress.bench import b1_threshold
 
 def test_b1_quick_fields_and_exact_thresholds_and_counts():
     rows = b1_threshold.run(quick=True)
-    timed, sharded = rows[:-1], rows[-1]
+    timed = [r for r in rows if r.get("path") in ("eager", "jit")]
+    user = [r for r in rows if r.get("path") == "user call"]
+    sharded = rows[-1]
+    assert len(rows) == len(timed) + len(user) + 1
     assert len(timed) == 4 * len(b1_threshold.DISTRIBUTIONS)  # threshold and mask, eager and jit
     assert {r["distribution"] for r in timed} == set(b1_threshold.DISTRIBUTIONS)
     for row in rows:
@@ -23,3 +26,9 @@ def test_b1_quick_fields_and_exact_thresholds_and_counts():
         assert ties["kept_numpy_mask"] > ties["k"]  # the tie-resolving path was taken
     assert sharded["all_gathers"] == 0 and sharded["all_reduces"] > 0
     assert sharded["met"] is True
+    assert [r["sparsity"] for r in user] == list(b1_threshold.USER_SPARSITIES)
+    for row in user:  # the eager user call prunes exactly k on tied weights, like numpy off the ties
+        assert row["elements"] == 4 * 2**20 and row["distribution"] == "int8_ties"
+        assert row["kept_jcompress"] == row["k"] == row["elements"] - round(row["sparsity"] * row["elements"])
+        assert row["kept_numpy_mask"] > row["k"]
+        assert abs(row["ratio"] - row["seconds_jcompress"] / row["seconds_numpy"]) < 1e-12

@@ -25,6 +25,14 @@ compiled histogram search that sharded and accelerator inputs take).
   with exactly ``k`` weights kept, ties resolved) divided by ``np.partition`` followed by
   the mask ``|w| >= t`` (which keeps every tie, so more than ``k`` weights on tied data);
   target ``<= 1.0``. ``met`` also requires exactly ``k`` kept weights.
+* ``B1 user call magnitude(sparsity=s, scope='global')(params), eager``: the whole user
+  call on the concrete leaves (params as ``{layer_i: {kernel: w}}``; its finite-weights
+  check, ``|w|`` scores, numpy selection on the host, masks applied and per-leaf errors)
+  divided by numpy doing the pruning from the same raw weights: ``abs`` and
+  ``concatenate``, ``np.partition``, then ``np.where(|w| >= t, w, 0)`` per leaf (both
+  sides timed in full), at 50% and 90% sparsity, 16M weights (normal and int8 ties;
+  quick mode: 4M, ties); target ``<= 1.0``. ``met`` also requires exactly ``k`` weights
+  kept and the pruned weights to equal numpy's wherever ``|w|`` differs from ``t``.
 * ``B1 sharded threshold (8 host devices)``: in a subprocess with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, leaves sharded over an
   8-device mesh (rows of some, columns of others); ratio = the number of all-gather
@@ -48,7 +56,7 @@ import numpy as np
 
 from jcompress import timing
 
-__all__ = ["DISTRIBUTIONS", "make_leaves", "run"]
+__all__ = ["DISTRIBUTIONS", "USER_DISTRIBUTIONS", "USER_SPARSITIES", "make_leaves", "run"]
 
 _SHAPES = {
     64: [(4096, 4096), (6144, 4096), (2048, 4096), (3072, 4096), (1024, 4096)],
@@ -57,6 +65,9 @@ _SHAPES = {
 }
 DISTRIBUTIONS = ("normal", "row_lognormal", "student_t2", "half_zero", "int8_ties")
 SPARSITY = 0.9
+USER_DISTRIBUTIONS = ("normal", "int8_ties")  # the user-call rows (16M weights; quick: 4M, ties only)
+USER_SPARSITIES = (0.5, 0.9)
+_QUICK_USER = ("int8_ties",)
 
 
 def make_leaves(shapes, seed: int = 0, distribution: str = "normal") -> list[np.ndarray]:
@@ -67,7 +78,7 @@ def make_leaves(shapes, seed: int = 0, distribution: str = "normal") -> list[np.
         if distribution == "normal":
             w = rng.standard_normal(shape, dtype=np.float32)
         elif distribution == "row_lognormal":
-            scale = np.exp(rng.standard_normal((shape[0], 1))).astype(np.float32)
+            scale = np.exp(rng.standard_normal((shape[0],) + (1,) * (len(shape) - 1))).astype(np.float32)
             w = rng.standard_normal(shape, dtype=np.float32) * scale
         elif distribution == "student_t2":
             w = rng.standard_t(2, shape).astype(np.float32)
@@ -162,6 +173,62 @@ def _rows(leaves, distribution: str, repeats: int) -> list[dict]:
     return out
 
 
+def _user_rows(leaves, distribution: str, repeats: int) -> list[dict]:
+    """``jc.pruning.magnitude(sparsity=s, scope='global')(params)`` called eagerly, end to end,
+    against numpy doing the same from the raw weights, at each of :data:`USER_SPARSITIES`."""
+    import jax.numpy as jnp
+
+    import jcompress as jc
+    from jcompress.core import topk
+
+    n = sum(x.size for x in leaves)
+    params = {f"layer{i}": {"kernel": jnp.asarray(x)} for i, x in enumerate(leaves)}
+    label = f"{n / 2**20:.0f}M weights, {distribution}"
+    out = []
+    for sparsity in USER_SPARSITIES:
+        k = n - topk.pruned_count(sparsity, n)
+        prune = jc.pruning.magnitude(sparsity=sparsity, scope="global")
+
+        def numpy_prune(k=k):
+            flat = np.abs(np.concatenate([x.ravel() for x in leaves]))
+            t = np.partition(flat, n - k)[n - k]
+            bounds = np.cumsum([0] + [x.size for x in leaves])
+            return t, [np.where(flat[a:b].reshape(x.shape) >= t, x, 0) for a, b, x in zip(bounds, bounds[1:], leaves)]
+
+        ts = timing.compare({"jcompress": lambda prune=prune: prune(params), "numpy": numpy_prune}, repeats=repeats)
+        a, b = ts["jcompress"], ts["numpy"]
+        (new, aux), (t, reference) = a.output, b.output
+        kept = sum(int(jnp.sum(aux.masks[f"layer{i}"]["kernel"])) for i in range(len(leaves)))
+        equal = kept == k
+        for i, (x, r) in enumerate(zip(leaves, reference)):  # weight for weight, except at ties of t
+            off = np.abs(x) != t
+            equal = equal and np.array_equal(np.asarray(new[f"layer{i}"]["kernel"])[off], r[off])
+        out.append(
+            {
+                "name": f"B1 user call magnitude(sparsity={sparsity}, scope='global')(params), eager, {label}",
+                "ratio": a.median / b.median,
+                "target": "<= 1.0",
+                "met": bool(a.median <= b.median and equal),
+                "path": "user call",
+                "distribution": distribution,
+                "elements": n,
+                "k": k,
+                "sparsity": sparsity,
+                "threshold_numpy": float(t),
+                "equal": equal,
+                "kept_jcompress": kept,
+                "kept_numpy_mask": int(sum(np.count_nonzero(np.abs(x) >= t) for x in leaves)),
+                "seconds_jcompress": a.median,
+                "seconds_jcompress_min_max": [a.low, a.high],
+                "seconds_numpy": b.median,
+                "seconds_numpy_min_max": [b.low, b.high],
+                "first_call_jcompress": a.first,
+                "repeats": repeats,
+            }
+        )
+    return out
+
+
 _SHARDED_SCRIPT = textwrap.dedent(
     """
     import json, re, sys
@@ -224,13 +291,16 @@ def _sharded_row(quick: bool) -> dict:
 
 
 def run(quick: bool) -> list[dict]:
-    rows = []
+    rows, user = [], []
+    repeats = 1 if quick else 5
     for size in (4,) if quick else (16, 64):
         for distribution in DISTRIBUTIONS:
             leaves = make_leaves(_SHAPES[size], distribution=distribution)
-            rows += _rows(leaves, distribution, repeats=1 if quick else 5)
+            rows += _rows(leaves, distribution, repeats=repeats)
+            if size == (4 if quick else 16) and distribution in (_QUICK_USER if quick else USER_DISTRIBUTIONS):
+                user += _user_rows(leaves, distribution, repeats=repeats)
             del leaves
-    return rows + [_sharded_row(quick)]
+    return rows + user + [_sharded_row(quick)]
 
 
 if __name__ == "__main__":

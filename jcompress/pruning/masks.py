@@ -22,7 +22,9 @@ Counting rules (exact, deterministic):
 * ``scope='layer'``: a leaf asked for sparsity ``s`` loses exactly ``round(s * size)``
   entries (units or blocks for the structured patterns).
 * ``scope='global'``: exactly ``round(s * total)`` entries over all the leaves, chosen
-  by one threshold (see :mod:`jcompress.core.topk`).
+  by one threshold (see :mod:`jcompress.core.topk`). Called eagerly on concrete arrays on
+  one CPU device, the ranking runs with numpy on the host (more than 65,536 entries); under
+  ``jax.jit``, on sharded arrays or accelerators it is compiled. The masks are the same.
 * ``distribution='erk'``: per-layer densities by Erdos-Renyi-Kernel (Evci et al. 2020,
   RigL): density proportional to ``sum(shape) / prod(shape)``, layers that would exceed
   density 1 kept dense, and the total count exact.

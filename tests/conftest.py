@@ -25,18 +25,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import pytest
-from hypothesis import settings
+# Hypothesis keeps its example database and its cache of the constants in the source in a
+# directory of the session too, instead of .hypothesis/ in the working directory (the repository).
+_HYPOTHESIS_DIR = None
+if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+    _HYPOTHESIS_DIR = tempfile.mkdtemp(prefix="jcompress-tests-hypothesis-")
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = _HYPOTHESIS_DIR
 
-# No example database: hypothesis would otherwise write .hypothesis/ into the working directory
-# (the repository). The property tests choose their examples with their own settings.
-settings.register_profile("jcompress-tests", database=None)
-settings.load_profile("jcompress-tests")
+import pytest
 
 
 def pytest_sessionfinish(session):
-    if _XLA_CACHE is not None:  # the process that made the directory removes it, after the workers
-        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    for made in (_XLA_CACHE, _HYPOTHESIS_DIR):  # the process that made a directory removes it, after the workers
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

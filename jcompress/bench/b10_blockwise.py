@@ -155,7 +155,11 @@ def _config(spec: dict, num_layers: int):
 
 
 def _one_run(spec: dict, factory, ids, num_layers: int, extra_bytes: int = 0) -> dict:
-    """Build a model, take the baseline, compress it: ``{"seconds", "baseline_bytes", "peak_extra_bytes"}``."""
+    """Build a model, take the baseline, compress it.
+
+    Returns ``{"seconds", "baseline_bytes", "peak_extra_bytes", "block_peaks"}``; ``block_peaks``:
+    the peak extra bytes so far as each block finishes (flat when nothing accumulates).
+    """
     import jax
     from flax import nnx
 
@@ -166,13 +170,15 @@ def _one_run(spec: dict, factory, ids, num_layers: int, extra_bytes: int = 0) ->
     baseline = _settle()
     _reset_peak()
     extra = np.ones(extra_bytes // 8, np.float64) if extra_bytes else None  # written: resident
+    block_peaks = []
+    progress = lambda r: block_peaks.append(_status_kib("VmHWM") * _KIB - baseline)
     t0 = time.perf_counter()
-    model, _ = blockwise.compress(model, ids, factory, batch_size=spec["batch_size"])
+    model, _ = blockwise.compress(model, ids, factory, batch_size=spec["batch_size"], progress=progress)
     jax.block_until_ready(nnx.state(model))
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") * _KIB
     del extra, model
-    return {"seconds": seconds, "baseline_bytes": baseline, "peak_extra_bytes": peak - baseline}
+    return {"seconds": seconds, "baseline_bytes": baseline, "peak_extra_bytes": peak - baseline, "block_peaks": block_peaks}
 
 
 def block_bytes(spec: dict) -> int:
@@ -224,8 +230,14 @@ def measure(spec: dict, method: str, layers, *, probe_bytes: int = 0) -> dict:
 
 
 def _child_env() -> dict:
-    """This environment without a persistent compilation cache (cold means compiling)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    """This environment without a persistent compilation cache (cold means compiling), and
+    with glibc's mmap threshold fixed at 64 KiB unless the caller set it: buffers above it
+    are mapped on allocation and unmapped on free, so the RSS follows the live buffers
+    instead of what the allocator keeps in its heaps (the default threshold rises to 32 MiB
+    after the first large free)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))
+    return env
 
 
 def measure_in_child(spec: dict, method: str, layers, *, probe_bytes: int = 0, timeout: float = 1800) -> dict:

@@ -10,6 +10,8 @@ import textwrap
 import chex
 import numpy as np
 
+from jcompress import data
+
 CHILD = textwrap.dedent(
     """
     import os, sys, signal, threading, time, pathlib
@@ -18,7 +20,8 @@ CHILD = textwrap.dedent(
 
     out = pathlib.Path(sys.argv[1])
     kill_at_save = int(sys.argv[2])  # 0: never
-    ds = data.load("digits")
+    with np.load(sys.argv[3]) as z:  # data.load("digits"), saved by the test: no sklearn import per process
+        ds = data.Dataset("digits", *(z[f] for f in data.Dataset._fields[1:-1]), int(z["num_classes"]))
     config = dict(name="mlp", input_shape=list(ds.input_shape), num_classes=10, widths=[24], dropout=0.1)
     fn = models.functional(models.create(**config))
 
@@ -45,24 +48,28 @@ CHILD = textwrap.dedent(
 )
 
 
-def _run(out, kill_at_save):
+def _run(out, kill_at_save, digits):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "-c", CHILD, str(out), str(kill_at_save)], env=env, timeout=300, capture_output=True, text=True
-    )
+        [sys.executable, "-c", CHILD, str(out), str(kill_at_save), str(digits)], check=False, env=env,
+        timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
 
 
 def test_sigkill_during_save_then_resume_is_exact(tmp_path):
-    ref = _run(tmp_path / "ref", 0)
+    ds = data.load("digits")
+    digits = tmp_path / "digits.npz"
+    np.savez(digits, **{f: getattr(ds, f) for f in data.Dataset._fields[1:]})
+    ref = _run(tmp_path / "ref", 0, digits)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    crashed = _run(tmp_path / "run", 3)  # killed while writing the 3rd epoch's checkpoint
+    crashed = _run(tmp_path / "run", 3, digits)  # killed while writing the 3rd epoch's checkpoint
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert not (tmp_path / "run" / "final.npz").exists()
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit())
     assert steps and max(steps) < 3 * 22  # the interrupted save did not become a checkpoint
 
-    resumed = _run(tmp_path / "run", 0)
+    resumed = _run(tmp_path / "run", 0, digits)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = dict(np.load(tmp_path / "ref" / "final.npz"))
     b = dict(np.load(tmp_path / "run" / "final.npz"))

@@ -4,12 +4,15 @@ Problem: random-weight Llama decoders (:class:`jcompress.models.llama.Llama`, fl
 with hidden size 512, MLP size 1,408, 8 query and 2 key/value heads (GQA), vocabulary 512,
 at 4 and at 8 layers, compressed by :func:`jcompress.blockwise.compress` on 64 calibration
 sequences of 128 tokens (batches of 8) with GPTQ (4 bits, groups of 128) and SparseGPT (50%
-unstructured). Quick mode: hidden size 64, MLP size 192, 4/2 heads, GPTQ groups of 32, vocabulary 128, 2 and 4
-layers, 16 sequences of 32 tokens.
+unstructured). Quick mode: SparseGPT only, hidden size 64, every projection 64 x 64 (4
+heads, one solver program), vocabulary 128, 2 and 4 layers, 16 sequences of 32 tokens, in
+one process (cold at 2 layers, then warm at 2 and 4).
 
 Every configuration (method, layer count) runs in a fresh Python process (:func:`measure`),
 so that its compilation and its memory are its own, without a persistent compilation
-cache. In that process:
+cache, and with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``, unless
+set by the caller) so that the RSS follows the live buffers rather than what the
+allocator keeps in its heaps. In that process:
 
 1. the model and the calibration ids are built, freed heap memory is handed back to the
    system (``malloc_trim``) and the resident set size is read: the **baseline** (the
@@ -23,10 +26,17 @@ cache. In that process:
 
 Seconds per block are the wall time of :func:`~jcompress.blockwise.compress` divided by
 the number of layers. The configurations run in interleaved rounds (``gptq/4, gptq/8,
-sparsegpt/4, sparsegpt/8, gptq/4, ...``); each figure is the median over rounds, with its
-min-max.
+sparsegpt/4, sparsegpt/8, gptq/4, ...``; ``FULL["rounds"]``, 1 by default: a round takes
+about 25 minutes on a busy 2-core machine); each figure is the median over rounds, with
+its min-max.
 
-Figures, per method:
+Figures:
+
+* ``memory probe``: the first process also measures a warm run that writes a NumPy array
+  of known size (64 MiB; 32 MiB quick) while it is measured; (peak with it - peak without) / its size,
+  target ``0.9-1.1``: the instrument sees memory the run holds.
+
+Per method:
 
 * ``peak extra memory, 8 layers / 4 layers (warm)``: target ``<= 1.2``: the memory the
   compression needs does not grow with the depth of the model.
@@ -329,6 +339,7 @@ def run(quick: bool) -> list[dict]:
             fig[n] = {"peak_warm": _summary([w["peak_extra_bytes"] for _, w, _ in got])}
             fig[n]["per_block_warm"] = _summary([w["seconds"] / n for _, w, _ in got])
             fig[n]["baseline_warm"] = float(statistics.median(w["baseline_bytes"] for _, w, _ in got))
+            fig[n]["block_peaks"] = got[0][1].get("block_peaks")
             colds = [c for c, _, _ in got if c is not None]
             fig[n]["peak_cold"] = _summary([c["peak_extra_bytes"] for c in colds]) if colds else None
             fig[n]["per_block_cold"] = _summary([c["seconds"] / n for c in colds]) if colds else None
@@ -360,6 +371,7 @@ def run(quick: bool) -> list[dict]:
                     "peak_extra_cold_bytes": f["peak_cold"][0] if f["peak_cold"] else None,
                     "peak_extra_cold_min_max": f["peak_cold"][1] if f["peak_cold"] else None,
                     "baseline_rss_bytes": f["baseline_warm"],
+                    "peak_extra_after_each_block_bytes": f["block_peaks"],
                     "num_layers": n,
                     **ctx,
                 }

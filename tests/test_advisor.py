@@ -359,3 +359,30 @@ def test_plot_labels_do_not_overlap():
             assert not any(a.overlaps(b) for b in boxes[i + 1 :]), labels[i].get_text()
     assert "validation accuracy" == fig.axes[0].get_ylabel()
     plt.close(fig)
+
+
+def test_sharing_leaves_a_kernel_that_pruning_emptied_as_zeros(tmp_path):
+    # global pruning at a high rate can empty a whole layer: k-means has nothing to share there
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jcompress import export
+    from jcompress.advisor import candidates
+    from jcompress.advisor.records import Subject
+
+    rng = np.random.default_rng(0)
+    params = {
+        "fc1": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32), "bias": jnp.zeros(8)},
+        "fc2": {"kernel": jnp.zeros((8, 4), jnp.float32), "bias": jnp.zeros(4)},
+    }
+
+    def apply_fn(p, x):
+        return jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+    subject = Subject(params, apply_fn, None, None, None, tmp_path, 0, (16,))
+    built = candidates.sharing_candidate().build(subject)
+    back = export.load_params(built.path)
+    assert np.unique(np.asarray(back["fc1"]["kernel"])).size == 31  # 5-bit codebook of a Dense kernel
+    np.testing.assert_array_equal(np.asarray(back["fc2"]["kernel"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(built.params["fc2"]["kernel"]), 0.0)

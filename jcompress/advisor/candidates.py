@@ -81,15 +81,16 @@ def _shared(subject: Subject, params, lr: float):
     import optax
 
     from jcompress import pipeline, tree
-    from jcompress.core.base import chain, default_leaves
+    from jcompress.core.base import chain, default_leaves, masked
     from jcompress.sharing import kmeans
 
     leaves = dict(tree.named_leaves(params))
-    k = [
-        (f"^{re.escape(n)}$", min(2 ** _share_bits(n, leaves[n]) - 1, int(np.count_nonzero(np.asarray(leaves[n])))))
-        for n in default_leaves(params)
-    ]
-    stages = [kmeans(k=k, init="linear")]
+    nonzero = {n: int(np.count_nonzero(np.asarray(leaves[n]))) for n in default_leaves(params)}
+    # a kernel that global pruning emptied has no weights to share: it stays as it is (zeros)
+    k = [(f"^{re.escape(n)}$", min(2 ** _share_bits(n, leaves[n]) - 1, c)) for n, c in nonzero.items() if c > 0]
+    if not k:
+        raise ValueError("k-means sharing: every kernel is all zeros; prune less")
+    stages = [masked(kmeans(k=k, init="linear"), [pattern for pattern, _ in k])]
     if subject.finetune_fn is not None and subject.epochs > 0:
         # pipeline.finetune trains the centroids (assignment fixed) and returns the new codebooks.
         stages.append(pipeline.finetune(lambda p, wrap: _finetune(subject, subject.apply_fn, p, wrap(optax.adam(lr)))))

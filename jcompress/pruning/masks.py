@@ -368,8 +368,8 @@ def _masks_of(sel: dict, old: dict | None, plan: tuple) -> dict:
     """Masks of the named score arrays; ``plan`` = (names, pattern, scope, kept counts).
 
     Scores that are concrete arrays on one CPU device, with more than
-    ``topk.HOST_ABOVE`` units to rank (all leaves together for ``scope='global'``, the
-    largest leaf for ``'layer'``), are ranked eagerly, so that
+    ``topk.HOST_ABOVE`` units to rank (all leaves together for ``scope='global'``, each
+    leaf for ``'layer'``: the smaller leaves are ranked together in one compiled program), are ranked eagerly, so that
     :func:`~jcompress.core.topk.keep_largest_global` selects them with numpy (on CPU the
     compiled histogram pass is several times slower); unit scores that are not the scores
     themselves (norms, ``-inf`` for units ``old`` pruned) still come from a compiled
@@ -379,15 +379,30 @@ def _masks_of(sel: dict, old: dict | None, plan: tuple) -> dict:
     names, pattern, scope = plan[:3]
     if isinstance(pattern, NM) or not topk.on_host([*sel.values(), *(old or {}).values()]):
         return _compiled_masks(sel, old, plan)
-    counts = [_unit_count(pattern, sel[n].shape, n) for n in names]
-    if (sum(counts) if scope == "global" else max(counts, default=0)) <= topk.HOST_ABOVE:
+    counts = dict(zip(names, (_unit_count(pattern, sel[n].shape, n) for n in names)))
+    if scope == "global":
+        big = names if sum(counts.values()) > topk.HOST_ABOVE else ()
+    else:  # per leaf: the small leaves stay together in one compiled program
+        big = tuple(n for n in names if counts[n] > topk.HOST_ABOVE)
+    if not big:
         return _compiled_masks(sel, old, plan)
-    if isinstance(pattern, Unstructured) and old is None and all(sel[n].dtype == jnp.float32 for n in names):
+    out = {}
+    if len(big) < len(names):  # scope='layer' only
+        out = _compiled_masks(*_restrict(sel, old, plan, tuple(n for n in names if n not in big)))
+        sel, old, plan = _restrict(sel, old, plan, big)
+    if isinstance(pattern, Unstructured) and old is None and all(sel[n].dtype == jnp.float32 for n in big):
         units = sel  # the scores themselves (a compiled identity would copy them)
     else:
         units = _units_of(sel, old, plan)
     kept = _keep_units(units, plan)
-    return {n: _expand(kept[n], sel[n].shape, pattern) for n in names}
+    return {**out, **{n: _expand(kept[n], sel[n].shape, pattern) for n in big}}
+
+
+def _restrict(sel: dict, old: dict | None, plan: tuple, names: tuple) -> tuple[dict, dict | None, tuple]:
+    """``(sel, old, plan)`` for the per-leaf ranking of ``names`` only."""
+    keep = dict(zip(plan[0], plan[3]))
+    part = (names, plan[1], plan[2], tuple(keep[n] for n in names))
+    return {n: sel[n] for n in names}, None if old is None else {n: old[n] for n in names}, part
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))

@@ -21,10 +21,10 @@ only (``data='pydoc-topics'``, 512-token vocabulary: 172,070 / 6,775 / 38,887 to
 
 Tokenizer: byte-level BPE (``tokenizers``), trained on the train documents only.
 
-Model: ``vocab 2048, hidden 128, 4 layers, 8 query / 2 key-value heads of 16, SwiGLU
-384, untied embeddings`` (1.28M parameters, 0.75M of them in the blocks' Linears),
-trained from scratch for 300 steps of 16 x 128 tokens (about 1.2 passes over the train
-stream) with AdamW (warmup, cosine decay, weight decay on matrices only) on random
+Model: ``vocab 2048, hidden 384, 6 layers, 8 query / 2 key-value heads of 48, SwiGLU
+1024, untied embeddings`` (10.9M parameters, 9.3M of them in the blocks' Linears, the
+size of nanoGPT's character-level Shakespeare model), trained from scratch for 300 steps
+of 16 x 128 tokens (about 1.2 passes over the train stream) with AdamW (warmup, cosine decay, weight decay on matrices only) on random
 ``seq_len + 1``-token windows of the train stream. The quick model: hidden 64, 2
 layers, 4 heads, 150 steps. The trained model is saved as a
 Hugging Face folder (``config.json``, ``model.safetensors``, ``tokenizer.json``) under
@@ -143,16 +143,16 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         data="python-docs",
         model="",
         vocab_size=2048,
-        hidden_size=128,
-        num_layers=4,
+        hidden_size=384,
+        num_layers=6,
         num_heads=8,
         num_kv_heads=2,
-        intermediate_size=384,
+        intermediate_size=1024,
         train_seq_len=128,
         batch_size=16,
         steps=300,
         warmup_steps=50,
-        lr=3e-3,
+        lr=2e-3,
         weight_decay=0.1,
         checkpoint_every=100,
         calib_windows=128,
@@ -178,6 +178,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
                 "batch_size": 16,
                 "steps": 150,
                 "warmup_steps": 10,
+                "lr": 3e-3,
                 "checkpoint_every": 0,
                 "calib_windows": 32,
                 "calib_seq_len": 64,

@@ -16,6 +16,13 @@ pruned weights in a second: op by op they were a compile per op and shape and a 
 the kernel per op; one function for all three was slower still on CPU (about 2.5x op by
 op's time for a 4096 x 4096 kernel at 2:4; see BENCHMARKS.md).
 
+Unstructured masks of concrete kernels on one CPU device are selected on the host: one
+compiled function writes the score keys transposed to ``(out, in)``, ``np.partition`` of
+each contiguous row gives the ``count``-th smallest key per output, and a second compiled
+function keeps the weights above it (ties at it settled by index in numpy, rarely needed).
+That is the same mask as ``topk.remove_smallest`` (used under ``jax.jit`` and on other
+devices, a 32-pass bisection) in a fraction of its time on CPU (see BENCHMARKS.md, B9).
+
 Example:
   >>> params, aux = jc.oneshot.wanda(stats, sparsity=0.5)(params)
 """
@@ -26,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jcompress.core import base, spec, topk
 from jcompress.core.patterns import Unstructured
@@ -53,6 +61,49 @@ def _zero_pruned(kernel, keep):
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
 
 
+@jax.jit
+def _score_keys_by_output(kernel, h):
+    """:func:`topk.float_to_key` of the scores, transposed to ``(out, in)`` (uint32)."""
+    return topk.float_to_key(wanda_scores(kernel, h)).T
+
+
+@jax.jit
+def _keep_above(kernel, h, threshold):
+    """Keep mask ``key > threshold[i]`` per output ``i`` and the pruned kernel, in one pass."""
+    keep = topk.float_to_key(wanda_scores(kernel, h)) > threshold[None, :]
+    return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype)), keep
+
+
+def _prune_on_host(kernel: jax.Array, h: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """Unstructured Wanda of a concrete CPU kernel with numpy's selection; the same kernel and
+    mask as ``_keep_mask`` (``topk.remove_smallest`` along the inputs).
+
+    ``np.partition`` of every row of the ``(out, in)`` keys puts the ``count``-th smallest
+    key ``t`` of each output at position ``count - 1``, the smaller ones before it and the
+    larger or equal ones after. Where no entry after it equals ``t``, removing ``key <= t``
+    removes exactly ``count``; otherwise (ties at ``t`` beyond the count) the tied entries
+    with the lowest input index are removed first, as ``remove_smallest`` does.
+    """
+    if count == 0:
+        keep = jnp.ones(kernel.shape, bool)
+        return _zero_pruned(kernel, keep), keep
+    keys = np.asarray(_score_keys_by_output(kernel, h))  # (out, in), rows contiguous
+    part = np.partition(keys, count - 1, axis=1)
+    threshold = part[:, count - 1]
+    new_kernel, keep = _keep_above(kernel, h, jnp.asarray(threshold))
+    tied_beyond = np.flatnonzero(np.any(part[:, count:] == threshold[:, None], axis=1))
+    if tied_beyond.size == 0:
+        return new_kernel, keep
+    rows, t = keys[tied_beyond], threshold[tied_beyond, None]
+    tie = rows == t
+    needed = count - np.count_nonzero(rows < t, axis=1, keepdims=True)
+    removed = (rows < t) | (tie & (np.cumsum(tie, axis=1) <= needed))
+    keep = np.array(keep)
+    keep[:, tied_beyond] = ~removed.T
+    keep = jnp.asarray(keep)
+    return _zero_pruned(kernel, keep), keep
+
+
 def prune_matrix(
     kernel: jax.Array, h: jax.Array, *, count: int | None = None, n_m: tuple[int, int] | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -73,6 +124,11 @@ def prune_matrix(
     """
     if (count is None) == (n_m is None):
         raise ValueError(f"give exactly one of count={count} and n_m={n_m}")
+    if n_m is None and topk.on_host([kernel, h]):
+        count = int(count)
+        if not 0 <= count <= kernel.shape[0]:
+            raise ValueError(f"count={count} must be in [0, {kernel.shape[0]}] (the inputs of each output unit)")
+        return _prune_on_host(kernel, h, count)
     keep = _keep_mask(kernel, h, count=count, n_m=None if n_m is None else (int(n_m[0]), int(n_m[1])))
     return _zero_pruned(kernel, keep), keep
 

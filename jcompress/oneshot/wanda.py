@@ -112,7 +112,9 @@ def prune_matrix(
     Args:
       kernel: ``(in, out)`` float.
       h: ``(in, in)`` float32 ``sum x x^T`` (only its diagonal is read).
-      count: weights removed per output unit (unstructured), or None with ``n_m``.
+      count: weights removed per output unit (unstructured), in ``[0, in]``; or None with
+        ``n_m``. Concrete kernels on one CPU device are selected with numpy (see the module
+        docstring), others compiled; the masks are the same.
       n_m: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs of each output
         (``in`` a multiple of ``m``).
 

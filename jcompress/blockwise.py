@@ -12,7 +12,16 @@ at a time (the papers' procedure):
    ``sum |x_j|`` and ``max |x_j|``; the batch is sharded, so each device sums its own rows
    and XLA adds the partial sums across devices;
 3. ``transform_for_block(calib)`` builds a transform from the block's statistics
-   (:class:`BlockCalibration`), which runs on the block's parameters (on one device);
+   (:class:`BlockCalibration`), which runs on the block's parameters (on the mesh's first
+   device). With ``solver_devices='all'`` (the default) each Linear's statistics are put
+   on one of the mesh's devices, the largest Linears first, each onto the device with the
+   least assigned so far; the per-layer solvers (GPTQ, SparseGPT, Wanda, OBS: every
+   :func:`jcompress.oneshot.calibration.layer_transform`) solve a Linear on the device
+   of its statistics and JAX dispatches asynchronously, so on ``n`` devices up to ``n``
+   Linears solve at once and a device holds only its own Linears' ``H`` and solver
+   buffers. Transforms that combine Linears (AWQ, SmoothQuant: their scale groups span
+   several) take the statistics gathered on the parameters' device
+   (:meth:`BlockCalibration.on_one_device`, which :func:`method` applies for them);
 4. the block's inputs are run through the compressed block (with its activation
    quantization, for SmoothQuant) and replace the inputs: block ``i + 1`` is calibrated
    on the outputs of the compressed blocks before it, so later blocks absorb earlier
@@ -58,9 +67,10 @@ from jcompress.oneshot.awq import AWQAux, ChannelStats, awq
 from jcompress.oneshot.calibration import LayerStats
 from jcompress.oneshot.smoothquant import SmoothQuantAux, act_quantizer, fake_quant_input, smoothquant
 
-__all__ = ["METHODS", "BlockCalibration", "BlockReport", "Report", "compress", "method", "with_act_quant"]
+__all__ = ["METHODS", "SOLVER_DEVICES", "BlockCalibration", "BlockReport", "Report", "compress", "method", "with_act_quant"]
 
 METHODS = ("gptq", "sparsegpt", "wanda", "magnitude", "rtn", "awq", "smoothquant")
+SOLVER_DEVICES = ("all", "one")
 
 
 class BlockCalibration(NamedTuple):
@@ -73,6 +83,9 @@ class BlockCalibration(NamedTuple):
         names relative to the block (``'attn/q_proj/kernel'``), as the transform sees them.
       channels: ``{kernel name: ChannelStats(abs_mean (in,), abs_max (in,))}``.
       groups: the block's ``scale_groups()`` (where AWQ / SmoothQuant fold their scales).
+      device: the device that holds the block's parameters when the transform runs; with
+        ``solver_devices='all'`` each Linear's ``stats`` and ``channels`` lie on the device
+        chosen for it, which may be another.
     """
 
     index: int
@@ -80,6 +93,20 @@ class BlockCalibration(NamedTuple):
     stats: dict
     channels: dict
     groups: tuple
+    device: Any = None
+
+    def on_one_device(self) -> BlockCalibration:
+        """This calibration with every statistic on :attr:`device`, for a transform that
+        combines several Linears (AWQ, SmoothQuant).
+
+        Example:
+          >>> def awq_for_block(c):
+          ...     c = c.on_one_device()
+          ...     return jc.oneshot.awq(c.stats, c.channels, groups=c.groups, bits=4)
+        """
+        if self.device is None:
+            return self
+        return self._replace(stats=jax.device_put(self.stats, self.device), channels=jax.device_put(self.channels, self.device))
 
 
 class BlockReport(NamedTuple):
@@ -227,13 +254,41 @@ def _reduce(total, got):
     return {n: (t[0] + g[0], t[1] + g[1], t[2] + g[2], jnp.maximum(t[3], g[3])) for (n, t), g in zip(total.items(), got.values())}
 
 
+def _check_solver_devices(solver_devices) -> str:
+    if not isinstance(solver_devices, str) or solver_devices not in SOLVER_DEVICES:
+        raise ValueError(
+            f"solver_devices={solver_devices!r} must be 'all' (the block's Linears solve spread over the mesh's "
+            "devices) or 'one' (every solve on the mesh's first device)"
+        )
+    return solver_devices
+
+
+def _assign_devices(shapes: dict, devices: list) -> dict:
+    """``{kernel name: device}``: the largest solve first (``H`` (in, in) plus the kernel
+    (in, out)), each onto the device with the fewest elements assigned so far (ties: the
+    earlier device, the earlier kernel)."""
+    size = {n: n_in * (n_in + n_out) for n, (n_in, n_out) in shapes.items()}
+    load = [0] * len(devices)
+    out = {}
+    for name in sorted(size, key=lambda n: -size[n]):
+        i = load.index(min(load))
+        out[name] = devices[i]
+        load[i] += size[name]
+    return out
+
+
 def _layer_errors(prefix, stats, params, new_params, aux) -> dict:
-    """Relative output errors of the block's Linears; a transform that folds scales
-    (``aux.scales``: AWQ, SmoothQuant) reports them itself in the original input basis."""
+    """Relative output errors of the block's Linears (computed where each ``H`` lies); a
+    transform that folds scales (``aux.scales``: AWQ, SmoothQuant) reports them itself in
+    the original input basis."""
     if isinstance(aux, (AWQAux, SmoothQuantAux)):
         return {prefix + n: float(e) for n, e in aux.errors.items()}
     old, new = dict(tree.named_leaves(params)), dict(tree.named_leaves(new_params))
-    return {prefix + n: float(base.relative_error(old[n], new[n], s.h)) for n, s in stats.items()}
+    errors = {}
+    for n, s in stats.items():
+        k, k_new = jax.device_put((old[n], new[n]), s.h.sharding)
+        errors[prefix + n] = base.relative_error(k, k_new, s.h)
+    return {n: float(e) for n, e in errors.items()}
 
 
 def _grids_of(aux) -> dict:
@@ -243,6 +298,19 @@ def _grids_of(aux) -> dict:
         if isinstance(a, (base.GridAux, AWQAux, SmoothQuantAux)):
             out.update(a.grids)
     return out
+
+
+def _run_transform(transform, params, key, *, spread: bool):
+    try:
+        return transform(params, key=key)
+    except ValueError as e:
+        if spread and "incompatible devices" in str(e):
+            raise ValueError(
+                "the block's transform combines Linears whose statistics lie on different devices "
+                "(solver_devices='all'); build it from calib.on_one_device() (as method() does for awq and "
+                "smoothquant) or pass solver_devices='one'"
+            ) from e
+        raise
 
 
 def compress(
@@ -255,6 +323,7 @@ def compress(
     key: jax.Array | None = None,
     progress: Callable[[BlockReport], None] | None = None,
     keep_grids: bool = False,
+    solver_devices: str = "all",
 ) -> tuple[nnx.Module, Report]:
     """Compress a decoder block by block, each block calibrated on the compressed blocks' outputs.
 
@@ -275,13 +344,18 @@ def compress(
       progress: called with each :class:`BlockReport` as its block finishes.
       keep_grids: keep the quantized kernels' grids (``Report.grids``, to write the
         codes); their int32 codes take as much memory as the float kernels.
+      solver_devices: ``'all'``: each Linear's statistics go to one of the mesh's devices
+        (largest first onto the least-loaded), so per-layer solvers run concurrently and
+        each device holds only its Linears' ``H`` and solver buffers; ``'one'``: all on
+        the mesh's first device. The compressed weights and the report are the same.
 
     Returns:
       ``(model, Report)``.
 
     Raises:
       ValueError: ids not ``(num, seq_len)``, a batch size that does not fit, a mesh
-        without a ``data`` axis, a model without decoder blocks.
+        without a ``data`` axis, a model without decoder blocks, ``solver_devices`` not
+        ``'all'`` or ``'one'``.
 
     Example:
       >>> model, report = compress(model, ids, method('sparsegpt', sparsity=0.5), batch_size=8)
@@ -292,6 +366,7 @@ def compress(
     if "data" not in mesh.axis_names:
         raise ValueError(f"mesh has axes {mesh.axis_names}; block-by-block calibration shards batches over a 'data' axis")
     batch_size = _check_batch(ids.shape[0], batch_size, mesh.shape["data"])
+    solver_devices = _check_solver_devices(solver_devices)
     blocks = getattr(model, "layers", None)
     if blocks is None or not hasattr(model, "embed_inputs") or not len(blocks):
         raise ValueError(
@@ -308,6 +383,7 @@ def compress(
     positions_m = jax.device_put(positions, NamedSharding(mesh, P()))
     keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
     solver_device = mesh.devices.flat[0]
+    devices = list(mesh.devices.flat) if solver_devices == "all" else [solver_device]
     reports, act_quant, grids = [], {}, {}
     for index, block in enumerate(blocks):
         t0 = time.perf_counter()
@@ -318,13 +394,15 @@ def compress(
         total = None
         for h in hidden:
             total = _reduce(total, _block_stats(gd, params_m, rest_m, h, positions_m))
-        total = jax.device_put(total, solver_device)
-        stats = {f"{n}/kernel": LayerStats(v[0], v[1]) for n, v in total.items()}
-        channels = {f"{n}/kernel": ChannelStats(v[2] / v[1], v[3]) for n, v in total.items()}
+        kernels = dict(tree.named_leaves(params))
+        place = _assign_devices({f"{n}/kernel": kernels[f"{n}/kernel"].shape for n in total}, devices)
+        total = {f"{n}/kernel": jax.device_put(v, place[f"{n}/kernel"]) for n, v in total.items()}
+        stats = {n: LayerStats(v[0], v[1]) for n, v in total.items()}
+        channels = {n: ChannelStats(v[2] / v[1], v[3]) for n, v in total.items()}
         groups = tuple(block.scale_groups()) if hasattr(block, "scale_groups") else ()
-        calib = BlockCalibration(index, prefix, stats, channels, groups)
+        calib = BlockCalibration(index, prefix, stats, channels, groups, solver_device)
         params_1 = jax.device_put(params, solver_device)
-        new_params, aux = transform_for_block(calib)(params_1, key=keys[index])
+        new_params, aux = _run_transform(transform_for_block(calib), params_1, keys[index], spread=len(devices) > 1)
         layer_errors = _layer_errors(prefix, stats, params_1, new_params, aux)
         act = getattr(aux, "act", None) or {}
         act_static = tuple(sorted((n, a.bits, a.per_token) for n, a in act.items()))
@@ -354,6 +432,14 @@ def with_act_quant(model: nnx.Module, act_quant: dict) -> nnx.Module:
     if not act_quant:
         return model
     return hooks.with_hook(model, act_quantizer(act_quant), names=list(act_quant))
+
+
+def _awq(c: BlockCalibration, **kw):
+    return awq(c.stats, c.channels, groups=c.groups, **kw)
+
+
+def _smoothquant(c: BlockCalibration, **kw):
+    return smoothquant(c.stats, c.channels, groups=c.groups, **kw)
 
 
 def _nm(n_m) -> NM | None:
@@ -413,9 +499,9 @@ def method(
     if name == "rtn":
         return lambda c: quant.quantize(bits=bits, group_size=group_size)
     if name == "awq":
-        return lambda c: awq(c.stats, c.channels, groups=c.groups, bits=bits, group_size=group_size, clip=clip)
+        return lambda c: _awq(c.on_one_device(), bits=bits, group_size=group_size, clip=clip)
     if name == "smoothquant":
-        return lambda c: smoothquant(c.stats, c.channels, groups=c.groups, alpha=alpha, act_scale=act_scale)
+        return lambda c: _smoothquant(c.on_one_device(), alpha=alpha, act_scale=act_scale)
     if name == "sparsegpt":
         return lambda c: oneshot.sparsegpt(c.stats, **prune_kw)
     if name == "wanda":

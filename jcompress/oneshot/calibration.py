@@ -20,7 +20,8 @@ of the already-compressed groups before it, so later layers correct earlier laye
 
 :func:`layer_transform` is how every one-shot factory becomes a transform: it validates
 the statistics, runs a per-layer solver on the calibrated kernels and reports
-``errors[name] = ||X K - X K'||^2 / ||X K||^2 = tr(dK^T H dK) / tr(K^T H K)``.
+``errors[name] = ||X K - X K'||^2 / ||X K||^2 = tr(dK^T H dK) / tr(K^T H K)``; each layer
+is solved on the device that holds its ``H``.
 
 Example:
   >>> stats = jc.oneshot.calibrate(model, batches, forward=lambda m, b: m(b[0], b[1]), token_mask=lambda b: b[1])
@@ -207,6 +208,12 @@ def _check_stats(stats: dict) -> dict[str, jax.Array]:
     return out
 
 
+def _single_device(x):
+    """The device of an array that lies whole on one device; None otherwise (sharded, or a tracer)."""
+    devices = getattr(getattr(x, "sharding", None), "device_set", ())
+    return next(iter(devices)) if len(devices) == 1 and not isinstance(x, jax.core.Tracer) else None
+
+
 def layer_transform(
     stats: dict,
     solve: Callable[[str, jax.Array, jax.Array], tuple[jax.Array, dict]],
@@ -227,6 +234,13 @@ def layer_transform(
 
     Returns:
       a :class:`~jcompress.core.base.Transform`.
+
+    Placement: each layer is solved on the device that holds its statistic ``h`` (when
+    ``h`` lies whole on one device): the kernel is copied there, and the new kernel is
+    put back with the kernel's own sharding, while the extras and the error stay on the
+    solving device. Calls are dispatched asynchronously, so statistics spread over
+    several devices (:func:`jcompress.blockwise.compress` does this) let the layers
+    solve concurrently.
     """
     hs = _check_stats(stats)
 
@@ -254,9 +268,14 @@ def layer_transform(
                     f"stats/{n} has shape {h.shape} but the kernel {kernel.shape} needs ({kernel.shape[0]}, {kernel.shape[0]})"
                 )
             tree.check_finite({n: kernel}, "params")
+            home, device = kernel.sharding, _single_device(h)
+            moved = device is not None and home.device_set != {device}
+            if moved:
+                kernel = jax.device_put(kernel, device)  # solve where the statistic lies
             new_kernel, extras[n] = solve(n, kernel, h)
             errors[n] = base.relative_error(kernel, new_kernel, h)
-            updates[n] = new_kernel.astype(kernel.dtype)
+            new_kernel = new_kernel.astype(kernel.dtype)
+            updates[n] = jax.device_put(new_kernel, home) if moved else new_kernel
         new_params = tree.set_by_name(params, updates)
         return new_params, make_aux(new_params, extras, errors)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from jcompress import compressed, oneshot, quant, textdata
 from jcompress.bench.b4_sparsegpt import reference_sparsegpt
-from jcompress.core import NM, ChainAux, GridAux, MaskAux, chain, grid, masked, relative_error, topk
+from jcompress.core import NM, ChainAux, GridAux, MaskAux, chain, grid, masked, obs_loop, relative_error, topk
 from jcompress.core.obs_loop import block_prune_counts
 from jcompress.models.bert import BertConfig, BertEncoder, layer_groups
 from jcompress.models.mlp import MLP
@@ -209,6 +209,20 @@ def test_sparsegpt_equals_numpy_reference():
     h = x.T @ x
     new, keep, _ = sparsegpt_matrix(jnp.asarray(kernel), jnp.asarray(h), sparsity=0.5, block_size=16)
     ref = reference_sparsegpt(kernel.T, h, sparsity=0.5, block=16).T
+    np.testing.assert_allclose(new, ref, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(keep), ref != 0)
+
+
+def test_column_loop_compiles_per_block_width_not_per_block():
+    """11 blocks (10 of 16 columns, one of 8) compile one program per block width, so a
+    layer's compile time does not grow with its number of blocks."""
+    kernel, x = correlated_problem(n_in=168, n_out=7, tokens=400, seed=3)
+    h = jnp.asarray(x.T @ x)
+    programs = (obs_loop._block_inputs, obs_loop._solve_block, obs_loop._lazy_update)
+    before = [p._cache_size() for p in programs]
+    new, keep, _ = sparsegpt_matrix(jnp.asarray(kernel), h, sparsity=0.5, block_size=16)
+    assert [p._cache_size() - b for p, b in zip(programs, before, strict=True)] == [2, 2, 2]
+    ref = reference_sparsegpt(kernel.T, np.asarray(h), sparsity=0.5, block=16).T
     np.testing.assert_allclose(new, ref, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(keep), ref != 0)
 

@@ -17,11 +17,12 @@ What is pruned: in each block the ``counts[b]`` entries of smallest OBS saliency
 ``m - n`` of every ``m`` columns in each row, chosen when the loop reaches the group;
 and always the entries of a fixed mask (``fixed``: GPTQ keeps exact zeros at zero).
 
-Speed: each block is one jitted function (a ``lax.fori_loop`` over its columns, compiled
-once per block shape however many blocks a layer has), its mask comes from
-:func:`jcompress.core.topk.remove_smallest` (bisection on the scores' bits: an XLA sort of
-the block's ~100k scores on CPU cost more than all its OBS updates), and each lazy update
-multiplies exactly the remaining columns.
+Speed: each block is one jitted function (a ``lax.fori_loop`` over its columns, then the
+lazy update) taking the block's first column as a traced argument, so a layer compiles one
+program for its full blocks and at most one more for a narrower last block, however many
+blocks it has; its mask comes from :func:`jcompress.core.topk.remove_smallest` (bisection
+on the scores' bits: an XLA sort of the block's ~100k scores on CPU cost more than all its
+OBS updates).
 
 Example:
   >>> u, dead = inverse_hessian_factor(h, damp=0.01)
@@ -131,20 +132,50 @@ def obs_column_loop(
                 scale = scale.at[:, g0 : g0 + width].set(jnp.broadcast_to(s, (w.shape[0], width)))
                 zero_point = zero_point.at[:, g0 : g0 + width].set(jnp.broadcast_to(z, (w.shape[0], width)))
         count = jnp.int32(0 if counts is None else counts[b])
-        grid1 = None if quant is None else (scale[:, b0:b1], zero_point[:, b0:b1])
-        fixed1 = None if fixed is None else fixed[:, b0:b1]
-        w1, pruned1, err1 = _solve_block(w[:, b0:b1], u[b0:b1, b0:b1], count, fixed1, grid1, n_m=n_m, quant=quant)
-        w = _lazy_update(w, w1, err1, u[b0:b1], b0=b0)
+        grids = None if quant is None else (scale, zero_point)
+        w, pruned1 = _block_step(w, u, jnp.int32(b0), count, fixed, grids, width=b1 - b0, n_m=n_m, quant=quant)
         pruned_blocks.append(pruned1)
     return w, jnp.concatenate(pruned_blocks, axis=1), scale, zero_point
 
 
-def _lazy_update(w, w1, err1, u_rows, *, b0):
-    """Write the finished block and apply ``W[:, end:] -= Err U[block, end:]`` (plain ops:
-    their shapes change from block to block, so they are not worth a compiled function each)."""
-    b1 = b0 + w1.shape[1]
-    w = w.at[:, b0:b1].set(w1)
-    return w.at[:, b1:].add(-(err1 @ u_rows[:, b1:]))
+def _block_step(w, u, b0, count, fixed, grids, *, width, n_m, quant):
+    """One block at column offset ``b0``: solve it, write it back and apply the lazy update
+    ``W[:, end:] -= Err U[block, end:]``: ``(w, pruned1)``.
+
+    The offset is a traced argument of the compiled slicing and update programs, not a
+    constant, so each compiles once for all blocks of the same ``width`` (all blocks but a
+    narrower last one); compiling per-block slices and updates cost seconds per layer shape.
+    """
+    w1, u1, fixed1, grid1 = _block_inputs(w, u, b0, fixed, grids, width=width)
+    w1, pruned1, err1 = _solve_block(w1, u1, count, fixed1, grid1, n_m=n_m, quant=quant)
+    return _lazy_update(w, w1, err1, u, b0), pruned1
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _block_inputs(w, u, b0, fixed, grids, *, width):
+    """The block's columns ``b0 : b0 + width`` of ``w``, ``fixed`` and the grids, and ``U``'s
+    diagonal block."""
+    def cols_of(x):
+        return lax.dynamic_slice_in_dim(x, b0, width, axis=1)
+
+    u1 = lax.dynamic_slice(u, (b0, b0), (width, width))
+    fixed1 = None if fixed is None else cols_of(fixed)
+    grid1 = None if grids is None else (cols_of(grids[0]), cols_of(grids[1]))
+    return cols_of(w), u1, fixed1, grid1
+
+
+@jax.jit
+def _lazy_update(w, w1, err1, u, b0):
+    """Write the finished block at ``b0`` and apply ``W[:, end:] -= Err U[block, end:]``.
+
+    ``Err`` is multiplied by ``U``'s whole block rows (zero before ``b0``: ``U`` is upper
+    triangular) and the product kept only after the block, so the shapes do not depend on
+    ``b0``."""
+    width = w1.shape[1]
+    u_rows = lax.dynamic_slice_in_dim(u, b0, width, axis=0)
+    w = lax.dynamic_update_slice_in_dim(w, w1, b0, axis=1)
+    later = jnp.arange(w.shape[1]) >= b0 + width
+    return jnp.where(later[None, :], w + -(err1 @ u_rows), w)
 
 
 @functools.partial(jax.jit, static_argnames=("n_m", "quant"))

@@ -268,7 +268,8 @@ def layer_transform(
                     f"stats/{n} has shape {h.shape} but the kernel {kernel.shape} needs ({kernel.shape[0]}, {kernel.shape[0]})"
                 )
             tree.check_finite({n: kernel}, "params")
-            home, device = kernel.sharding, _single_device(h)
+            traced = isinstance(kernel, jax.core.Tracer)  # under jax.jit the program's placement decides
+            home, device = (None, None) if traced else (kernel.sharding, _single_device(h))
             moved = device is not None and home.device_set != {device}
             if moved:
                 kernel = jax.device_put(kernel, device)  # solve where the statistic lies

@@ -52,15 +52,18 @@ moved by ``eval_stride`` (:func:`jcompress.lm.perplexity`). ``seconds`` is the w
 of the block-by-block compression (statistics, solver and output passes, compilation
 included).
 
-Expected runtime: full, about 4 minutes of CPU to train (once; cached) and about 4 more
-to compress and evaluate (much longer wall time on a loaded machine, see RESULTS.md);
-quick, about 45 seconds of CPU (15 of them training, cached after the first run).
+Expected runtime per seed: full, about 15 minutes of wall time on 2 idle CPU cores to train
+(3 s a step; once, cached) and about 15 CPU-minutes to compress and evaluate (much longer
+on a loaded machine, see RESULTS.md); quick, about 45 seconds of CPU (15 of them training,
+cached after the first run).
 
 Expected result (the papers' ordering): at 50% sparsity SparseGPT and Wanda stay far
 closer to dense perplexity than magnitude pruning (Frantar & Alistarh 2023; Sun et al.
 2023); at 4 and 3 bits GPTQ and AWQ stay below round-to-nearest (Frantar et al. 2022;
 Lin et al. 2023); SmoothQuant W8A8 stays close to dense (Xiao et al. 2022). The measured
-table and where it departs from this are in ``experiments/RESULTS.md``.
+table and where it departs from this are in ``experiments/RESULTS.md`` (at 10.9M
+parameters Wanda and AWQ are within noise of magnitude and round-to-nearest: this model's
+activations have no outlier features, ``scripts/llm_outlier_channels.py``).
 """
 
 from __future__ import annotations

@@ -44,7 +44,17 @@ of every block are compressed; embeddings, norms and ``lm_head`` stay float32. M
   GPTQ (activation order), AWQ (scale search on a grid of 20, then the reference's
   weight-clipping search on every Linear but the query and key projections);
 * SmoothQuant W8A8 (per-token dynamic 8-bit activations, 8-bit per-output weights),
-  migration strength alpha chosen from ``alphas`` by validation perplexity.
+  migration strength alpha chosen from ``alphas`` by validation perplexity, and the same
+  quantizers with no scales folded (``w8a8 unsmoothed``, the paper's W8A8 baseline).
+
+Outlier features (``--config.outlier_scale=20``): large decoders have a few hidden
+dimensions whose activations are tens of times the rest, and Wanda's, AWQ's and
+SmoothQuant's gains rest on them; the models trained here have none
+(``scripts/llm_outlier_channels.py``). With ``outlier_scale`` set, the trained model is
+first rescaled by :func:`plant_outliers` (``outlier_channels`` hidden dimensions and as many
+MLP dimensions per block, times ``outlier_scale``, their weights divided by it: the same
+function, perplexity equal to float rounding), saved beside it, and the table is measured
+on that model: a controlled test of the methods' mechanism, not a pretrained model.
 
 Every choice (the SmoothQuant alpha) is made on validation perplexity; test perplexity
 is measured once per compressed model. Perplexity: sliding windows of ``eval_seq_len``
@@ -73,6 +83,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 import time
 from pathlib import Path
@@ -86,12 +97,21 @@ from flax import nnx
 
 from experiments import common
 from experiments.common import figure, write_results
-from jcompress import blockwise, lm
+from jcompress import blockwise, lm, oneshot
 from jcompress.data import cache_dir
 from jcompress.models import hf_lm
 from jcompress.models.llama import Llama, LlamaConfig
 
-__all__ = ["CORPORA", "METHODS", "documents", "get_config", "run", "split_documents", "train_tokenizer"]
+__all__ = [
+    "CORPORA",
+    "METHODS",
+    "documents",
+    "get_config",
+    "plant_outliers",
+    "run",
+    "split_documents",
+    "train_tokenizer",
+]
 
 CORPORA = ("python-docs", "pydoc-topics")
 SPLITS = ("train", "validation", "test")
@@ -99,7 +119,8 @@ SPLITS = ("train", "validation", "test")
 # AWQ's weight-clipping search on every Linear but the query and key projections, as the
 # reference's default (auto_clip) does: their errors are seen only through the softmax.
 AWQ_CLIP = {r"[qk]_proj": False, ".*": True}
-# (method, setting, blockwise.method arguments); the weight-quantization methods also get config.group_size
+# (method, setting, blockwise.method arguments); the weight-quantization methods also get config.group_size.
+# 'w8a8' is SmoothQuant's quantizers with no scales folded: the W8A8 baseline of its paper.
 METHODS = [
     ("magnitude", "50%", {"sparsity": 0.5}),
     ("wanda", "50%", {"sparsity": 0.5}),
@@ -113,6 +134,7 @@ METHODS = [
     ("rtn", "3-bit", {"bits": 3}),
     ("gptq", "3-bit", {"bits": 3, "act_order": True}),
     ("awq", "3-bit", {"bits": 3, "clip": AWQ_CLIP}),
+    ("w8a8", "unsmoothed", {}),
 ]
 QUICK = {("magnitude", "50%"), ("sparsegpt", "50%"), ("rtn", "3-bit"), ("gptq", "3-bit")}
 _STDLIB_SKIP = {
@@ -138,8 +160,10 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     ``warmup_steps``, ``lr``, ``weight_decay``, ``checkpoint_every``), calibration
     (``calib_windows``, ``calib_seq_len``), weight grids (``group_size``), SmoothQuant's
     ``alphas``, evaluation (``eval_seq_len``, ``eval_stride``, ``eval_tokens``: the first
-    that many tokens of the validation and test streams, 0 for all), and ``methods``
-    (``'all'`` or ``'quick'``, the subset :data:`QUICK` plus SmoothQuant).
+    that many tokens of the validation and test streams, 0 for all), ``methods``
+    (``'all'`` or ``'quick'``, the subset :data:`QUICK` plus SmoothQuant), and planted
+    outlier features (``outlier_scale``: 0 compresses the model as trained; a factor such
+    as 20 first applies :func:`plant_outliers` with ``outlier_channels`` channels).
     """
     config = common.base_config(
         variant,
@@ -166,6 +190,8 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         eval_stride=64,
         eval_tokens=16384,
         methods="all",
+        outlier_channels=4,
+        outlier_scale=0.0,
     )
     if config.quick:
         config.update(
@@ -374,6 +400,55 @@ def _train(config, cfg: LlamaConfig, train_ids: np.ndarray, folder: Path) -> dic
     return {"steps": config.steps, "seconds_this_run": time.perf_counter() - t0, "loss_every_50_steps": losses}
 
 
+def plant_outliers(model: Llama, *, channels: int, scale: float, seed: int) -> dict:
+    """Give ``model`` outlier input features without changing the function it computes (in place).
+
+    Large language models have a few hidden-state dimensions whose activations are tens of
+    times larger than the rest, the same dimensions in every layer (Dettmers et al. 2022;
+    Xiao et al. 2022); the small models trained here have none. This rescales exact
+    equivalences of the network (:func:`jcompress.oneshot.apply_scales` with scales
+    ``1 / scale``): ``channels`` hidden dimensions, chosen at random once, are multiplied by
+    ``scale`` in both RMSNorm weights of every block and the matching input rows of
+    ``q/k/v/gate/up_proj`` divided by it; in every block ``channels`` intermediate
+    dimensions of ``up_proj``'s output are multiplied by ``scale`` and the matching rows
+    of ``down_proj`` divided. Those Linears' inputs then have outlier channels with small
+    weights, as in a large model; the logits are unchanged up to float32 rounding.
+
+    Args:
+      model: a :class:`~jcompress.models.llama.Llama`.
+      channels: dimensions planted in the hidden state and in each block's MLP (>= 1).
+      scale: the factor (> 1), e.g. 20.
+      seed: picks the dimensions.
+
+    Returns:
+      ``{"hidden": [...], "intermediate": [[...] per block], "scale": scale}``.
+
+    Example:
+      >>> planted = plant_outliers(model, channels=4, scale=20.0, seed=0)
+    """
+    cfg = model.cfg
+    limit = min(cfg.hidden_size, cfg.intermediate_size)
+    if not isinstance(channels, int) or not 1 <= channels <= limit:
+        raise ValueError(f"outlier_channels={channels!r} must be an integer in [1, {limit}]")
+    if not scale > 1:
+        raise ValueError(f"outlier_scale={scale!r} must be > 1 (0 leaves the model as trained)")
+    rng = np.random.default_rng([seed, 1])
+    hidden = np.sort(rng.choice(cfg.hidden_size, channels, replace=False))
+    s_hidden = np.ones(cfg.hidden_size, np.float32)
+    s_hidden[hidden] = 1.0 / scale
+    inner = []
+    for block in model.layers:
+        chosen = np.sort(rng.choice(cfg.intermediate_size, channels, replace=False))
+        s_inner = np.ones(cfg.intermediate_size, np.float32)
+        s_inner[chosen] = 1.0 / scale
+        state = nnx.state(block, nnx.Param)
+        scales = {"attn_norm": s_hidden, "mlp_norm": s_hidden, "mlp/up_proj": s_inner}
+        nnx.replace_by_pure_dict(state, oneshot.apply_scales(nnx.to_pure_dict(state), block.scale_groups(), scales))
+        nnx.update(block, state)
+        inner.append(chosen.tolist())
+    return {"hidden": hidden.tolist(), "intermediate": inner, "scale": float(scale)}
+
+
 def _save_hf(folder: Path, model: Llama, cfg: LlamaConfig) -> None:
     """``config.json`` and ``model.safetensors`` in the Hugging Face Llama layout (kernels transposed)."""
     from safetensors.numpy import save_file
@@ -446,6 +521,8 @@ def _cache_key(config, train_texts) -> str:
 def _prepare(config) -> tuple[Path, dict, dict]:
     """The model folder (trained here or ``config.model``), the token streams and the training log."""
     parts = split_documents(documents(config.data))
+    if config.model and config.outlier_scale:
+        raise ValueError("outlier_scale plants outliers in the model trained here; leave it 0 with model=DIR")
     if config.model:
         folder = Path(config.model)
         tok = hf_lm.load_tokenizer(folder)
@@ -461,12 +538,29 @@ def _prepare(config) -> tuple[Path, dict, dict]:
     streams = {s: _stream(tok, parts[s]) for s in SPLITS}
     log_file = folder / "training.json"
     if (folder / "config.json").exists():  # written last by a finished training run
-        log = json.loads(log_file.read_text()) if log_file.exists() else {}
-        return folder, streams, {**log, "cached": True}
-    cfg = _llama_config(config, tok.get_vocab_size(with_added_tokens=True))
-    log = _train(config, cfg, streams["train"], folder)
-    log_file.write_text(json.dumps(log))
-    return folder, streams, {**log, "cached": False}
+        log = {**(json.loads(log_file.read_text()) if log_file.exists() else {}), "cached": True}
+    else:
+        cfg = _llama_config(config, tok.get_vocab_size(with_added_tokens=True))
+        log = _train(config, cfg, streams["train"], folder)
+        log_file.write_text(json.dumps(log))
+        log = {**log, "cached": False}
+    if config.outlier_scale:
+        folder, log = _planted(folder, config), {**log, "trained_folder": str(folder)}
+    return folder, streams, log
+
+
+def _planted(trained: Path, config) -> Path:
+    """The trained model with :func:`plant_outliers` applied, saved beside it (once)."""
+    folder = trained.parent / f"{trained.name}-outliers{config.outlier_channels}x{config.outlier_scale:g}"
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(exist_ok=True)
+    model, _, cfg = hf_lm.load(trained)
+    planted = plant_outliers(model, channels=config.outlier_channels, scale=config.outlier_scale, seed=config.seed)
+    shutil.copyfile(trained / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "planted.json").write_text(json.dumps(planted))
+    _save_hf(folder, model, cfg)
+    return folder
 
 
 # ----------------------------------------------------------------------------- compression
@@ -487,7 +581,11 @@ def _evaluate(model, ids: np.ndarray, config) -> float:
 def _compress(folder: Path, calib: np.ndarray, name: str, kwargs: dict):
     """A freshly loaded model compressed with one method, with its act quantization applied: ``(model, report)``."""
     model, _, _ = hf_lm.load(folder)
-    model, report = blockwise.compress(model, calib, blockwise.method(name, **kwargs), batch_size=16)
+    if name == "w8a8":  # SmoothQuant's quantizers, no scales folded (groups=())
+        method = lambda c: oneshot.smoothquant(c.stats, c.channels, groups=(), **kwargs)
+    else:
+        method = blockwise.method(name, **kwargs)
+    model, report = blockwise.compress(model, calib, method, batch_size=16)
     return blockwise.with_act_quant(model, report.act_quant), report
 
 
@@ -504,7 +602,19 @@ def _row(method: str, setting: str, val: float, test: float, dense_test: float, 
     }
 
 
-def _deviations(n_params: int, tokens: dict, config) -> list[dict]:
+def _planted_notes(planted: dict | None) -> list[str]:
+    if planted is None:
+        return []
+    before = planted["dense_before"]
+    note = (
+        f"Planted outlier features (plant_outliers, scale {planted['scale']:g}): hidden dimensions "
+        f"{planted['hidden']} and {len(planted['intermediate'][0])} MLP dimensions per block; the dense "
+        f"model's perplexity before planting: validation {before['validation']:.4f}, test {before['test']:.4f}."
+    )
+    return [note]
+
+
+def _deviations(n_params: int, tokens: dict, config, planted: dict | None = None) -> list[dict]:
     deviation = common.deviation
     trained = (
         f"a {n_params / 1e6:.1f}M-parameter Llama trained here for {config.steps} steps on {tokens['train']} tokens"
@@ -539,6 +649,18 @@ def _deviations(n_params: int, tokens: dict, config) -> list[dict]:
             reason="a model trained here has no published alpha",
         ),
     ]
+    if planted is not None:
+        out.append(
+            deviation(
+                "outlier features",
+                paper="emerge in pretrained models of billions of parameters (a few hidden dimensions, every layer)",
+                ours=(
+                    f"planted by an exact rescale of the trained model: {len(planted['hidden'])} hidden and "
+                    f"{len(planted['intermediate'][0])} MLP dimensions per block times {planted['scale']:g}"
+                ),
+                reason="a model trained on 2 CPU cores has none; the rescale leaves its function unchanged",
+            )
+        )
     if config.group_size != 128:
         out.append(
             deviation(
@@ -567,15 +689,17 @@ def _comparisons(rows: list[dict]) -> list[dict]:
         for better, baseline, setting in pairs
         if {(better, setting), (baseline, setting)} <= present
     ]
-    claims.append(
-        common.comparison(
-            "smoothquant W8A8 - dense",
-            metric="test_ppl",
-            a={"method": "smoothquant"},
-            b={"method": "dense"},
-            higher_is_better=False,
+    baselines = [("unsmoothed W8A8", "w8a8")] if ("w8a8", "unsmoothed") in present else []
+    for label, baseline in baselines + [("dense", "dense")]:
+        claims.append(
+            common.comparison(
+                f"smoothquant W8A8 - {label}",
+                metric="test_ppl",
+                a={"method": "smoothquant"},
+                b={"method": baseline},
+                higher_is_better=False,
+            )
         )
-    )
     return claims
 
 
@@ -595,6 +719,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     n_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(dense, nnx.Param)))
     dense_val, dense_test = _evaluate(dense, eval_ids["validation"], config), _evaluate(dense, eval_ids["test"], config)
     rows = [_row("dense", "float32", dense_val, dense_test, dense_test)]
+    planted = None
+    if config.outlier_scale:  # the same function before planting: its perplexity must agree
+        trained, _, _ = hf_lm.load(Path(training["trained_folder"]))
+        planted = json.loads((folder / "planted.json").read_text())
+        planted["dense_before"] = {s: _evaluate(trained, eval_ids[s], config) for s in ("validation", "test")}
     for method, setting, hp in METHODS:
         if config.methods == "quick" and (method, setting) not in QUICK:
             continue
@@ -650,8 +779,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             "seconds: block-by-block compression wall time, compilation included.",
             "SmoothQuant alpha by validation perplexity: "
             + ", ".join(f"{a:g} -> {v:.2f}" for v, a, _, _ in candidates),
-        ],
-        deviations=_deviations(n_params, tokens, config),
+            "w8a8 unsmoothed: SmoothQuant's weight and activation quantizers with no scales folded.",
+        ]
+        + _planted_notes(planted),
+        deviations=_deviations(n_params, tokens, config, planted),
         comparisons=_comparisons(rows),
         keys=["method", "setting"],
         config=config,
@@ -660,5 +791,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         model_folder=str(folder),
         training=training,
         smoothquant_validation={f"{a:g}": v for v, a, _, _ in candidates},
+        planted=planted,
         sample=sample,
     )

@@ -97,3 +97,55 @@ def test_short_evaluation_text_is_an_error_naming_the_field():
         oneshot_llm._whole_windows(np.arange(40), 0, 64, 32)
     got = oneshot_llm._whole_windows(np.arange(1000), 300, 64, 32)
     assert len(got) == 288  # 64 + 7 * 32: every window full
+
+
+def _planted_pair(channels=3, scale=20.0):
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
+    model, planted = Llama(cfg, rngs=nnx.Rngs(5)), Llama(cfg, rngs=nnx.Rngs(5))
+    where = oneshot_llm.plant_outliers(planted, channels=channels, scale=scale, seed=0)
+    return model, planted, where
+
+
+def test_planted_outliers_keep_the_function_and_scale_the_chosen_channels():
+    model, planted, where = _planted_pair()
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 9)), jnp.int32)
+    logits = nnx.jit(lambda m, x: m(x)[0])
+    np.testing.assert_allclose(np.asarray(logits(planted, ids)), np.asarray(logits(model, ids)), atol=2e-5, rtol=1e-5)
+    hidden = np.asarray(where["hidden"])
+    assert len(hidden) == 3 and len(where["intermediate"]) == 2
+    for i, (a, b) in enumerate(zip(model.layers, planted.layers, strict=True)):
+        ratio = np.asarray(b.attn_norm.scale[...]) / np.asarray(a.attn_norm.scale[...])
+        expect = np.ones(32, np.float32)
+        expect[hidden] = 20.0
+        np.testing.assert_allclose(ratio, expect, rtol=1e-6)
+        rows = np.asarray(b.attn.q_proj.kernel[...]) / np.asarray(a.attn.q_proj.kernel[...])
+        np.testing.assert_allclose(rows[:, 0], 1.0 / expect, rtol=1e-6)
+        inner = np.asarray(where["intermediate"][i])
+        down = np.asarray(b.mlp.down_proj.kernel[...]) / np.asarray(a.mlp.down_proj.kernel[...])
+        np.testing.assert_allclose(down[inner, 0], 1 / 20.0, rtol=1e-6)
+        assert np.sum(np.abs(down[:, 0] - 1) > 1e-6) == 3
+    with pytest.raises(ValueError, match="outlier_scale"):
+        oneshot_llm.plant_outliers(model, channels=3, scale=1.0, seed=0)
+    with pytest.raises(ValueError, match="outlier_channels"):
+        oneshot_llm.plant_outliers(model, channels=33, scale=20.0, seed=0)
+
+
+def test_wanda_ignores_planted_outliers_and_magnitude_prunes_their_inputs():
+    """The mechanism behind Wanda's gain: its scores |W| ||x|| do not change under the exact
+    rescale, so its masks stay (up to float rounding of near-ties); magnitude pruning removes
+    the planted inputs, whose weights the rescale made small."""
+    from jcompress import blockwise
+
+    model, planted, where = _planted_pair()
+    calib = np.random.default_rng(2).integers(0, VOCAB, (8, 16))
+    wanda = {}
+    for name, m in (("model", model), ("planted", planted)):
+        pruned, _ = blockwise.compress(nnx.clone(m), calib, blockwise.method("wanda", sparsity=0.5), batch_size=8)
+        wanda[name] = np.stack([np.asarray(b.attn.q_proj.kernel[...]) == 0 for b in pruned.layers])
+    assert wanda["model"].mean() == pytest.approx(0.5)
+    assert np.mean(wanda["model"] != wanda["planted"]) < 2e-3
+    hidden = np.asarray(where["hidden"])
+    for m, most in ((planted, 0.99), (model, 0.8)):  # below each layer's median |W|: what 50% magnitude prunes
+        small = [np.abs(k) <= np.median(np.abs(k)) for k in (np.asarray(b.attn.q_proj.kernel[...]) for b in m.layers)]
+        frac = np.stack(small)[:, hidden, :].mean()
+        assert frac > most if m is planted else frac < most

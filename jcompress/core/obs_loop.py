@@ -103,7 +103,8 @@ def obs_column_loop(
       w: ``(rows, cols)`` float32 weights.
       u: ``(cols, cols)`` upper Cholesky factor of ``H^-1``.
       block: columns per block.
-      counts: weights to prune in each block (unstructured), or ``None``.
+      counts: weights to prune in each block (unstructured), or ``None`` (no unstructured
+        selection is compiled at all).
       n_m: ``(n, m)``: keep ``n`` of every ``m`` consecutive columns of each row, or ``None``.
       fixed: ``(rows, cols)`` bool, entries always pruned (set to 0), or ``None``.
       quant: ``(bits, symmetric)`` to round the kept weights to a grid, or ``None``.
@@ -118,98 +119,184 @@ def obs_column_loop(
       ``(new_w, pruned, scale, zero_point)``: ``(rows, cols)`` float32, bool (True where set
       to zero), and the grids the loop used (``None`` without ``quant``).
     """
-    cols = w.shape[1]
-    if quant is not None and regrid is not None:
-        scale = jnp.zeros(w.shape, jnp.float32) if scale is None else scale
-        zero_point = jnp.zeros(w.shape, jnp.int32) if zero_point is None else zero_point
+    rows, cols = w.shape
+    # Transposed copies (one weight column per row): every block and tile the loop reads
+    # or writes is contiguous, and the loop may update its own copy of W in place.
+    w_t = jnp.asarray(w, jnp.float32).T
+    fixed_t = None if fixed is None else fixed.T
+    scale_t = zero_t = None
+    if quant is not None:
+        if regrid is not None:
+            scale = jnp.zeros(w.shape, jnp.float32) if scale is None else scale
+            zero_point = jnp.zeros(w.shape, jnp.int32) if zero_point is None else zero_point
+        scale_t, zero_t = scale.T, zero_point.T
     pruned_blocks = []
     for b, b0 in enumerate(range(0, cols, block)):
         b1 = min(b0 + block, cols)
         if quant is not None and regrid is not None:
             for g0 in range(-(-b0 // regrid) * regrid, b1, regrid):
-                s, z = grid.range_grid(w[:, g0 : g0 + regrid], axis=1, bits=quant[0], symmetric=quant[1])
+                s, z = grid.range_grid(w_t[g0 : g0 + regrid].T, axis=1, bits=quant[0], symmetric=quant[1])
                 width = min(regrid, cols - g0)
-                scale = scale.at[:, g0 : g0 + width].set(jnp.broadcast_to(s, (w.shape[0], width)))
-                zero_point = zero_point.at[:, g0 : g0 + width].set(jnp.broadcast_to(z, (w.shape[0], width)))
-        count = jnp.int32(0 if counts is None else counts[b])
-        grids = None if quant is None else (scale, zero_point)
-        w, pruned1 = _block_step(w, u, jnp.int32(b0), count, fixed, grids, width=b1 - b0, n_m=n_m, quant=quant)
-        pruned_blocks.append(pruned1)
-    return w, jnp.concatenate(pruned_blocks, axis=1), scale, zero_point
+                scale_t = scale_t.at[g0 : g0 + width].set(jnp.broadcast_to(s.T, (width, rows)))
+                zero_t = zero_t.at[g0 : g0 + width].set(jnp.broadcast_to(z.T, (width, rows)))
+        count = None if counts is None else jnp.int32(counts[b])
+        grids_t = None if quant is None else (scale_t, zero_t)
+        w_t, pruned1_t = _block_step(
+            w_t, u, jnp.int32(b0), count, fixed_t, grids_t, width=b1 - b0, n_m=n_m, quant=quant
+        )
+        pruned_blocks.append(pruned1_t)
+    pruned = jnp.concatenate(pruned_blocks, axis=0).T
+    if quant is not None and regrid is not None:
+        scale, zero_point = scale_t.T, zero_t.T
+    return w_t.T, pruned, scale, zero_point
 
 
-def _block_step(w, u, b0, count, fixed, grids, *, width, n_m, quant):
-    """One block at column offset ``b0``: solve it, write it back and apply the lazy update
-    ``W[:, end:] -= Err U[block, end:]``: ``(w, pruned1)``.
+def _block_step(w_t, u, b0, count, fixed_t, grids_t, *, width, n_m, quant):
+    """One block at column offset ``b0`` on the transposed weights ``w_t`` ``(cols, rows)``:
+    solve it, write it back and apply the lazy update: ``(w_t, pruned1_t)``.
 
     The offset is a traced argument of the compiled slicing and update programs, not a
     constant, so each compiles once for all blocks of the same ``width`` (all blocks but a
     narrower last one); compiling per-block slices and updates cost seconds per layer shape.
     """
-    w1, u1, fixed1, grid1 = _block_inputs(w, u, b0, fixed, grids, width=width)
-    w1, pruned1, err1 = _solve_block(w1, u1, count, fixed1, grid1, n_m=n_m, quant=quant)
-    return _lazy_update(w, w1, err1, u, b0), pruned1
+    w1_t, u1, fixed1_t, grid1_t = _block_inputs(w_t, u, b0, fixed_t, grids_t, width=width)
+    w1_t, pruned1_t, err1_t = _solve_block(w1_t, u1, count, fixed1_t, grid1_t, n_m=n_m, quant=quant)
+    return _lazy_update(w_t, w1_t, err1_t, u, b0), pruned1_t
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
-def _block_inputs(w, u, b0, fixed, grids, *, width):
-    """The block's columns ``b0 : b0 + width`` of ``w``, ``fixed`` and the grids, and ``U``'s
-    diagonal block."""
+def _block_inputs(w_t, u, b0, fixed_t, grids_t, *, width):
+    """The block's columns ``b0 : b0 + width`` of the transposed ``w``, ``fixed`` and grids
+    (``(width, rows)`` each), and ``U``'s diagonal block."""
+
     def cols_of(x):
-        return lax.dynamic_slice_in_dim(x, b0, width, axis=1)
+        return lax.dynamic_slice_in_dim(x, b0, width, axis=0)
 
     u1 = lax.dynamic_slice(u, (b0, b0), (width, width))
-    fixed1 = None if fixed is None else cols_of(fixed)
-    grid1 = None if grids is None else (cols_of(grids[0]), cols_of(grids[1]))
-    return cols_of(w), u1, fixed1, grid1
+    fixed1 = None if fixed_t is None else cols_of(fixed_t)
+    grid1 = None if grids_t is None else (cols_of(grids_t[0]), cols_of(grids_t[1]))
+    return cols_of(w_t), u1, fixed1, grid1
 
 
-@jax.jit
-def _lazy_update(w, w1, err1, u, b0):
+_TILE = 256  # columns per tile of the lazy update
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _lazy_update(w_t, w1_t, err1_t, u, b0):
     """Write the finished block at ``b0`` and apply ``W[:, end:] -= Err U[block, end:]``.
 
-    ``Err`` is multiplied by ``U``'s whole block rows (zero before ``b0``: ``U`` is upper
-    triangular) and the product kept only after the block, so the shapes do not depend on
-    ``b0``."""
-    width = w1.shape[1]
-    u_rows = lax.dynamic_slice_in_dim(u, b0, width, axis=0)
-    w = lax.dynamic_update_slice_in_dim(w, w1, b0, axis=1)
-    later = jnp.arange(w.shape[1]) >= b0 + width
-    return jnp.where(later[None, :], w + -(err1 @ u_rows), w)
+    ``w_t`` ``(cols, rows)`` is updated in place (donated). The columns after the block go
+    in tiles of ``_TILE`` from the last column down, one small matmul each, as many tiles
+    as the block leaves (a traced trip count, so one program serves all offsets); the
+    first tile is clipped to the matrix, and the rows of ``U`` it shares with the block
+    or with the previous tile are zeroed so no column is updated twice.
+    """
+    width, cols = w1_t.shape[0], w_t.shape[0]
+    tile = min(_TILE, cols)
+    end = b0 + width
+    w_t = lax.dynamic_update_slice_in_dim(w_t, w1_t, b0, axis=0)
+    u_cols = lax.dynamic_slice_in_dim(u, b0, width, axis=0).T  # (cols, width): U[block, :]^T
+    u_cols = jnp.where((jnp.arange(cols) >= end)[:, None], u_cols, 0.0)
+
+    def one_tile(k, w_t):
+        stop = cols - k * tile
+        start = jnp.maximum(stop - tile, 0)
+        u_tile = lax.dynamic_slice_in_dim(u_cols, start, tile, axis=0)
+        u_tile = jnp.where((start + jnp.arange(tile) < stop)[:, None], u_tile, 0.0)
+        w_tile = lax.dynamic_slice_in_dim(w_t, start, tile, axis=0)
+        return lax.dynamic_update_slice_in_dim(w_t, w_tile - u_tile @ err1_t, start, axis=0)
+
+    return lax.fori_loop(0, (cols - end + tile - 1) // tile, one_tile, w_t)
+
+
+_SUB = 16  # columns per sub-block of the in-block loop
+
+
+def _sub_width(width: int, n_m) -> int:
+    """Sub-block width: ``_SUB`` rounded up to a multiple of ``m`` (N:M groups stay whole),
+    at most the block."""
+    m = 1 if n_m is None else n_m[1]
+    return min(-(-_SUB // m) * m, width)
 
 
 @functools.partial(jax.jit, static_argnames=("n_m", "quant"))
-def _solve_block(w1, u1, count, fixed1, grid1, *, n_m, quant):
-    """Mask selection and column-by-column OBS updates inside one block: ``(w1, pruned1, err1)``.
+def _solve_block(w1_t, u1, count, fixed1_t, grid1_t, *, n_m, quant):
+    """Mask selection and column-by-column OBS updates inside one block, on its transposed
+    columns ``w1_t`` ``(width, rows)``: ``(w1_t, pruned1_t, err1_t)``, each ``(width, rows)``.
 
-    The loop runs on the transposed block (one weight column per row of the array), so
-    every column it reads or writes is contiguous in memory.
+    Two levels, so each column's update touches a cache-sized array: the columns go in
+    sub-blocks of ``_sub_width`` columns; inside a sub-block each column's error is pushed
+    onto the sub-block's later columns one by one, and after it the sub-block's errors go
+    onto the rest of the block at once (``W1[rest] -= U1[sub, rest]^T Err_sub``), as the
+    lazy update does for blocks. A block whose width is not a multiple of the sub-block
+    is padded with zero columns whose ``U`` rows and columns are those of the identity:
+    their error is 0 and they receive none.
     """
+    width, rows = w1_t.shape
     d = jnp.diag(u1)
-    score = w1**2 / d[None, :] ** 2  # unstructured: the block's `count` smallest scores, over all rows
-    pruned_t = topk.remove_smallest(score, count).T
-    if fixed1 is not None:
-        pruned_t = pruned_t | fixed1.T
+    pruned_t = jnp.zeros(w1_t.shape, bool)
+    if count is not None:  # unstructured: the block's `count` smallest scores, over all rows
+        score = w1_t.T**2 / d[None, :] ** 2
+        pruned_t = topk.remove_smallest(score, count).T
+    if fixed1_t is not None:
+        pruned_t = pruned_t | fixed1_t
+    sub = _sub_width(width, n_m)
+    pad = -width % sub
+    w_t = jnp.pad(w1_t, ((0, pad), (0, 0)))
+    pruned_t = jnp.pad(pruned_t, ((0, pad), (0, 0)))
+    u_p = jnp.pad(u1, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(width + pad) >= width).astype(u1.dtype)
+    d = jnp.diag(u_p)
+    scale_t = zero_t = None
+    if grid1_t is not None:
+        scale_t = jnp.pad(grid1_t[0], ((0, pad), (0, 0)), constant_values=1.0)
+        zero_t = jnp.pad(grid1_t[1], ((0, pad), (0, 0)))
 
-    def nm_mask(i, w_t, pruned_t):
+    def nm_mask(j, ws, ps, ds):
         n, m = n_m
-        group = lax.dynamic_slice_in_dim(w_t, i, m) ** 2 / lax.dynamic_slice_in_dim(d, i, m)[:, None] ** 2
-        return lax.dynamic_update_slice_in_dim(pruned_t, topk.remove_smallest(group, m - n, axis=0), i, axis=0)
+        group = lax.dynamic_slice_in_dim(ws, j, m) ** 2 / lax.dynamic_slice_in_dim(ds, j, m)[:, None] ** 2
+        return lax.dynamic_update_slice_in_dim(ps, topk.remove_smallest(group, m - n, axis=0), j, axis=0)
 
-    def column(i, carry):
+    def sub_block(s, carry):
         w_t, pruned_t, err_t = carry
-        if n_m is not None:
-            pruned_t = lax.cond(i % n_m[1] == 0, nm_mask, lambda i, w, p: p, i, w_t, pruned_t)
-        col = w_t[i]
-        q = col
-        if quant is not None:
-            codes = grid.round_codes(col, scale_t[i], zero_t[i], bits=quant[0], symmetric=quant[1])
-            q = (codes - zero_t[i]).astype(jnp.float32) * scale_t[i]
-        q = jnp.where(pruned_t[i], 0.0, q)
-        e = (col - q) / d[i]
-        w_t = w_t - u1[i][:, None] * e[None, :]  # U is upper triangular: columns < i are untouched
-        return w_t.at[i].set(q), pruned_t, err_t.at[i].set(e)
+        s0 = s * sub
 
-    scale_t, zero_t = (None, None) if grid1 is None else (grid1[0].T, grid1[1].T)
-    w_t, pruned_t, err_t = lax.fori_loop(0, w1.shape[1], column, (w1.T, pruned_t, jnp.zeros_like(w1.T)))
-    return w_t.T, pruned_t.T, err_t.T
+        def rows_of(x):
+            return lax.dynamic_slice_in_dim(x, s0, sub, axis=0)
+
+        us = lax.dynamic_slice(u_p, (s0, s0), (sub, sub))
+        ds = jnp.diag(us)
+        grid_s = None if scale_t is None else (rows_of(scale_t), rows_of(zero_t))
+
+        def column(j, carry):
+            ws, ps, qs, es = carry
+            if n_m is not None:
+                ps = lax.cond(j % n_m[1] == 0, nm_mask, lambda j, w, p, d: p, j, ws, ps, ds)
+            col = ws[j]
+            q = col
+            if quant is not None:
+                codes = grid.round_codes(col, grid_s[0][j], grid_s[1][j], bits=quant[0], symmetric=quant[1])
+                q = (codes - grid_s[1][j]).astype(jnp.float32) * grid_s[0][j]
+            q = jnp.where(ps[j], 0.0, q)
+            e = (col - q) / ds[j]
+            # U is upper triangular: columns < j are untouched. The finished columns go to
+            # `qs`, not back into `ws`: writing into the array the column was read from
+            # made XLA copy the whole carry every iteration.
+            ws = ws - us[j][:, None] * e[None, :]
+            return ws, ps, qs.at[j].set(q), es.at[j].set(e)
+
+        zeros = jnp.zeros((sub, rows), w_t.dtype)
+        _, ps, qs, es = lax.fori_loop(0, sub, column, (rows_of(w_t), rows_of(pruned_t), zeros, zeros))
+        w_t = lax.dynamic_update_slice_in_dim(w_t, qs, s0, axis=0)
+        # the rest of the block: U's sub-block rows, zero up to the sub-block's end
+        u_rest = lax.dynamic_slice_in_dim(u_p, s0, sub, axis=0)
+        u_rest = jnp.where(jnp.arange(width + pad)[None, :] >= s0 + sub, u_rest, 0.0)
+        w_t = w_t - u_rest.T @ es
+        return (
+            w_t,
+            lax.dynamic_update_slice_in_dim(pruned_t, ps, s0, axis=0),
+            lax.dynamic_update_slice_in_dim(err_t, es, s0, axis=0),
+        )
+
+    carry = (w_t, pruned_t, jnp.zeros_like(w_t))
+    w_t, pruned_t, err_t = lax.fori_loop(0, (width + pad) // sub, sub_block, carry)
+    return w_t[:width], pruned_t[:width], err_t[:width]

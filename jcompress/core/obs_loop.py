@@ -254,7 +254,8 @@ def _solve_block(w1_t, u1, count, fixed1_t, grid1_t, *, n_m, quant):
     def nm_mask(j, ws, ps, ds):
         n, m = n_m
         group = lax.dynamic_slice_in_dim(ws, j, m) ** 2 / lax.dynamic_slice_in_dim(ds, j, m)[:, None] ** 2
-        return lax.dynamic_update_slice_in_dim(ps, topk.remove_smallest(group, m - n, axis=0), j, axis=0)
+        group_pruned = lax.dynamic_slice_in_dim(ps, j, m) | topk.remove_smallest(group, m - n, axis=0)
+        return lax.dynamic_update_slice_in_dim(ps, group_pruned, j, axis=0)  # a fixed mask stays pruned
 
     def sub_block(s, carry):
         w_t, pruned_t, err_t = carry

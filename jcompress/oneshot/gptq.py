@@ -43,6 +43,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from jcompress.core import base, grid, spec
@@ -92,33 +95,59 @@ def quantize_matrix(
     cols = kernel.shape[0]
     g = grid.check_group_size(group_size, cols, where=f" (the {cols} inputs of the kernel)") or cols
     static = _check_static_groups(static_groups, act_order) or g == cols  # one group: both ways agree
-    w = kernel.astype(jnp.float32).T
-    zero = w == 0  # kept at zero
-    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(cols)
-    u, dead = inverse_hessian_factor(h[perm][:, perm], damp=damp)
+    kw = {"g": g, "bits": bits, "symmetric": bool(symmetric), "act_order": bool(act_order), "static": static}
+    wp, fixed, scale_cols, zp_cols, u, perm = _prologue(kernel, h, jnp.float32(damp), **kw)
     check_factor_ok(u)
-    wp = jnp.where(dead[None, :], 0.0, w[:, perm])
+    new_wp, _, scale_cols, zp_cols = obs_column_loop(
+        wp, u, block=block_size, fixed=fixed, quant=(bits, bool(symmetric)), scale=scale_cols, zero_point=zp_cols,
+        regrid=None if static else g,
+    )  # fmt: skip
+    new_k, codes, scale, zp, g_idx = _epilogue(new_wp, perm, scale_cols, zp_cols, **kw)
+    return new_k, grid.QuantParams(codes, scale, zp, bits, bool(symmetric), 1, None if g == cols else g, g_idx)
+
+
+@functools.partial(jax.jit, static_argnames=("g", "bits", "symmetric", "act_order", "static"))
+def _prologue(kernel, h, damp, *, g, bits, symmetric, act_order, static):
+    """The loop's inputs, its columns in processing order: ``(wp, fixed, scale, zero_point, U, perm)``.
+
+    ``perm`` (decreasing ``diag(H)``) is ``None`` without ``act_order``; the grids are
+    ``(rows, cols)`` per column for static groups, ``None`` when the loop computes them.
+    """
+    w = kernel.astype(jnp.float32).T
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else None
+
+    def ordered(a):
+        return a if perm is None else a[:, perm]
+
+    u, dead = inverse_hessian_factor(h if perm is None else h[perm][:, perm], damp=damp)
+    wp = jnp.where(dead[None, :], 0.0, ordered(w))
+    fixed = ordered(w == 0)  # kept at zero
+    if not static:
+        return wp, fixed, None, None, u, perm
+    scale, zp = _group_grid(w, g=g, bits=bits, symmetric=symmetric)
+    col_group = jnp.arange(w.shape[1]) // g
+    return wp, fixed, ordered(scale[:, col_group]), ordered(zp[:, col_group]), u, perm
+
+
+@functools.partial(jax.jit, static_argnames=("g", "bits", "symmetric", "act_order", "static"))
+def _epilogue(new_wp, perm, scale_cols, zp_cols, *, g, bits, symmetric, act_order, static):
+    """The loop's result back in input order, on its grid: ``(kernel, codes, scale, zero_point, g_idx)``
+    in the Flax layout (``(in, out)``, ``(groups, out)``)."""
+    cols = new_wp.shape[1]
     col_group = jnp.arange(cols) // g
-    quant = (bits, bool(symmetric))
-    if static:
-        scale, zp = _group_grid(w, g=g, bits=bits, symmetric=symmetric)
-        new_wp, _, _, _ = obs_column_loop(
-            wp, u, block=block_size, fixed=zero[:, perm], quant=quant,
-            scale=scale[:, col_group][:, perm], zero_point=zp[:, col_group][:, perm],
-        )  # fmt: skip
-        g_idx = None
+    inverse = None if perm is None else jnp.argsort(perm)  # column i of the input sits at position inverse[i]
+    new_w = new_wp if perm is None else new_wp[:, inverse]
+    g_idx = None
+    if static:  # the per-column grids repeat each group's grid: read it at the group's first input
+        first = jnp.arange(0, cols, g) if perm is None else inverse[::g]
+        scale, zp = scale_cols[:, first], zp_cols[:, first]
     else:  # dynamic groups: every g columns of the loop's (possibly permuted) order
-        new_wp, _, scale_cols, zp_cols = obs_column_loop(
-            wp, u, block=block_size, fixed=zero[:, perm], quant=quant, regrid=g
-        )
         scale, zp = scale_cols[:, ::g], zp_cols[:, ::g]
-        # input perm[j] sits at position j of the order: its group is j // g
-        g_idx = jnp.zeros(cols, jnp.int32).at[perm].set(col_group.astype(jnp.int32)) if act_order else None
-    new_w = jnp.zeros_like(new_wp).at[:, perm].set(new_wp)
+        g_idx = (inverse // g).astype(jnp.int32) if act_order else None
     row_group = col_group if g_idx is None else g_idx
     codes = grid.round_codes(new_w, scale[:, row_group], zp[:, row_group], bits=bits, symmetric=symmetric)
-    qp = grid.QuantParams(codes.T, scale.T, zp.T, bits, bool(symmetric), 1, None if g == cols else g, g_idx)
-    return grid.dequantize(qp), qp
+    qp = grid.QuantParams(codes.T, scale.T, zp.T, bits, symmetric, 1, None if g == cols else g, g_idx)
+    return grid.dequantize(qp), codes.T, scale.T, zp.T, g_idx
 
 
 def gptq(

@@ -17,12 +17,19 @@ What is pruned: in each block the ``counts[b]`` entries of smallest OBS saliency
 ``m - n`` of every ``m`` columns in each row, chosen when the loop reaches the group;
 and always the entries of a fixed mask (``fixed``: GPTQ keeps exact zeros at zero).
 
-Speed: each block is one jitted function (a ``lax.fori_loop`` over its columns, then the
-lazy update) taking the block's first column as a traced argument, so a layer compiles one
-program for its full blocks and at most one more for a narrower last block, however many
-blocks it has; its mask comes from :func:`jcompress.core.topk.remove_smallest` (bisection
-on the scores' bits: an XLA sort of the block's ~100k scores on CPU cost more than all its
-OBS updates).
+Speed: the loop runs on a transposed copy of ``W`` (one weight column per row of the
+array, so every block, sub-block and tile it reads or writes is contiguous), in three
+jitted programs per block (slice the block; solve it; write it back and apply the lazy
+update) that take the block's first column as a traced argument, so a layer compiles one
+set for its full blocks and at most one more for a narrower last block, however many
+blocks it has. Inside a block the columns go in sub-blocks of 16: each column's error
+updates only its sub-block (a cache-sized array, instead of the whole block per column),
+and each sub-block's errors reach the rest of the block in one small matmul. The lazy
+update touches only the columns after the block, in fixed-width tiles (a traced trip
+count), in place on the loop's own copy. The unstructured mask comes from
+:func:`jcompress.core.topk.remove_smallest` (bisection on the scores' bits: an XLA sort
+of the block's ~100k scores on CPU cost more than all its OBS updates), and is not
+compiled at all when ``counts`` is ``None``.
 
 Example:
   >>> u, dead = inverse_hessian_factor(h, damp=0.01)

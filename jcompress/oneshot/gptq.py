@@ -95,8 +95,8 @@ def quantize_matrix(
     cols = kernel.shape[0]
     g = grid.check_group_size(group_size, cols, where=f" (the {cols} inputs of the kernel)") or cols
     static = _check_static_groups(static_groups, act_order) or g == cols  # one group: both ways agree
-    kw = {"g": g, "bits": bits, "symmetric": bool(symmetric), "act_order": bool(act_order), "static": static}
-    wp, fixed, scale_cols, zp_cols, u, perm = _prologue(kernel, h, jnp.float32(damp), **kw)
+    kw = {"g": g, "bits": bits, "symmetric": bool(symmetric), "static": static}
+    wp, fixed, scale_cols, zp_cols, u, perm = _prologue(kernel, h, jnp.float32(damp), act_order=bool(act_order), **kw)
     check_factor_ok(u)
     new_wp, _, scale_cols, zp_cols = obs_column_loop(
         wp, u, block=block_size, fixed=fixed, quant=(bits, bool(symmetric)), scale=scale_cols, zero_point=zp_cols,
@@ -129,8 +129,8 @@ def _prologue(kernel, h, damp, *, g, bits, symmetric, act_order, static):
     return wp, fixed, ordered(scale[:, col_group]), ordered(zp[:, col_group]), u, perm
 
 
-@functools.partial(jax.jit, static_argnames=("g", "bits", "symmetric", "act_order", "static"))
-def _epilogue(new_wp, perm, scale_cols, zp_cols, *, g, bits, symmetric, act_order, static):
+@functools.partial(jax.jit, static_argnames=("g", "bits", "symmetric", "static"))
+def _epilogue(new_wp, perm, scale_cols, zp_cols, *, g, bits, symmetric, static):
     """The loop's result back in input order, on its grid: ``(kernel, codes, scale, zero_point, g_idx)``
     in the Flax layout (``(in, out)``, ``(groups, out)``)."""
     cols = new_wp.shape[1]
@@ -143,7 +143,7 @@ def _epilogue(new_wp, perm, scale_cols, zp_cols, *, g, bits, symmetric, act_orde
         scale, zp = scale_cols[:, first], zp_cols[:, first]
     else:  # dynamic groups: every g columns of the loop's (possibly permuted) order
         scale, zp = scale_cols[:, ::g], zp_cols[:, ::g]
-        g_idx = (inverse // g).astype(jnp.int32) if act_order else None
+        g_idx = None if perm is None else (inverse // g).astype(jnp.int32)
     row_group = col_group if g_idx is None else g_idx
     codes = grid.round_codes(new_w, scale[:, row_group], zp[:, row_group], bits=bits, symmetric=symmetric)
     qp = grid.QuantParams(codes.T, scale.T, zp.T, bits, symmetric, 1, None if g == cols else g, g_idx)

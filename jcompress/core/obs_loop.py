@@ -1,10 +1,11 @@
 """The OBS column loop shared by SparseGPT, GPTQ and OBS (Frantar & Alistarh 2022, 2023).
 
-A Dense layer ``y = x @ K`` is compressed in the papers' layout ``W = K.T`` ``(rows =
-outputs, cols = inputs)``, with ``H = sum x x^T`` ``(cols, cols)`` of the calibration
+A Dense layer ``y = x @ K`` is compressed in the papers' terms with ``W = K.T`` ``(rows
+= outputs, cols = inputs)`` and ``H = sum x x^T`` ``(cols, cols)`` of the calibration
 inputs. ``U`` is the upper Cholesky factor of the dampened inverse,
 ``U^T U = (H + damp * mean(diag H) I)^-1`` (:func:`inverse_hessian_factor`). The loop
-visits the columns left to right, block by block; for column ``i``:
+visits the columns of ``W`` (the rows of ``K``) left to right, block by block; for
+column ``i``:
 
 1. ``q`` = the column with its pruned entries set to 0 and, when a grid is given, the
    kept entries rounded to their row's grid (:mod:`jcompress.core.grid`);
@@ -17,23 +18,26 @@ What is pruned: in each block the ``counts[b]`` entries of smallest OBS saliency
 ``m - n`` of every ``m`` columns in each row, chosen when the loop reaches the group;
 and always the entries of a fixed mask (``fixed``: GPTQ keeps exact zeros at zero).
 
-Speed: the loop runs on a transposed copy of ``W`` (one weight column per row of the
-array, so every block, sub-block and tile it reads or writes is contiguous), in three
-jitted programs per block (slice the block; solve it; write it back and apply the lazy
-update) that take the block's first column as a traced argument, so a layer compiles one
-set for its full blocks and at most one more for a narrower last block, however many
-blocks it has. Inside a block the columns go in sub-blocks of 16: each column's error
-updates only its sub-block (a cache-sized array, instead of the whole block per column),
-and each sub-block's errors reach the rest of the block in one small matmul. The lazy
-update touches only the columns after the block, in fixed-width tiles (a traced trip
-count), in place on the loop's own copy. The unstructured mask comes from
+Speed: the loop works on the kernel ``K`` itself (one weight column of ``W`` per row of
+``K``, so every block, sub-block and tile it reads or writes is contiguous, and the
+caller needs no transposes), in three jitted programs per block (slice the block; solve
+it; write it back and apply the lazy update) that take the block's first column as a
+traced argument, so a layer compiles one set for its full blocks and at most one more
+for a narrower last block, however many blocks it has. Grids are kept per group
+(``(groups, out)`` and each input's group), gathered per block, never broadcast to the
+kernel's shape. Inside a block the columns go in sub-blocks of 16: each column's error
+updates only its sub-block (a cache-sized array, instead of the whole block per
+column), and each sub-block's errors reach the rest of the block in one small matmul.
+The lazy update touches only the columns after the block, in fixed-width tiles (a
+traced trip count), in place on the loop's own copy. The unstructured mask comes from
 :func:`jcompress.core.topk.remove_smallest` (bisection on the scores' bits: an XLA sort
 of the block's ~100k scores on CPU cost more than all its OBS updates), and is not
 compiled at all when ``counts`` is ``None``.
 
 Example:
   >>> u, dead = inverse_hessian_factor(h, damp=0.01)
-  >>> new_w, pruned, _, _ = obs_column_loop(w, u, block=128, counts=block_prune_counts(*w.shape, 128, 0.5))
+  >>> counts = block_prune_counts(kernel.shape[1], kernel.shape[0], 128, 0.5)
+  >>> new_kernel, pruned, _, _ = obs_column_loop(kernel, u, block=128, counts=counts)
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from jax import lax
 from jcompress.core import grid, topk
 
 __all__ = ["block_prune_counts", "check_factor_ok", "inverse_hessian_factor", "obs_column_loop"]
+
+_INVERSE_LEAF = 512  # triangular inverses up to this size go to one triangular solve
 
 
 def inverse_hessian_factor(h: jax.Array, *, damp: float) -> tuple[jax.Array, jax.Array]:
@@ -64,7 +70,10 @@ def inverse_hessian_factor(h: jax.Array, *, damp: float) -> tuple[jax.Array, jax
     One Cholesky factorisation and one triangular inverse: with ``J`` the order-reversing
     permutation and ``J H J = L L^T``, ``H^-1 = J L^-T L^-1 J``, so ``U = J L^-1 J`` (upper
     triangular, positive diagonal) satisfies ``U^T U = H^-1``, with no need to form
-    ``H^-1`` and factor it again.
+    ``H^-1`` and factor it again. ``L^-1`` is computed by halves,
+    ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, down to blocks of
+    ``_INVERSE_LEAF``: matrix products at full float32 precision do the work, about a
+    third of the arithmetic of one triangular solve against the identity.
     """
     h = h.astype(jnp.float32)
     diag = jnp.diag(h)
@@ -72,8 +81,19 @@ def inverse_hessian_factor(h: jax.Array, *, damp: float) -> tuple[jax.Array, jax
     h = h + jnp.diag(dead.astype(h.dtype))
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
     chol = jnp.linalg.cholesky(h[::-1, ::-1])
-    chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(h.shape[0], dtype=h.dtype), lower=True)
-    return chol_inv[::-1, ::-1], dead
+    return _lower_inverse(chol)[::-1, ::-1], dead
+
+
+def _lower_inverse(l: jax.Array) -> jax.Array:
+    """The inverse of a lower triangular ``l`` (by halves; see :func:`inverse_hessian_factor`)."""
+    n = l.shape[0]
+    if n <= _INVERSE_LEAF:
+        return jax.scipy.linalg.solve_triangular(l, jnp.eye(n, dtype=l.dtype), lower=True)
+    k = n // 2 if n < 256 else n // 2 // 128 * 128  # large matrices split at a multiple of 128
+    a_inv, c_inv = _lower_inverse(l[:k, :k]), _lower_inverse(l[k:, k:])
+    highest = lax.Precision.HIGHEST  # accelerators' default matmul precision is too coarse for a factor
+    b = -jnp.matmul(c_inv, jnp.matmul(l[k:, :k], a_inv, precision=highest), precision=highest)
+    return jnp.block([[a_inv, jnp.zeros((k, n - k), l.dtype)], [b, c_inv]])
 
 
 def check_factor_ok(u: jax.Array) -> None:
@@ -92,7 +112,7 @@ def block_prune_counts(rows: int, cols: int, block: int, sparsity: float) -> tup
 
 
 def obs_column_loop(
-    w: jax.Array,
+    kernel: jax.Array,
     u: jax.Array,
     *,
     block: int,
@@ -102,86 +122,88 @@ def obs_column_loop(
     quant: tuple[int, bool] | None = None,
     scale: jax.Array | None = None,
     zero_point: jax.Array | None = None,
+    group_of: jax.Array | None = None,
     regrid: int | None = None,
 ):
-    """The column loop on ``W`` ``(rows, cols)`` (papers' layout); see the module docstring.
+    """The column loop on a Flax kernel ``K`` ``(in, out)`` (``W = K.T``); see the module docstring.
 
     Args:
-      w: ``(rows, cols)`` float32 weights.
-      u: ``(cols, cols)`` upper Cholesky factor of ``H^-1``.
-      block: columns per block.
+      kernel: ``(in, out)`` float32 weights: row ``i`` is column ``i`` of ``W``.
+      u: ``(in, in)`` upper Cholesky factor of ``H^-1``.
+      block: inputs (columns of ``W``) per block.
       counts: weights to prune in each block (unstructured), or ``None`` (no unstructured
         selection is compiled at all).
-      n_m: ``(n, m)``: keep ``n`` of every ``m`` consecutive columns of each row, or ``None``.
-      fixed: ``(rows, cols)`` bool, entries always pruned (set to 0), or ``None``.
+      n_m: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs of each output, or ``None``.
+      fixed: ``(in, out)`` bool, entries always pruned (set to 0), or ``None``.
       quant: ``(bits, symmetric)`` to round the kept weights to a grid, or ``None``.
-      scale, zero_point: ``(rows, cols)`` float32 / int32, the grid of every weight
-        (its row's grid, or its row-and-group grid), used with ``quant``.
-      regrid: a group size: at the start of each block, every group of ``regrid`` columns
-        starting inside it gets its row grids from the weights as they are then (all
-        earlier blocks' updates applied), as the reference GPTQ does; ``None`` keeps
+      scale, zero_point: ``(groups, out)`` float32 / int32 grids, used with ``quant``
+        (``None`` with ``regrid``: the loop makes them).
+      group_of: ``(in,)`` int32, the grid row each input is rounded on; ``None``: row
+        ``i // regrid`` with ``regrid``, else row 0 (one grid per output).
+      regrid: a group size: at the start of each block, every group of ``regrid`` inputs
+        starting inside it gets its grids from the weights as they are then (all earlier
+        blocks' updates applied), as the reference GPTQ does; ``None`` keeps
         ``scale``/``zero_point`` as given.
 
     Returns:
-      ``(new_w, pruned, scale, zero_point)``: ``(rows, cols)`` float32, bool (True where set
-      to zero), and the grids the loop used (``None`` without ``quant``).
+      ``(new_kernel, pruned, scale, zero_point)``: ``(in, out)`` float32, ``(in, out)``
+      bool (True where set to zero), and the grids the loop used (``None`` without
+      ``quant``).
     """
-    rows, cols = w.shape
-    # Transposed copies (one weight column per row): every block and tile the loop reads
-    # or writes is contiguous, and the loop may update its own copy of W in place.
-    w_t = jnp.asarray(w, jnp.float32).T
-    fixed_t = None if fixed is None else fixed.T
-    scale_t = zero_t = None
+    cols, rows = kernel.shape
+    # The loop's own copy: the lazy updates write into it in place (donated).
+    w_t = jnp.array(kernel, jnp.float32, copy=True)
+    grids = None
     if quant is not None:
         if regrid is not None:
-            scale = jnp.zeros(w.shape, jnp.float32) if scale is None else scale
-            zero_point = jnp.zeros(w.shape, jnp.int32) if zero_point is None else zero_point
-        scale_t, zero_t = scale.T, zero_point.T
+            n_groups = -(-cols // regrid)
+            scale = jnp.zeros((n_groups, rows), jnp.float32) if scale is None else scale
+            zero_point = jnp.zeros((n_groups, rows), jnp.int32) if zero_point is None else zero_point
+            group_of = jnp.arange(cols, dtype=jnp.int32) // regrid if group_of is None else group_of
+        elif group_of is None:
+            group_of = jnp.zeros(cols, jnp.int32)
     pruned_blocks = []
     for b, b0 in enumerate(range(0, cols, block)):
         b1 = min(b0 + block, cols)
         if quant is not None and regrid is not None:
             for g0 in range(-(-b0 // regrid) * regrid, b1, regrid):
-                s, z = grid.range_grid(w_t[g0 : g0 + regrid].T, axis=1, bits=quant[0], symmetric=quant[1])
-                width = min(regrid, cols - g0)
-                scale_t = scale_t.at[g0 : g0 + width].set(jnp.broadcast_to(s.T, (width, rows)))
-                zero_t = zero_t.at[g0 : g0 + width].set(jnp.broadcast_to(z.T, (width, rows)))
+                s, z = grid.range_grid(w_t[g0 : g0 + regrid], axis=0, bits=quant[0], symmetric=quant[1])
+                scale, zero_point = scale.at[g0 // regrid].set(s[0]), zero_point.at[g0 // regrid].set(z[0])
         count = None if counts is None else jnp.int32(counts[b])
-        grids_t = None if quant is None else (scale_t, zero_t)
-        w_t, pruned1_t = _block_step(
-            w_t, u, jnp.int32(b0), count, fixed_t, grids_t, width=b1 - b0, n_m=n_m, quant=quant
-        )
+        grids = None if quant is None else (scale, zero_point, group_of)
+        w_t, pruned1_t = _block_step(w_t, u, jnp.int32(b0), count, fixed, grids, width=b1 - b0, n_m=n_m, quant=quant)
         pruned_blocks.append(pruned1_t)
-    pruned = jnp.concatenate(pruned_blocks, axis=0).T
-    if quant is not None and regrid is not None:
-        scale, zero_point = scale_t.T, zero_t.T
-    return w_t.T, pruned, scale, zero_point
+    return w_t, jnp.concatenate(pruned_blocks, axis=0), scale, zero_point
 
 
-def _block_step(w_t, u, b0, count, fixed_t, grids_t, *, width, n_m, quant):
-    """One block at column offset ``b0`` on the transposed weights ``w_t`` ``(cols, rows)``:
+def _block_step(w_t, u, b0, count, fixed_t, grids, *, width, n_m, quant):
+    """One block at input offset ``b0`` of the kernel-layout weights ``w_t`` ``(in, out)``:
     solve it, write it back and apply the lazy update: ``(w_t, pruned1_t)``.
 
     The offset is a traced argument of the compiled slicing and update programs, not a
     constant, so each compiles once for all blocks of the same ``width`` (all blocks but a
     narrower last one); compiling per-block slices and updates cost seconds per layer shape.
     """
-    w1_t, u1, fixed1_t, grid1_t = _block_inputs(w_t, u, b0, fixed_t, grids_t, width=width)
+    w1_t, u1, fixed1_t, grid1_t = _block_inputs(w_t, u, b0, fixed_t, grids, width=width)
     w1_t, pruned1_t, err1_t = _solve_block(w1_t, u1, count, fixed1_t, grid1_t, n_m=n_m, quant=quant)
     return _lazy_update(w_t, w1_t, err1_t, u, b0), pruned1_t
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
-def _block_inputs(w_t, u, b0, fixed_t, grids_t, *, width):
-    """The block's columns ``b0 : b0 + width`` of the transposed ``w``, ``fixed`` and grids
-    (``(width, rows)`` each), and ``U``'s diagonal block."""
+def _block_inputs(w_t, u, b0, fixed_t, grids, *, width):
+    """The block's inputs ``b0 : b0 + width`` of the weights, ``fixed`` and the grids
+    (``(width, out)`` each, the grids gathered by ``group_of``), and ``U``'s diagonal block."""
 
     def cols_of(x):
         return lax.dynamic_slice_in_dim(x, b0, width, axis=0)
 
     u1 = lax.dynamic_slice(u, (b0, b0), (width, width))
     fixed1 = None if fixed_t is None else cols_of(fixed_t)
-    grid1 = None if grids_t is None else (cols_of(grids_t[0]), cols_of(grids_t[1]))
+    grid1 = None
+    if grids is not None:
+        scale, zero_point, group_of = grids
+        groups = cols_of(group_of)
+        grid1 = (scale[groups], zero_point[groups])
     return cols_of(w_t), u1, fixed1, grid1
 
 
@@ -192,7 +214,7 @@ _TILE = 256  # columns per tile of the lazy update
 def _lazy_update(w_t, w1_t, err1_t, u, b0):
     """Write the finished block at ``b0`` and apply ``W[:, end:] -= Err U[block, end:]``.
 
-    ``w_t`` ``(cols, rows)`` is updated in place (donated). The columns after the block go
+    ``w_t`` ``(in, out)`` is updated in place (donated). The columns after the block go
     in tiles of ``_TILE`` from the last column down, one small matmul each, as many tiles
     as the block leaves (a traced trip count, so one program serves all offsets); the
     first tile is clipped to the matrix, and the rows of ``U`` it shares with the block

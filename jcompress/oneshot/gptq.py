@@ -64,11 +64,11 @@ def _check_static_groups(static_groups, act_order: bool) -> bool:
     return static_groups
 
 
-def _group_grid(w, *, g: int, bits: int, symmetric: bool):
-    """Per-group grids of ``w`` ``(rows, cols)``: ``(scale, zero_point)``, each ``(rows, cols // g)``."""
-    rows, cols = w.shape
-    s, z = grid.range_grid(w.reshape(rows, cols // g, g), axis=2, bits=bits, symmetric=symmetric)
-    return s[..., 0], z[..., 0]
+def _group_grid(k, *, g: int, bits: int, symmetric: bool):
+    """Per-group grids of a kernel ``k`` ``(in, out)``: ``(scale, zero_point)``, each ``(in // g, out)``."""
+    cols, rows = k.shape
+    s, z = grid.range_grid(k.reshape(cols // g, g, rows), axis=1, bits=bits, symmetric=symmetric)
+    return s[:, 0], z[:, 0]
 
 
 def quantize_matrix(
@@ -96,58 +96,58 @@ def quantize_matrix(
     g = grid.check_group_size(group_size, cols, where=f" (the {cols} inputs of the kernel)") or cols
     static = _check_static_groups(static_groups, act_order) or g == cols  # one group: both ways agree
     kw = {"g": g, "bits": bits, "symmetric": bool(symmetric), "static": static}
-    wp, fixed, scale_cols, zp_cols, u, perm = _prologue(kernel, h, jnp.float32(damp), act_order=bool(act_order), **kw)
+    kp, fixed, scale, zp, group_of, u, perm = _prologue(kernel, h, jnp.float32(damp), act_order=bool(act_order), **kw)
     check_factor_ok(u)
-    new_wp, _, scale_cols, zp_cols = obs_column_loop(
-        wp, u, block=block_size, fixed=fixed, quant=(bits, bool(symmetric)), scale=scale_cols, zero_point=zp_cols,
-        regrid=None if static else g,
+    new_kp, _, scale, zp = obs_column_loop(
+        kp, u, block=block_size, fixed=fixed, quant=(bits, bool(symmetric)), scale=scale, zero_point=zp,
+        group_of=group_of, regrid=None if static else g,
     )  # fmt: skip
-    new_k, codes, scale, zp, g_idx = _epilogue(new_wp, perm, scale_cols, zp_cols, **kw)
+    new_k, codes, g_idx = _epilogue(new_kp, perm, scale, zp, **kw)
     return new_k, grid.QuantParams(codes, scale, zp, bits, bool(symmetric), 1, None if g == cols else g, g_idx)
 
 
 @functools.partial(jax.jit, static_argnames=("g", "bits", "symmetric", "act_order", "static"))
 def _prologue(kernel, h, damp, *, g, bits, symmetric, act_order, static):
-    """The loop's inputs, its columns in processing order: ``(wp, fixed, scale, zero_point, U, perm)``.
+    """The loop's inputs, its rows in processing order: ``(kernel, fixed, scale, zero_point, group_of, U, perm)``.
 
-    ``perm`` (decreasing ``diag(H)``) is ``None`` without ``act_order``; the grids are
-    ``(rows, cols)`` per column for static groups, ``None`` when the loop computes them.
+    ``perm`` (decreasing ``diag(H)``) is ``None`` without ``act_order``. Static groups'
+    grids ``(in // g, out)`` come from the kernel as given and ``group_of`` maps each
+    processed row to its group; dynamic groups' grids are made by the loop (``None``).
     """
-    w = kernel.astype(jnp.float32).T
+    k = kernel.astype(jnp.float32)
     perm = jnp.argsort(-jnp.diag(h)) if act_order else None
 
     def ordered(a):
-        return a if perm is None else a[:, perm]
+        return a if perm is None else a[perm]
 
     u, dead = inverse_hessian_factor(h if perm is None else h[perm][:, perm], damp=damp)
-    wp = jnp.where(dead[None, :], 0.0, ordered(w))
-    fixed = ordered(w == 0)  # kept at zero
+    kp = jnp.where(dead[:, None], 0.0, ordered(k))
+    fixed = ordered(k == 0)  # kept at zero
     if not static:
-        return wp, fixed, None, None, u, perm
-    scale, zp = _group_grid(w, g=g, bits=bits, symmetric=symmetric)
-    col_group = jnp.arange(w.shape[1]) // g
-    return wp, fixed, ordered(scale[:, col_group]), ordered(zp[:, col_group]), u, perm
+        return kp, fixed, None, None, None, u, perm
+    scale, zp = _group_grid(k, g=g, bits=bits, symmetric=symmetric)
+    return kp, fixed, scale, zp, ordered(jnp.arange(k.shape[0], dtype=jnp.int32) // g), u, perm
 
 
 @functools.partial(jax.jit, static_argnames=("g", "bits", "symmetric", "static"))
-def _epilogue(new_wp, perm, scale_cols, zp_cols, *, g, bits, symmetric, static):
-    """The loop's result back in input order, on its grid: ``(kernel, codes, scale, zero_point, g_idx)``
-    in the Flax layout (``(in, out)``, ``(groups, out)``)."""
-    cols = new_wp.shape[1]
-    col_group = jnp.arange(cols) // g
-    inverse = None if perm is None else jnp.argsort(perm)  # column i of the input sits at position inverse[i]
-    new_w = new_wp if perm is None else new_wp[:, inverse]
-    g_idx = None
-    if static:  # the per-column grids repeat each group's grid: read it at the group's first input
-        first = jnp.arange(0, cols, g) if perm is None else inverse[::g]
-        scale, zp = scale_cols[:, first], zp_cols[:, first]
-    else:  # dynamic groups: every g columns of the loop's (possibly permuted) order
-        scale, zp = scale_cols[:, ::g], zp_cols[:, ::g]
-        g_idx = None if perm is None else (inverse // g).astype(jnp.int32)
-    row_group = col_group if g_idx is None else g_idx
-    codes = grid.round_codes(new_w, scale[:, row_group], zp[:, row_group], bits=bits, symmetric=symmetric)
-    qp = grid.QuantParams(codes.T, scale.T, zp.T, bits, symmetric, 1, None if g == cols else g, g_idx)
-    return grid.dequantize(qp), codes.T, scale.T, zp.T, g_idx
+def _epilogue(new_kp, perm, scale, zp, *, g, bits, symmetric, static):
+    """The loop's result back in input order, on its grid: ``(kernel, codes, g_idx)``.
+
+    Static groups' grids are in input order already; dynamic groups' grids are those of
+    every ``g`` rows in the loop's (possibly permuted) order, which ``g_idx`` maps to.
+    """
+    cols = new_kp.shape[0]
+    inverse = None if perm is None else jnp.argsort(perm)  # row i of the input sits at position inverse[i]
+    new_k = new_kp if perm is None else new_kp[inverse]
+    g_idx = None if static or perm is None else (inverse // g).astype(jnp.int32)
+    if g_idx is None:  # contiguous groups of g inputs
+        grouped = new_k.reshape(cols // g, g, -1)
+        codes = grid.round_codes(grouped, scale[:, None], zp[:, None], bits=bits, symmetric=symmetric)
+        codes = codes.reshape(new_k.shape)
+    else:
+        codes = grid.round_codes(new_k, scale[g_idx], zp[g_idx], bits=bits, symmetric=symmetric)
+    qp = grid.QuantParams(codes, scale, zp, bits, symmetric, 1, None if g == cols else g, g_idx)
+    return grid.dequantize(qp), codes, g_idx
 
 
 def gptq(

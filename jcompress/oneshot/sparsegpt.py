@@ -73,10 +73,9 @@ def nm_of(pattern, *, method: str) -> tuple[int, int] | None:
 
 @jax.jit
 def _prepare(kernel, h, *, damp):
-    """``W`` (out, in) with dead inputs zeroed, and ``U``."""
-    w = kernel.astype(jnp.float32).T
+    """The kernel (in, out) with dead inputs zeroed, and ``U``."""
     u, dead = inverse_hessian_factor(h, damp=damp)
-    return jnp.where(dead[None, :], 0.0, w), u
+    return jnp.where(dead[:, None], 0.0, kernel.astype(jnp.float32)), u
 
 
 def prune_matrix(
@@ -111,21 +110,20 @@ def prune_matrix(
     if n_m is not None and block_size % n_m[1]:
         raise ValueError(f"block_size={block_size} must be a multiple of m={n_m[1]}")
     counts = None if n_m is not None else block_prune_counts(rows, cols, block_size, float(sparsity))
-    w, u = _prepare(kernel, h, damp=damp)
+    k, u = _prepare(kernel, h, damp=damp)
     check_factor_ok(u)
     quant = scale = zero_point = None
     if bits is not None:
         quant = (bits, symmetric)
-        s, z = grid.range_grid(w, axis=1, bits=bits, symmetric=symmetric)  # (rows, 1): one grid per output unit
-        scale, zero_point = jnp.broadcast_to(s, w.shape), jnp.broadcast_to(z, w.shape)
-    new_w, pruned, _, _ = obs_column_loop(
-        w, u, block=block_size, counts=counts, n_m=n_m, quant=quant, scale=scale, zero_point=zero_point
+        scale, zero_point = grid.range_grid(k, axis=0, bits=bits, symmetric=symmetric)  # (1, out): one grid per output
+    new_k, pruned, _, _ = obs_column_loop(
+        k, u, block=block_size, counts=counts, n_m=n_m, quant=quant, scale=scale, zero_point=zero_point
     )
     if bits is None:
-        return new_w.T, ~pruned.T, None
-    codes = grid.round_codes(new_w, scale, zero_point, bits=bits, symmetric=symmetric)
-    qp = grid.QuantParams(codes.T, s.T, z.T, bits, bool(symmetric), 1, None)
-    return grid.dequantize(qp), ~pruned.T, qp
+        return new_k, ~pruned, None
+    codes = grid.round_codes(new_k, scale, zero_point, bits=bits, symmetric=symmetric)
+    qp = grid.QuantParams(codes, scale, zero_point, bits, bool(symmetric), 1, None)
+    return grid.dequantize(qp), ~pruned, qp
 
 
 def sparsegpt(

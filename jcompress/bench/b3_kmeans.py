@@ -31,17 +31,10 @@ Run: ``python -m jcompress.bench --only b3_kmeans``.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import textwrap
-
-import jax
 import numpy as np
 
 from jcompress import timing
+from jcompress.bench import cold
 
 __all__ = ["reference_kmeans_1d", "run"]
 
@@ -158,7 +151,9 @@ def _sklearn_row(n: int, k: int, iters: int, repeats: int) -> dict:
     def sk():
         return KMeans(k, init=init[:, None], n_init=1, max_iter=iters, tol=0, algorithm="lloyd").fit(w[:, None])
 
-    ts = timing.compare({"jcompress": lambda: kmeans_1d(w, k=k, init=init, iters=iters), "sklearn": sk}, repeats=repeats)
+    ts = timing.compare(
+        {"jcompress": lambda: kmeans_1d(w, k=k, init=init, iters=iters), "sklearn": sk}, repeats=repeats
+    )
     ours, theirs = ts["jcompress"], ts["sklearn"]
     res, km = ours.output, theirs.output
     ours_inertia = float(((xd - np.asarray(res.centroids, np.float64)[np.asarray(res.labels)]) ** 2).sum())
@@ -186,43 +181,18 @@ def _sklearn_row(n: int, k: int, iters: int, repeats: int) -> dict:
     }
 
 
-_COLD_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, time
-    import jax
-    jax.config.update("jax_compilation_cache_dir", sys.argv[1])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    import numpy as np
-    from jcompress.sharing import kmeans_1d
-    n, k = int(sys.argv[2]), int(sys.argv[3])
-    w = (np.random.default_rng(0).standard_normal(n) * 0.05).astype(np.float32)
-    init = np.linspace(w.min(), w.max(), k, dtype=np.float32)
-    t0 = time.perf_counter()
-    jax.block_until_ready(kmeans_1d(w, k=k, init=init, iters=300))
-    print(json.dumps({"first_call": time.perf_counter() - t0}))
-    """
-)
-
-
 def _persistent_cache_row(n: int, k: int) -> dict:
     """First calls in two fresh processes sharing one compilation cache directory."""
     from jcompress.sharing import kmeans_1d  # noqa: F401  (fail here, not in the subprocess)
 
-    firsts = []
-    with tempfile.TemporaryDirectory() as cache:
-        for _ in range(2):
-            proc = subprocess.run(
-                [sys.executable, "-c", _COLD_SCRIPT, cache, str(n), str(k)],
-                env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", jax.default_backend())},
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"B3 cold-start subprocess failed:\n{proc.stderr[-3000:]}")
-            firsts.append(json.loads(proc.stdout.strip().splitlines()[-1])["first_call"])
+    setup = (
+        "import numpy as np\n"
+        "from jcompress.bench.b3_kmeans import _weights\n"
+        "from jcompress.sharing import kmeans_1d\n"
+        f"w = _weights({n})\n"
+        f"init = np.linspace(w.min(), w.max(), {k}, dtype=np.float32)"
+    )
+    firsts = cold.first_calls(setup, f"kmeans_1d(w, k={k}, init=init, iters=300)")
     w = _weights(n)
     ref = timing.timeit(
         lambda: reference_kmeans_1d(w, np.linspace(w.min(), w.max(), k, dtype=np.float32), 300), repeats=1
@@ -246,7 +216,9 @@ def run(quick: bool) -> list[dict]:
     for n in sizes:
         for k in ks:
             rows += _numpy_rows(n, k, iters=300, repeats=(5 if n <= 1 << 20 else 3) if not quick else 3)
-    rows.append(_sklearn_row(200_000 if quick else 1_000_000, 32, iters=100 if quick else 300, repeats=1 if quick else 3))
+    rows.append(
+        _sklearn_row(200_000 if quick else 1_000_000, 32, iters=100 if quick else 300, repeats=1 if quick else 3)
+    )
     if not quick:
         rows.append(_persistent_cache_row(1 << 20, 32))
     return rows

@@ -197,17 +197,7 @@ def _persistent_cache_row(n: int, k: int) -> dict:
     ref = timing.timeit(
         lambda: reference_kmeans_1d(w, np.linspace(w.min(), w.max(), k, dtype=np.float32), 300), repeats=1
     )
-    return {
-        "name": f"B3 k-means k={k} {n / 2**20:.3g}M weights, cold in a fresh process, persistent cache filled",
-        "ratio": firsts[1] / ref.first,
-        "target": "<= 1.0",
-        "met": bool(firsts[1] <= ref.first),
-        "first_call_empty_cache": firsts[0],
-        "first_call_filled_cache": firsts[1],
-        "first_call_numpy": ref.first,
-        "n": n,
-        "k": k,
-    }
+    return cold.row(f"B3 k-means k={k} {n / 2**20:.3g}M weights", firsts, ref.first, n=n, k=k)
 
 
 def run(quick: bool) -> list[dict]:

@@ -238,13 +238,4 @@ def _persistent_cache_row(method: str, n_in: int, n_out: int, torch_first: float
         f"kernel, h = map(jnp.asarray, make_problem({n_in}, {n_out}, {2 * n_in}))"
     )
     firsts = cold.first_calls(setup, _COLD_CALLS[method])
-    return {
-        "name": f"B9 {method} time vs PyTorch ({size}), cold in a fresh process, persistent cache filled",
-        "ratio": firsts[1] / torch_first,
-        "target": "<= 1.0",
-        "met": bool(firsts[1] <= torch_first),
-        "first_call_empty_cache": firsts[0],
-        "first_call_filled_cache": firsts[1],
-        "first_call_torch": torch_first,
-        **common,
-    }
+    return cold.row(f"B9 {method} time vs PyTorch ({size})", firsts, torch_first, **common)

@@ -52,9 +52,16 @@ dimensions whose activations are tens of times the rest, and Wanda's, AWQ's and
 SmoothQuant's gains rest on them; the models trained here have none
 (``scripts/llm_outlier_channels.py``). With ``outlier_scale`` set, the trained model is
 first rescaled by :func:`plant_outliers` (``outlier_channels`` hidden dimensions and as many
-MLP dimensions per block, times ``outlier_scale``, their weights divided by it: the same
-function, perplexity equal to float rounding), saved beside it, and the table is measured
-on that model: a controlled test of the methods' mechanism, not a pretrained model.
+random MLP dimensions per block, times ``outlier_scale``, their weights divided by it: the
+same function, perplexity equal to float rounding), saved beside it, and the table is
+measured on that model: a controlled test of the methods' mechanism, not a pretrained
+model. The hidden dimensions are random (``outlier_select='random'``, folder
+``<model>-outliers4x20``) or, with ``outlier_select='ablation'`` (folder
+``<model>-outliers4x20-ablation``), the ones the trained model depends on most, as large
+models' outlier dimensions are (Dettmers et al. 2022: zeroing them collapses perplexity,
+zeroing as many random ones does not): those whose zeroing in every block's norms raises
+the loss most on 16 training windows (:func:`ablation_losses`; never validation or test
+text). ``--config.methods=pruning`` runs only dense and the six sparsity rows.
 
 Every choice (the SmoothQuant alpha) is made on validation perplexity; test perplexity
 is measured once per compressed model. Perplexity: sliding windows of ``eval_seq_len``
@@ -86,6 +93,7 @@ import os
 import shutil
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -105,6 +113,9 @@ from jcompress.models.llama import Llama, LlamaConfig
 __all__ = [
     "CORPORA",
     "METHODS",
+    "METHOD_SETS",
+    "OUTLIER_SELECTS",
+    "ablation_losses",
     "documents",
     "get_config",
     "plant_outliers",
@@ -137,6 +148,12 @@ METHODS = [
     ("w8a8", "unsmoothed", {}),
 ]
 QUICK = {("magnitude", "50%"), ("sparsegpt", "50%"), ("rtn", "3-bit"), ("gptq", "3-bit")}
+# config.methods: every row; QUICK plus SmoothQuant; the sparsity rows only (no SmoothQuant).
+METHOD_SETS = ("all", "quick", "pruning")
+PRUNING = ("magnitude", "wanda", "sparsegpt")
+# config.outlier_select: how plant_outliers' hidden dimensions are chosen.
+OUTLIER_SELECTS = ("random", "ablation")
+ABLATION_WINDOWS = 16  # training windows of calib_seq_len tokens that ablation_losses measures on
 _STDLIB_SKIP = {
     "test",
     "tests",
@@ -160,10 +177,15 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
     ``warmup_steps``, ``lr``, ``weight_decay``, ``checkpoint_every``), calibration
     (``calib_windows``, ``calib_seq_len``), weight grids (``group_size``), SmoothQuant's
     ``alphas``, evaluation (``eval_seq_len``, ``eval_stride``, ``eval_tokens``: the first
-    that many tokens of the validation and test streams, 0 for all), ``methods``
-    (``'all'`` or ``'quick'``, the subset :data:`QUICK` plus SmoothQuant), and planted
-    outlier features (``outlier_scale``: 0 compresses the model as trained; a factor such
-    as 20 first applies :func:`plant_outliers` with ``outlier_channels`` channels).
+    that many tokens of the validation and test streams, 0 for all), ``methods`` (one of
+    :data:`METHOD_SETS`: ``'all'``; ``'quick'``, the subset :data:`QUICK` plus SmoothQuant;
+    ``'pruning'``, dense and the six magnitude / Wanda / SparseGPT rows at 50% and 2:4, no
+    quantization and no SmoothQuant), and planted outlier features (``outlier_scale``: 0
+    compresses the model as trained; a factor such as 20 first applies
+    :func:`plant_outliers` with ``outlier_channels`` channels; ``outlier_select``, one of
+    :data:`OUTLIER_SELECTS`, picks the hidden dimensions: ``'random'``, or ``'ablation'``,
+    those whose zeroing raises the trained model's training-text loss most,
+    :func:`ablation_losses`).
     """
     config = common.base_config(
         variant,
@@ -192,6 +214,7 @@ def get_config(variant: str = "paper") -> ml_collections.ConfigDict:
         methods="all",
         outlier_channels=4,
         outlier_scale=0.0,
+        outlier_select="random",
     )
     if config.quick:
         config.update(
@@ -400,28 +423,38 @@ def _train(config, cfg: LlamaConfig, train_ids: np.ndarray, folder: Path) -> dic
     return {"steps": config.steps, "seconds_this_run": time.perf_counter() - t0, "loss_every_50_steps": losses}
 
 
-def plant_outliers(model: Llama, *, channels: int, scale: float, seed: int) -> dict:
+def plant_outliers(
+    model: Llama, *, channels: int, scale: float, seed: int, hidden: Sequence[int] | None = None
+) -> dict:
     """Give ``model`` outlier input features without changing the function it computes (in place).
 
     Large language models have a few hidden-state dimensions whose activations are tens of
     times larger than the rest, the same dimensions in every layer (Dettmers et al. 2022;
     Xiao et al. 2022); the small models trained here have none. This rescales exact
     equivalences of the network (:func:`jcompress.oneshot.apply_scales` with scales
-    ``1 / scale``): ``channels`` hidden dimensions, chosen at random once, are multiplied by
-    ``scale`` in both RMSNorm weights of every block and the matching input rows of
-    ``q/k/v/gate/up_proj`` divided by it; in every block ``channels`` intermediate
-    dimensions of ``up_proj``'s output are multiplied by ``scale`` and the matching rows
-    of ``down_proj`` divided. Those Linears' inputs then have outlier channels with small
-    weights, as in a large model; the logits are unchanged up to float32 rounding.
+    ``1 / scale``): ``channels`` hidden dimensions (chosen at random once, or given as
+    ``hidden``) are multiplied by ``scale`` in both RMSNorm weights of every block and the
+    matching input rows of ``q/k/v/gate/up_proj`` divided by it; in every block
+    ``channels`` intermediate dimensions of ``up_proj``'s output, chosen at random, are
+    multiplied by ``scale`` and the matching rows of ``down_proj`` divided. Those Linears'
+    inputs then have outlier channels with small weights, as in a large model; the logits
+    are unchanged up to float32 rounding.
 
     Args:
       model: a :class:`~jcompress.models.llama.Llama`.
       channels: dimensions planted in the hidden state and in each block's MLP (>= 1).
       scale: the factor (> 1), e.g. 20.
-      seed: picks the dimensions.
+      seed: picks the random dimensions. The intermediate ones are the same with or
+        without ``hidden`` (the random hidden draw is made either way).
+      hidden: ``channels`` distinct hidden dimensions to plant instead of random ones,
+        e.g. those :func:`ablation_losses` finds the model depends on most.
 
     Returns:
-      ``{"hidden": [...], "intermediate": [[...] per block], "scale": scale}``.
+      ``{"hidden": [...], "hidden_select": "random" | "given", "intermediate": [[...] per
+      block] (random), "scale": scale}``; the dimensions sorted.
+
+    Raises:
+      ValueError: ``channels``, ``scale`` or ``hidden`` out of range.
 
     Example:
       >>> planted = plant_outliers(model, channels=4, scale=20.0, seed=0)
@@ -433,9 +466,20 @@ def plant_outliers(model: Llama, *, channels: int, scale: float, seed: int) -> d
     if not scale > 1:
         raise ValueError(f"outlier_scale={scale!r} must be > 1 (0 leaves the model as trained)")
     rng = np.random.default_rng([seed, 1])
-    hidden = np.sort(rng.choice(cfg.hidden_size, channels, replace=False))
+    chosen_hidden = np.sort(rng.choice(cfg.hidden_size, channels, replace=False))
+    if hidden is not None:
+        given = np.sort(np.asarray(hidden, np.int64))
+        if (
+            given.shape != (channels,)
+            or len(set(given.tolist())) != channels
+            or not 0 <= given.min() <= given.max() < cfg.hidden_size
+        ):
+            raise ValueError(
+                f"hidden={list(hidden)!r} must be {channels} distinct dimensions in [0, {cfg.hidden_size})"
+            )
+        chosen_hidden = given
     s_hidden = np.ones(cfg.hidden_size, np.float32)
-    s_hidden[hidden] = 1.0 / scale
+    s_hidden[chosen_hidden] = 1.0 / scale
     inner = []
     for block in model.layers:
         chosen = np.sort(rng.choice(cfg.intermediate_size, channels, replace=False))
@@ -446,7 +490,51 @@ def plant_outliers(model: Llama, *, channels: int, scale: float, seed: int) -> d
         nnx.replace_by_pure_dict(state, oneshot.apply_scales(nnx.to_pure_dict(state), block.scale_groups(), scales))
         nnx.update(block, state)
         inner.append(chosen.tolist())
-    return {"hidden": hidden.tolist(), "intermediate": inner, "scale": float(scale)}
+    return {
+        "hidden": chosen_hidden.tolist(),
+        "hidden_select": "random" if hidden is None else "given",
+        "intermediate": inner,
+        "scale": float(scale),
+    }
+
+
+def _masked_loss(graphdef, params, batch, keep):
+    """:func:`_loss` with every block's two RMSNorm weights multiplied by ``keep (hidden,)``."""
+    model = nnx.merge(graphdef, params)
+    for block in model.layers:
+        for norm in (block.attn_norm, block.mlp_norm):
+            norm.scale[...] = norm.scale[...] * keep
+    return _loss(*nnx.split(model), batch)
+
+
+def ablation_losses(model: Llama, windows: np.ndarray) -> tuple[float, np.ndarray]:
+    """How much the model depends on each hidden dimension: its loss with that dimension zeroed.
+
+    For each hidden dimension ``d``, entry ``d`` of both RMSNorm weights of every block is
+    set to 0 (every block's attention and MLP then read the hidden state without ``d``;
+    the residual stream and the final norm keep it) and the mean next-token loss on
+    ``windows`` is measured; one compiled loss function takes the mask as an argument.
+    The analogue of Dettmers et al. (2022)'s test that zeroing a large model's few outlier
+    dimensions collapses its perplexity while zeroing as many random ones barely moves it.
+
+    Args:
+      model: a :class:`~jcompress.models.llama.Llama` (not modified).
+      windows: ``(n, seq_len)`` int token windows (training text: the choice must not see
+        validation or test text).
+
+    Returns:
+      ``(loss, increases)``: the unablated mean loss and ``(hidden_size,)`` float64 of the
+      loss with each dimension zeroed minus it.
+    """
+    graphdef, params = nnx.split(model)
+    fn = jax.jit(functools.partial(_masked_loss, graphdef))
+    batch = jnp.asarray(windows, jnp.int32)
+    size = model.cfg.hidden_size
+    base = float(fn(params, batch, jnp.ones(size, jnp.float32)))
+    losses = np.empty(size, np.float64)
+    for d in range(size):
+        losses[d] = float(fn(params, batch, jnp.ones(size, jnp.float32).at[d].set(0.0)))
+    return base, losses - base
 
 
 def _save_hf(folder: Path, model: Llama, cfg: LlamaConfig) -> None:
@@ -518,11 +606,24 @@ def _cache_key(config, train_texts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _prepare(config) -> tuple[Path, dict, dict]:
-    """The model folder (trained here or ``config.model``), the token streams and the training log."""
-    parts = split_documents(documents(config.data))
+def _check_config(config) -> None:
+    """Raise ValueError naming the field for a ``methods`` or ``outlier_*`` setting this experiment does not have."""
+    if config.methods not in METHOD_SETS:
+        raise ValueError(
+            f"methods={config.methods!r} is not a method set of this experiment; choose one of {METHOD_SETS}"
+        )
+    if config.outlier_select not in OUTLIER_SELECTS:
+        raise ValueError(
+            f"outlier_select={config.outlier_select!r} is not a selection; choose one of {OUTLIER_SELECTS}"
+        )
     if config.model and config.outlier_scale:
         raise ValueError("outlier_scale plants outliers in the model trained here; leave it 0 with model=DIR")
+
+
+def _prepare(config) -> tuple[Path, dict, dict]:
+    """The model folder (trained here or ``config.model``), the token streams and the training log."""
+    _check_config(config)
+    parts = split_documents(documents(config.data))
     if config.model:
         folder = Path(config.model)
         tok = hf_lm.load_tokenizer(folder)
@@ -545,20 +646,50 @@ def _prepare(config) -> tuple[Path, dict, dict]:
         log_file.write_text(json.dumps(log))
         log = {**log, "cached": False}
     if config.outlier_scale:
-        folder, log = _planted(folder, config), {**log, "trained_folder": str(folder)}
+        folder, log = _planted(folder, config, streams["train"]), {**log, "trained_folder": str(folder)}
     return folder, streams, log
 
 
-def _planted(trained: Path, config) -> Path:
-    """The trained model with :func:`plant_outliers` applied, saved beside it (once)."""
-    folder = trained.parent / f"{trained.name}-outliers{config.outlier_channels}x{config.outlier_scale:g}"
+def _planted(trained: Path, config, train_ids: np.ndarray) -> Path:
+    """The trained model with :func:`plant_outliers` applied, saved beside it (once).
+
+    With ``outlier_select='ablation'`` the hidden dimensions are the ``outlier_channels``
+    of largest :func:`ablation_losses` increase on :data:`ABLATION_WINDOWS` training
+    windows of ``calib_seq_len`` tokens (drawn with seed ``10_000 + seed``, apart from the
+    calibration windows' ``seed``); ``planted.json`` records them with their increases.
+    """
+    suffix = "" if config.outlier_select == "random" else f"-{config.outlier_select}"
+    folder = trained.parent / f"{trained.name}-outliers{config.outlier_channels}x{config.outlier_scale:g}{suffix}"
     if (folder / "config.json").exists():
         return folder
     folder.mkdir(exist_ok=True)
     model, _, cfg = hf_lm.load(trained)
-    planted = plant_outliers(model, channels=config.outlier_channels, scale=config.outlier_scale, seed=config.seed)
+    hidden, chosen = None, {}
+    if config.outlier_select == "ablation":
+        seed = 10_000 + config.seed
+        windows = lm.sample_windows(train_ids, num=ABLATION_WINDOWS, seq_len=config.calib_seq_len, seed=seed)
+        t0 = time.perf_counter()
+        base, increases = ablation_losses(model, windows)
+        order = np.argsort(-increases, kind="stable")
+        hidden = sorted(order[: config.outlier_channels].tolist())
+        chosen = {
+            "select": "ablation",
+            "ablation": {
+                "windows": ABLATION_WINDOWS,
+                "seq_len": config.calib_seq_len,
+                "seed": seed,
+                "loss": base,
+                "loss_increase": {str(d): float(increases[d]) for d in hidden},
+                "median_increase": float(np.median(increases)),
+                "top_increases": [[int(d), float(increases[d])] for d in order[:16]],
+                "seconds": time.perf_counter() - t0,
+            },
+        }
+    planted = plant_outliers(
+        model, channels=config.outlier_channels, scale=config.outlier_scale, seed=config.seed, hidden=hidden
+    )
     shutil.copyfile(trained / "tokenizer.json", folder / "tokenizer.json")
-    (folder / "planted.json").write_text(json.dumps(planted))
+    (folder / "planted.json").write_text(json.dumps({**planted, **chosen}))
     _save_hf(folder, model, cfg)
     return folder
 
@@ -589,6 +720,15 @@ def _compress(folder: Path, calib: np.ndarray, name: str, kwargs: dict):
     return blockwise.with_act_quant(model, report.act_quant), report
 
 
+def _selected_methods(config) -> list[tuple[str, str, dict]]:
+    """The rows of :data:`METHODS` that ``config.methods`` compresses (SmoothQuant is run apart)."""
+    if config.methods == "quick":
+        return [m for m in METHODS if m[:2] in QUICK]
+    if config.methods == "pruning":
+        return [m for m in METHODS if m[0] in PRUNING]
+    return list(METHODS)
+
+
 def _row(method: str, setting: str, val: float, test: float, dense_test: float, report=None, alpha=None) -> dict:
     return {
         "method": method,
@@ -602,15 +742,34 @@ def _row(method: str, setting: str, val: float, test: float, dense_test: float, 
     }
 
 
+def _selection(planted: dict) -> str:
+    """How the planted hidden dimensions were chosen, in words."""
+    if planted.get("select", "random") == "random":
+        return "chosen at random"
+    a = planted["ablation"]
+    return (
+        f"those whose zeroing raised the trained model's loss most on {a['windows']} training windows of "
+        f"{a['seq_len']} tokens"
+    )
+
+
 def _planted_notes(planted: dict | None) -> list[str]:
     if planted is None:
         return []
     before = planted["dense_before"]
     note = (
         f"Planted outlier features (plant_outliers, scale {planted['scale']:g}): hidden dimensions "
-        f"{planted['hidden']} and {len(planted['intermediate'][0])} MLP dimensions per block; the dense "
-        f"model's perplexity before planting: validation {before['validation']:.4f}, test {before['test']:.4f}."
+        f"{planted['hidden']} ({_selection(planted)}) and {len(planted['intermediate'][0])} random MLP "
+        f"dimensions per block; the dense model's perplexity before planting: validation "
+        f"{before['validation']:.4f}, test {before['test']:.4f}."
     )
+    if planted.get("select") == "ablation":
+        a = planted["ablation"]
+        increases = ", ".join(f"{d}: {v:+.4f}" for d, v in a["loss_increase"].items())
+        note += (
+            f" Loss increase when zeroed (training loss {a['loss']:.3f}; median over dimensions "
+            f"{a['median_increase']:+.4f}): {increases}."
+        )
     return [note]
 
 
@@ -642,21 +801,25 @@ def _deviations(n_params: int, tokens: dict, config, planted: dict | None = None
             ours=f"{config.calib_windows} random {config.calib_seq_len}-token windows of the train text",
             reason="the model's own training text, cut to its context length",
         ),
-        deviation(
-            "SmoothQuant alpha",
-            paper="a fixed migration strength per model family (0.5 for OPT and BLOOM)",
-            ours=f"chosen from {tuple(config.alphas)} by validation perplexity",
-            reason="a model trained here has no published alpha",
-        ),
     ]
+    if config.methods != "pruning":
+        out.append(
+            deviation(
+                "SmoothQuant alpha",
+                paper="a fixed migration strength per model family (0.5 for OPT and BLOOM)",
+                ours=f"chosen from {tuple(config.alphas)} by validation perplexity",
+                reason="a model trained here has no published alpha",
+            )
+        )
     if planted is not None:
         out.append(
             deviation(
                 "outlier features",
                 paper="emerge in pretrained models of billions of parameters (a few hidden dimensions, every layer)",
                 ours=(
-                    f"planted by an exact rescale of the trained model: {len(planted['hidden'])} hidden and "
-                    f"{len(planted['intermediate'][0])} MLP dimensions per block times {planted['scale']:g}"
+                    f"planted by an exact rescale of the trained model: {len(planted['hidden'])} hidden "
+                    f"({_selection(planted)}) and {len(planted['intermediate'][0])} random MLP dimensions per block "
+                    f"times {planted['scale']:g}"
                 ),
                 reason="a model trained on 2 CPU cores has none; the rescale leaves its function unchanged",
             )
@@ -690,7 +853,8 @@ def _comparisons(rows: list[dict]) -> list[dict]:
         if {(better, setting), (baseline, setting)} <= present
     ]
     baselines = [("unsmoothed W8A8", "w8a8")] if ("w8a8", "unsmoothed") in present else []
-    for label, baseline in baselines + [("dense", "dense")]:
+    baselines = baselines + [("dense", "dense")] if ("smoothquant", "W8A8") in present else []
+    for label, baseline in baselines:
         claims.append(
             common.comparison(
                 f"smoothquant W8A8 - {label}",
@@ -724,21 +888,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         trained, _, _ = hf_lm.load(Path(training["trained_folder"]))
         planted = json.loads((folder / "planted.json").read_text())
         planted["dense_before"] = {s: _evaluate(trained, eval_ids[s], config) for s in ("validation", "test")}
-    for method, setting, hp in METHODS:
-        if config.methods == "quick" and (method, setting) not in QUICK:
-            continue
+    for method, setting, hp in _selected_methods(config):
         kwargs = {**hp, "group_size": config.group_size} if "bits" in hp else hp
         model, report = _compress(folder, calib, method, kwargs)
         val, test = _evaluate(model, eval_ids["validation"], config), _evaluate(model, eval_ids["test"], config)
         rows.append(_row(method, setting, val, test, dense_test, report))
     # SmoothQuant: alpha chosen on validation perplexity; the test split sees only the chosen model
     candidates = []
-    for alpha in config.alphas:
+    for alpha in config.alphas if config.methods != "pruning" else ():
         model, report = _compress(folder, calib, "smoothquant", {"alpha": float(alpha)})
         candidates.append((_evaluate(model, eval_ids["validation"], config), float(alpha), model, report))
-    val, alpha, model, report = min(candidates, key=lambda c: c[0])
-    test = _evaluate(model, eval_ids["test"], config)
-    rows.append(_row("smoothquant", "W8A8", val, test, dense_test, report, alpha=alpha))
+    if candidates:
+        val, alpha, model, report = min(candidates, key=lambda c: c[0])
+        test = _evaluate(model, eval_ids["test"], config)
+        rows.append(_row("smoothquant", "W8A8", val, test, dense_test, report, alpha=alpha))
     sample = lm.generate(dense, "The return statement", max_new_tokens=24, tokenizer=tok)
 
     fig, ax = figure(width=8.0)
@@ -777,10 +940,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             ),
             "block_error: mean over blocks of ||f'(h) - f(h)||^2 / ||f(h) - h||^2 on the calibration inputs.",
             "seconds: block-by-block compression wall time, compilation included.",
-            "SmoothQuant alpha by validation perplexity: "
-            + ", ".join(f"{a:g} -> {v:.2f}" for v, a, _, _ in candidates),
-            "w8a8 unsmoothed: SmoothQuant's weight and activation quantizers with no scales folded.",
         ]
+        + (
+            [
+                "SmoothQuant alpha by validation perplexity: "
+                + ", ".join(f"{a:g} -> {v:.2f}" for v, a, _, _ in candidates),
+                "w8a8 unsmoothed: SmoothQuant's weight and activation quantizers with no scales folded.",
+            ]
+            if candidates
+            else [f"methods={config.methods!r}: the sparsity rows only."]
+        )
         + _planted_notes(planted),
         deviations=_deviations(n_params, tokens, config, planted),
         comparisons=_comparisons(rows),

@@ -4,6 +4,8 @@ by tests/test_experiments.py (``CHECKS``), on the quick run it makes of every ex
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from flax import nnx
 
 from experiments import oneshot_llm
+from jcompress import lm
 from jcompress.models import hf_lm
 from jcompress.models.llama import Llama, LlamaConfig
 
@@ -149,3 +152,87 @@ def test_wanda_ignores_planted_outliers_and_magnitude_prunes_their_inputs():
         small = [np.abs(k) <= np.median(np.abs(k)) for k in (np.asarray(b.attn.q_proj.kernel[...]) for b in m.layers)]
         frac = np.stack(small)[:, hidden, :].mean()
         assert frac > most if m is planted else frac < most
+
+
+_logits = nnx.jit(lambda m, x: m(x)[0])  # compiled once per model structure
+
+
+def test_planting_given_hidden_dims_keeps_the_function_and_the_seeds_mlp_dims():
+    model, _, where = _planted_pair()
+    given = Llama(model.cfg, rngs=nnx.Rngs(5))
+    chosen = oneshot_llm.plant_outliers(given, channels=3, scale=20.0, seed=0, hidden=[30, 1, 7])
+    assert chosen["hidden"] == [1, 7, 30] and chosen["hidden_select"] == "given" and where["hidden_select"] == "random"
+    assert chosen["intermediate"] == where["intermediate"]  # the same random MLP dims as a random planting
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 9)), jnp.int32)
+    np.testing.assert_allclose(np.asarray(_logits(given, ids)), np.asarray(_logits(model, ids)), atol=2e-5, rtol=1e-5)
+    ratio = np.asarray(given.layers[1].mlp_norm.scale[...]) / np.asarray(model.layers[1].mlp_norm.scale[...])
+    assert np.flatnonzero(np.abs(ratio - 1) > 1e-6).tolist() == [1, 7, 30]
+    for bad in ([1, 7], [1, 1, 7], [1, 7, 32], [-1, 7, 30]):
+        with pytest.raises(ValueError, match="hidden=.*3 distinct dimensions in \\[0, 32\\)"):
+            oneshot_llm.plant_outliers(nnx.clone(model), channels=3, scale=20.0, seed=0, hidden=bad)
+
+
+def _zeroed_loss(model, windows, dim):
+    """The plain way: a copy with entry ``dim`` of both norms of every block set to 0, and its loss."""
+    copy = nnx.clone(model)
+    for block in copy.layers:
+        for norm in (block.attn_norm, block.mlp_norm):
+            scale = np.array(norm.scale[...])
+            scale[dim] = 0.0
+            norm.scale[...] = jnp.asarray(scale)
+    logits = np.asarray(_logits(copy, jnp.asarray(windows[:, :-1])), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+
+
+def test_ablation_selection_plants_the_dims_whose_zeroing_hurts_most(tmp_path):
+    config = _tiny(outlier_scale=20.0, outlier_channels=3, outlier_select="ablation", calib_seq_len=16)
+    cfg = oneshot_llm._llama_config(config, VOCAB)
+    trained = tmp_path / "abc"
+    trained.mkdir()
+    oneshot_llm._save_hf(trained, Llama(cfg, rngs=nnx.Rngs(4)), cfg)
+    _save_tokenizer(trained)
+    train_ids = np.random.default_rng(0).integers(0, VOCAB, 400).astype(np.int32)
+    folder = oneshot_llm._planted(trained, config, train_ids)
+    assert folder.name == "abc-outliers3x20-ablation"
+    planted = json.loads((folder / "planted.json").read_text())
+
+    model = hf_lm.load(trained)[0]
+    windows = lm.sample_windows(train_ids, num=oneshot_llm.ABLATION_WINDOWS, seq_len=16, seed=10_000 + config.seed)
+    base = _zeroed_loss(model, windows, [])
+    plain = np.array([_zeroed_loss(model, windows, d) for d in range(16)]) - base
+    base_jit, increases = oneshot_llm.ablation_losses(model, windows)
+    assert base_jit == pytest.approx(base, abs=1e-5)
+    np.testing.assert_allclose(increases, plain, atol=2e-5)
+    top = sorted(np.argsort(-plain)[:3].tolist())
+    assert np.sort(plain)[-3] - np.sort(plain)[-4] > 1e-4  # no near-tie at the cut
+    assert planted["hidden"] == top and planted["select"] == "ablation" and planted["hidden_select"] == "given"
+    got = {int(d): v for d, v in planted["ablation"]["loss_increase"].items()}
+    assert sorted(got) == top and all(got[d] == pytest.approx(plain[d], abs=2e-5) for d in top)
+    assert min(got.values()) >= max(np.delete(plain, top)) - 2e-5  # every other dim hurts less
+
+    ids = jnp.asarray(windows[:2])
+    np.testing.assert_allclose(
+        np.asarray(_logits(hf_lm.load(folder)[0], ids)), np.asarray(_logits(model, ids)), atol=2e-5, rtol=1e-5
+    )
+    config.outlier_select = "random"  # today's folder name and random dims
+    random = oneshot_llm._planted(trained, config, train_ids)
+    assert random.name == "abc-outliers3x20"
+    random_dims = json.loads((random / "planted.json").read_text())
+    assert random_dims["hidden_select"] == "random" and random_dims["intermediate"] == planted["intermediate"]
+
+
+def test_unknown_methods_or_outlier_select_is_an_error_naming_the_field(tmp_path):
+    for field, value, allowed in (("methods", "prune", "pruning"), ("outlier_select", "salient", "ablation")):
+        config = _tiny(**{field: value})
+        with pytest.raises(ValueError, match=f"{field}='{value}'.*{allowed}"):
+            oneshot_llm.run(config, tmp_path)  # before any text is read or model trained
+    assert list(tmp_path.iterdir()) == []
+    config = _tiny(methods="pruning")
+    rows = oneshot_llm._selected_methods(config)
+    assert [(m, s) for m, s, _ in rows] == [(m, s) for s in ("50%", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+    claims = oneshot_llm._comparisons([{"method": m, "setting": s} for m, s, _ in rows])
+    assert [c["name"] for c in claims] == [
+        f"{b} - magnitude at {s}" for s in ("50%", "2:4") for b in ("sparsegpt", "wanda")
+    ]

@@ -154,7 +154,6 @@ def obs_column_loop(
     cols, rows = kernel.shape
     # The loop's own copy: the lazy updates write into it in place (donated).
     w_t = jnp.array(kernel, jnp.float32, copy=True)
-    grids = None
     if quant is not None:
         if regrid is not None:
             n_groups = -(-cols // regrid)
